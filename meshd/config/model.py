@@ -1,0 +1,142 @@
+"""The typed, validated configuration model.
+
+Everything the daemon reads from files, environment or flags ends up in these frozen
+dataclasses; nothing downstream parses strings. Durations are seconds (floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Address = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipTuning:
+    """SWIM/Lifeguard timing and sizing (memberlist's names, in seconds)."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    suspicion_mult: int = 4
+    suspicion_max_timeout_mult: int = 6
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    gossip_to_dead: float = 30.0
+    push_pull_interval: float = 30.0
+    awareness_max_multiplier: int = 8
+    tcp_timeout: float = 10.0
+    tcp_fallback_probe: bool = True
+    # A refused TCP fallback probe (RST: the host answers but nothing listens at the member's
+    # address) is proof the process is gone; declare it dead without waiting out suspicion.
+    refused_is_dead: bool = True
+    # Probe a member as soon as someone else suspects it, so that independent confirmations
+    # (Lifeguard) arrive within one probe timeout instead of one round-robin pass.
+    accelerate_confirmations: bool = True
+    reconnect_interval: float = 30.0
+    reconnect_timeout: float = 24 * 3600.0
+    left_reclaim: float = 24 * 3600.0
+    join_retry_min: float = 1.0
+    join_retry_max: float = 30.0
+    leave_timeout: float = 5.0
+    udp_packet_size: int = 1400
+    max_members: int = 65536
+
+    def validate(self, prefix: str = "membership") -> None:
+        positive = (
+            "probe_interval",
+            "probe_timeout",
+            "gossip_interval",
+            "push_pull_interval",
+            "tcp_timeout",
+            "reconnect_interval",
+            "join_retry_min",
+            "join_retry_max",
+            "leave_timeout",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{prefix}.{name}", "must be > 0")
+        if self.probe_timeout >= self.probe_interval:
+            raise ConfigError(f"{prefix}.probe_timeout", "must be less than probe_interval")
+        for name in ("indirect_checks", "gossip_nodes"):
+            if not 0 <= getattr(self, name) <= 16:
+                raise ConfigError(f"{prefix}.{name}", "must be between 0 and 16")
+        if not 1 <= self.suspicion_mult <= 64:
+            raise ConfigError(f"{prefix}.suspicion_mult", "must be between 1 and 64")
+        if not 1 <= self.suspicion_max_timeout_mult <= 64:
+            raise ConfigError(f"{prefix}.suspicion_max_timeout_mult", "must be between 1 and 64")
+        if not 1 <= self.retransmit_mult <= 64:
+            raise ConfigError(f"{prefix}.retransmit_mult", "must be between 1 and 64")
+        if not 1 <= self.awareness_max_multiplier <= 64:
+            raise ConfigError(f"{prefix}.awareness_max_multiplier", "must be between 1 and 64")
+        if not 512 <= self.udp_packet_size <= 65000:
+            raise ConfigError(f"{prefix}.udp_packet_size", "must be between 512 and 65000")
+        if self.join_retry_min > self.join_retry_max:
+            raise ConfigError(f"{prefix}.join_retry_min", "must not exceed join_retry_max")
+        if not 2 <= self.max_members <= 1_000_000:
+            raise ConfigError(f"{prefix}.max_members", "must be between 2 and 1000000")
+        for name in ("gossip_to_dead", "reconnect_timeout", "left_reclaim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    bind: Address = ("0.0.0.0", 7946)  # noqa: S104 (a cluster daemon listens on the LAN)
+    advertise: Address | None = None
+    seeds: tuple[Address, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    data_dir: str = "/var/lib/meshd"
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    # Base64 keys; the first is the primary (encrypting) key.
+    keys: tuple[str, ...] = ()
+    keyring_file: str | None = None
+    label: str = ""
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    socket: str = "/run/meshd/meshd.sock"
+    mode: int = 0o660
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = False
+    bind: Address = ("127.0.0.1", 9464)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "logfmt"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeConfig
+    profile: str = "lan"
+    membership: MembershipTuning = field(default_factory=MembershipTuning)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None  # path of the TOML file it came from, for SIGHUP reloads

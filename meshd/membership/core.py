@@ -1,0 +1,913 @@
+"""The SWIM + Lifeguard membership state machine, sans IO.
+
+Inputs: :meth:`Membership.handle_packet` (a decrypted UDP datagram), :meth:`handle_stream`
+(a request frame from a TCP stream, answered synchronously), :meth:`stream_result` (the reply
+to a stream this core asked for, or why it failed) and :meth:`tick` (timers are due).
+Outputs: :meth:`take_outputs` (packets, stream requests, membership events) and
+:meth:`next_deadline`. Time is whatever monotonic ``now`` the caller passes in.
+
+Rules, after SWIM, Lifeguard and memberlist:
+
+* Probing is randomized round-robin. A probe that gets no ack within the (awareness-scaled)
+  timeout asks ``indirect_checks`` relays to ping the target (they nack on silence) and tries
+  the target over TCP. No ack by the end of the interval makes the target suspect.
+* A suspect refutes by gossiping ``alive`` with a higher incarnation. Suspicion times out to
+  dead after a timeout that shrinks from max to min with independent confirmations.
+* ``dead`` and ``left`` are final for their incarnation; a member comes back only with a
+  higher one. ``left`` (graceful) is distinct from ``dead`` (failed).
+* Gossip rides on every probe packet and on a periodic gossip round, newest and least sent
+  first, each item at most mult · ⌈log10(n + 1)⌉ times.
+* Push-pull exchanges full state over TCP with a random member; reconnect attempts to dead
+  members and seeds make two sides of a healed partition merge without operator action.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshd.config.model import MembershipTuning
+from meshd.membership.awareness import Awareness
+from meshd.membership.broadcast import BroadcastQueue, retransmit_limit
+from meshd.membership.events import (
+    EventKind,
+    MemberEvent,
+    MemberView,
+    Output,
+    SendPacket,
+    StreamFailure,
+    StreamRequest,
+)
+from meshd.membership.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from meshd.wire import membership as wire
+from meshd.wire import packet
+from meshd.wire.membership import (
+    Ack,
+    Alive,
+    Dead,
+    Left,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+    Suspect,
+)
+from meshd.wire.validate import Address, WireError
+
+_SEQ_MASK = 2**32 - 1
+_MAX_CONFIRMATION_PROBES = 3
+
+
+@dataclass(slots=True)
+class MembershipStats:
+    """Plain counters, read by the metrics exporter at scrape time."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    probes: int = 0
+    probe_failures: int = 0
+    indirect_probes: int = 0
+    tcp_fallback_acks: int = 0
+    nacks_sent: int = 0
+    nacks_received: int = 0
+    suspicions: int = 0
+    refutations: int = 0
+    deaths: int = 0
+    deaths_by_refusal: int = 0
+    conflicts: int = 0
+    push_pulls: int = 0
+    join_attempts: int = 0
+    reconnect_attempts: int = 0
+    gossip_packets: int = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+@dataclass(slots=True)
+class _Member:
+    name: str
+    addr: Address
+    incarnation: int
+    status: Status
+    tags: dict[str, str]
+    status_since: float
+    suspicion: Suspicion | None = None
+    timer_gen: int = 0  # bumps invalidate pending suspicion timers
+
+    def view(self) -> MemberView:
+        return MemberView(
+            self.name, self.addr, self.incarnation, self.status, dict(self.tags), self.status_since
+        )
+
+    def state(self) -> MemberState:
+        return MemberState(self.name, self.addr, self.incarnation, self.status, self.tags)
+
+
+@dataclass(slots=True)
+class _Probe:
+    seq: int
+    target: str
+    started: float
+    acked: bool = False
+    nacks: int = 0
+    expected_nacks: int = 0
+    tcp_token: int | None = None
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class _Relay:
+    source_addr: Address
+    seq: int
+    nack: bool
+
+
+@dataclass(slots=True)
+class _Stream:
+    purpose: str  # "probe" | "push_pull" | "join" | "reconnect"
+    seq: int = 0
+    addr: Address = ("", 0)
+
+
+class Membership:
+    """One node's view of the cluster. Not thread-safe; one driver owns it."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        addr: Address,
+        tuning: MembershipTuning,
+        rng: random.Random,
+        now: float,
+        tags: dict[str, str] | None = None,
+        packet_budget: int | None = None,
+        seen_limit: int = 4096,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.tuning = tuning
+        self.rng = rng
+        self.stats = MembershipStats()
+        self.awareness = Awareness(tuning.awareness_max_multiplier)
+        # Bytes of plaintext a UDP packet may carry (the driver subtracts envelope overhead).
+        self.packet_budget = packet_budget if packet_budget is not None else tuning.udp_packet_size
+        self._members: dict[str, _Member] = {}
+        self._self = _Member(name, addr, 0, Status.ALIVE, dict(tags or {}), now)
+        self._members[name] = self._self
+        self._alive_count = 1
+        # Names of other members that are alive or suspect, for O(1) random peer sampling.
+        self._up: list[str] = []
+        self._up_pos: dict[str, int] = {}
+        self._recently_down: list[str] = []
+        self._queue = BroadcastQueue()
+        self._seen: dict[bytes, None] = {}  # recently seen gossip items, oldest first
+        self._seen_limit = seen_limit
+        self._outputs: list[Output] = []
+        self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
+        self._timer_seq = 0
+        self._seq = rng.getrandbits(32)
+        self._token = 0
+        self._probes: dict[int, _Probe] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._confirmation_probes = 0
+        self._seeds: tuple[Address, ...] = ()
+        self._join_pending: set[int] = set()
+        self._join_failures = 0
+        self.joined = False
+        self.leaving = False
+        self._started = False
+        self._alone_since: float | None = now
+
+    # ------------------------------------------------------------------ public: lifecycle
+
+    def start(self, now: float, seeds: Sequence[Address] = ()) -> None:
+        """Begin probing, gossiping and (if there are seeds) joining."""
+        if self._started:
+            return
+        self._started = True
+        self.set_seeds(seeds)
+        self._queue.push(self.name, wire.encode(self._alive_msg()))
+        t = self.tuning
+        self._at(now + self.rng.uniform(0, t.probe_interval), self._probe_tick, None)
+        self._at(now + self.rng.uniform(0, t.gossip_interval), self._gossip_tick, None)
+        self._at(
+            now + self._push_pull_interval() * (0.5 + self.rng.random()), self._push_pull_tick, None
+        )
+        self._at(now + t.reconnect_interval * (0.5 + self.rng.random()), self._reconnect_tick, None)
+        if self._seeds:
+            self._join_attempt(now, None)
+        else:
+            self.joined = True
+
+    def set_seeds(self, seeds: Sequence[Address]) -> None:
+        self._seeds = tuple(s for s in dict.fromkeys(seeds) if s != self.addr)
+
+    def leave(self, now: float) -> None:
+        """Announce a graceful leave; the driver waits for :meth:`leave_done` then stops."""
+        if self.leaving:
+            return
+        self.leaving = True
+        me = self._self
+        me.status = Status.LEFT
+        me.status_since = now
+        self._queue.push(self.name, wire.encode(Left(self.name, me.incarnation)))
+        # Push it out right away instead of waiting for the next gossip round.
+        self._gossip_tick(now, None, reschedule=False)
+
+    def leave_done(self) -> bool:
+        """True once the leave announcement used up its transmits (or nobody is left to tell)."""
+        return not self._queue.pending(self.name) or self._alive_count <= 1
+
+    def set_tags(self, now: float, tags: dict[str, str]) -> None:
+        """Change this node's tags: a new incarnation so the update wins everywhere."""
+        if tags == self._self.tags:
+            return
+        self._self.tags = dict(tags)
+        self._self.incarnation += 1
+        self._queue.push(self.name, wire.encode(self._alive_msg()))
+        self._emit(EventKind.UPDATE, self._self, now)
+
+    # ------------------------------------------------------------------ public: queries
+
+    @property
+    def incarnation(self) -> int:
+        return self._self.incarnation
+
+    @property
+    def alive_count(self) -> int:
+        """Members believed alive or suspect, this node included."""
+        return self._alive_count
+
+    def members(self) -> list[MemberView]:
+        return [m.view() for m in self._members.values()]
+
+    def member(self, name: str) -> MemberView | None:
+        m = self._members.get(name)
+        return m.view() if m is not None else None
+
+    def broadcast_backlog(self) -> int:
+        return len(self._queue)
+
+    def take_outputs(self) -> list[Output]:
+        out, self._outputs = self._outputs, []
+        return out
+
+    def next_deadline(self) -> float:
+        return self._timers[0][0] if self._timers else math.inf
+
+    # ------------------------------------------------------------------ public: inputs
+
+    def tick(self, now: float) -> None:
+        """Run every timer that is due at ``now``."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, fn, arg = heapq.heappop(timers)
+            fn(now, arg)
+
+    def handle_packet(self, now: float, src: Address, data: bytes) -> None:
+        """A decrypted UDP datagram from ``src``. Bad input is counted and dropped.
+
+        A packet is validated completely before any of it is applied. Gossip items seen
+        byte-for-byte before are skipped: incarnations only grow, so an exact duplicate can
+        never change state, and under infection-style gossip most arrivals are duplicates.
+        """
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(data)
+        try:
+            parts = packet.split(data)
+            messages: list[tuple[Message, bytes | None]] = []
+            seen = self._seen
+            for raw in parts:
+                if raw in seen:
+                    self.stats.duplicates += 1
+                    continue
+                msg = packet.decode_part(raw)
+                if isinstance(msg, Alive | Suspect | Dead | Left):
+                    seen[raw] = None
+                    messages.append((msg, raw))
+                else:
+                    messages.append((msg, None))
+        except WireError:
+            self.stats.reject("malformed_packet")
+            return
+        while len(seen) > self._seen_limit:
+            del seen[next(iter(seen))]
+        self.stats.messages_in += len(messages)
+        for msg, gossip_bytes in messages:
+            self._dispatch(now, src, msg, gossip_bytes)
+
+    def handle_stream(self, now: float, src: Address, data: bytes) -> bytes | None:
+        """A request frame from a TCP stream; returns the reply frame payload (or None)."""
+        try:
+            msg = wire.decode(data)
+        except WireError:
+            self.stats.reject("malformed_stream")
+            return None
+        if isinstance(msg, PushPull):
+            self.stats.push_pulls += 1
+            self._merge(now, msg)
+            return wire.encode(self._local_state(join=False))
+        if isinstance(msg, Ping):
+            if msg.target != self.name:
+                self.stats.reject("ping_wrong_target")
+                return None
+            return wire.encode(Ack(msg.seq))
+        self.stats.reject("unexpected_stream_message")
+        return None
+
+    def stream_result(
+        self, now: float, token: int, reply: bytes | None, failure: StreamFailure | None
+    ) -> None:
+        """The outcome of a :class:`StreamRequest`: a reply payload, or why there is none."""
+        ctx = self._streams.pop(token, None)
+        if ctx is None:
+            return
+        msg: Message | None = None
+        if reply is not None:
+            try:
+                msg = wire.decode(reply)
+            except WireError:
+                self.stats.reject("malformed_stream_reply")
+        if ctx.purpose == "probe":
+            self._probe_stream_result(now, ctx.seq, msg, failure)
+        elif ctx.purpose in ("push_pull", "join", "reconnect"):
+            ok = isinstance(msg, PushPull)
+            if ok:
+                assert isinstance(msg, PushPull)
+                self._merge(now, msg)
+            if ctx.purpose == "join":
+                self._join_result(now, token, ok)
+
+    # ------------------------------------------------------------------ timers
+
+    def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, fn, arg))
+
+    # ------------------------------------------------------------------ output helpers
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & _SEQ_MASK
+        return self._seq
+
+    def _send(self, addr: Address, messages: Iterable[Message], piggyback: bool = True) -> None:
+        parts = [wire.encode(m) for m in messages]
+        if piggyback:
+            used = packet.size(parts)
+            parts.extend(
+                self._queue.take(
+                    self.packet_budget - used, self._retransmit_limit(), packet.ITEM_OVERHEAD
+                )
+            )
+        data = packet.build(parts)
+        self.stats.packets_out += 1
+        self.stats.bytes_out += len(data)
+        self._outputs.append(SendPacket(addr, data))
+
+    def _stream(self, addr: Address, msg: Message, ctx: _Stream, timeout: float) -> int:
+        self._token += 1
+        self._streams[self._token] = ctx
+        self._outputs.append(StreamRequest(self._token, addr, wire.encode(msg), timeout))
+        return self._token
+
+    def _emit(self, kind: EventKind, member: _Member, now: float) -> None:
+        self._outputs.append(MemberEvent(kind, member.view(), now))
+
+    def _broadcast(self, key: str, msg: Message, raw: bytes | None = None) -> None:
+        """Queue gossip; ``raw`` is the message's received encoding, re-sent as is."""
+        self._queue.push(key, raw if raw is not None else wire.encode(msg))
+
+    def _retransmit_limit(self) -> int:
+        return retransmit_limit(self.tuning.retransmit_mult, self._alive_count)
+
+    def _alive_msg(self) -> Alive:
+        me = self._self
+        return Alive(self.name, me.incarnation, self.addr, me.tags)
+
+    def _local_state(self, join: bool) -> PushPull:
+        return PushPull(join, self.name, tuple(m.state() for m in self._members.values()))
+
+    # ------------------------------------------------------------------ status bookkeeping
+
+    def _set_status(self, m: _Member, status: Status, now: float) -> None:
+        was_up = m.status in (Status.ALIVE, Status.SUSPECT)
+        is_up = status in (Status.ALIVE, Status.SUSPECT)
+        if was_up != is_up:
+            self._alive_count += 1 if is_up else -1
+            if m is not self._self:
+                self._track_up(m.name, is_up)
+                if not is_up:
+                    self._recently_down.append(m.name)
+            if self._alive_count <= 1 and self._alone_since is None:
+                self._alone_since = now
+            elif self._alive_count > 1:
+                self._alone_since = None
+        if status is not Status.SUSPECT:
+            m.suspicion = None
+            m.timer_gen += 1
+        m.status = status
+        m.status_since = now
+
+    def _track_up(self, name: str, is_up: bool) -> None:
+        if is_up:
+            self._up_pos[name] = len(self._up)
+            self._up.append(name)
+            return
+        pos = self._up_pos.pop(name)
+        last = self._up.pop()
+        if last != name:
+            self._up[pos] = last
+            self._up_pos[last] = pos
+
+    def _sample_up(self, k: int, exclude: str | None = None) -> list[_Member]:
+        """Up to ``k`` distinct random members that are alive or suspect."""
+        pool = self._up
+        if exclude is not None and exclude in self._up_pos:
+            picks = self.rng.sample(pool, min(k + 1, len(pool)))
+            names = [n for n in picks if n != exclude][:k]
+        else:
+            names = self.rng.sample(pool, min(k, len(pool)))
+        return [self._members[n] for n in names]
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, now: float, src: Address, msg: Message, raw: bytes | None) -> None:
+        if isinstance(msg, Ping):
+            self._on_ping(now, src, msg)
+        elif isinstance(msg, Ack):
+            self._on_ack(now, msg)
+        elif isinstance(msg, Alive):
+            self._on_alive(now, msg, raw)
+        elif isinstance(msg, Suspect):
+            self._on_suspect(now, msg, raw)
+        elif isinstance(msg, Dead):
+            self._on_dead(now, msg, raw)
+        elif isinstance(msg, Left):
+            self._on_left(now, msg, raw)
+        elif isinstance(msg, PingReq):
+            self._on_ping_req(now, src, msg)
+        elif isinstance(msg, Nack):
+            self._on_nack(msg)
+        else:
+            self.stats.reject("unexpected_message")
+
+    # ------------------------------------------------------------------ probing
+
+    def _probe_tick(self, now: float, _arg: object) -> None:
+        interval = self.awareness.scale(self.tuning.probe_interval)
+        self._at(now + interval, self._probe_tick, None)
+        if self.leaving:
+            return
+        target = self._next_probe_target()
+        if target is not None:
+            self._start_probe(now, target)
+
+    def _next_probe_target(self) -> _Member | None:
+        """Randomized round-robin: walk a shuffled list, reshuffle after each full pass."""
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                name = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                m = self._members.get(name)
+                if m is not None and m.status in (Status.ALIVE, Status.SUSPECT):
+                    return m
+            self._probe_order = [
+                n
+                for n, m in self._members.items()
+                if n != self.name and m.status in (Status.ALIVE, Status.SUSPECT)
+            ]
+            self.rng.shuffle(self._probe_order)
+            self._probe_index = 0
+            if not self._probe_order:
+                return None
+        return None
+
+    def _start_probe(self, now: float, target: _Member, *, confirmation: bool = False) -> None:
+        seq = self._next_seq()
+        probe = _Probe(seq, target.name, now)
+        self._probes[seq] = probe
+        self.stats.probes += 1
+        msgs: list[Message] = [Ping(seq, target.name, self.name)]
+        if target.status is Status.SUSPECT:
+            # Lifeguard's buddy system: tell the suspect directly so it can refute at once.
+            msgs.append(Suspect(target.name, target.incarnation, self.name))
+        self._send(target.addr, msgs)
+        timeout = self.awareness.scale(self.tuning.probe_timeout)
+        interval = self.awareness.scale(self.tuning.probe_interval)
+        self._at(now + timeout, self._probe_timeout, seq)
+        self._at(now + interval, self._probe_end, (seq, confirmation))
+
+    def _probe_timeout(self, now: float, seq: int) -> None:
+        probe = self._probes.get(seq)
+        if probe is None or probe.acked:
+            return
+        target = self._members.get(probe.target)
+        if target is None or target.status not in (Status.ALIVE, Status.SUSPECT):
+            return
+        relays = [
+            m
+            for m in self._sample_up(self.tuning.indirect_checks + 2, target.name)
+            if m.status is Status.ALIVE
+        ][: self.tuning.indirect_checks]
+        for relay in relays:
+            self._send(relay.addr, [PingReq(seq, target.name, target.addr, self.name, True)])
+        probe.expected_nacks = len(relays)
+        self.stats.indirect_probes += len(relays)
+        if self.tuning.tcp_fallback_probe:
+            remaining = max(
+                0.05, probe.started + self.awareness.scale(self.tuning.probe_interval) - now
+            )
+            probe.tcp_token = self._stream(
+                target.addr, Ping(seq, target.name, self.name), _Stream("probe", seq=seq), remaining
+            )
+
+    def _probe_stream_result(
+        self, now: float, seq: int, msg: Message | None, failure: StreamFailure | None
+    ) -> None:
+        probe = self._probes.get(seq)
+        if probe is None or probe.acked or probe.finished:
+            return
+        if isinstance(msg, Ack) and msg.seq == seq:
+            probe.acked = True
+            self.stats.tcp_fallback_acks += 1
+            return
+        if failure == "refused" and self.tuning.refused_is_dead:
+            target = self._members.get(probe.target)
+            if target is not None and target.status in (Status.ALIVE, Status.SUSPECT):
+                # The host answered with a reset: nothing listens where the member lived.
+                probe.finished = True
+                self.stats.deaths_by_refusal += 1
+                self._on_dead(now, Dead(target.name, target.incarnation, self.name))
+
+    def _probe_end(self, now: float, arg: tuple[int, bool]) -> None:
+        seq, confirmation = arg
+        probe = self._probes.pop(seq, None)
+        if confirmation:
+            self._confirmation_probes -= 1
+        if probe is None or probe.finished:
+            return
+        if probe.tcp_token is not None:
+            self._streams.pop(probe.tcp_token, None)
+        if probe.acked:
+            if probe.expected_nacks == 0 and not probe.nacks:
+                self.awareness.apply(-1)
+            return
+        # Lifeguard: missing nacks from relays point at our own health, not the target's.
+        if probe.expected_nacks > 0:
+            self.awareness.apply(max(0, probe.expected_nacks - probe.nacks))
+        else:
+            self.awareness.apply(1)
+        target = self._members.get(probe.target)
+        if target is None or target.status not in (Status.ALIVE, Status.SUSPECT):
+            return
+        self.stats.probe_failures += 1
+        self._on_suspect(now, Suspect(target.name, target.incarnation, self.name))
+
+    def _on_ping(self, now: float, src: Address, msg: Ping) -> None:
+        if msg.target != self.name:
+            self.stats.reject("ping_wrong_target")
+            return
+        self._send(src, [Ack(msg.seq)])
+
+    def _on_ack(self, now: float, msg: Ack) -> None:
+        probe = self._probes.get(msg.seq)
+        if probe is not None:
+            probe.acked = True
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self._send(relay.source_addr, [Ack(relay.seq)], piggyback=False)
+
+    def _on_nack(self, msg: Nack) -> None:
+        probe = self._probes.get(msg.seq)
+        if probe is not None:
+            probe.nacks += 1
+            self.stats.nacks_received += 1
+
+    def _on_ping_req(self, now: float, src: Address, msg: PingReq) -> None:
+        if msg.target == self.name:
+            self._send(src, [Ack(msg.seq)])
+            return
+        if len(self._relays) >= 1024:
+            self.stats.reject("relay_table_full")
+            return
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(src, msg.seq, msg.nack)
+        self._send(msg.target_addr, [Ping(seq, msg.target, self.name)])
+        self._at(now + self.tuning.probe_timeout, self._relay_timeout, seq)
+
+    def _relay_timeout(self, now: float, seq: int) -> None:
+        relay = self._relays.pop(seq, None)
+        if relay is not None and relay.nack:
+            self.stats.nacks_sent += 1
+            self._send(relay.source_addr, [Nack(relay.seq)], piggyback=False)
+
+    # ------------------------------------------------------------------ gossip handlers
+
+    def _on_alive(self, now: float, msg: Alive, raw: bytes | None = None) -> None:
+        if msg.node == self.name:
+            me = self._self
+            if msg.incarnation > me.incarnation or (
+                msg.incarnation == me.incarnation and (msg.addr != self.addr or msg.tags != me.tags)
+            ):
+                self._refute(now, msg.incarnation)
+            return
+        m = self._members.get(msg.node)
+        if m is None:
+            if len(self._members) >= self.tuning.max_members:
+                self.stats.reject("member_table_full")
+                return
+            m = _Member(msg.node, msg.addr, msg.incarnation, Status.DEAD, dict(msg.tags), now)
+            self._members[msg.node] = m
+            self._set_status(m, Status.ALIVE, now)
+            self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), msg.node)
+            self._broadcast(msg.node, msg, raw)
+            self._emit(EventKind.JOIN, m, now)
+            return
+        reclaim = False
+        if msg.addr != m.addr:
+            if m.status not in (Status.DEAD, Status.LEFT):
+                self.stats.conflicts += 1
+                self.stats.reject("address_conflict")
+                return
+            reclaim = True  # the node came back on another address (a new container, say)
+        if msg.incarnation <= m.incarnation and not reclaim:
+            return
+        old_status, old_tags, old_addr = m.status, m.tags, m.addr
+        m.incarnation = msg.incarnation
+        m.tags = dict(msg.tags)
+        m.addr = msg.addr
+        self._set_status(m, Status.ALIVE, now)
+        self._broadcast(msg.node, msg, raw)
+        if old_status in (Status.DEAD, Status.LEFT):
+            self._emit(EventKind.JOIN, m, now)
+        else:
+            if old_status is Status.SUSPECT:
+                self._emit(EventKind.ALIVE, m, now)
+            if old_tags != m.tags or old_addr != m.addr:
+                self._emit(EventKind.UPDATE, m, now)
+
+    def _on_suspect(self, now: float, msg: Suspect, raw: bytes | None = None) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if msg.node == self.name:
+            if not self.leaving:
+                self._refute(now, msg.incarnation)
+            return
+        if m.status is Status.SUSPECT and m.suspicion is not None:
+            if m.suspicion.confirm(msg.sender):
+                self._broadcast(msg.node, msg, raw)
+                self._at(m.suspicion.deadline(), self._suspicion_timeout, (m.name, m.timer_gen))
+            return
+        if m.status is not Status.ALIVE:
+            return
+        n = self._alive_count
+        lo, hi = suspicion_bounds(
+            self.tuning.suspicion_mult,
+            self.tuning.suspicion_max_timeout_mult,
+            n,
+            self.tuning.probe_interval,
+        )
+        k = expected_confirmations(self.tuning.suspicion_mult, n)
+        m.incarnation = msg.incarnation
+        self._set_status(m, Status.SUSPECT, now)
+        m.suspicion = Suspicion(now, lo, hi, k)
+        if msg.sender != self.name:
+            m.suspicion.confirm(msg.sender)
+        self.stats.suspicions += 1
+        self._broadcast(msg.node, msg, raw)
+        self._emit(EventKind.SUSPECT, m, now)
+        self._at(m.suspicion.deadline(), self._suspicion_timeout, (m.name, m.timer_gen))
+        if (
+            msg.sender != self.name
+            and self.tuning.accelerate_confirmations
+            and self._confirmation_probes < _MAX_CONFIRMATION_PROBES
+            and not self.leaving
+        ):
+            # Check for ourselves now: our own failed probe is an independent confirmation.
+            self._confirmation_probes += 1
+            self._start_probe(now, m, confirmation=True)
+
+    def _suspicion_timeout(self, now: float, arg: tuple[str, int]) -> None:
+        name, gen = arg
+        m = self._members.get(name)
+        if m is None or m.timer_gen != gen or m.suspicion is None:
+            return
+        if m.suspicion.deadline() > now + 1e-9:
+            return  # a later timer (from a reschedule) will handle it
+        self._on_dead(now, Dead(name, m.incarnation, self.name))
+
+    def _on_dead(self, now: float, msg: Dead, raw: bytes | None = None) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if msg.node == self.name:
+            if not self.leaving:
+                self._refute(now, msg.incarnation)
+            return
+        if m.status in (Status.DEAD, Status.LEFT):
+            return
+        m.incarnation = msg.incarnation
+        self._set_status(m, Status.DEAD, now)
+        self.stats.deaths += 1
+        self._broadcast(msg.node, msg, raw)
+        self._emit(EventKind.DEAD, m, now)
+
+    def _on_left(self, now: float, msg: Left, raw: bytes | None = None) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if msg.node == self.name:
+            if not self.leaving:
+                self._refute(now, msg.incarnation)
+            return
+        if m.status is Status.LEFT or (
+            m.status is Status.DEAD and msg.incarnation == m.incarnation
+        ):
+            if m.status is Status.DEAD:
+                # A leave that overtook the failure verdict: record the graceful reason.
+                self._set_status(m, Status.LEFT, now)
+                self._broadcast(msg.node, msg, raw)
+                self._emit(EventKind.LEAVE, m, now)
+            return
+        m.incarnation = msg.incarnation
+        self._set_status(m, Status.LEFT, now)
+        self._broadcast(msg.node, msg, raw)
+        self._emit(EventKind.LEAVE, m, now)
+
+    def _refute(self, now: float, accused: int) -> None:
+        """Someone thinks we are suspect/dead at ``accused``: outbid it."""
+        me = self._self
+        me.incarnation = max(me.incarnation, accused) + 1
+        self.stats.refutations += 1
+        self.awareness.apply(1)  # being suspected hints that we are the slow one
+        self._broadcast(self.name, self._alive_msg())
+
+    # ------------------------------------------------------------------ gossip & push-pull
+
+    def _gossip_tick(self, now: float, _arg: object, *, reschedule: bool = True) -> None:
+        if reschedule:
+            self._at(now + self.tuning.gossip_interval, self._gossip_tick, None)
+        if not len(self._queue):
+            return
+        targets = self._sample_up(self.tuning.gossip_nodes)
+        if self._recently_down and self.rng.random() < 0.5:
+            # Gossip to the dead for a while, so a falsely accused node hears about it.
+            horizon = now - self.tuning.gossip_to_dead
+            self._recently_down = [
+                n
+                for n in self._recently_down
+                if n in self._members
+                and self._members[n].status in (Status.DEAD, Status.LEFT)
+                and self._members[n].status_since >= horizon
+            ]
+            if self._recently_down:
+                targets.append(self._members[self.rng.choice(self._recently_down)])
+        for target in targets:
+            parts = self._queue.take(
+                self.packet_budget - packet.PACKET_OVERHEAD,
+                self._retransmit_limit(),
+                packet.ITEM_OVERHEAD,
+            )
+            if not parts:
+                break
+            data = packet.build(parts)
+            self.stats.packets_out += 1
+            self.stats.bytes_out += len(data)
+            self.stats.gossip_packets += 1
+            self._outputs.append(SendPacket(target.addr, data))
+
+    def _push_pull_interval(self) -> float:
+        """memberlist's pushPullScale: back off above 32 nodes so total traffic stays flat."""
+        base = self.tuning.push_pull_interval
+        n = self._alive_count
+        if n <= 32:
+            return base
+        return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
+
+    def _push_pull_tick(self, now: float, _arg: object) -> None:
+        interval = self._push_pull_interval()
+        self._at(now + interval * (0.75 + 0.5 * self.rng.random()), self._push_pull_tick, None)
+        if self.leaving:
+            return
+        peers = [m for m in self._sample_up(3) if m.status is Status.ALIVE]
+        if peers:
+            peer = peers[0]
+            self._stream(
+                peer.addr,
+                self._local_state(join=False),
+                _Stream("push_pull"),
+                self.tuning.tcp_timeout,
+            )
+
+    def _merge(self, now: float, remote: PushPull) -> None:
+        """Apply a remote full state as if it arrived as gossip (dead is downgraded to suspect:
+        we would rather check for ourselves than take a stale verdict on trust)."""
+        for st in remote.members:
+            if st.status is Status.ALIVE:
+                self._on_alive(now, Alive(st.name, st.incarnation, st.addr, st.tags))
+            elif st.status is Status.LEFT:
+                if st.name not in self._members and st.name != self.name:
+                    continue  # never learn a member only to record that it left
+                self._on_left(now, Left(st.name, st.incarnation))
+            elif st.name in self._members:
+                self._on_suspect(now, Suspect(st.name, st.incarnation, remote.sender))
+
+    # ------------------------------------------------------------------ join & reconnect
+
+    def _join_attempt(self, now: float, _arg: object) -> None:
+        if self.joined or self.leaving or not self._seeds:
+            return
+        self.stats.join_attempts += 1
+        for seed in self._seeds:
+            token = self._stream(
+                seed,
+                self._local_state(join=True),
+                _Stream("join", addr=seed),
+                self.tuning.tcp_timeout,
+            )
+            self._join_pending.add(token)
+
+    def _join_result(self, now: float, token: int, ok: bool) -> None:
+        if token not in self._join_pending:
+            return
+        self._join_pending.discard(token)
+        if ok:
+            self._join_pending.clear()
+            self.joined = True
+            self._join_failures = 0
+            return
+        if self._join_pending or self.joined:
+            return
+        # Every seed failed: retry with exponential backoff and jitter.
+        self._join_failures += 1
+        t = self.tuning
+        delay = min(t.join_retry_max, t.join_retry_min * 2 ** (self._join_failures - 1))
+        self._at(now + delay * (0.5 + 0.5 * self.rng.random()), self._join_attempt, None)
+
+    def _reconnect_tick(self, now: float, _arg: object) -> None:
+        t = self.tuning
+        self._at(
+            now + t.reconnect_interval * (0.75 + 0.5 * self.rng.random()),
+            self._reconnect_tick,
+            None,
+        )
+        self._reap(now)
+        if self.leaving:
+            return
+        dead = [
+            m
+            for m in self._members.values()
+            if m.status is Status.DEAD and now - m.status_since <= t.reconnect_timeout
+        ]
+        if dead:
+            target = self.rng.choice(dead)
+            self.stats.reconnect_attempts += 1
+            self._stream(
+                target.addr, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
+            )
+        if (
+            self.joined
+            and self._seeds
+            and self._alone_since is not None
+            and now - self._alone_since >= t.reconnect_interval
+        ):
+            # Alone for a while (booted into a partition, or everyone else restarted): the
+            # seeds are the only addresses we know; try them again.
+            for seed in self._seeds:
+                self.stats.reconnect_attempts += 1
+                self._stream(
+                    seed, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
+                )
+
+    def _reap(self, now: float) -> None:
+        """Forget members that have been dead or gone long enough."""
+        t = self.tuning
+        for name in [
+            n
+            for n, m in self._members.items()
+            if m is not self._self
+            and (
+                (m.status is Status.DEAD and now - m.status_since > t.reconnect_timeout)
+                or (m.status is Status.LEFT and now - m.status_since > t.left_reclaim)
+            )
+        ]:
+            del self._members[name]

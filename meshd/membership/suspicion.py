@@ -1,0 +1,48 @@
+"""Lifeguard's dynamic suspicion timeout.
+
+A suspicion starts at the maximum timeout and shrinks towards the minimum as independent
+members confirm it: timeout = max − (max − min) · log(c + 1) / log(k + 1), where c is the
+number of confirmations and k the number expected. Fewer confirmations mean more time for the
+suspect to refute — the mechanism that cuts false positives when the accuser is the slow one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def suspicion_bounds(mult: int, max_mult: int, n: int, interval: float) -> tuple[float, float]:
+    """memberlist's suspicionTimeout: min = mult·max(1, log10 n)·interval, max = max_mult·min."""
+    scale = max(1.0, math.log10(max(1, n)))
+    minimum = mult * scale * interval
+    return minimum, max_mult * minimum
+
+
+def expected_confirmations(mult: int, n: int) -> int:
+    """k = mult − 2, or 0 when the cluster is too small to supply that many confirmers."""
+    k = mult - 2
+    return 0 if n - 2 < k else max(0, k)
+
+
+@dataclass(slots=True)
+class Suspicion:
+    start: float
+    minimum: float
+    maximum: float
+    k: int
+    confirmers: set[str] = field(default_factory=set)
+
+    def deadline(self) -> float:
+        c = len(self.confirmers)
+        if self.k < 1 or c >= self.k:
+            return self.start + self.minimum
+        frac = math.log(c + 1) / math.log(self.k + 1)
+        return self.start + max(self.minimum, self.maximum - frac * (self.maximum - self.minimum))
+
+    def confirm(self, sender: str) -> bool:
+        """Record an independent confirmation; False if this sender already counted."""
+        if len(self.confirmers) >= self.k or sender in self.confirmers:
+            return False
+        self.confirmers.add(sender)
+        return True

@@ -1,0 +1,338 @@
+"""A simulated network for membership cores, run in virtual time.
+
+Every node is a real :class:`~meshd.membership.core.Membership` core; only the sockets and the
+clock are simulated. Packets travel with per-link latency and loss, partitions can be one-way
+or two-way, and nodes can crash (the host goes silent), be killed (the host answers TCP with a
+reset), be paused (SIGSTOP: packets queue up, timers stall) and restart. One seed makes a run
+reproducible: a single event heap orders everything, ties broken by insertion order.
+
+Time advances through ``trio.sleep_until``, so under ``trio.testing.MockClock`` with
+``autojump_threshold=0`` a simulated hour passes in however long the computation takes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+
+from meshd.config.model import MembershipTuning
+from meshd.membership.core import Membership
+from meshd.membership.events import MemberEvent, SendPacket, StreamFailure, StreamRequest
+from meshd.wire.membership import Status
+from meshd.wire.validate import Address
+
+NodeState = Literal["up", "crashed", "killed", "paused"]
+_PAUSED_INBOX_LIMIT = 2048  # like a socket receive buffer: the excess is dropped
+_TCP_RETRANSMIT = 1.0  # a lost SYN or segment costs one retransmission timeout
+
+
+@dataclass(slots=True)
+class SimNode:
+    name: str
+    addr: Address
+    core: Membership
+    state: NodeState = "up"
+    scheduled: float = math.inf
+    inbox: deque[tuple[Address, bytes]] = field(default_factory=deque)
+    events: list[MemberEvent] = field(default_factory=list)
+    restarts: int = 0
+
+    def view(self) -> dict[str, Status]:
+        return {m.name: m.status for m in self.core.members()}
+
+
+class SimNetwork:
+    """Owns the nodes, the links and the event heap."""
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        latency: tuple[float, float] = (0.0005, 0.002),
+        loss: float = 0.0,
+        record_events: bool = False,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.latency = latency
+        self.loss = loss
+        self.record_events = record_events
+        self.now = 0.0
+        self.nodes: dict[str, SimNode] = {}
+        self._by_addr: dict[Address, SimNode] = {}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._blocked: set[tuple[str, str]] = set()
+        self._link_loss: dict[tuple[str, str], float] = {}
+        self.listeners: list[Callable[[SimNode, MemberEvent], None]] = []
+        self.delivered = 0
+        self.dropped = 0
+
+    # ------------------------------------------------------------------ topology
+
+    def add_node(
+        self,
+        name: str,
+        tuning: MembershipTuning,
+        *,
+        seeds: Iterable[str] = (),
+        tags: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> SimNode:
+        index = len(self.nodes)
+        addr = (f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}", 7946)
+        core = Membership(
+            name=name,
+            addr=addr,
+            tuning=tuning,
+            rng=random.Random(f"{self.seed}:{name}:0"),
+            now=self.now,
+            tags=tags,
+        )
+        node = SimNode(name, addr, core)
+        self.nodes[name] = node
+        self._by_addr[addr] = node
+        if start:
+            core.start(self.now, [self.nodes[s].addr for s in seeds])
+            self._after_input(node)
+        return node
+
+    def restart(self, name: str, *, seeds: Iterable[str] = ()) -> SimNode:
+        """A fresh process for ``name`` on the same address (incarnation starts over)."""
+        old = self.nodes[name]
+        me = old.core.member(name)
+        old.restarts += 1
+        core = Membership(
+            name=name,
+            addr=old.addr,
+            tuning=old.core.tuning,
+            rng=random.Random(f"{self.seed}:{name}:{old.restarts}"),
+            now=self.now,
+            tags=me.tags if me is not None else None,
+        )
+        old.core = core
+        old.state = "up"
+        old.inbox.clear()
+        old.scheduled = math.inf
+        core.start(self.now, [self.nodes[s].addr for s in seeds])
+        self._after_input(old)
+        return old
+
+    # ------------------------------------------------------------------ faults
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Two-way partition: no traffic between different groups."""
+        sets = [set(g) for g in groups]
+        for i, a in enumerate(sets):
+            for b in sets[i + 1 :]:
+                for x in a:
+                    for y in b:
+                        self._blocked.add((x, y))
+                        self._blocked.add((y, x))
+
+    def block(self, src: str, dst: str) -> None:
+        """One-way: packets from ``src`` to ``dst`` are lost."""
+        self._blocked.add((src, dst))
+
+    def set_loss(self, src: str, dst: str, p: float) -> None:
+        self._link_loss[(src, dst)] = p
+
+    def heal(self) -> None:
+        self._blocked.clear()
+        self._link_loss.clear()
+
+    def crash(self, name: str) -> None:
+        """The host is gone: no packets, no TCP answers (connections time out)."""
+        self.nodes[name].state = "crashed"
+
+    def kill(self, name: str) -> None:
+        """The process is gone but the host is up: TCP connections are refused."""
+        self.nodes[name].state = "killed"
+
+    def pause(self, name: str) -> None:
+        self.nodes[name].state = "paused"
+
+    def resume(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.state != "paused":
+            return
+        node.state = "up"
+        while node.inbox:
+            src, data = node.inbox.popleft()
+            node.core.handle_packet(self.now, src, data)
+        node.core.tick(self.now)
+        self._after_input(node)
+
+    # ------------------------------------------------------------------ event loop
+
+    def _push(self, when: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, kind, payload))
+
+    def _after_input(self, node: SimNode) -> None:
+        core = node.core
+        for out in core.take_outputs():
+            if isinstance(out, SendPacket):
+                self._send_packet(node, out)
+            elif isinstance(out, StreamRequest):
+                self._open_stream(node, out)
+            else:
+                if self.record_events:
+                    node.events.append(out)
+                for listener in self.listeners:
+                    listener(node, out)
+        deadline = core.next_deadline()
+        if deadline < node.scheduled:
+            node.scheduled = deadline
+            self._push(deadline, _TIMER, (node, core))
+
+    def _link_ok(self, src: str, dst: str) -> bool:
+        if (src, dst) in self._blocked:
+            return False
+        p = self._link_loss.get((src, dst), self.loss)
+        return not (p > 0 and self.rng.random() < p)
+
+    def _delay(self) -> float:
+        lo, hi = self.latency
+        return lo + (hi - lo) * self.rng.random()
+
+    def _send_packet(self, node: SimNode, out: SendPacket) -> None:
+        dst = self._by_addr.get(out.addr)
+        if dst is None or not self._link_ok(node.name, dst.name):
+            self.dropped += 1
+            return
+        self._push(self.now + self._delay(), _PACKET, (dst, node.addr, out.data))
+
+    def _tcp_leg(self, src: str, dst: str) -> float | None:
+        """One-way delay of a TCP exchange leg, or None if it cannot get through."""
+        if (src, dst) in self._blocked:
+            return None
+        delay = self._delay()
+        p = self._link_loss.get((src, dst), self.loss)
+        while p > 0 and self.rng.random() < p:
+            delay += _TCP_RETRANSMIT
+            if delay > 10:
+                return None
+        return delay
+
+    def _open_stream(self, node: SimNode, req: StreamRequest) -> None:
+        dst = self._by_addr.get(req.addr)
+        fail_at = self.now + req.timeout
+        if dst is None:
+            self._push(fail_at, _STREAM_RESULT, (node, node.core, req.token, None, "timeout"))
+            return
+        there = self._tcp_leg(node.name, dst.name)
+        back = self._tcp_leg(dst.name, node.name)
+        if there is None or back is None or dst.state in ("crashed", "paused"):
+            self._push(fail_at, _STREAM_RESULT, (node, node.core, req.token, None, "timeout"))
+            return
+        if dst.state == "killed":
+            rtt = there + back
+            result: tuple[bytes | None, StreamFailure | None] = (None, "refused")
+            when = self.now + rtt if rtt < req.timeout else fail_at
+            if rtt >= req.timeout:
+                result = (None, "timeout")
+            self._push(when, _STREAM_RESULT, (node, node.core, req.token, *result))
+            return
+        self._push(self.now + there, _STREAM_SERVE, (node, node.core, dst, req, fail_at, back))
+
+    async def run_for(self, duration: float) -> None:
+        await self.run_until(self.now + duration)
+
+    async def run_until(
+        self, end: float, *, stop: Callable[[], bool] | None = None, check_every: float = 0.1
+    ) -> bool:
+        """Process events up to virtual time ``end`` (or until ``stop()`` holds). Returns
+        whether ``stop`` was satisfied."""
+        heap = self._heap
+        next_check = self.now
+        synced = trio.current_time()
+        base = synced - self.now
+        while heap and heap[0][0] <= end:
+            when, _, kind, payload = heapq.heappop(heap)
+            self.now = max(self.now, when)
+            if self.now + base - synced > 0.001:
+                await trio.sleep_until(self.now + base)
+                synced = self.now + base
+            self._handle(kind, payload)
+            if stop is not None and self.now >= next_check:
+                next_check = self.now + check_every
+                if stop():
+                    return True
+        self.now = max(self.now, end)
+        await trio.sleep_until(self.now + base)
+        return stop() if stop is not None else False
+
+    def _handle(self, kind: int, payload: Any) -> None:
+        now = self.now
+        if kind == _PACKET:
+            dst, src_addr, data = payload
+            if dst.state == "up":
+                self.delivered += 1
+                dst.core.handle_packet(now, src_addr, data)
+                self._after_input(dst)
+            elif dst.state == "paused" and len(dst.inbox) < _PAUSED_INBOX_LIMIT:
+                dst.inbox.append((src_addr, data))
+            else:
+                self.dropped += 1
+        elif kind == _TIMER:
+            node, core = payload
+            if core is not node.core or now != node.scheduled:
+                return  # superseded (restart, or an earlier deadline was scheduled)
+            node.scheduled = math.inf
+            if node.state == "up":
+                core.tick(now)
+                self._after_input(node)
+        elif kind == _STREAM_SERVE:
+            client, client_core, dst, req, fail_at, back = payload
+            if dst.state != "up":
+                failure: StreamFailure = "refused" if dst.state == "killed" else "timeout"
+                self._push(fail_at, _STREAM_RESULT, (client, client_core, req.token, None, failure))
+                return
+            reply = dst.core.handle_stream(now, client.addr, req.data)
+            self._after_input(dst)
+            done = now + back
+            if reply is None or done > fail_at:
+                self._push(
+                    fail_at, _STREAM_RESULT, (client, client_core, req.token, None, "timeout")
+                )
+            else:
+                self._push(done, _STREAM_RESULT, (client, client_core, req.token, reply, None))
+        elif kind == _STREAM_RESULT:
+            node, core, token, reply, failure = payload
+            if core is node.core and node.state == "up":
+                core.stream_result(now, token, reply, failure)
+                self._after_input(node)
+
+    # ------------------------------------------------------------------ observations
+
+    def up_nodes(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.state == "up"]
+
+    def status_of(self, observer: str, member: str) -> Status | None:
+        view = self.nodes[observer].core.member(member)
+        return view.status if view is not None else None
+
+    def converged(self, members: Iterable[str] | None = None) -> bool:
+        """Every up node sees exactly the up nodes (``members``) as alive, and no other."""
+        expected = set(members) if members is not None else {n.name for n in self.up_nodes()}
+        for node in self.up_nodes():
+            if node.name not in expected:
+                continue
+            alive = {m.name for m in node.core.members() if m.status is Status.ALIVE}
+            if alive != expected:
+                return False
+        return True
+
+
+_PACKET = 0
+_TIMER = 1
+_STREAM_SERVE = 2
+_STREAM_RESULT = 3
