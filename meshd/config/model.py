@@ -7,6 +7,7 @@ dataclasses; nothing downstream parses strings. Durations are seconds (floats).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 Address = tuple[str, int]
 
@@ -127,7 +128,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
-    format: str = "logfmt"
+    format: Literal["logfmt", "json"] = "logfmt"
 
 
 @dataclass(frozen=True, slots=True)

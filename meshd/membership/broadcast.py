@@ -55,20 +55,27 @@ class BroadcastQueue:
     def pending(self, key: str) -> bool:
         return key in self._by_key
 
-    def take(self, budget: int, limit: int, per_item_overhead: int = 0) -> list[bytes]:
-        """Pick items fitting in ``budget`` bytes, counting one transmit for each picked item.
+    def take(
+        self, budget: int, limit: int, per_item_overhead: int = 0, max_items: int | None = None
+    ) -> list[bytes]:
+        """Pick items fitting in ``budget`` bytes (and at most ``max_items`` of them), counting
+        one transmit for each picked item.
 
         Items reaching ``limit`` transmits are dropped from the queue.
         """
         picked: list[_Item] = []
         remaining = budget
         misses = 0
+        if max_items is not None and max_items <= 0:
+            return []
         for level in self._levels:
             for item in reversed(level.values()):
                 cost = len(item.data) + per_item_overhead
                 if cost <= remaining:
                     picked.append(item)
                     remaining -= cost
+                    if max_items is not None and len(picked) >= max_items:
+                        remaining = 0  # full
                     if remaining < _SMALLEST_ITEM:
                         break
                 else:

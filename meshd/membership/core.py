@@ -216,6 +216,13 @@ class Membership:
         else:
             self.joined = True
 
+    def join(self, now: float) -> None:
+        """Try the seeds now (they changed, or resolved late); retries as at start."""
+        if self._seeds and not self.leaving:
+            self.joined = False
+            self._join_failures = 0
+            self._join_attempt(now, None)
+
     def set_seeds(self, seeds: Sequence[Address]) -> None:
         self._seeds = tuple(s for s in dict.fromkeys(seeds) if s != self.addr)
 
@@ -294,19 +301,23 @@ class Membership:
             parts = packet.split(data)
             messages: list[tuple[Message, bytes | None]] = []
             seen = self._seen
+            fresh: dict[bytes, None] = {}  # committed to `seen` only if the packet is valid
+            duplicates = 0
             for raw in parts:
-                if raw in seen:
-                    self.stats.duplicates += 1
+                if raw in seen or raw in fresh:
+                    duplicates += 1
                     continue
                 msg = packet.decode_part(raw)
                 if isinstance(msg, Alive | Suspect | Dead | Left):
-                    seen[raw] = None
+                    fresh[raw] = None
                     messages.append((msg, raw))
                 else:
                     messages.append((msg, None))
         except WireError:
             self.stats.reject("malformed_packet")
             return
+        self.stats.duplicates += duplicates
+        seen.update(fresh)
         while len(seen) > self._seen_limit:
             del seen[next(iter(seen))]
         self.stats.messages_in += len(messages)
@@ -373,7 +384,10 @@ class Membership:
             used = packet.size(parts)
             parts.extend(
                 self._queue.take(
-                    self.packet_budget - used, self._retransmit_limit(), packet.ITEM_OVERHEAD
+                    self.packet_budget - used,
+                    self._retransmit_limit(),
+                    packet.ITEM_OVERHEAD,
+                    max_items=packet.MAX_MESSAGES - len(parts),
                 )
             )
         data = packet.build(parts)
@@ -389,6 +403,12 @@ class Membership:
 
     def _emit(self, kind: EventKind, member: _Member, now: float) -> None:
         self._outputs.append(MemberEvent(kind, member.view(), now))
+
+    def _unsee(self, raw: bytes | None) -> None:
+        """Forget rejected gossip: the same bytes may be acceptable later (the old entry died,
+        the table has room again), so they must not be skipped as a duplicate then."""
+        if raw is not None:
+            self._seen.pop(raw, None)
 
     def _broadcast(self, key: str, msg: Message, raw: bytes | None = None) -> None:
         """Queue gossip; ``raw`` is the message's received encoding, re-sent as is."""
@@ -624,8 +644,12 @@ class Membership:
     def _on_alive(self, now: float, msg: Alive, raw: bytes | None = None) -> None:
         if msg.node == self.name:
             me = self._self
-            if msg.incarnation > me.incarnation or (
-                msg.incarnation == me.incarnation and (msg.addr != self.addr or msg.tags != me.tags)
+            if not self.leaving and (
+                msg.incarnation > me.incarnation
+                or (
+                    msg.incarnation == me.incarnation
+                    and (msg.addr != self.addr or msg.tags != me.tags)
+                )
             ):
                 self._refute(now, msg.incarnation)
             return
@@ -633,6 +657,7 @@ class Membership:
         if m is None:
             if len(self._members) >= self.tuning.max_members:
                 self.stats.reject("member_table_full")
+                self._unsee(raw)
                 return
             m = _Member(msg.node, msg.addr, msg.incarnation, Status.DEAD, dict(msg.tags), now)
             self._members[msg.node] = m
@@ -646,6 +671,7 @@ class Membership:
             if m.status not in (Status.DEAD, Status.LEFT):
                 self.stats.conflicts += 1
                 self.stats.reject("address_conflict")
+                self._unsee(raw)
                 return
             reclaim = True  # the node came back on another address (a new container, say)
         if msg.incarnation <= m.incarnation and not reclaim:
@@ -689,9 +715,7 @@ class Membership:
         k = expected_confirmations(self.tuning.suspicion_mult, n)
         m.incarnation = msg.incarnation
         self._set_status(m, Status.SUSPECT, now)
-        m.suspicion = Suspicion(now, lo, hi, k)
-        if msg.sender != self.name:
-            m.suspicion.confirm(msg.sender)
+        m.suspicion = Suspicion(now, lo, hi, k, accuser=msg.sender)
         self.stats.suspicions += 1
         self._broadcast(msg.node, msg, raw)
         self._emit(EventKind.SUSPECT, m, now)
@@ -786,6 +810,7 @@ class Membership:
                 self.packet_budget - packet.PACKET_OVERHEAD,
                 self._retransmit_limit(),
                 packet.ITEM_OVERHEAD,
+                max_items=packet.MAX_MESSAGES,
             )
             if not parts:
                 break

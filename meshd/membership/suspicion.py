@@ -32,6 +32,8 @@ class Suspicion:
     maximum: float
     k: int
     confirmers: set[str] = field(default_factory=set)
+    # Whoever raised the suspicion is not a confirmation of it (memberlist excludes "from").
+    accuser: str | None = None
 
     def deadline(self) -> float:
         c = len(self.confirmers)
@@ -41,8 +43,9 @@ class Suspicion:
         return self.start + max(self.minimum, self.maximum - frac * (self.maximum - self.minimum))
 
     def confirm(self, sender: str) -> bool:
-        """Record an independent confirmation; False if this sender already counted."""
-        if len(self.confirmers) >= self.k or sender in self.confirmers:
+        """Record an independent confirmation; False if this sender already counted (the
+        accuser never does)."""
+        if len(self.confirmers) >= self.k or sender in self.confirmers or sender == self.accuser:
             return False
         self.confirmers.add(sender)
         return True

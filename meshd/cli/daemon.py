@@ -1,0 +1,78 @@
+"""``meshd``: run the daemon, generate a key, check a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import trio
+
+from meshd import __version__
+from meshd.config import add_run_arguments, build_config, overrides_from_args
+from meshd.config.model import Config, ConfigError
+from meshd.logs import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshd", description="CRDT gossip mesh daemon.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    add_run_arguments(run)
+    check = sub.add_parser("config", help="validate a configuration and print the result")
+    add_run_arguments(check)
+    sub.add_parser("keygen", help="print a new random 32-byte gossip key (base64)")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _load(ns: argparse.Namespace) -> Config:
+    return build_config(ns.config, os.environ, overrides_from_args(ns))
+
+
+def _config_dict(config: Config) -> dict[str, object]:
+    data = asdict(config)
+    data["security"]["keys"] = [
+        f"<{len(base64.b64decode(k))}-byte key>" for k in config.security.keys
+    ]
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.command == "version":
+        print(f"meshd {__version__}")
+        return 0
+    if ns.command == "keygen":
+        print(base64.b64encode(os.urandom(32)).decode())
+        return 0
+    try:
+        config = _load(ns)
+    except ConfigError as exc:
+        print(f"meshd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if ns.command == "config":
+        print(json.dumps(_config_dict(config), indent=2, default=str))
+        return 0
+    configure_logging(config.log.level, config.log.format)
+    from meshd.node.node import Node
+
+    try:
+        node = Node(config, reload=lambda: _load(ns))
+        return trio.run(node.run)
+    except ConfigError as exc:
+        print(f"meshd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"meshd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""``meshctl``: talk to the local meshd over its Unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from meshd.cli import render
+from meshd_client.connection import Connection
+from meshd_client.protocol.errors import MeshError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshctl", description="Control the local meshd.")
+    parser.add_argument(
+        "--socket", help="API socket (default: $MESHD_SOCKET or /run/meshd/meshd.sock)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    members = sub.add_parser("members", help="the membership table")
+    members.add_argument("--status", choices=("alive", "suspect", "dead", "left"))
+    members.add_argument("--watch", action="store_true", help="stream membership events")
+    sub.add_parser("info", help="this daemon's identity and counters")
+    sub.add_parser("leave", help="leave the cluster gracefully; the daemon then exits")
+    keys = sub.add_parser("keys", help="gossip encryption keys on every member")
+    keys_sub = keys.add_subparsers(dest="keys_op", required=True)
+    keys_sub.add_parser("list", help="which keys are installed and primary, and where")
+    for op, text in (
+        ("install", "install a key everywhere (decrypt only)"),
+        ("use", "make an installed key primary everywhere"),
+        ("remove", "remove a non-primary key everywhere"),
+    ):
+        p = keys_sub.add_parser(op, help=text)
+        p.add_argument("key", help="base64 key (16, 24 or 32 bytes)")
+    return parser
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    out = render.console(ns.json)
+    async with Connection.open(ns.socket, client="meshctl", timeout=ns.timeout) as conn:
+        if ns.command == "members" and ns.watch:
+            async with conn.stream("members.watch") as events:
+                async for event in events:
+                    if ns.json:
+                        print(json.dumps(event), flush=True)
+                    else:
+                        m = event.get("member", {})
+                        out.print(
+                            render.status_text(m.get("status", "")),
+                            f"{event.get('kind')}: {m.get('name')} ({m.get('addr')}, "
+                            f"incarnation {m.get('incarnation')})",
+                        )
+            return 0
+        if ns.command == "members":
+            args = {"status": ns.status} if ns.status else {}
+            result = await conn.call("members", args, timeout=ns.timeout)
+            if ns.json:
+                _print_json(result)
+            else:
+                out.print(render.members_table(result, title=f"members seen by {conn.node}"))
+            return 0
+        if ns.command == "info":
+            result = await conn.call("info", timeout=ns.timeout)
+            _print_json(result) if ns.json else out.print(render.info_table(result))
+            return 0
+        if ns.command == "leave":
+            result = await conn.call("leave", timeout=ns.timeout)
+            _print_json(result) if ns.json else out.print(f"{conn.node} is leaving the cluster")
+            return 0
+        if ns.command == "keys":
+            args = {"op": ns.keys_op}
+            if ns.keys_op != "list":
+                args["key"] = ns.key
+            result = await conn.call("keys", args, timeout=ns.timeout)
+            failures = render.key_failures(result)
+            if ns.json:
+                _print_json(result)
+            else:
+                out.print(render.keys_table(result))
+                for line in failures:
+                    out.print(f"[red]failed[/red] {line}")
+            return 1 if failures else 0
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        return anyio.run(_run, ns)
+    except MeshError as exc:
+        print(f"meshctl: {exc.kind.value}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Rich rendering of API results for meshctl (tables for people, JSON for scripts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {"alive": "green", "suspect": "yellow", "dead": "bold red", "left": "dim"}
+
+
+def ago(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0.0, (now if now is not None else time.time()) - timestamp)
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def members_table(members: Iterable[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in ("name", "address", "status", "incarnation", "tags", "last change"):
+        table.add_column(column, justify="right" if column == "incarnation" else "left")
+    now = time.time()
+    for m in members:
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(m.get("tags", {}).items()))
+        since = m.get("since")
+        table.add_row(
+            str(m.get("name", "")),
+            str(m.get("addr", "")),
+            status_text(str(m.get("status", ""))),
+            str(m.get("incarnation", "")),
+            tags,
+            ago(since, now) if isinstance(since, int | float) else "",
+        )
+    return table
+
+
+def info_table(info: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in (
+        "node",
+        "version",
+        "addr",
+        "profile",
+        "incarnation",
+        "joined",
+        "awareness",
+        "encrypted",
+        "keys",
+        "label",
+        "uptime_s",
+        "socket",
+    ):
+        if key in info:
+            table.add_row(key, str(info[key]))
+    counts = info.get("members", {})
+    table.add_row("members", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for key, value in info.get("stats", {}).items():
+        shown = (
+            ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "none"
+            if isinstance(value, dict)
+            else str(value)
+        )
+        table.add_row(key, shown)
+    return table
+
+
+def keys_table(result: dict[str, Any]) -> Table:
+    total = result.get("members", 0)
+    table = Table(
+        title=f"keys {result.get('op')}: {result.get('acknowledged')}/{total} members answered",
+        title_justify="left",
+        header_style="bold",
+    )
+    table.add_column("key id")
+    table.add_column("installed on", justify="right")
+    table.add_column("primary on", justify="right")
+    primaries = result.get("primaries", {})
+    for kid, count in sorted(result.get("keys", {}).items()):
+        table.add_row(kid, f"{count}/{total}", f"{primaries.get(kid, 0)}/{total}")
+    return table
+
+
+def key_failures(result: dict[str, Any]) -> list[str]:
+    return [
+        f"{name}: {r.get('error')}"
+        for name, r in sorted(result.get("results", {}).items())
+        if not r.get("ok")
+    ]
+
+
+def console(json_mode: bool = False) -> Console:
+    return Console(highlight=False, soft_wrap=json_mode)

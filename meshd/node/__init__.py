@@ -1,0 +1,1 @@
+"""The composition root (`Node`) and the daemon-level services it wires together."""

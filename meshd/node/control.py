@@ -1,0 +1,120 @@
+"""API ops for the daemon itself: info, members (and a watch stream), leave, keys."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshd import __version__
+from meshd.api.server import Session, Stream
+from meshd.membership.events import MemberEvent, MemberView
+from meshd.node.keys import OPS as KEY_OPS
+from meshd.wire.membership import Status
+from meshd_client.protocol import errors, messages
+from meshd_client.protocol.errors import MeshError
+
+if TYPE_CHECKING:
+    from meshd.node.node import Node
+
+
+def member_dict(node: Node, m: MemberView) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "addr": f"{m.addr[0]}:{m.addr[1]}",
+        "status": m.status.name.lower(),
+        "incarnation": m.incarnation,
+        "tags": m.tags,
+        "since": round(node.wall_time(m.status_since), 3),
+    }
+
+
+def register(node: Node) -> None:
+    api = node.api
+
+    async def info(_session: Session, _req: messages.Request) -> Any:
+        core = node.core
+        counts = {s.name.lower(): 0 for s in Status}
+        for m in core.members():
+            counts[m.status.name.lower()] += 1
+        stats = core.stats
+        return {
+            "node": node.config.node.name,
+            "version": __version__,
+            "addr": f"{core.addr[0]}:{core.addr[1]}",
+            "incarnation": core.incarnation,
+            "profile": node.config.profile,
+            "joined": core.joined,
+            "members": counts,
+            "awareness": core.awareness.score,
+            "encrypted": node.keyring is not None,
+            "keys": len(node.keyring.keys) if node.keyring else 0,
+            "label": node.config.security.label,
+            "uptime_s": round(trio.current_time() - node.started_monotonic, 3),
+            "socket": node.config.api.socket,
+            "stats": {
+                "probes": stats.probes,
+                "probe_failures": stats.probe_failures,
+                "suspicions": stats.suspicions,
+                "refutations": stats.refutations,
+                "deaths": stats.deaths,
+                "deaths_by_refusal": stats.deaths_by_refusal,
+                "packets_in": stats.packets_in,
+                "packets_out": stats.packets_out,
+                "rejected": {**stats.rejected, **node.transport_stats.rejected},
+            },
+        }
+
+    async def members(_session: Session, req: messages.Request) -> Any:
+        status = req.args.get("status")
+        views = node.core.members()
+        if status is not None:
+            if not isinstance(status, str) or status.upper() not in Status.__members__:
+                raise errors.Invalid("status must be alive, suspect, dead or left")
+            views = [m for m in views if m.status is Status[status.upper()]]
+        return [member_dict(node, m) for m in sorted(views, key=lambda m: m.name)]
+
+    async def watch(_session: Session, _req: messages.Request, stream: Stream) -> None:
+        failure: list[MeshError] = []
+        stop = trio.Event()
+
+        def on_event(event: MemberEvent) -> None:
+            try:
+                stream.emit({"kind": event.kind.value, "member": member_dict(node, event.member)})
+            except MeshError as exc:
+                failure.append(exc)
+                stop.set()
+
+        node.driver.listeners.append(on_event)
+        try:
+            await stop.wait()
+        finally:
+            node.driver.listeners.remove(on_event)
+        raise failure[0]
+
+    async def leave(_session: Session, _req: messages.Request) -> Any:
+        node.request_leave()
+        return {"leaving": True}
+
+    async def keys(_session: Session, req: messages.Request) -> Any:
+        op = req.args.get("op", "list")
+        if op not in KEY_OPS:
+            raise errors.Invalid(f"keys op must be one of {', '.join(KEY_OPS)}")
+        raw = req.args.get("key")
+        key: bytes | None = None
+        if op != "list":
+            if not isinstance(raw, str):
+                raise errors.Invalid(f"keys {op} needs a base64 key")
+            try:
+                key = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise errors.Invalid("key is not valid base64") from None
+        return await node.keys.cluster_op(op, key)
+
+    api.add_op("info", info, "this daemon: identity, membership counts, counters")
+    api.add_op("members", members, "the membership table (optionally filtered by status)")
+    api.add_stream_op("members.watch", watch, "membership events as they happen")
+    api.add_op("leave", leave, "leave the cluster gracefully and stop the daemon")
+    api.add_op("keys", keys, "list/install/use/remove gossip keys on every member")

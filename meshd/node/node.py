@@ -1,0 +1,351 @@
+"""The composition root: builds every component from a Config and runs them in one nursery.
+
+Nothing else in the daemon creates sockets, tasks or long-lived objects on its own; each
+component receives what it needs here. Shutdown is structured: a leave (SIGTERM, SIGINT or
+``meshctl leave``) announces itself, waits for the announcement to spread, then cancels the
+nursery, which closes every socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import trio
+
+from meshd import __version__
+from meshd.api.server import ApiServer
+from meshd.config.model import Config, ConfigError
+from meshd.logs import configure_logging, kv
+from meshd.membership.core import Membership
+from meshd.membership.driver import MembershipDriver
+from meshd.metrics.registry import MetricsRegistry
+from meshd.metrics.server import serve_metrics
+from meshd.node import control, telemetry
+from meshd.node.keys import KeyService
+from meshd.security.envelope import Envelope
+from meshd.security.keyring import Keyring, KeyringError, parse_key
+from meshd.systemd.notify import Notifier
+from meshd.transport.stats import TransportStats
+from meshd.transport.streams import Channel, StreamServer
+from meshd.transport.udp import PacketEndpoint
+from meshd.wire.validate import Address
+
+log = logging.getLogger("meshd.node")
+
+
+@dataclass(slots=True)
+class Sockets:
+    udp: trio.socket.SocketType
+    tcp: trio.socket.SocketType
+    port: int
+
+
+def load_keyring(config: Config) -> Keyring | None:
+    """The keyring file wins once it exists (it holds rotations made at run time)."""
+    sec = config.security
+    if sec.insecure:
+        return None
+    try:
+        if sec.keyring_file and os.path.exists(sec.keyring_file):
+            return Keyring.load(sec.keyring_file)
+        keyring = Keyring(parse_key(k) for k in sec.keys)
+    except (KeyringError, OSError) as exc:
+        raise ConfigError("security.keys", str(exc)) from None
+    if sec.keyring_file:
+        keyring.save(sec.keyring_file)
+    return keyring
+
+
+async def bind_sockets(host: str, port: int, attempts: int = 20) -> Sockets:
+    """UDP and TCP on the same port (port 0: pick one free for both)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    last: OSError | None = None
+    for _ in range(attempts if port == 0 else 1):
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            await udp.bind((host, port))
+            chosen = udp.getsockname()[1]
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await tcp.bind((host, chosen))
+            tcp.listen(256)
+            return Sockets(udp, tcp, chosen)
+        except OSError as exc:
+            udp.close()
+            tcp.close()
+            last = exc
+    assert last is not None
+    raise last
+
+
+def advertise_address(config: Config, bound_port: int, seeds: list[Address]) -> Address:
+    """Where others should reach us: the configured advertise address, else the bind address,
+    else (bound to a wildcard) the local address of the route towards a seed."""
+    node = config.node
+    if node.advertise is not None:
+        host, port = node.advertise
+        return (host, port or bound_port)
+    host = node.bind[0]
+    if host not in ("0.0.0.0", "::"):  # noqa: S104
+        return (host, bound_port)
+    for seed in seeds:
+        family = socket.AF_INET6 if ":" in seed[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(seed)  # UDP connect sends nothing; it only picks a route
+                return (probe.getsockname()[0], bound_port)
+            except OSError:
+                continue
+    try:
+        return (socket.gethostbyname(socket.gethostname()), bound_port)
+    except OSError:
+        return ("127.0.0.1", bound_port)
+
+
+async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list[str]]:
+    """Resolve seed host names; returns (addresses, names that did not resolve)."""
+    out: list[Address] = []
+    failed: list[str] = []
+    for host, port in seeds:
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:
+            failed.append(f"{host}:{port}")
+            continue
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                out.append((str(sockaddr[0]), int(sockaddr[1])))
+                break
+    return out, failed
+
+
+class Node:
+    """One meshd daemon."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reload: Callable[[], Config] | None = None,
+        env: Mapping[str, str] | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self._reload = reload
+        self.env = dict(os.environ if env is None else env)
+        self.handle_signals = handle_signals
+        self.notifier = Notifier.from_env(self.env, logger=log)
+        self.started_wall = time.time()
+        self.started_monotonic = 0.0
+        self.transport_stats = TransportStats()
+        self.metrics = MetricsRegistry(logger=logging.getLogger("meshd.metrics"))
+        self.keyring = load_keyring(config)
+        self.envelope = Envelope(self.keyring, config.security.label)
+        self._stop = trio.Event()
+        self.left_cleanly = False
+        # Set in run():
+        self.core: Membership
+        self.driver: MembershipDriver
+        self.keys: KeyService
+        self.api: ApiServer
+        self.port = 0
+
+    def wall_time(self, monotonic: float) -> float:
+        """Convert a core timestamp (trio clock) to Unix time, for display."""
+        return time.time() - (trio.current_time() - monotonic)
+
+    def request_leave(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> int:
+        config = self.config
+        self.started_monotonic = trio.current_time()
+        if config.security.insecure:
+            log.warning(
+                "RUNNING WITHOUT ENCRYPTION: gossip is neither encrypted nor authenticated "
+                "(--insecure); anyone who can reach this port can join and inject state"
+            )
+        sockets = await bind_sockets(*config.node.bind)
+        self.port = sockets.port
+        seeds, unresolved = await resolve_seeds(config.node.seeds)
+        addr = advertise_address(config, sockets.port, seeds)
+        packets = PacketEndpoint(
+            sockets.udp,
+            self.envelope,
+            self.transport_stats,
+            config.membership.udp_packet_size,
+            logging.getLogger("meshd.transport"),
+        )
+        self.core = Membership(
+            name=config.node.name,
+            addr=addr,
+            tuning=config.membership,
+            rng=random.Random(),
+            now=trio.current_time(),
+            tags=dict(config.node.tags),
+            packet_budget=packets.payload_budget,
+        )
+        self.driver = MembershipDriver(
+            self.core,
+            packets,
+            self.envelope,
+            self.transport_stats,
+            logging.getLogger("meshd.membership"),
+        )
+        self.keys = KeyService(
+            self.keyring,
+            config.security.keyring_file,
+            self.envelope,
+            self.transport_stats,
+            self.core.members,
+            config.node.name,
+            logging.getLogger("meshd.keys"),
+        )
+        streams = StreamServer(
+            self.envelope, self.transport_stats, logging.getLogger("meshd.transport")
+        )
+        streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
+        streams.register(Channel.KEYRING, self.keys.serve_stream)
+        self.api = ApiServer(
+            config.api.socket,
+            config.node.name,
+            logging.getLogger("meshd.api"),
+            mode=config.api.mode,
+            allow_uids=config.api.allow_uids,
+            allow_gids=config.api.allow_gids,
+        )
+        control.register(self)
+        telemetry.register(self)
+        log.info(
+            "meshd starting",
+            extra=kv(
+                node=config.node.name,
+                version=__version__,
+                addr=f"{addr[0]}:{addr[1]}",
+                profile=config.profile,
+                encrypted=self.keyring is not None,
+                socket=config.api.socket,
+            ),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
+                )
+                await nursery.start(self.driver.run)
+                self.core.start(trio.current_time(), seeds)
+                await self.driver.flush()
+                await nursery.start(self.api.serve)
+                if config.metrics.enabled:
+                    port = await nursery.start(serve_metrics, self.metrics, *config.metrics.bind)
+                    log.info("metrics endpoint", extra=kv(addr=f"{config.metrics.bind[0]}:{port}"))
+                if unresolved:
+                    nursery.start_soon(self._resolve_later, config.node.seeds)
+                if self.handle_signals:
+                    nursery.start_soon(self._signals)
+                nursery.start_soon(self._announce_ready)
+                nursery.start_soon(self.notifier.run_watchdog, self._healthy)
+                task_status.started(self)
+                await self._stop.wait()
+                await self._leave()
+                nursery.cancel_scope.cancel()
+        finally:
+            sockets.udp.close()
+        return 0
+
+    async def _announce_ready(self) -> None:
+        await self.driver.joined.wait()
+        members = self.core.alive_count
+        self.notifier.ready(f"joined; {members} members alive")
+        log.info("ready", extra=kv(members=members))
+
+    def _healthy(self) -> bool:
+        # The watchdog task runs on the same event loop, so a blocked loop already stops the
+        # pings; also require the membership timers to be firing.
+        stale_after = 5 * self.core.awareness.scale(self.config.membership.probe_interval)
+        return trio.current_time() - self.driver.last_tick < stale_after
+
+    async def _leave(self) -> None:
+        self.notifier.stopping()
+        log.info("leaving the cluster")
+        spread = await self.driver.leave()
+        self.left_cleanly = True
+        log.info("left", extra=kv(confirmed_spread=spread))
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
+                    self._stop.set()
+
+    async def _resolve_later(self, seeds: tuple[Address, ...]) -> None:
+        """Seeds given by host name that did not resolve at start (a container not up yet)."""
+        while True:
+            await trio.sleep(self.config.membership.join_retry_max)
+            resolved, failed = await resolve_seeds(seeds)
+            if resolved:
+                self.core.set_seeds(resolved)
+                self.core.join(trio.current_time())
+                await self.driver.flush()
+            if not failed:
+                return
+
+    async def reload(self) -> list[str]:
+        """SIGHUP: re-read the configuration and apply what can change at run time."""
+        if self._reload is None:
+            return []
+        self.notifier.reloading()
+        try:
+            new = self._reload()
+        except (ConfigError, OSError) as exc:
+            log.error("reload failed; keeping the running configuration", extra=kv(error=str(exc)))
+            self.notifier.ready()
+            return []
+        applied: list[str] = []
+        old = self.config
+        if (new.log.level, new.log.format) != (old.log.level, old.log.format):
+            configure_logging(new.log.level, new.log.format)
+            applied.append("log")
+        if new.node.tags != old.node.tags:
+            await self.driver.set_tags(dict(new.node.tags))
+            applied.append("node.tags")
+        if new.node.seeds != old.node.seeds:
+            seeds, _ = await resolve_seeds(new.node.seeds)
+            self.core.set_seeds(seeds)
+            applied.append("node.seeds")
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("node.name", old.node.name, new.node.name),
+                ("node.bind", old.node.bind, new.node.bind),
+                ("node.advertise", old.node.advertise, new.node.advertise),
+                ("membership", old.membership, new.membership),
+                ("security", old.security, new.security),
+                ("api", old.api, new.api),
+                ("metrics", old.metrics, new.metrics),
+            )
+            if a != b
+        ]
+        self.config = replace(
+            old, log=new.log, node=replace(old.node, tags=new.node.tags, seeds=new.node.seeds)
+        )
+        log.info(
+            "configuration reloaded",
+            extra=kv(
+                applied=",".join(applied) or "nothing",
+                needs_restart=",".join(needs_restart) or "nothing",
+            ),
+        )
+        self.notifier.ready()
+        return applied

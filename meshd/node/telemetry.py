@@ -1,0 +1,118 @@
+"""Metrics collectors: turn the components' plain counters into Prometheus samples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshd.metrics.registry import Sample
+from meshd.wire.membership import Status
+
+if TYPE_CHECKING:
+    from meshd.node.node import Node
+
+
+def _counter(name: str, value: float, help_text: str, **labels: str) -> Sample:
+    return Sample(name, value, tuple(labels.items()), "counter", help_text)
+
+
+def _gauge(name: str, value: float, help_text: str, **labels: str) -> Sample:
+    return Sample(name, value, tuple(labels.items()), "gauge", help_text)
+
+
+def register(node: Node) -> None:
+    def membership() -> Iterator[Sample]:
+        core = node.core
+        counts = dict.fromkeys(Status, 0)
+        for m in core.members():
+            counts[m.status] += 1
+        for status, n in counts.items():
+            yield _gauge("meshd_members", n, "Members by status.", status=status.name.lower())
+        yield _gauge("meshd_incarnation", core.incarnation, "This node's incarnation.")
+        yield _gauge(
+            "meshd_awareness_score",
+            core.awareness.score,
+            "Lifeguard local health score (0 is healthy).",
+        )
+        yield _gauge(
+            "meshd_broadcast_queue",
+            core.broadcast_backlog(),
+            "Gossip items waiting to be transmitted.",
+        )
+        stats = core.stats
+        for f in fields(stats):
+            value = getattr(stats, f.name)
+            if isinstance(value, int):
+                yield _counter(
+                    f"meshd_membership_{f.name}_total",
+                    value,
+                    f"Membership core counter: {f.name.replace('_', ' ')}.",
+                )
+        for reason, n in stats.rejected.items():
+            yield _counter(
+                "meshd_rejected_total",
+                n,
+                "Input rejected, by layer and reason.",
+                layer="membership",
+                reason=reason,
+            )
+
+    def transport() -> Iterator[Sample]:
+        stats = node.transport_stats
+        for f in fields(stats):
+            value = getattr(stats, f.name)
+            if isinstance(value, int):
+                yield _counter(
+                    f"meshd_transport_{f.name}_total",
+                    value,
+                    f"Transport counter: {f.name.replace('_', ' ')}.",
+                )
+        for reason, n in stats.rejected.items():
+            yield _counter(
+                "meshd_rejected_total",
+                n,
+                "Input rejected, by layer and reason.",
+                layer="transport",
+                reason=reason,
+            )
+
+    def api() -> Iterator[Sample]:
+        stats = node.api.stats
+        yield _counter("meshd_api_connections_total", stats.connections, "API connections.")
+        yield _gauge("meshd_api_sessions", stats.active_sessions, "Open API sessions.")
+        yield _counter("meshd_api_requests_total", stats.requests, "API requests.")
+        for kind, n in stats.errors_by_kind.items():
+            yield _counter("meshd_api_errors_total", n, "API errors by kind.", kind=kind)
+        for reason, n in stats.rejected.items():
+            yield _counter(
+                "meshd_rejected_total",
+                n,
+                "Input rejected, by layer and reason.",
+                layer="api",
+                reason=reason,
+            )
+
+    def process() -> Iterator[Sample]:
+        yield _gauge(
+            "meshd_uptime_seconds",
+            trio.current_time() - node.started_monotonic,
+            "Seconds since the daemon started.",
+        )
+        try:
+            with open("/proc/self/statm", encoding="ascii") as statm:
+                rss_pages = int(statm.read().split()[1])
+            import resource
+
+            yield _gauge(
+                "meshd_resident_memory_bytes",
+                rss_pages * resource.getpagesize(),
+                "Resident set size.",
+            )
+        except (OSError, ValueError, IndexError):
+            pass
+
+    for collector in (membership, transport, api, process):
+        node.metrics.register(collector)

@@ -1,0 +1,1 @@
+"""Helpers for running real meshd processes locally (tests, demo, benchmarks)."""

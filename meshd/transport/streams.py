@@ -1,0 +1,230 @@
+"""Sealed, length-prefixed frames over TCP, and a listener that routes streams by channel.
+
+Each frame is a 4-byte big-endian length and a sealed envelope. The first frame of every
+connection names its channel (``[STREAM_VERSION, channel]``) so one port serves membership,
+key management and, later, replication and routing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from meshd.logs import RateLimitedLog, kv
+from meshd.security.envelope import Envelope, SealError
+from meshd.transport.stats import TransportStats
+from meshd.wire.validate import Address
+from meshd_client.protocol import cbor
+
+STREAM_VERSION: Final = 1
+_LENGTH: Final = struct.Struct(">I")
+DEFAULT_MAX_FRAME: Final = 8 << 20
+
+
+class Channel(enum.IntEnum):
+    MEMBERSHIP = 1
+    KEYRING = 2
+    REPLICATION = 3
+    ROUTING = 4
+
+
+class StreamError(Exception):
+    """The stream broke: closed early, oversized or unauthenticated frame, bad header."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FramedStream:
+    """Sealed frames over one byte stream."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        envelope: Envelope,
+        stats: TransportStats,
+        peer: Address,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.stream = stream
+        self.envelope = envelope
+        self.stats = stats
+        self.peer = peer
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    async def send(self, payload: bytes) -> None:
+        sealed = self.envelope.seal(payload)
+        if len(sealed) > self.max_frame:
+            raise StreamError("frame_too_large")
+        await self.stream.send_all(_LENGTH.pack(len(sealed)) + sealed)
+        self.stats.tcp_frames_out += 1
+        self.stats.tcp_bytes_out += len(sealed) + _LENGTH.size
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            chunk = await self.stream.receive_some(max(65536, size - len(self._buffer)))
+            if not chunk:
+                raise StreamError("closed")
+            self._buffer += chunk
+
+    async def receive(self) -> bytes:
+        try:
+            await self._fill(_LENGTH.size)
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            if size > self.max_frame:
+                raise StreamError("frame_too_large")
+            await self._fill(_LENGTH.size + size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise StreamError("closed") from None
+        sealed = bytes(self._buffer[_LENGTH.size : _LENGTH.size + size])
+        del self._buffer[: _LENGTH.size + size]
+        self.stats.tcp_frames_in += 1
+        self.stats.tcp_bytes_in += size + _LENGTH.size
+        try:
+            return self.envelope.open(sealed)
+        except SealError as exc:
+            raise StreamError(exc.reason) from None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def dial(
+    addr: Address,
+    channel: Channel,
+    envelope: Envelope,
+    stats: TransportStats,
+    *,
+    timeout: float,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> FramedStream:
+    """Connect and announce the channel. Raises ConnectionRefusedError (nothing listens),
+    trio.TooSlowError (no answer in time) or OSError."""
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(timeout):
+            await sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    framed = FramedStream(trio.SocketStream(sock), envelope, stats, addr, max_frame)
+    stats.tcp_dialed += 1
+    with trio.fail_after(timeout):
+        await framed.send(cbor.dumps([STREAM_VERSION, int(channel)]))
+    return framed
+
+
+async def request(
+    addr: Address,
+    channel: Channel,
+    payload: bytes,
+    envelope: Envelope,
+    stats: TransportStats,
+    *,
+    timeout: float,
+) -> bytes:
+    """One request frame, one reply frame, all within ``timeout``."""
+    with trio.fail_after(timeout):
+        stream = await dial(addr, channel, envelope, stats, timeout=timeout)
+        try:
+            await stream.send(payload)
+            return await stream.receive()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+Handler = Callable[[FramedStream], Awaitable[None]]
+
+
+class StreamServer:
+    """Accepts connections, reads the channel header and hands the stream to its handler."""
+
+    def __init__(
+        self,
+        envelope: Envelope,
+        stats: TransportStats,
+        log: logging.Logger,
+        *,
+        header_timeout: float = 10.0,
+        max_connections: int = 512,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.envelope = envelope
+        self.stats = stats
+        self.log = log
+        self._ratelog = RateLimitedLog(log)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.max_frame = max_frame
+        self._handlers: dict[int, Handler] = {}
+        self._active = 0
+
+    def register(self, channel: Channel, handler: Handler) -> None:
+        self._handlers[int(channel)] = handler
+
+    async def handle(self, raw: trio.SocketStream) -> None:
+        """Serve one accepted connection; never raises."""
+        self.stats.tcp_accepted += 1
+        try:
+            peername = raw.socket.getpeername()
+            peer: Address = (peername[0], peername[1])
+        except OSError:
+            await raw.aclose()
+            return
+        if self._active >= self.max_connections:
+            self.stats.tcp_refused_busy += 1
+            await raw.aclose()
+            return
+        self._active += 1
+        stream = FramedStream(raw, self.envelope, self.stats, peer, self.max_frame)
+        try:
+            with trio.move_on_after(self.header_timeout) as scope:
+                header = await stream.receive()
+            if scope.cancelled_caught:
+                self.stats.reject("stream_header_timeout")
+                return
+            handler = self._channel(header)
+            if handler is None:
+                return
+            await handler(stream)
+        except StreamError as exc:
+            self.stats.reject(f"stream_{exc.reason}")
+            self._ratelog.warning(exc.reason, "dropped stream", peer=peer[0], reason=exc.reason)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.stats.reject("stream_broken")
+        except Exception:
+            self.log.exception("stream handler failed", extra=kv(peer=peer[0]))
+            self.stats.reject("stream_handler_error")
+        finally:
+            self._active -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _channel(self, header: bytes) -> Handler | None:
+        try:
+            value = cbor.loads(header)
+        except cbor.CodecError:
+            self.stats.reject("stream_bad_header")
+            return None
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or value[0] != STREAM_VERSION
+            or type(value[1]) is not int
+        ):
+            self.stats.reject("stream_bad_header")
+            return None
+        handler = self._handlers.get(value[1])
+        if handler is None:
+            self.stats.reject("stream_unknown_channel")
+        return handler

@@ -1,0 +1,137 @@
+"""Membership on real daemons: join, failure detection, leave, restart, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+
+from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd_client.protocol.errors import MeshError
+
+
+def meshctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshd.cli.meshctl", "--socket", sock, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_three_daemons_join_and_detect_a_killed_one(cluster: LocalCluster) -> None:
+    a, b, c = cluster.start_many(3)
+    await cluster.wait_ready()
+    await cluster.wait_converged({"n1", "n2", "n3"})
+    c.kill()
+    await cluster.wait_status(["n1", "n2"], "n3", "dead", timeout=30)
+    info = await a.call("info")
+    assert info["members"]["dead"] == 1
+    assert info["members"]["alive"] == 2
+    # The survivors keep agreeing on each other.
+    assert (await b.statuses())["n1"] == "alive"
+
+
+async def test_sigterm_leaves_gracefully_and_exits_zero(cluster: LocalCluster) -> None:
+    cluster.start_many(3)
+    await cluster.wait_ready()
+    await cluster.wait_converged()
+    cluster["n2"].signal(signal.SIGTERM)
+    assert cluster["n2"].wait(15) == 0
+    await cluster.wait_status(["n1", "n3"], "n2", "left", timeout=15)
+    assert "left" in cluster["n2"].log_text()
+
+
+async def test_meshctl_tables_json_and_leave(cluster: LocalCluster) -> None:
+    cluster.start_many(2)
+    await cluster.wait_ready()
+    await cluster.wait_converged()
+    sock = cluster["n1"].socket_path
+    table = await anyio.to_thread.run_sync(meshctl, sock, "members")
+    assert table.returncode == 0, table.stderr
+    assert "n1" in table.stdout and "n2" in table.stdout and "alive" in table.stdout
+    as_json = await anyio.to_thread.run_sync(meshctl, sock, "--json", "members")
+    rows = json.loads(as_json.stdout)
+    assert {r["name"] for r in rows} == {"n1", "n2"}
+    assert all(r["status"] == "alive" and ":" in r["addr"] for r in rows)
+    info = json.loads((await anyio.to_thread.run_sync(meshctl, sock, "--json", "info")).stdout)
+    assert info["node"] == "n1" and info["encrypted"] is True
+    leave = await anyio.to_thread.run_sync(meshctl, cluster["n2"].socket_path, "leave")
+    assert leave.returncode == 0
+    assert cluster["n2"].wait(15) == 0
+    await cluster.wait_status(["n1"], "n2", "left", timeout=15)
+
+
+async def test_meshctl_reports_a_daemon_that_is_not_running(tmp_path: object) -> None:
+    result = await anyio.to_thread.run_sync(meshctl, "/nonexistent/meshd.sock", "members")
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr and "not running" in result.stderr
+
+
+async def test_killed_daemon_restarts_and_rejoins_with_higher_incarnation(
+    cluster: LocalCluster,
+) -> None:
+    cluster.start_many(3)
+    await cluster.wait_ready()
+    await cluster.wait_converged()
+    victim = cluster["n3"]
+    victim.kill()
+    await cluster.wait_status(["n1", "n2"], "n3", "dead", timeout=30)
+    victim.spawn()
+    await cluster.wait_ready([victim])
+    await cluster.wait_converged({"n1", "n2", "n3"}, timeout=30)
+    members = {m["name"]: m for m in await cluster["n1"].call("members")}
+    assert members["n3"]["incarnation"] >= 1  # the new process outbid its old death verdict
+
+
+async def test_seed_retry_joins_when_the_seed_comes_up_later(cluster: LocalCluster) -> None:
+    seed = cluster.add("seed", start=False)
+    late = cluster.add("late", seeds=[seed.addr])
+    info = await wait_answer(late)
+    assert info["joined"] is False  # not ready: its only seed is down, it keeps retrying
+    seed.spawn()
+    await cluster.wait_ready()
+    await cluster.wait_converged({"seed", "late"}, timeout=30)
+
+
+async def wait_answer(daemon: Daemon) -> dict[str, Any]:
+    with anyio.fail_after(20):
+        while True:
+            try:
+                info: dict[str, Any] = await daemon.call("info", timeout=2)
+                return info
+            except MeshError:
+                await anyio.sleep(0.1)
+
+
+@pytest.mark.parametrize("bad", [["--bind", "nonsense"], ["--set", "membership.nope=1"]])
+def test_config_errors_name_the_key(tmp_path: object, bad: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd", "run", "--name", "x", "--insecure", *bad],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    key = "node.bind" if "--bind" in bad else "membership.nope"
+    assert key in result.stderr
+
+
+def test_running_without_a_key_needs_insecure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd", "run", "--name", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "security.keys" in result.stderr and "insecure" in result.stderr
