@@ -75,7 +75,7 @@ class BroadcastQueue:
                     picked.append(item)
                     remaining -= cost
                     if max_items is not None and len(picked) >= max_items:
-                        remaining = 0  # full
+                        remaining = 0  # full: no room for another message
                     if remaining < _SMALLEST_ITEM:
                         break
                 else:
@@ -84,11 +84,12 @@ class BroadcastQueue:
                         break
             if remaining < _SMALLEST_ITEM or misses > _MAX_MISSES:
                 break
-        out: list[bytes] = []
-        for item in picked:
+        out = [item.data for item in picked]
+        # Picked newest first; refile oldest first (and deeper levels first) so each level
+        # keeps age order and the next round again starts with the newest.
+        for item in reversed(picked):
             self._levels[item.transmits].pop(item.seq)
             item.transmits += 1
-            out.append(item.data)
             if item.transmits >= limit:
                 del self._by_key[item.key]
                 continue

@@ -16,8 +16,8 @@ from meshd_client.protocol import cbor
 
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGES: Final = 255
-# Array header (up to 255 items: 2 bytes) plus the version (1 byte).
-PACKET_OVERHEAD: Final = 3
+# Array header (up to 256 items with the version: 3 bytes) plus the version (1 byte).
+PACKET_OVERHEAD: Final = 4
 # Byte-string header of one message (messages are shorter than 65,536 bytes: at most 3).
 ITEM_OVERHEAD: Final = 3
 

@@ -47,7 +47,7 @@ class CodecError(ValueError):
     """The bytes are not a well-formed, acceptable CBOR item."""
 
 
-def _refuse_semantic(_decoder: Any) -> Any:
+def _refuse_semantic(_decoder: Any, _value: Any) -> Any:
     raise CodecError("CBOR tags are not accepted")
 
 
@@ -62,6 +62,7 @@ _OPTIONS: Final[dict[str, Any]] = {
     "max_depth": MAX_DEPTH,
     "allow_indefinite": False,
     "strict_hashable_types": True,
+    "allow_duplicate_keys": False,
 }
 
 
