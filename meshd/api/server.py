@@ -62,10 +62,30 @@ class Stream:
     def __init__(self, session: Session, request_id: int) -> None:
         self._session = session
         self.request_id = request_id
+        self._failure: MeshError | None = None
+        self._failed = trio.Event()
 
     def emit(self, payload: Any) -> None:
         """Queue one event; raises Overloaded if the client is not keeping up."""
         self._session.send_nowait(messages.event(self.request_id, payload))
+
+    def offer(self, payload: Any) -> None:
+        """Like :meth:`emit`, for synchronous listeners: a failure ends the stream (see
+        :meth:`until_failed`) instead of raising into the caller."""
+        if self._failure is not None:
+            return
+        try:
+            self.emit(payload)
+        except MeshError as exc:
+            self._failure = exc
+            self._failed.set()
+
+    async def until_failed(self) -> None:
+        """Wait until an :meth:`offer` failed, then raise why (the client cancelling the
+        stream cancels this wait instead)."""
+        await self._failed.wait()
+        assert self._failure is not None
+        raise self._failure
 
 
 RequestHandler = Callable[["Session", messages.Request], Awaitable[Any]]

@@ -269,6 +269,12 @@ class Membership:
         m = self._members.get(name)
         return m.view() if m is not None else None
 
+    def peek(self, name: str) -> tuple[Status, dict[str, str], float] | None:
+        """A member's status, tags (do not modify) and status time, without copying: for
+        hot paths such as registry liveness checks."""
+        m = self._members.get(name)
+        return (m.status, m.tags, m.status_since) if m is not None else None
+
     def broadcast_backlog(self) -> int:
         return len(self._queue)
 

@@ -14,7 +14,6 @@ from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
 from meshd.wire.membership import Status
 from meshd_client.protocol import errors, messages
-from meshd_client.protocol.errors import MeshError
 
 if TYPE_CHECKING:
     from meshd.node.node import Node
@@ -77,22 +76,14 @@ def register(node: Node) -> None:
         return [member_dict(node, m) for m in sorted(views, key=lambda m: m.name)]
 
     async def watch(_session: Session, _req: messages.Request, stream: Stream) -> None:
-        failure: list[MeshError] = []
-        stop = trio.Event()
-
         def on_event(event: MemberEvent) -> None:
-            try:
-                stream.emit({"kind": event.kind.value, "member": member_dict(node, event.member)})
-            except MeshError as exc:
-                failure.append(exc)
-                stop.set()
+            stream.offer({"kind": event.kind.value, "member": member_dict(node, event.member)})
 
         node.driver.listeners.append(on_event)
         try:
-            await stop.wait()
+            await stream.until_failed()
         finally:
             node.driver.listeners.remove(on_event)
-        raise failure[0]
 
     async def leave(_session: Session, _req: messages.Request) -> Any:
         node.request_leave()

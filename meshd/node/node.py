@@ -25,16 +25,26 @@ from meshd.config.model import Config, ConfigError
 from meshd.logs import configure_logging, kv
 from meshd.membership.core import Membership
 from meshd.membership.driver import MembershipDriver
+from meshd.membership.events import EventKind, MemberEvent
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
-from meshd.node import control, telemetry
+from meshd.node import control, data_ops, telemetry
 from meshd.node.keys import KeyService
+from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
+from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
+from meshd.registry.registry import Registry, RegistryEvent
+from meshd.replication.core import ReplicationTuning, Replicator
+from meshd.replication.driver import ReplicationDriver
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
+from meshd.state.service import DOC_PREFIX as STATE_PREFIX
+from meshd.state.service import StateService
 from meshd.systemd.notify import Notifier
+from meshd.transport.links import PeerLinks
 from meshd.transport.stats import TransportStats
 from meshd.transport.streams import Channel, StreamServer
 from meshd.transport.udp import PacketEndpoint
+from meshd.wire.membership import Status
 from meshd.wire.validate import Address
 
 log = logging.getLogger("meshd.node")
@@ -156,7 +166,14 @@ class Node:
         self.driver: MembershipDriver
         self.keys: KeyService
         self.api: ApiServer
+        self.replicator: Replicator
+        self.replication: ReplicationDriver
+        self.links: PeerLinks
+        self.registry: Registry
+        self.state: StateService
         self.port = 0
+        # The boot epoch: a restarted daemon's registry document supersedes its old one.
+        self.epoch = int(time.time() * 1000)
 
     def wall_time(self, monotonic: float) -> float:
         """Convert a core timestamp (trio clock) to Unix time, for display."""
@@ -190,7 +207,7 @@ class Node:
             tuning=config.membership,
             rng=random.Random(),
             now=trio.current_time(),
-            tags=dict(config.node.tags),
+            tags={**config.node.tags, EPOCH_TAG: str(self.epoch)},
             packet_budget=packets.payload_budget,
         )
         self.driver = MembershipDriver(
@@ -209,11 +226,13 @@ class Node:
             config.node.name,
             logging.getLogger("meshd.keys"),
         )
+        self._build_data_layer()
         streams = StreamServer(
             self.envelope, self.transport_stats, logging.getLogger("meshd.transport")
         )
         streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
         streams.register(Channel.KEYRING, self.keys.serve_stream)
+        streams.register(Channel.REPLICATION, self.links.serve)
         self.api = ApiServer(
             config.api.socket,
             config.node.name,
@@ -223,6 +242,7 @@ class Node:
             allow_gids=config.api.allow_gids,
         )
         control.register(self)
+        data_ops.register(self)
         telemetry.register(self)
         log.info(
             "meshd starting",
@@ -241,8 +261,13 @@ class Node:
                     trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
                 await nursery.start(self.driver.run)
+                await nursery.start(self.links.run)
+                await nursery.start(self.replication.run)
+                self.registry.open_own()
+                self.replication.flush()
                 self.core.start(trio.current_time(), seeds)
                 await self.driver.flush()
+                nursery.start_soon(self._registry_upkeep)
                 await nursery.start(self.api.serve)
                 if config.metrics.enabled:
                     port = await nursery.start(serve_metrics, self.metrics, *config.metrics.bind)
@@ -260,6 +285,90 @@ class Node:
         finally:
             sockets.udp.close()
         return 0
+
+    def _build_data_layer(self) -> None:
+        """Replication, the registry and shared state, wired to membership."""
+        name = self.config.node.name
+        self.replicator = Replicator(
+            node=name,
+            tuning=ReplicationTuning(),
+            rng=random.Random(),
+            now=trio.current_time(),
+            accept=self._accept_doc,
+        )
+        self.replication = ReplicationDriver(
+            self.replicator, logging.getLogger("meshd.replication")
+        )
+        self.links = PeerLinks(
+            Channel.REPLICATION,
+            name,
+            self.envelope,
+            self.transport_stats,
+            self._peer_address,
+            self.replication.receive,
+            logging.getLogger("meshd.links"),
+        )
+        self.replication.attach(self.links)
+        self.registry = Registry(
+            node=name,
+            epoch=self.epoch,
+            replicator=self.replicator,
+            liveness=MembershipLiveness(self.core),
+            wall_ms=lambda: int(time.time() * 1000),
+        )
+        self.replicator.on_open = self.registry.on_open
+        self.replicator.on_drop = self.registry.on_drop
+        self.registry.listeners.append(self._on_registry_event)
+        self.state = StateService(self.replication)
+        self.driver.listeners.append(self._on_member_event)
+
+    def _accept_doc(self, name: str, epoch: int) -> bool:
+        if name.startswith(REGISTRY_PREFIX):
+            return self.registry.accept(name, epoch)
+        return name.startswith(STATE_PREFIX)
+
+    def _peer_address(self, peer: str) -> Address | None:
+        member = self.core.member(peer)
+        if member is None or member.status not in (Status.ALIVE, Status.SUSPECT):
+            return None
+        return member.addr
+
+    def _on_member_event(self, event: MemberEvent) -> None:
+        member = event.member.name
+        if member == self.config.node.name:
+            return
+        self.replicator.set_peers(
+            m.name for m in self.core.members() if m.status in (Status.ALIVE, Status.SUSPECT)
+        )
+        if event.kind in (EventKind.DEAD, EventKind.LEAVE):
+            self.links.close(member)
+            self.replication.forget_peer(member)
+        elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
+            # A new member, or one back from a partition: repair with it right away.
+            self.replicator.request_sync(trio.current_time(), member)
+        self.registry.node_changed(member)
+        self.replication.flush()
+
+    def _on_registry_event(self, event: RegistryEvent) -> None:
+        if event.kind != "conflict" or event.entry.node != self.config.node.name:
+            return
+        winner = event.winner
+        log.warning(
+            "name conflict: our registration lost",
+            extra=kv(
+                agent=event.name,
+                winner_node=winner.node if winner else None,
+                entry=event.entry.entry_id,
+            ),
+        )
+        self.registry.unregister(trio.current_time(), event.name)
+        self.replication.flush()
+
+    async def _registry_upkeep(self) -> None:
+        while True:
+            await trio.sleep(10)
+            self.registry.tick(trio.current_time())
+            self.replication.flush()
 
     async def _announce_ready(self) -> None:
         await self.driver.joined.wait()

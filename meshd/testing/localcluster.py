@@ -198,6 +198,18 @@ class LocalCluster:
                     pass
                 await anyio.sleep(0.05)
 
+    async def wait_answering(self, daemon: Daemon, timeout: float = 20.0) -> dict[str, Any]:
+        """Until ``daemon`` answers on its socket (joined or not); returns its info."""
+        with anyio.fail_after(timeout):
+            while True:
+                if daemon.proc is not None and daemon.proc.poll() is not None:
+                    raise RuntimeError(f"{daemon.name} exited with {daemon.proc.returncode}")
+                try:
+                    info: dict[str, Any] = await daemon.call("info", timeout=2.0)
+                    return info
+                except MeshError:
+                    await anyio.sleep(0.05)
+
     async def wait_converged(
         self, names: Iterable[str] | None = None, timeout: float = 30.0
     ) -> None:

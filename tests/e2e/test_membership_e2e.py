@@ -6,13 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-from typing import Any
 
 import anyio
 import pytest
 
-from meshd.testing.localcluster import Daemon, LocalCluster
-from meshd_client.protocol.errors import MeshError
+from meshd.testing.localcluster import LocalCluster
 
 
 def meshctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -93,21 +91,11 @@ async def test_killed_daemon_restarts_and_rejoins_with_higher_incarnation(
 async def test_seed_retry_joins_when_the_seed_comes_up_later(cluster: LocalCluster) -> None:
     seed = cluster.add("seed", start=False)
     late = cluster.add("late", seeds=[seed.addr])
-    info = await wait_answer(late)
+    info = await cluster.wait_answering(late)
     assert info["joined"] is False  # not ready: its only seed is down, it keeps retrying
     seed.spawn()
     await cluster.wait_ready()
     await cluster.wait_converged({"seed", "late"}, timeout=30)
-
-
-async def wait_answer(daemon: Daemon) -> dict[str, Any]:
-    with anyio.fail_after(20):
-        while True:
-            try:
-                info: dict[str, Any] = await daemon.call("info", timeout=2)
-                return info
-            except MeshError:
-                await anyio.sleep(0.1)
 
 
 @pytest.mark.parametrize("bad", [["--bind", "nonsense"], ["--set", "membership.nope=1"]])

@@ -41,6 +41,8 @@ async def test_key_rotation_on_a_live_cluster(cluster: LocalCluster) -> None:
     fresh = cluster.add("fresh", seeds=[n1.addr])
     await cluster.wait_ready([fresh])
     await cluster.wait_converged({"n1", "n2", "fresh"})
+    info = await cluster.wait_answering(stale)
+    await anyio.sleep(1.0)
     info = await stale.call("info")
     assert info["joined"] is False
     statuses = await n1.statuses()
@@ -62,6 +64,8 @@ async def test_a_daemon_with_another_key_or_label_cannot_join(cluster: LocalClus
     other = cluster.add("other-key", seeds=[a.addr], extra=[f"--key={new_key()}"])
     other_label = cluster.add("other-label", seeds=[a.addr], extra=["--label=elsewhere"])
     await cluster.wait_ready([a])
+    await cluster.wait_answering(other)
+    await cluster.wait_answering(other_label)
     await anyio.sleep(2)
     assert set(await a.statuses()) == {"a"}
     assert (await other.call("info"))["joined"] is False

@@ -1,0 +1,33 @@
+"""Membership as the registry sees it: who is up, and which boot epoch each node runs."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from meshd.membership.core import Membership
+from meshd.wire.membership import Status
+
+EPOCH_TAG: Final = "meshd.epoch"
+_UP: Final = (Status.ALIVE, Status.SUSPECT)
+
+
+class MembershipLiveness:
+    def __init__(self, core: Membership) -> None:
+        self.core = core
+
+    def up(self, node: str) -> bool:
+        state = self.core.peek(node)
+        return state is not None and state[0] in _UP
+
+    def epoch(self, node: str) -> int | None:
+        state = self.core.peek(node)
+        if state is None:
+            return None
+        raw = state[1].get(EPOCH_TAG)
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    def gone_for(self, node: str, now: float) -> float | None:
+        state = self.core.peek(node)
+        if state is None or state[0] in _UP:
+            return None
+        return now - state[2]

@@ -1,0 +1,167 @@
+"""Replicas (a pycrdt document with its identity) and the store that digests them.
+
+A document is identified by name and *epoch*. A higher epoch replaces the document outright:
+that is how a restarted node's fresh registry document supersedes its old one, and how a
+compacted document supersedes its history-laden predecessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+from pycrdt import Doc, TransactionEvent
+
+from meshd.replication import vectors
+from meshd.replication.messages import DIGEST_BUCKETS
+
+
+class UpdateRejected(ValueError):
+    """An update that cannot be decoded; the document was not touched."""
+
+
+def bucket_of(name: str) -> int:
+    return zlib.crc32(name.encode()) % DIGEST_BUCKETS
+
+
+class Replica:
+    """One document. Local writes go through :meth:`write`, which captures the exact delta
+    (``Doc.get_update(sv)`` would also carry the whole delete set every time)."""
+
+    def __init__(self, name: str, epoch: int, doc: Doc[Any] | None = None) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.doc: Doc[Any] = doc if doc is not None else Doc()
+        self.bucket = bucket_of(name)
+        self._captured: list[bytes] = []
+        self._capturing = False
+        self._subscription = self.doc.observe(self._on_transaction)
+        self.sv = b""
+        self.vector: dict[int, int] = {}
+        self.hash = 0
+        self.refresh()
+
+    def _on_transaction(self, event: TransactionEvent) -> None:
+        if self._capturing:
+            self._captured.append(event.update)
+
+    def refresh(self) -> bool:
+        """Recompute the state vector and hash; True if they changed."""
+        sv = self.doc.get_state()
+        if sv == self.sv and self.hash:
+            return False
+        self.sv = sv
+        self.vector = vectors.decode(sv)
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(self.name.encode())
+        digest.update(self.epoch.to_bytes(8, "big"))
+        digest.update(sv)
+        self.hash = int.from_bytes(digest.digest(), "big") or 1
+        return True
+
+    def write(self, mutate: Callable[[Doc[Any]], None]) -> bytes | None:
+        """Run ``mutate`` in one transaction; returns the delta it produced (None if none)."""
+        self._captured = []
+        self._capturing = True
+        try:
+            with self.doc.transaction(origin="local"):
+                mutate(self.doc)
+        finally:
+            self._capturing = False
+        captured, self._captured = self._captured, []
+        self.refresh()
+        if not captured:
+            return None
+        if len(captured) == 1:
+            return captured[0]
+        from pycrdt import merge_updates
+
+        return bytes(merge_updates(*captured))
+
+    def apply(self, update: bytes) -> bool:
+        """Apply a remote update; True if the document learned something."""
+        try:
+            # Validate first: a scratch document must accept the update on its own, so a
+            # malformed update is refused before the real document is touched.
+            Doc().apply_update(update)
+            self.doc.apply_update(update)
+        except (ValueError, RuntimeError) as exc:
+            raise UpdateRejected(str(exc)) from None
+        return self.refresh()
+
+    def missing_for(self, their_vector: dict[int, int], their_sv: bytes) -> bytes | None:
+        """The update the holder of ``their_sv`` lacks, or None if it lacks nothing."""
+        if not vectors.has_news(self.vector, their_vector):
+            return None
+        return bytes(self.doc.get_update(their_sv))
+
+    def full_update(self) -> bytes:
+        return bytes(self.doc.get_update())
+
+    def encoded_size(self) -> int:
+        return len(self.doc.get_update())
+
+    def close(self) -> None:
+        self.doc.unobserve(self._subscription)
+
+
+class DocStore:
+    """Every replica this node holds, with per-bucket XOR digests kept up to date."""
+
+    def __init__(self) -> None:
+        self._replicas: dict[str, Replica] = {}
+        self._buckets: list[int] = [0] * DIGEST_BUCKETS
+        self._members: list[set[str]] = [set() for _ in range(DIGEST_BUCKETS)]
+        self._hashes: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def __iter__(self) -> Iterator[Replica]:
+        return iter(self._replicas.values())
+
+    def get(self, name: str) -> Replica | None:
+        return self._replicas.get(name)
+
+    def add(self, replica: Replica) -> Replica | None:
+        """Insert (or replace) a replica; returns the one it replaced."""
+        old = self._replicas.get(replica.name)
+        if old is not None:
+            self.remove(old.name)
+        self._replicas[replica.name] = replica
+        self._members[replica.bucket].add(replica.name)
+        self.rehash(replica)
+        return old
+
+    def remove(self, name: str) -> Replica | None:
+        replica = self._replicas.pop(name, None)
+        if replica is None:
+            return None
+        self._members[replica.bucket].discard(name)
+        self._buckets[replica.bucket] ^= self._hashes.pop(name, 0)
+        replica.close()
+        return replica
+
+    def rehash(self, replica: Replica) -> None:
+        old = self._hashes.get(replica.name, 0)
+        self._buckets[replica.bucket] ^= old ^ replica.hash
+        self._hashes[replica.name] = replica.hash
+
+    def digest(self) -> bytes:
+        return b"".join(h.to_bytes(8, "big") for h in self._buckets)
+
+    def differing(self, their_digest: bytes) -> list[int]:
+        ours = self._buckets
+        return [
+            i
+            for i in range(DIGEST_BUCKETS)
+            if int.from_bytes(their_digest[i * 8 : i * 8 + 8], "big") != ours[i]
+        ]
+
+    def in_buckets(self, buckets: list[int]) -> list[Replica]:
+        return [self._replicas[name] for b in buckets for name in sorted(self._members[b])]
+
+
+BUCKET_COUNT: Final = DIGEST_BUCKETS

@@ -1,0 +1,1 @@
+"""Shared agent state: named, multi-writer pycrdt documents (maps, lists, text, counters)."""

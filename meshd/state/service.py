@@ -1,0 +1,120 @@
+"""The state service: read, change and watch named state documents.
+
+Documents are replicated as ``state/<name>``; an agent's own document is named
+``agent:<agent name>``. Changes are lists of operations validated and dry-run first, then
+applied in one transaction, so a batch is all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from pycrdt import Map
+
+from meshd.replication.core import DocEvent, Durability
+from meshd.replication.driver import ReplicationDriver
+from meshd.state import values
+from meshd_client.protocol import errors
+
+DOC_PREFIX: Final = "state/"
+AGENT_PREFIX: Final = "agent:"
+MAX_NAME: Final = 200
+
+Watcher = Callable[[str, Any], None]
+
+
+def doc_name(name: str) -> str:
+    return DOC_PREFIX + name
+
+
+def agent_state(agent: str) -> str:
+    """The name of an agent's own state document."""
+    return AGENT_PREFIX + agent
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable():
+        raise errors.Invalid(f"state document names are 1..{MAX_NAME} printable characters")
+    return name
+
+
+class StateService:
+    def __init__(self, driver: ReplicationDriver) -> None:
+        self.driver = driver
+        self.watchers: dict[str, list[Watcher]] = {}
+        driver.doc_listeners.append(self._on_doc_event)
+
+    def _replica_epoch(self, doc: str) -> int:
+        replica = self.driver.core.store.get(doc)
+        return replica.epoch if replica is not None else 0
+
+    async def update(self, name: str, ops: Any, durability: Durability = "local") -> dict[str, Any]:
+        name = check_name(name)
+        parsed = values.parse_ops(ops)
+        doc = doc_name(name)
+        replica = self.driver.core.store.get(doc)
+        current = (
+            values.to_plain(replica.doc.get(values.ROOT, type=Map), marked=True)
+            if replica is not None
+            else {}
+        )
+        values.dry_run(current, parsed)
+        result = await self.driver.write(
+            doc,
+            lambda d: values.apply_ops(d, parsed),
+            epoch=self._replica_epoch(doc),
+            durability=durability,
+        )
+        summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
+        if not result.ok:
+            raise errors.Timeout(
+                f"majority not reached: {len(result.acked)} of {result.total} live members hold "
+                f"the write, {result.needed} needed (it is applied here and will spread)",
+                detail=summary,
+            )
+        return summary
+
+    def get(self, name: str, path: list[str | int] | None = None) -> Any:
+        replica = self.driver.core.store.get(doc_name(check_name(name)))
+        if replica is None:
+            raise errors.NotFound(f"no state document {name!r}")
+        return values.read(replica.doc, path)
+
+    def names(self) -> list[dict[str, Any]]:
+        replicas = sorted(
+            (r for r in self.driver.core.store if r.name.startswith(DOC_PREFIX)),
+            key=lambda r: r.name,
+        )
+        return [
+            {"name": r.name[len(DOC_PREFIX) :], "epoch": r.epoch, "bytes": r.encoded_size()}
+            for r in replicas
+        ]
+
+    def watch(self, name: str, watcher: Watcher) -> Callable[[], None]:
+        name = check_name(name)
+        self.watchers.setdefault(name, []).append(watcher)
+
+        def cancel() -> None:
+            listeners = self.watchers.get(name)
+            if listeners and watcher in listeners:
+                listeners.remove(watcher)
+                if not listeners:
+                    del self.watchers[name]
+
+        return cancel
+
+    def _on_doc_event(self, event: DocEvent) -> None:
+        if not event.name.startswith(DOC_PREFIX):
+            return
+        name = event.name[len(DOC_PREFIX) :]
+        watchers = self.watchers.get(name)
+        if not watchers:
+            return
+        if event.kind == "dropped":
+            value: Any = None
+        else:
+            replica = self.driver.core.store.get(event.name)
+            value = values.read(replica.doc) if replica is not None else None
+        for watcher in list(watchers):
+            watcher(event.kind, value)

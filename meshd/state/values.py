@@ -1,0 +1,328 @@
+"""Plain values ↔ pycrdt types, and the change operations on a state document.
+
+A state document is a map (the root ``"root"``) whose values are plain scalars, maps, lists,
+text and counters. pycrdt pitfalls are made explicit here:
+
+* **Numbers are IEEE doubles** in Yjs. Integers are accepted up to ±2**53 (beyond that they
+  cannot round-trip and are refused), and an integral number reads back as ``int``.
+* **Concurrent writes to one map key**: one write wins (Yjs orders them by client id), the
+  other is lost. For counts use a **counter** (``{"$counter": n}`` or the ``incr`` op): each
+  writer adds to its own slot and the value is the sum, so concurrent increments all count.
+* **Text** (``{"$text": "..."}``) merges concurrent character edits; a plain string value is
+  replaced as a whole.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+from pycrdt import Array, Doc, Map, Text
+
+from meshd_client.protocol import errors
+
+ROOT: Final = "root"
+COUNTER: Final = "$counter"
+TEXT: Final = "$text"
+MAX_SAFE_INT: Final = 2**53
+MAX_DEPTH: Final = 16
+Path = list[str | int]
+
+
+class CounterInt(int):
+    """A counter's value in a dry run (so ``incr`` can tell counters from plain numbers)."""
+
+
+class TextStr(str):
+    """A Text's value in a dry run (so text ops can tell Text from plain strings)."""
+
+    __slots__ = ()
+
+
+def to_plain(value: Any, *, marked: bool = False) -> Any:
+    if isinstance(value, Map):
+        if COUNTER in value:
+            total = counter_value(value)
+            return CounterInt(total) if marked else total
+        return {key: to_plain(item, marked=marked) for key, item in value.items()}
+    if isinstance(value, Array):
+        return [to_plain(item, marked=marked) for item in value]
+    if isinstance(value, Text):
+        return TextStr(value) if marked else str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_SAFE_INT:
+        return int(value)
+    if isinstance(value, bytearray):
+        return bytes(value)
+    return value
+
+
+def counter_value(counter: Map[Any]) -> int:
+    total = 0.0
+    for key, item in counter.items():
+        if key != COUNTER and isinstance(item, int | float):
+            total += item
+    return int(total)
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, bool | str | bytes):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INT:
+            raise errors.Invalid(
+                "integers beyond ±2**53 cannot be stored exactly (Yjs numbers "
+                "are doubles); store them as strings"
+            )
+        return value
+    if isinstance(value, float):
+        return value
+    raise errors.Invalid(f"unsupported value type {type(value).__name__}")
+
+
+def check_plain(value: Any, depth: int = 0) -> None:
+    """Validate a value a caller wants to store (before anything is written)."""
+    if depth > MAX_DEPTH:
+        raise errors.Invalid(f"values nest at most {MAX_DEPTH} deep")
+    if isinstance(value, dict):
+        if set(value) == {TEXT}:
+            if not isinstance(value[TEXT], str):
+                raise errors.Invalid("$text needs a string")
+            return
+        if set(value) == {COUNTER}:
+            if type(value[COUNTER]) is not int:
+                raise errors.Invalid("$counter needs an integer")
+            _scalar(value[COUNTER])
+            return
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$"):
+                raise errors.Invalid("map keys must be strings not starting with '$'")
+            check_plain(item, depth + 1)
+        return
+    if isinstance(value, list):
+        for item in value:
+            check_plain(item, depth + 1)
+        return
+    _scalar(value)
+
+
+def to_crdt(value: Any, client_id: int) -> Any:
+    """A checked plain value as a pycrdt prelim value."""
+    if isinstance(value, dict):
+        if set(value) == {TEXT}:
+            return Text(value[TEXT])
+        if set(value) == {COUNTER}:
+            return Map({COUNTER: True, f"c{client_id}": value[COUNTER]})
+        return Map({key: to_crdt(item, client_id) for key, item in value.items()})
+    if isinstance(value, list):
+        return Array([to_crdt(item, client_id) for item in value])
+    return value
+
+
+# ---------------------------------------------------------------------- operations
+
+OPS: Final = ("set", "delete", "incr", "insert", "append", "text_insert", "text_delete")
+
+
+def _parse_path(raw: Any) -> Path:
+    if not isinstance(raw, list) or len(raw) > MAX_DEPTH:
+        raise errors.Invalid("path must be a list of keys and indexes")
+    for part in raw:
+        if not isinstance(part, str | int) or isinstance(part, bool):
+            raise errors.Invalid("path elements are map keys (strings) or list indexes")
+    return list(raw)
+
+
+def parse_ops(raw: Any) -> list[dict[str, Any]]:
+    """Check the shape of every operation up front."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= 1000:
+        raise errors.Invalid("ops must be a list of 1..1000 operations")
+    ops = []
+    for op in raw:
+        if not isinstance(op, dict) or op.get("op") not in OPS:
+            raise errors.Invalid(f"each op needs 'op' in {', '.join(OPS)}")
+        path = _parse_path(op.get("path", []))
+        kind = op["op"]
+        if kind in ("set", "delete", "incr") and not path:
+            raise errors.Invalid(f"{kind} needs a non-empty path")
+        if kind == "set":
+            check_plain(op.get("value"))
+        elif kind == "incr":
+            by = op.get("by", 1)
+            if type(by) is not int:
+                raise errors.Invalid("incr 'by' must be an integer")
+            _scalar(by)
+        elif kind in ("insert", "append"):
+            values = op.get("values")
+            if not isinstance(values, list):
+                raise errors.Invalid(f"{kind} needs 'values' (a list)")
+            check_plain(values)
+            if kind == "insert" and type(op.get("index")) is not int:
+                raise errors.Invalid("insert needs an integer 'index'")
+        elif kind == "text_insert":
+            if type(op.get("index")) is not int or not isinstance(op.get("text"), str):
+                raise errors.Invalid("text_insert needs 'index' (int) and 'text' (string)")
+        elif kind == "text_delete" and (
+            type(op.get("index")) is not int or type(op.get("length")) is not int
+        ):
+            raise errors.Invalid("text_delete needs 'index' and 'length' (ints)")
+        ops.append({**op, "path": path})
+    return ops
+
+
+class _Plain:
+    """Path navigation on plain values, for the dry run."""
+
+    @staticmethod
+    def parent(root: dict[str, Any], path: Path) -> tuple[Any, str | int]:
+        node: Any = root
+        for part in path[:-1]:
+            node = _Plain.step(node, part)
+        return node, path[-1]
+
+    @staticmethod
+    def step(node: Any, part: str | int) -> Any:
+        if isinstance(node, dict) and isinstance(part, str):
+            if part not in node:
+                raise errors.NotFound(f"no key {part!r}")
+            return node[part]
+        if isinstance(node, list) and isinstance(part, int):
+            if not -len(node) <= part < len(node):
+                raise errors.NotFound(f"index {part} out of range")
+            return node[part]
+        raise errors.Invalid(f"cannot step into {type(node).__name__} with {part!r}")
+
+    @staticmethod
+    def target(root: dict[str, Any], path: Path) -> Any:
+        node: Any = root
+        for part in path:
+            node = _Plain.step(node, part)
+        return node
+
+
+def dry_run(marked_root: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """Raise the error the first failing op would raise; changes only a copy.
+
+    ``marked_root`` is ``to_plain(root, marked=True)``: counters and texts are marked so the
+    dry run applies the same type rules as the real document."""
+    root = copy.deepcopy(marked_root)
+    for op in ops:
+        kind, path = op["op"], op["path"]
+        if kind == "set":
+            parent, key = _Plain.parent(root, path)
+            _assign(parent, key, _mark(op["value"]))
+        elif kind == "delete":
+            parent, key = _Plain.parent(root, path)
+            _Plain.step(parent, key)
+            del parent[key]
+        elif kind == "incr":
+            parent, key = _Plain.parent(root, path)
+            if isinstance(parent, dict) and isinstance(key, str) and key not in parent:
+                parent[key] = CounterInt(0)
+            current = _Plain.step(parent, key)
+            if not isinstance(current, CounterInt):
+                raise errors.Invalid("incr needs a counter (or a missing map key)")
+            parent[key] = CounterInt(current + op.get("by", 1))
+        elif kind in ("insert", "append"):
+            target = _Plain.target(root, path) if path else root
+            if not isinstance(target, list):
+                raise errors.Invalid(f"{kind} needs a list at the path")
+            index = len(target) if kind == "append" else op["index"]
+            if not 0 <= index <= len(target):
+                raise errors.NotFound(f"index {index} out of range")
+            target[index:index] = [_mark(v) for v in op["values"]]
+        else:
+            parent, key = _Plain.parent(root, path) if path else (None, "")
+            target = _Plain.target(root, path)
+            if not isinstance(target, TextStr) or parent is None:
+                raise errors.Invalid(f"{kind} needs a text value ({{'$text': ...}}) at the path")
+            index = op["index"]
+            if kind == "text_insert":
+                if not 0 <= index <= len(target):
+                    raise errors.NotFound("text index out of range")
+                parent[key] = TextStr(target[:index] + op["text"] + target[index:])
+            else:
+                length = op["length"]
+                if length < 0 or not 0 <= index <= index + length <= len(target):
+                    raise errors.NotFound("text range out of range")
+                parent[key] = TextStr(target[:index] + target[index + length :])
+
+
+def _mark(value: Any) -> Any:
+    """A plain value as the document will hold it (with counter/text markers)."""
+    if isinstance(value, dict):
+        if set(value) == {TEXT}:
+            return TextStr(value[TEXT])
+        if set(value) == {COUNTER}:
+            return CounterInt(value[COUNTER])
+        return {k: _mark(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark(v) for v in value]
+    return value
+
+
+def _assign(parent: Any, key: str | int, value: Any) -> None:
+    if isinstance(parent, dict) and isinstance(key, str):
+        if key.startswith("$"):
+            raise errors.Invalid("map keys may not start with '$'")
+        parent[key] = value
+    elif isinstance(parent, list) and isinstance(key, int):
+        if not -len(parent) <= key < len(parent):
+            raise errors.NotFound(f"index {key} out of range")
+        parent[key] = value
+    else:
+        raise errors.Invalid(f"cannot set {key!r} in {type(parent).__name__}")
+
+
+def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
+    """Apply already dry-run ops inside the caller's transaction."""
+    root: Map[Any] = doc.get(ROOT, type=Map)
+    for op in ops:
+        kind, path = op["op"], op["path"]
+        if kind in ("set", "delete", "incr"):
+            parent = _resolve(root, path[:-1])
+            key = path[-1]
+            if kind == "set":
+                parent[key] = to_crdt(op["value"], doc.client_id)
+            elif kind == "delete":
+                del parent[key]
+            else:
+                _increment(parent, key, op.get("by", 1), doc.client_id)
+            continue
+        target = _resolve(root, path)
+        if kind == "append":
+            for value in op["values"]:
+                target.append(to_crdt(value, doc.client_id))
+        elif kind == "insert":
+            for offset, value in enumerate(op["values"]):
+                target.insert(op["index"] + offset, to_crdt(value, doc.client_id))
+        elif kind == "text_insert":
+            target.insert(op["index"], op["text"])
+        else:
+            del target[op["index"] : op["index"] + op["length"]]
+
+
+def _resolve(root: Map[Any], path: Path) -> Any:
+    node: Any = root
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _increment(parent: Any, key: str | int, by: int, client_id: int) -> None:
+    slot = f"c{client_id}"
+    if isinstance(parent, Map) and isinstance(key, str) and key not in parent:
+        parent[key] = Map({COUNTER: True, slot: by})
+        return
+    counter = parent[key]
+    counter[slot] = counter.get(slot, 0) + by
+
+
+def read(doc: Doc[Any], path: Path | None = None) -> Any:
+    root: Map[Any] = doc.get(ROOT, type=Map)
+    node: Any = root
+    for part in path or []:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            raise errors.NotFound(f"no value at {path!r}") from None
+    return to_plain(node)
