@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+from rich.console import Console
 
 from meshd.cli import render
 from meshd_client.connection import Connection
@@ -28,6 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     members.add_argument("--watch", action="store_true", help="stream membership events")
     sub.add_parser("info", help="this daemon's identity and counters")
     sub.add_parser("leave", help="leave the cluster gracefully; the daemon then exits")
+    agents = sub.add_parser("agents", help="the agent registry (as this node resolves it)")
+    agents.add_argument("--kind", help="only agents of this kind")
+    agents.add_argument("--capability", help="only agents with this capability")
+    agents.add_argument("--node", help="only agents hosted on this node")
+    agents.add_argument("--limit", type=int, default=1000, help="rows to show (1000)")
+    sub.add_parser("events", help="stream registry events (registered, moved, conflict, ...)")
+    state = sub.add_parser("state", help="shared state documents")
+    state_sub = state.add_subparsers(dest="state_op", required=True)
+    state_get = state_sub.add_parser("get", help="print a document's value (JSON)")
+    state_get.add_argument("name")
+    state_watch = state_sub.add_parser("watch", help="print the value on every change")
+    state_watch.add_argument("name")
+    state_sub.add_parser("list", help="the state documents this node holds")
     keys = sub.add_parser("keys", help="gossip encryption keys on every member")
     keys_sub = keys.add_subparsers(dest="keys_op", required=True)
     keys_sub.add_parser("list", help="which keys are installed and primary, and where")
@@ -41,56 +55,122 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bytes(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes": value.hex()}
+    raise TypeError(f"cannot show {type(value).__name__}")
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+Out = Console
+
+
+async def _members(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    if ns.watch:
+        async with conn.stream("members.watch") as events:
+            async for event in events:
+                if ns.json:
+                    print(json.dumps(event), flush=True)
+                    continue
+                m = event.get("member", {})
+                out.print(
+                    render.status_text(m.get("status", "")),
+                    f"{event.get('kind')}: {m.get('name')} ({m.get('addr')}, "
+                    f"incarnation {m.get('incarnation')})",
+                )
+        return 0
+    args = {"status": ns.status} if ns.status else {}
+    result = await conn.call("members", args, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(render.members_table(result, title=f"members seen by {conn.node}"))
+    return 0
+
+
+async def _info(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("info", timeout=ns.timeout)
+    _print_json(result) if ns.json else out.print(render.info_table(result))
+    return 0
+
+
+async def _leave(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("leave", timeout=ns.timeout)
+    _print_json(result) if ns.json else out.print(f"{conn.node} is leaving the cluster")
+    return 0
+
+
+async def _agents(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    args: dict[str, Any] = {"limit": ns.limit}
+    for key in ("kind", "capability", "node"):
+        if getattr(ns, key):
+            args[key] = getattr(ns, key)
+    result = await conn.call("agents", args, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(render.agents_table(result, title=f"agents resolved by {conn.node}"))
+    return 0
+
+
+async def _events(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    async with conn.stream("registry.watch") as events:
+        async for event in events:
+            if ns.json:
+                print(json.dumps(event), flush=True)
+            else:
+                out.print(render.registry_event(event))
+    return 0
+
+
+async def _state(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    if ns.state_op == "list":
+        result = await conn.call("state.list", timeout=ns.timeout)
+        _print_json(result) if ns.json else out.print(render.state_table(result))
+        return 0
+    if ns.state_op == "get":
+        value = await conn.call("state.get", {"doc": ns.name}, timeout=ns.timeout)
+        print(json.dumps(value, indent=None if ns.json else 2, default=_bytes))
+        return 0
+    async with conn.stream("state.watch", {"doc": ns.name}) as changes:
+        async for change in changes:
+            print(json.dumps(change, default=_bytes), flush=True)
+    return 0
+
+
+async def _keys(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    args = {"op": ns.keys_op}
+    if ns.keys_op != "list":
+        args["key"] = ns.key
+    result = await conn.call("keys", args, timeout=ns.timeout)
+    failures = render.key_failures(result)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(render.keys_table(result))
+        for line in failures:
+            out.print(f"[red]failed[/red] {line}")
+    return 1 if failures else 0
+
+
+COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[int]]] = {
+    "members": _members,
+    "info": _info,
+    "leave": _leave,
+    "agents": _agents,
+    "events": _events,
+    "state": _state,
+    "keys": _keys,
+}
 
 
 async def _run(ns: argparse.Namespace) -> int:
     out = render.console(ns.json)
     async with Connection.open(ns.socket, client="meshctl", timeout=ns.timeout) as conn:
-        if ns.command == "members" and ns.watch:
-            async with conn.stream("members.watch") as events:
-                async for event in events:
-                    if ns.json:
-                        print(json.dumps(event), flush=True)
-                    else:
-                        m = event.get("member", {})
-                        out.print(
-                            render.status_text(m.get("status", "")),
-                            f"{event.get('kind')}: {m.get('name')} ({m.get('addr')}, "
-                            f"incarnation {m.get('incarnation')})",
-                        )
-            return 0
-        if ns.command == "members":
-            args = {"status": ns.status} if ns.status else {}
-            result = await conn.call("members", args, timeout=ns.timeout)
-            if ns.json:
-                _print_json(result)
-            else:
-                out.print(render.members_table(result, title=f"members seen by {conn.node}"))
-            return 0
-        if ns.command == "info":
-            result = await conn.call("info", timeout=ns.timeout)
-            _print_json(result) if ns.json else out.print(render.info_table(result))
-            return 0
-        if ns.command == "leave":
-            result = await conn.call("leave", timeout=ns.timeout)
-            _print_json(result) if ns.json else out.print(f"{conn.node} is leaving the cluster")
-            return 0
-        if ns.command == "keys":
-            args = {"op": ns.keys_op}
-            if ns.keys_op != "list":
-                args["key"] = ns.key
-            result = await conn.call("keys", args, timeout=ns.timeout)
-            failures = render.key_failures(result)
-            if ns.json:
-                _print_json(result)
-            else:
-                out.print(render.keys_table(result))
-                for line in failures:
-                    out.print(f"[red]failed[/red] {line}")
-            return 1 if failures else 0
-    return 2
+        return await COMMANDS[ns.command](conn, ns, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

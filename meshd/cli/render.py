@@ -105,3 +105,53 @@ def key_failures(result: dict[str, Any]) -> list[str]:
 
 def console(json_mode: bool = False) -> Console:
     return Console(highlight=False, soft_wrap=json_mode)
+
+
+def agents_table(result: dict[str, Any], title: str | None = None) -> Table:
+    shown = result.get("agents", [])
+    count = result.get("count", len(shown))
+    suffix = f" ({len(shown)} of {count} shown)" if count > len(shown) else f" ({count})"
+    table = Table(title=(title or "agents") + suffix, title_justify="left", header_style="bold")
+    for column in ("name", "node", "kind", "capabilities", "metadata", "registered"):
+        table.add_column(column)
+    now = time.time()
+    for a in shown:
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(a.get("metadata", {}).items()))
+        at = a.get("registered_at")
+        table.add_row(
+            str(a.get("name", "")),
+            str(a.get("node", "")),
+            str(a.get("kind", "")),
+            ", ".join(a.get("capabilities", [])),
+            meta,
+            ago(at / 1000, now) if isinstance(at, int) else "",
+        )
+    return table
+
+
+def registry_event(event: dict[str, Any]) -> Text:
+    kind = str(event.get("kind", ""))
+    entry = event.get("entry", {})
+    style = {
+        "registered": "green",
+        "unregistered": "dim",
+        "moved": "cyan",
+        "conflict": "bold red",
+    }.get(kind, "")
+    text = Text(f"{kind:<12}", style=style)
+    text.append(f" {event.get('name')} on {entry.get('node')}")
+    if kind == "moved":
+        text.append(f" (was on {event.get('previous', {}).get('node')})")
+    if kind == "conflict":
+        text.append(f" lost to the entry on {event.get('winner', {}).get('node')}")
+    return text
+
+
+def state_table(docs: Iterable[dict[str, Any]]) -> Table:
+    table = Table(title="state documents", title_justify="left", header_style="bold")
+    table.add_column("name")
+    table.add_column("epoch", justify="right")
+    table.add_column("bytes", justify="right")
+    for d in docs:
+        table.add_row(str(d.get("name")), str(d.get("epoch")), str(d.get("bytes")))
+    return table

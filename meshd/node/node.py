@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import trio
 
@@ -33,12 +34,15 @@ from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
 from meshd.registry.registry import Registry, RegistryEvent
-from meshd.replication.core import ReplicationTuning, Replicator
+from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
+from meshd.replication.replica import Replica
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
+from meshd.state.compaction import CompactionTuning, Compactor, rebase_ops
 from meshd.state.service import DOC_PREFIX as STATE_PREFIX
 from meshd.state.service import StateService
+from meshd.state.values import apply_ops
 from meshd.systemd.notify import Notifier
 from meshd.transport.links import PeerLinks
 from meshd.transport.stats import TransportStats
@@ -171,6 +175,7 @@ class Node:
         self.links: PeerLinks
         self.registry: Registry
         self.state: StateService
+        self.compactor: Compactor
         self.port = 0
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
@@ -320,7 +325,41 @@ class Node:
         self.replicator.on_drop = self.registry.on_drop
         self.registry.listeners.append(self._on_registry_event)
         self.state = StateService(self.replication)
+        self.compactor = Compactor(
+            self.replicator, CompactionTuning(), self._coordinates, STATE_PREFIX
+        )
+        self.replicator.on_replaced = self._on_replaced
+        self.replication.doc_listeners.append(self._on_doc_event)
+        self.replication.report_listeners.append(
+            lambda report: self.compactor.on_report(report, trio.current_time())
+        )
+        self._rebases: dict[str, list[dict[str, Any]]] = {}
         self.driver.listeners.append(self._on_member_event)
+
+    def _coordinates(self) -> bool:
+        """The live member with the lowest name coordinates compaction."""
+        up = [m.name for m in self.core.members() if m.status in (Status.ALIVE, Status.SUSPECT)]
+        return min(up) == self.config.node.name
+
+    def _on_replaced(self, old: Replica, new: Replica) -> None:
+        if new.name.startswith(STATE_PREFIX):
+            ops = rebase_ops(old, new)
+            if ops:
+                self._rebases[new.name] = ops
+
+    def _on_doc_event(self, event: DocEvent) -> None:
+        now = trio.current_time()
+        self.compactor.on_doc_event(event, now)
+        ops = self._rebases.pop(event.name, None) if event.kind == "replaced" else None
+        if ops:
+            # Writes that raced a compaction: re-apply them to the new epoch.
+            replica = self.replicator.store.get(event.name)
+            epoch = replica.epoch if replica is not None else 0
+            self.compactor.stats.rebases += 1
+            log.info(
+                "rebasing writes onto a compacted document", extra=kv(doc=event.name, ops=len(ops))
+            )
+            self.replicator.write(now, event.name, lambda doc: apply_ops(doc, ops), epoch=epoch)
 
     def _accept_doc(self, name: str, epoch: int) -> bool:
         if name.startswith(REGISTRY_PREFIX):
@@ -366,8 +405,10 @@ class Node:
 
     async def _registry_upkeep(self) -> None:
         while True:
-            await trio.sleep(10)
-            self.registry.tick(trio.current_time())
+            await trio.sleep(5)
+            now = trio.current_time()
+            self.registry.tick(now)
+            self.compactor.tick(now)
             self.replication.flush()
 
     async def _announce_ready(self) -> None:

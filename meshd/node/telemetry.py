@@ -114,5 +114,57 @@ def register(node: Node) -> None:
         except (OSError, ValueError, IndexError):
             pass
 
-    for collector in (membership, transport, api, process):
+    def replication() -> Iterator[Sample]:
+        core = node.replicator
+        registry_docs = sum(1 for r in core.store if r.name.startswith("reg/"))
+        yield _gauge("meshd_documents", registry_docs, "Replicated documents.", kind="registry")
+        yield _gauge(
+            "meshd_documents",
+            len(core.store) - registry_docs,
+            "Replicated documents.",
+            kind="state",
+        )
+        yield _gauge(
+            "meshd_registry_entries", len(node.registry), "Agent names that resolve (live winners)."
+        )
+        stats = core.stats
+        for f in fields(stats):
+            value = getattr(stats, f.name)
+            if isinstance(value, int):
+                yield _counter(
+                    f"meshd_replication_{f.name}_total",
+                    value,
+                    f"Replication counter: {f.name.replace('_', ' ')}.",
+                )
+        for reason, n in stats.rejected.items():
+            yield _counter(
+                "meshd_rejected_total",
+                n,
+                "Input rejected, by layer and reason.",
+                layer="replication",
+                reason=reason,
+            )
+        reg = node.registry.stats
+        for f in fields(reg):
+            yield _counter(
+                f"meshd_registry_{f.name}_total",
+                getattr(reg, f.name),
+                f"Registry counter: {f.name.replace('_', ' ')}.",
+            )
+        compaction = node.compactor.stats
+        for f in fields(compaction):
+            yield _counter(
+                f"meshd_compaction_{f.name}_total",
+                getattr(compaction, f.name),
+                f"State compaction counter: {f.name.replace('_', ' ')}.",
+            )
+        links = node.links.stats
+        for f in fields(links):
+            yield _counter(
+                f"meshd_links_{f.name}_total",
+                getattr(links, f.name),
+                f"Peer link counter: {f.name.replace('_', ' ')}.",
+            )
+
+    for collector in (membership, transport, api, process, replication):
         node.metrics.register(collector)

@@ -40,8 +40,10 @@ from meshd.replication.messages import (
     DocVector,
     Message,
     Push,
+    Query,
     Sync,
     Updates,
+    Vectors,
 )
 from meshd.replication.replica import DocStore, Replica, UpdateRejected
 
@@ -76,6 +78,15 @@ class DocEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class VectorReport:
+    """A peer's answer to :meth:`Replicator.query`: its (epoch, state vector) per document."""
+
+    query: int
+    peer: str
+    vectors: dict[str, tuple[int, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
 class WriteDone:
     token: int
     ok: bool
@@ -84,7 +95,7 @@ class WriteDone:
     total: int
 
 
-Output = Send | DocEvent | WriteDone
+Output = Send | DocEvent | WriteDone | VectorReport
 AcceptPolicy = Callable[[str, int], bool]
 
 
@@ -155,6 +166,10 @@ class Replicator:
         # an owner can subscribe to its content and see the first update as changes.
         self.on_open: Callable[[Replica], None] = on_open or (lambda _replica: None)
         self.on_drop: Callable[[str], None] = on_drop or (lambda _name: None)
+        # Called after a remote update installed a new epoch of a document we held, with the
+        # replica it replaced (state documents rebase writes that raced a compaction).
+        self.on_replaced: Callable[[Replica, Replica], None] = lambda _old, _new: None
+        self._query_seq = 0
         self._peers: list[str] = []
         self._outputs: list[Output] = []
         self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
@@ -335,37 +350,46 @@ class Replicator:
             self._on_sync(now, peer, message)
         elif isinstance(message, Updates):
             self._on_updates(now, peer, message)
+        elif isinstance(message, Query):
+            self._on_query(peer, message)
+        elif isinstance(message, Vectors):
+            vectors_by_doc = {d.doc: (d.epoch, d.sv) for d in message.docs}
+            self._outputs.append(VectorReport(message.query, peer, vectors_by_doc))
         elif isinstance(message, Chunk):
             self.stats.reject("unexpected_chunk")  # the driver reassembles chunks
 
-    def _target(self, name: str, epoch: int) -> tuple[Replica | None, DocEventKind | None]:
+    def _target(
+        self, name: str, epoch: int
+    ) -> tuple[Replica | None, DocEventKind | None, Replica | None]:
         """The replica an incoming update for (name, epoch) should go to, creating or
-        replacing it as the epochs say; None if the update is stale or refused."""
+        replacing it as the epochs say (None if the update is stale or refused), how, and the
+        replica it replaced."""
         replica = self.store.get(name)
         if replica is None:
             if not self.accept(name, epoch):
                 self.stats.reject("doc_refused")
-                return None, None
+                return None, None, None
             replica = Replica(name, epoch)
             self.on_open(replica)
             self.store.add(replica)
-            return replica, "opened"
+            return replica, "opened", None
         if epoch < replica.epoch:
             self.stats.stale_epochs += 1
-            return None, None
+            return None, None, None
         if epoch > replica.epoch:
             if not self.accept(name, epoch):
                 self.stats.reject("doc_refused")
-                return None, None
+                return None, None, None
             self.stats.docs_replaced += 1
+            old = replica
             replica = Replica(name, epoch)
             self.on_open(replica)
             self.store.add(replica)
-            return replica, "replaced"
-        return replica, None
+            return replica, "replaced", old
+        return replica, None, None
 
     def _apply(self, name: str, epoch: int, update: bytes) -> tuple[Replica | None, bool]:
-        replica, created = self._target(name, epoch)
+        replica, created, old = self._target(name, epoch)
         if replica is None:
             return None, False
         try:
@@ -376,6 +400,8 @@ class Replicator:
                 self.drop(name)
             return None, False
         self.store.rehash(replica)
+        if old is not None:
+            self.on_replaced(old, replica)
         if created is not None:
             self._outputs.append(DocEvent(created, name))
         elif changed:
@@ -420,6 +446,24 @@ class Replicator:
         pending.repairs[peer] = attempts + 1
         missing = replica.missing_for(their, msg.sv) or replica.full_update()
         self._send(peer, Push(pending.doc, replica.epoch, missing, msg.ack, 0))
+
+    # ------------------------------------------------------------------ vector queries
+
+    def query(self, docs: Iterable[str], peers: Iterable[str]) -> int:
+        """Ask ``peers`` for their state vectors of ``docs``; VectorReport outputs follow."""
+        self._query_seq += 1
+        names = tuple(docs)
+        for peer in peers:
+            self._send(peer, Query(self._query_seq, names))
+        return self._query_seq
+
+    def _on_query(self, peer: str, msg: Query) -> None:
+        found = tuple(
+            DocVector(r.name, r.epoch, r.sv)
+            for r in (self.store.get(name) for name in msg.docs)
+            if r is not None
+        )
+        self._send(peer, Vectors(msg.query, found))
 
     # ------------------------------------------------------------------ anti-entropy
 

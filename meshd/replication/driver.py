@@ -13,7 +13,14 @@ from pycrdt import Doc
 
 from meshd.logs import RateLimitedLog
 from meshd.replication import messages
-from meshd.replication.core import DocEvent, Durability, Replicator, Send, WriteDone
+from meshd.replication.core import (
+    DocEvent,
+    Durability,
+    Replicator,
+    Send,
+    VectorReport,
+    WriteDone,
+)
 from meshd.transport.deadlines import Deadlines
 from meshd.transport.links import PeerLinks
 from meshd.wire.validate import WireError
@@ -37,6 +44,7 @@ class ReplicationDriver:
         self.links: PeerLinks | None = None
         self.deadlines = Deadlines(core)
         self.doc_listeners: list[Callable[[DocEvent], None]] = []
+        self.report_listeners: list[Callable[[VectorReport], None]] = []
         self._waiters: dict[int, tuple[trio.Event, list[WriteDone]]] = {}
         self._reassemblers: dict[str, messages.Reassembler] = {}
         self._transfers = itertools.count(1)
@@ -66,6 +74,9 @@ class ReplicationDriver:
                         listener(out)
                     except Exception:
                         self.log.exception("document listener failed")
+            elif isinstance(out, VectorReport):
+                for report_listener in list(self.report_listeners):
+                    report_listener(out)
             else:
                 waiter = self._waiters.pop(out.token, None)
                 if waiter is not None:

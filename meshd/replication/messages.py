@@ -2,6 +2,7 @@
 
 Fast path:   PUSH (a delta, optionally asking for an ACK) and ACK.
 Repair:      DIGEST → BUCKETS → SYNC → UPDATES (one anti-entropy round).
+Agreement:   QUERY → VECTORS (state vectors of named documents; compaction checks them).
 Framing:     CHUNK carries a slice of an encoded message too large for one frame.
 """
 
@@ -32,6 +33,8 @@ class Kind(enum.IntEnum):
     SYNC = 5
     UPDATES = 6
     CHUNK = 7
+    QUERY = 8
+    VECTORS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +146,27 @@ class Chunk:
         return [Kind.CHUNK, self.transfer, self.index, self.total, self.data]
 
 
-Message = Push | Ack | Digest | Buckets | Sync | Updates | Chunk
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Ask a peer for its state vectors of some documents (compaction's agreement check)."""
+
+    query: int
+    docs: tuple[str, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.QUERY, self.query, list(self.docs)]
+
+
+@dataclass(frozen=True, slots=True)
+class Vectors:
+    query: int
+    docs: tuple[DocVector, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.VECTORS, self.query, [d.to_wire() for d in self.docs]]
+
+
+Message = Push | Ack | Digest | Buckets | Sync | Updates | Chunk | Query | Vectors
 
 
 def encode(msg: Message) -> bytes:
@@ -237,6 +260,18 @@ def _chunk(v: list[Any]) -> Message:
     )
 
 
+def _query(v: list[Any]) -> Message:
+    expect_list(v, 3, 3, "query")
+    docs = expect_list(v[2], 0, 1024, "query.docs")
+    return Query(expect_uint(v[1], "query"), tuple(_doc_name(d) for d in docs))
+
+
+def _vectors(v: list[Any]) -> Message:
+    expect_list(v, 3, 3, "vectors")
+    docs = expect_list(v[2], 0, 1024, "vectors.docs")
+    return Vectors(expect_uint(v[1], "query"), tuple(_vector(d) for d in docs))
+
+
 _DECODERS: Final[dict[int, Callable[[list[Any]], Message]]] = {
     Kind.PUSH: _push,
     Kind.ACK: _ack,
@@ -245,6 +280,8 @@ _DECODERS: Final[dict[int, Callable[[list[Any]], Message]]] = {
     Kind.SYNC: _sync,
     Kind.UPDATES: _updates,
     Kind.CHUNK: _chunk,
+    Kind.QUERY: _query,
+    Kind.VECTORS: _vectors,
 }
 
 

@@ -43,6 +43,7 @@ class SimNode:
     inbox: deque[tuple[Address, bytes]] = field(default_factory=deque)
     events: list[MemberEvent] = field(default_factory=list)
     restarts: int = 0
+    exit_by: float = math.inf  # a leaving process exits by then at the latest
 
     def view(self) -> dict[str, Status]:
         return {m.name: m.status for m in self.core.members()}
@@ -121,6 +122,7 @@ class SimNetwork:
         old.state = "up"
         old.inbox.clear()
         old.scheduled = math.inf
+        old.exit_by = math.inf
         core.start(self.now, [self.nodes[s].addr for s in seeds])
         self._after_input(old)
         return old
@@ -156,6 +158,15 @@ class SimNetwork:
         """The process is gone but the host is up: TCP connections are refused."""
         self.nodes[name].state = "killed"
 
+    def leave(self, name: str) -> None:
+        """Graceful leave, as the daemon does it: announce ``left``, keep gossiping until the
+        announcement used up its transmits (or ``leave_timeout`` passed), then exit. After
+        that the host is up but nothing listens, so TCP connections are refused."""
+        node = self.nodes[name]
+        node.exit_by = self.now + node.core.tuning.leave_timeout
+        node.core.leave(self.now)
+        self._after_input(node)
+
     def pause(self, name: str) -> None:
         self.nodes[name].state = "paused"
 
@@ -188,7 +199,13 @@ class SimNetwork:
                     node.events.append(out)
                 for listener in self.listeners:
                     listener(node, out)
-        deadline = core.next_deadline()
+        if core.leaving and node.state == "up" and (core.leave_done() or self.now >= node.exit_by):
+            node.state = "killed"  # the process exits; its packets already sent still arrive
+            return
+        # A core may ask for a timer that is already due (a late Lifeguard confirmation pulls a
+        # suspicion deadline into the past); wake it now, as a real driver would. Pushing the
+        # past time instead would make the _TIMER entry look superseded and freeze the node.
+        deadline = max(core.next_deadline(), self.now)
         if deadline < node.scheduled:
             node.scheduled = deadline
             self._push(deadline, _TIMER, (node, core))
@@ -261,7 +278,7 @@ class SimNetwork:
             if self.now + base - synced > 0.001:
                 await trio.sleep_until(self.now + base)
                 synced = self.now + base
-            self._handle(kind, payload)
+            self._handle(kind, payload, when)
             if stop is not None and self.now >= next_check:
                 next_check = self.now + check_every
                 if stop():
@@ -270,7 +287,7 @@ class SimNetwork:
         await trio.sleep_until(self.now + base)
         return stop() if stop is not None else False
 
-    def _handle(self, kind: int, payload: Any) -> None:
+    def _handle(self, kind: int, payload: Any, when: float) -> None:
         now = self.now
         if kind == _PACKET:
             dst, src_addr, data = payload
@@ -284,7 +301,7 @@ class SimNetwork:
                 self.dropped += 1
         elif kind == _TIMER:
             node, core = payload
-            if core is not node.core or now != node.scheduled:
+            if core is not node.core or when != node.scheduled:
                 return  # superseded (restart, or an earlier deadline was scheduled)
             node.scheduled = math.inf
             if node.state == "up":
