@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import SocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from meshd_client import __version__
+from meshd_client._version import __version__
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
@@ -55,6 +55,7 @@ class Connection:
         self._streams: dict[int, MemoryObjectSendStream[Any]] = {}
         self._send_lock = anyio.Lock()
         self._closed: MeshError | None = None
+        self.lost = anyio.Event()  # set once the connection is gone, for any reason
         self.node = ""
         self.daemon = ""
         self.version = 0
@@ -138,7 +139,12 @@ class Connection:
             self._decoder.feed(data)
 
     async def _handshake(self, client: str, timeout: float) -> None:
-        await self._write(messages.hello(client))
+        try:
+            await self._write(messages.hello(client))
+        except errors.Closed:
+            # The daemon may have refused us before reading the hello (an unauthorized
+            # peer): its reason is already waiting to be read.
+            self._closed = None
         with anyio.fail_after(timeout):
             try:
                 frame = await self._read_frame()
@@ -210,6 +216,7 @@ class Connection:
     def _fail_all(self, error: MeshError) -> None:
         if self._closed is None:
             self._closed = error
+        self.lost.set()
         for pending in self._pending.values():
             pending.error = error
             pending.done.set()

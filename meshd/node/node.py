@@ -29,7 +29,7 @@ from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import EventKind, MemberEvent
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
-from meshd.node import control, data_ops, telemetry
+from meshd.node import agent_ops, control, data_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
@@ -37,6 +37,7 @@ from meshd.registry.registry import Registry, RegistryEvent
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
+from meshd.routing.router import Router
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
 from meshd.state.compaction import CompactionTuning, Compactor, rebase_ops
@@ -176,6 +177,8 @@ class Node:
         self.registry: Registry
         self.state: StateService
         self.compactor: Compactor
+        self.router: Router
+        self.routing_links: PeerLinks
         self.port = 0
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
@@ -238,6 +241,7 @@ class Node:
         streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
         streams.register(Channel.KEYRING, self.keys.serve_stream)
         streams.register(Channel.REPLICATION, self.links.serve)
+        streams.register(Channel.ROUTING, self.routing_links.serve)
         self.api = ApiServer(
             config.api.socket,
             config.node.name,
@@ -248,6 +252,7 @@ class Node:
         )
         control.register(self)
         data_ops.register(self)
+        agent_ops.register(self)
         telemetry.register(self)
         log.info(
             "meshd starting",
@@ -268,6 +273,8 @@ class Node:
                 await nursery.start(self.driver.run)
                 await nursery.start(self.links.run)
                 await nursery.start(self.replication.run)
+                await nursery.start(self.routing_links.run)
+                await nursery.start(self.router.run)
                 self.registry.open_own()
                 self.replication.flush()
                 self.core.start(trio.current_time(), seeds)
@@ -334,6 +341,25 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, list[dict[str, Any]]] = {}
+        self.router = Router(
+            node=name,
+            registry=self.registry,
+            replicator=self.replicator,
+            membership=self.core,
+            log=logging.getLogger("meshd.routing"),
+        )
+        self.routing_links = PeerLinks(
+            Channel.ROUTING,
+            name,
+            self.envelope,
+            self.transport_stats,
+            self._peer_address,
+            self.router.receive,
+            logging.getLogger("meshd.links"),
+        )
+        self.routing_links.on_connect = self.router.link_status
+        self.router.attach_links(self.routing_links)
+        self.replication.doc_listeners.append(self.router.on_doc_event)
         self.driver.listeners.append(self._on_member_event)
 
     def _coordinates(self) -> bool:
@@ -381,8 +407,11 @@ class Node:
         )
         if event.kind in (EventKind.DEAD, EventKind.LEAVE):
             self.links.close(member)
+            self.routing_links.close(member)
             self.replication.forget_peer(member)
+            self.router.host_down(member)
         elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
+            self.router.host_up(member)
             # A new member, or one back from a partition: repair with it right away.
             self.replicator.request_sync(trio.current_time(), member)
         self.registry.node_changed(member)
@@ -399,6 +428,14 @@ class Node:
                 winner_node=winner.node if winner else None,
                 entry=event.entry.entry_id,
             ),
+        )
+        self.router.notify(
+            event.name,
+            {
+                "type": "name_conflict",
+                "name": event.name,
+                "winner": winner.to_dict() if winner else None,
+            },
         )
         self.registry.unregister(trio.current_time(), event.name)
         self.replication.flush()

@@ -264,6 +264,20 @@ class Registry:
 
         return self.replicator.write(now, self._own, apply, epoch=self.epoch, durability=durability)
 
+    def write_own(
+        self,
+        now: float,
+        root: str,
+        mutate: Callable[[Map[Any]], None],
+        durability: Durability = "local",
+    ) -> int | None:
+        """Write another root map of this node's document (e.g. signal subscriptions)."""
+
+        def apply(doc: Doc[Any]) -> None:
+            mutate(doc.get(root, type=Map))
+
+        return self.replicator.write(now, self._own, apply, epoch=self.epoch, durability=durability)
+
     def open_own(self) -> None:
         self.replicator.open(self._own, self.epoch)
 
@@ -321,6 +335,18 @@ class Registry:
 
     def lookup(self, name: str) -> Entry | None:
         return self._winners.get(name)
+
+    def last_known(self, name: str) -> Entry | None:
+        """The entry ``name`` would resolve to if every node were up, when it does not
+        resolve now because its node is down (dead, left or partitioned away): callers can
+        then say ``unreachable`` instead of ``not_found`` until the document is reclaimed."""
+        if name in self._winners:
+            return None
+        return winner(
+            e
+            for e in self._candidates.get(name, {}).values()
+            if self.liveness.epoch(e.node) in (None, self._doc_epoch.get(e.node))
+        )
 
     def entries(
         self,

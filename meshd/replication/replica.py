@@ -12,10 +12,15 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from pycrdt import Doc, TransactionEvent
+from pycrdt import Doc, Map, TransactionEvent
 
 from meshd.replication import vectors
 from meshd.replication.messages import DIGEST_BUCKETS
+
+
+# A root map a write touches when it only deleted: deletions do not move the state vector, so
+# without it a peer that missed a delete could not be told apart from one that holds it.
+DELETE_MARK: Final = "replica:deletes"
 
 
 class UpdateRejected(ValueError):
@@ -49,11 +54,12 @@ class Replica:
 
     def refresh(self) -> bool:
         """Recompute the state vector and hash; True if they changed."""
-        sv = self.doc.get_state()
+        vector = vectors.decode(self.doc.get_state())
+        sv = vectors.encode(vector)  # canonical: equal vectors, equal bytes on every replica
         if sv == self.sv and self.hash:
             return False
         self.sv = sv
-        self.vector = vectors.decode(sv)
+        self.vector = {client: clock for client, clock in vector.items() if clock > 0}
         digest = hashlib.blake2b(digest_size=8)
         digest.update(self.name.encode())
         digest.update(self.epoch.to_bytes(8, "big"))
@@ -63,11 +69,19 @@ class Replica:
 
     def write(self, mutate: Callable[[Doc[Any]], None]) -> bytes | None:
         """Run ``mutate`` in one transaction; returns the delta it produced (None if none)."""
+        before = vectors.decode(self.doc.get_state())
         self._captured = []
         self._capturing = True
         try:
             with self.doc.transaction(origin="local"):
                 mutate(self.doc)
+            if self._captured and vectors.decode(self.doc.get_state()) == before:
+                # Only deletions: they live in the delete set, which the state vector does not
+                # reflect. One small write moves the vector, so anti-entropy, forwarding and
+                # majority acks (which all compare vectors) see the change; the delta carries
+                # both, and a repair (get_update(vector)) always carries the whole delete set.
+                with self.doc.transaction(origin="local"):
+                    self.doc.get(DELETE_MARK, type=Map)["at"] = True
         finally:
             self._capturing = False
         captured, self._captured = self._captured, []

@@ -45,6 +45,22 @@ def decode(data: bytes) -> dict[int, int]:
     return vector
 
 
+def encode(vector: dict[int, int]) -> bytes:
+    """The canonical encoding of ``vector``: clients in ascending order, zero clocks left out.
+
+    Yrs writes clients in hash-map order, which depends on the order updates arrived, so two
+    replicas holding the same operations can encode their vectors differently; peers compare
+    these bytes (digests hash them, compaction's agreement check compares them)."""
+    out = bytearray()
+    items = sorted((client, clock) for client, clock in vector.items() if clock > 0)
+    for value in (len(items), *(v for pair in items for v in pair)):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
 def has_news(mine: dict[int, int], theirs: dict[int, int]) -> bool:
     """True if ``mine`` has operations ``theirs`` lacks."""
     return any(clock > theirs.get(client, 0) for client, clock in mine.items())

@@ -72,6 +72,8 @@ class PeerLinks:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.stats = LinkStats()
+        # Told whether each connection attempt to a peer worked (circuit breakers listen).
+        self.on_connect: Callable[[str, bool], None] = lambda _peer, _ok: None
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -127,6 +129,7 @@ class PeerLinks:
                         )
                     except (OSError, trio.TooSlowError, StreamError) as exc:
                         self.stats.connect_failures += 1
+                        self.on_connect(link.peer, False)
                         self.ratelog.debug(
                             ("connect", link.peer),
                             "link connect failed",
@@ -137,6 +140,7 @@ class PeerLinks:
                         backoff = min(5.0, backoff * 2)
                         continue
                     self.stats.connects += 1
+                    self.on_connect(link.peer, True)
                     backoff = 0.1
                     try:
                         await self._pump(link, stream)

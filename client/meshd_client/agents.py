@@ -1,0 +1,242 @@
+"""The agent runtime: register a name, receive messages, run the handler turn by turn.
+
+An agent's handler is either an async function ``handler(ctx, msg)`` or an object with an
+``async def handle(self, ctx, msg)`` method (and optionally ``on_start(ctx)`` and
+``on_stop(ctx, reason)``). Its return value is the reply to a request. Messages are handled
+one at a time in arrival order unless ``concurrency`` allows more.
+
+At-least-once messages are de-duplicated here too, by message id: if the daemon restarts and
+the sender retries, this process remembers the outcome and answers without running the
+handler again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from meshd_client.protocol import errors
+from meshd_client.protocol.errors import MeshError
+from meshd_client.state import StateDoc
+from meshd_client.types import AgentInfo, Message
+
+if TYPE_CHECKING:
+    from meshd_client.mesh import Mesh
+
+log = logging.getLogger("meshd_client.agents")
+_QUEUE = 1024
+_REMEMBER = 10_000
+
+
+class AgentContext:
+    """What a handler gets besides the message: its name, its state, and the mesh."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.name = agent.name
+        self.mesh = agent.mesh
+        self.state: StateDoc = agent.mesh.state(f"agent:{agent.name}")
+
+    async def send(self, to: str, body: Any = None, **kwargs: Any) -> None:
+        await self.mesh.send(to, body, sender=self.name, **kwargs)
+
+    async def request(self, to: str, body: Any = None, **kwargs: Any) -> Any:
+        return await self.mesh.request(to, body, sender=self.name, **kwargs)
+
+    async def publish(self, topic: str, data: Any = None, **kwargs: Any) -> int:
+        kwargs.setdefault("source", f"meshd-agent://{self.name}")
+        return await self.mesh.publish(topic, data, **kwargs)
+
+    def stop(self) -> None:
+        self._agent.stop()
+
+
+HandlerFunction = Callable[[AgentContext, Message], Awaitable[Any]]
+
+
+class HandlerObject(Protocol):
+    async def handle(self, ctx: AgentContext, msg: Message) -> Any: ...
+
+
+Handler = HandlerFunction | HandlerObject
+
+
+class Agent:
+    """A running agent (see :meth:`Mesh.serve`)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        name: str,
+        handler: Handler,
+        *,
+        kind: str,
+        capabilities: tuple[str, ...],
+        metadata: dict[str, Any],
+        concurrency: int,
+    ) -> None:
+        if concurrency < 1:
+            raise errors.Invalid("concurrency must be at least 1")
+        self.mesh = mesh
+        self.name = name
+        self.kind = kind
+        self.capabilities = capabilities
+        self.metadata = metadata
+        self.concurrency = concurrency
+        self._handler = handler
+        self._handle: HandlerFunction = handler.handle if hasattr(handler, "handle") else handler
+        self.info: AgentInfo | None = None
+        self.ctx = AgentContext(self)
+        self.stopped = anyio.Event()
+        self.stop_reason: str | None = None
+        self.conflict_winner: AgentInfo | None = None
+        self.error: MeshError | None = None
+        self.handled = 0
+        self.registrations = 0
+        self._scope = anyio.CancelScope()
+        self._send, self._receive = anyio.create_memory_object_stream[Message](_QUEUE)
+        self._done: OrderedDict[str, tuple[bool, Any]] = OrderedDict()
+        self._running: set[str] = set()
+
+    def stop(self) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = "stopped"
+        self._scope.cancel()
+
+    async def wait(self) -> None:
+        """Until the agent stops (stopped, lost a name conflict, or failed)."""
+        await self.stopped.wait()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as workers:
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._worker)
+                    while True:
+                        conn = await self.mesh.wait_connected()
+                        try:
+                            async with conn.stream("agent.serve", self._serve_args()) as items:
+                                async for item in items:
+                                    if self._on_item(item) and not started:
+                                        started = True
+                                        await self._on_start()
+                                        task_status.started()
+                        except (errors.Closed, errors.Unreachable):
+                            continue  # the daemon went away: re-register after reconnecting
+                        except errors.Conflict as exc:
+                            if not started:
+                                raise
+                            self.stop_reason = "name_conflict"
+                            self.error = exc
+                            break
+                        except MeshError as exc:
+                            if not started:
+                                raise
+                            self.stop_reason = "error"
+                            self.error = exc
+                            break
+                    workers.cancel_scope.cancel()
+        finally:
+            self.stopped.set()
+            self.mesh._agent_stopped(self)
+            if started:
+                with anyio.CancelScope(shield=True):
+                    await self._on_stop()
+
+    def _serve_args(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "capabilities": list(self.capabilities),
+            "metadata": self.metadata,
+        }
+
+    def _on_item(self, item: dict[str, Any]) -> bool:
+        """Handle one event of the serve stream; True when it confirms the registration."""
+        kind = item.get("type")
+        if kind == "registered":
+            self.info = AgentInfo.from_wire(item.get("entry", {}))
+            self.registrations += 1
+            return True
+        if kind == "name_conflict":
+            winner = item.get("winner")
+            self.conflict_winner = AgentInfo.from_wire(winner) if isinstance(winner, dict) else None
+            return False
+        if kind in ("message", "request"):
+            msg = Message(
+                id=str(item.get("id", "")),
+                body=item.get("body"),
+                sender=str(item.get("from", "")),
+                is_request=kind == "request",
+                at_least_once=bool(item.get("at_least_once")),
+            )
+            try:
+                self._send.send_nowait(msg)
+            except anyio.WouldBlock:
+                # Queue full: this delivery is dropped; the daemon times it out for the sender.
+                log.warning("agent %s: queue full, dropped message %s", self.name, msg.id)
+        return False
+
+    async def _worker(self) -> None:
+        async for msg in self._receive:
+            await self._run_one(msg)
+
+    async def _run_one(self, msg: Message) -> None:
+        wants_answer = msg.is_request or msg.at_least_once
+        remembered = self._done.get(msg.id) if msg.at_least_once else None
+        if remembered is not None:
+            await self._answer(msg, *remembered)
+            return
+        if msg.at_least_once and msg.id in self._running:
+            return  # the first delivery is still running; it will answer
+        self._running.add(msg.id)
+        try:
+            try:
+                result = await self._handle(self.ctx, msg)
+                outcome: tuple[bool, Any] = (True, result)
+            except MeshError as exc:
+                outcome = (False, exc.to_wire())
+            except Exception as exc:
+                log.exception("agent %s: handler failed on message %s", self.name, msg.id)
+                outcome = (False, errors.Internal(f"{type(exc).__name__}: {exc}").to_wire())
+            self.handled += 1
+            if msg.at_least_once:
+                self._done[msg.id] = outcome
+                while len(self._done) > _REMEMBER:
+                    self._done.popitem(last=False)
+        finally:
+            self._running.discard(msg.id)
+        if wants_answer:
+            await self._answer(msg, *outcome)
+
+    async def _answer(self, msg: Message, ok: bool, payload: Any) -> None:
+        args: dict[str, Any] = {"agent": self.name, "id": msg.id, "ok": ok}
+        args["body" if ok else "error"] = payload
+        try:
+            await self.mesh.call("agent.reply", args)
+        except MeshError:
+            # The daemon restarted (it no longer waits for this id) or the connection is
+            # gone; an at-least-once sender retries and gets the remembered outcome.
+            pass
+
+    async def _on_start(self) -> None:
+        hook = getattr(self._handler, "on_start", None)
+        if hook is not None:
+            await hook(self.ctx)
+
+    async def _on_stop(self) -> None:
+        hook = getattr(self._handler, "on_stop", None)
+        if hook is not None:
+            try:
+                await hook(self.ctx, self.stop_reason or "stopped")
+            except Exception:
+                log.exception("agent %s: on_stop failed", self.name)

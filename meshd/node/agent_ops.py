@@ -1,0 +1,165 @@
+"""API ops for agents and messaging: serve an agent, send, request, publish, subscribe."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshd.api.server import Session, Stream
+from meshd.routing.messages import DeliveryKind
+from meshd.routing.router import LocalAgent
+from meshd.state.service import agent_state
+from meshd_client.protocol import errors, messages
+
+if TYPE_CHECKING:
+    from meshd.node.node import Node
+
+MAX_TIMEOUT = 3600.0
+MAX_MSG_ID = 128
+
+
+def _name(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise errors.Invalid(f"{key} must be a non-empty string")
+    return value
+
+
+def _timeout(args: dict[str, Any], default: float = 10.0) -> float:
+    value = args.get("timeout", default)
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 < value <= MAX_TIMEOUT
+    ):
+        raise errors.Invalid(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT}]")
+    return float(value)
+
+
+def _msg_id(args: dict[str, Any]) -> str | None:
+    value = args.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_MSG_ID:
+        raise errors.Invalid(f"id must be a string of 1..{MAX_MSG_ID} characters")
+    return value
+
+
+def register(node: Node) -> None:
+    api = node.api
+    router = node.router
+
+    async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
+        """Register an agent and stream its deliveries until the client stops it."""
+        args = req.args
+        entry, _ = node.registry.register(
+            trio.current_time(),
+            _name(args, "name"),
+            kind=args.get("kind", ""),
+            capabilities=args.get("capabilities", ()),
+            metadata=args.get("metadata"),
+        )
+        node.replication.flush()
+        notices = trio.Event()
+        conflict: list[dict[str, Any]] = []
+
+        def on_notice(notice: dict[str, Any]) -> None:
+            conflict.append(notice)
+            notices.set()
+
+        agent = LocalAgent(entry, session, stream, notices=on_notice)
+        router.attach(agent)
+        try:
+            stream.emit(
+                {"type": "registered", "entry": entry.to_dict(), "state": agent_state(entry.name)}
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.until_failed)
+                await notices.wait()
+                nursery.cancel_scope.cancel()
+            # Lost a duplicate-name resolution after a partition healed: tell the client why,
+            # then end the stream (its registration was already withdrawn by the node).
+            stream.offer(conflict[0])
+            raise errors.Conflict(
+                f"{entry.name!r} lost a name conflict to the entry on "
+                f"{conflict[0]['winner']['node']}",
+                detail=conflict[0],
+            )
+        finally:
+            router.detach(entry.name, session)
+            if node.registry.holds(entry.name) == entry:
+                node.registry.unregister(trio.current_time(), entry.name)
+                node.replication.flush()
+
+    async def reply(_session: Session, req: messages.Request) -> Any:
+        args = req.args
+        agent = _name(args, "agent")
+        msg_id = _msg_id(args)
+        if msg_id is None:
+            raise errors.Invalid("id is required")
+        ok = args.get("ok", True)
+        if not isinstance(ok, bool):
+            raise errors.Invalid("ok must be a boolean")
+        payload = args.get("body") if ok else args.get("error")
+        if not ok and not isinstance(payload, dict):
+            payload = errors.Internal("the agent failed").to_wire()
+        if not router.client_reply(agent, msg_id, ok, payload):
+            raise errors.NotFound("no delivery with that id is waiting for an answer")
+        return None
+
+    async def call(req: messages.Request, kind: DeliveryKind) -> Any:
+        args = req.args
+        at_least_once = args.get("at_least_once", False)
+        if not isinstance(at_least_once, bool):
+            raise errors.Invalid("at_least_once must be a boolean")
+        sender = args.get("from", "")
+        if not isinstance(sender, str):
+            raise errors.Invalid("from must be a string")
+        return await router.call(
+            to=_name(args, "to"),
+            body=args.get("body"),
+            sender=sender,
+            kind=kind,
+            at_least_once=at_least_once,
+            timeout=_timeout(args),
+            msg_id=_msg_id(args),
+        )
+
+    async def send(_session: Session, req: messages.Request) -> Any:
+        await call(req, DeliveryKind.SEND)
+        return None
+
+    async def request(_session: Session, req: messages.Request) -> Any:
+        return await call(req, DeliveryKind.REQUEST)
+
+    async def publish(_session: Session, req: messages.Request) -> Any:
+        event = req.args.get("event")
+        if not isinstance(event, dict):
+            raise errors.Invalid("event must be a map (a CloudEvents envelope)")
+        for key in ("id", "source", "type"):
+            if not isinstance(event.get(key), str) or not event[key]:
+                raise errors.Invalid(f"event.{key} is required (CloudEvents)")
+        hosts = router.publish(_name(req.args, "topic"), event)
+        node.replication.flush()
+        return {"hosts": hosts}
+
+    async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
+        cancel = router.subscribe(trio.current_time(), _name(req.args, "pattern"), stream)
+        node.replication.flush()
+        try:
+            await stream.until_failed()
+        finally:
+            cancel()
+            node.replication.flush()
+
+    async def health(_session: Session, req: messages.Request) -> Any:
+        return router.health(_name(req.args, "name"))
+
+    api.add_stream_op("agent.serve", serve, "register an agent and receive its messages")
+    api.add_op("agent.reply", reply, "answer (or acknowledge) a delivery to a served agent")
+    api.add_op("send", send, "send a message to an agent by name")
+    api.add_op("request", request, "send a request and wait for the reply")
+    api.add_op("publish", publish, "publish a signal to a topic")
+    api.add_stream_op("subscribe", subscribe, "signals matching a topic pattern")
+    api.add_op("health", health, "an agent's health: healthy, degraded, unreachable, not_found")

@@ -1,0 +1,110 @@
+"""Messages on the ROUTING channel between daemons (CBOR arrays, type code first).
+
+DELIVER  [1, msg_id, to, sender, kind, at_least_once, ttl_ms, body]
+RESULT   [2, msg_id, ok, payload]          payload: the reply body, or an error map
+SIGNAL   [3, topic, event]                 a CloudEvents-shaped map
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meshd.wire.validate import WireError, expect_bool, expect_list, expect_str, expect_uint
+from meshd_client.protocol import cbor
+
+MAX_ID: Final = 128
+MAX_NAME: Final = 256
+MAX_TTL_MS: Final = 3_600_000
+
+
+class Kind(enum.IntEnum):
+    DELIVER = 1
+    RESULT = 2
+    SIGNAL = 3
+
+
+class DeliveryKind(enum.IntEnum):
+    SEND = 0
+    REQUEST = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    msg_id: str
+    to: str
+    sender: str
+    kind: DeliveryKind
+    at_least_once: bool
+    ttl_ms: int
+    body: Any
+
+    def to_wire(self) -> list[Any]:
+        return [
+            Kind.DELIVER,
+            self.msg_id,
+            self.to,
+            self.sender,
+            int(self.kind),
+            self.at_least_once,
+            self.ttl_ms,
+            self.body,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    msg_id: str
+    ok: bool
+    payload: Any
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.RESULT, self.msg_id, self.ok, self.payload]
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    topic: str
+    event: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.SIGNAL, self.topic, self.event]
+
+
+Message = Deliver | Result | Signal
+
+
+def encode(msg: Message) -> bytes:
+    return cbor.dumps(msg.to_wire())
+
+
+def decode(data: bytes) -> Message:
+    try:
+        value = cbor.loads(data)
+    except cbor.CodecError as exc:
+        raise WireError(str(exc)) from None
+    if type(value) is not list or not value or type(value[0]) is not int:
+        raise WireError("routing message: expected an array starting with a type code")
+    kind = value[0]
+    if kind == Kind.DELIVER:
+        v = expect_list(value, 8, 8, "deliver")
+        delivery = expect_uint(v[4], "kind", 1)
+        return Deliver(
+            expect_str(v[1], "msg_id", MAX_ID),
+            expect_str(v[2], "to", MAX_NAME),
+            expect_str(v[3], "sender", MAX_NAME, allow_empty=True),
+            DeliveryKind(delivery),
+            expect_bool(v[5], "at_least_once"),
+            expect_uint(v[6], "ttl_ms", MAX_TTL_MS),
+            v[7],
+        )
+    if kind == Kind.RESULT:
+        v = expect_list(value, 4, 4, "result")
+        return Result(expect_str(v[1], "msg_id", MAX_ID), expect_bool(v[2], "ok"), v[3])
+    if kind == Kind.SIGNAL:
+        v = expect_list(value, 3, 3, "signal")
+        if not isinstance(v[2], dict):
+            raise WireError("signal: event must be a map")
+        return Signal(expect_str(v[1], "topic", 256), v[2])
+    raise WireError(f"routing message: unknown type {kind}")

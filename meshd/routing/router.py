@@ -1,0 +1,500 @@
+"""Message routing: deliver to an agent wherever it runs.
+
+A call names an agent, never a host. The router resolves the name in the local registry
+index; if the agent is hosted by this daemon the message goes straight to its client session,
+otherwise it is forwarded once over the sealed ROUTING link to the hosting daemon, which
+delivers it and sends back the result. Guarantees, per call:
+
+* ``send`` (at most once): handed to the local agent or to the link; no answer awaited.
+* ``send``/``request`` with ``at_least_once``: the hosting daemon remembers message ids
+  (:class:`~meshd.routing.dedup.DedupWindow`), so a retry with the same id — from a client
+  whose earlier attempt timed out or whose daemon restarted — does not run the handler again:
+  it waits for, or receives, the first attempt's outcome.
+* Order is kept per sender and receiver: one link per host pair, one queue per agent.
+
+Calls to a host that membership reports dead, or whose circuit breaker is open, fail at once
+with ``unreachable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+from pycrdt import Map
+
+from meshd.api.server import Session, Stream
+from meshd.logs import RateLimitedLog
+from meshd.membership.core import Membership
+from meshd.registry.model import Entry
+from meshd.registry.registry import DOC_PREFIX, Registry
+from meshd.replication.core import DocEvent, Replicator
+from meshd.routing import messages, topics
+from meshd.routing.breaker import Breaker, BreakerState
+from meshd.routing.dedup import DedupWindow, InProgress, Outcome
+from meshd.routing.messages import Deliver, DeliveryKind, Result, Signal
+from meshd.transport.links import PeerLinks
+from meshd.wire.membership import Status
+from meshd.wire.validate import WireError
+from meshd_client.protocol import cbor, errors
+from meshd_client.protocol.errors import MeshError
+
+SUBSCRIPTIONS: Final = "subscriptions"
+MAX_BODY: Final = 512 * 1024
+MAX_PENDING_PER_AGENT: Final = 1024
+_UP: Final = (Status.ALIVE, Status.SUSPECT)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    event: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+    payload: Any = None
+
+
+@dataclass(slots=True)
+class LocalAgent:
+    """An agent served by a client session on this host."""
+
+    entry: Entry
+    session: Session
+    stream: Stream
+    pending: dict[str, _Waiter] = field(default_factory=dict)
+    notices: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclass(slots=True)
+class RouterStats:
+    local_deliveries: int = 0
+    forwarded: int = 0
+    received: int = 0
+    results: int = 0
+    duplicates: int = 0
+    unreachable: int = 0
+    timeouts: int = 0
+    signals_published: int = 0
+    signals_delivered: int = 0
+    signal_hosts: int = 0
+
+
+def body_size(body: Any) -> int:
+    try:
+        return len(cbor.dumps(body))
+    except cbor.CodecError:
+        raise errors.Invalid("the body is not encodable as CBOR") from None
+
+
+def error_payload(exc: MeshError) -> dict[str, Any]:
+    return exc.to_wire()
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        node: str,
+        registry: Registry,
+        replicator: Replicator,
+        membership: Membership,
+        log: logging.Logger,
+    ) -> None:
+        self.node = node
+        self.registry = registry
+        self.replicator = replicator
+        self.membership = membership
+        self.log = log
+        self.ratelog = RateLimitedLog(log)
+        self.links: PeerLinks | None = None
+        self.stats = RouterStats()
+        self.local: dict[str, LocalAgent] = {}
+        self.breakers: dict[str, Breaker] = {}
+        self.dedup = DedupWindow()
+        self._outbound: dict[str, _Waiter] = {}
+        self._dedup_waiters: dict[str, list[_Waiter]] = {}
+        self._subscribers: list[tuple[str, Stream]] = []
+        self._host_patterns: dict[str, frozenset[str]] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def attach_links(self, links: PeerLinks) -> None:
+        self.links = links
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ------------------------------------------------------------------ health & breakers
+
+    def breaker(self, host: str) -> Breaker:
+        breaker = self.breakers.get(host)
+        if breaker is None:
+            breaker = self.breakers[host] = Breaker()
+        return breaker
+
+    def host_down(self, host: str) -> None:
+        self.breaker(host).trip(trio.current_time())
+        for msg_id, waiter in list(self._outbound.items()):
+            # Calls waiting on a host that just died fail now, not at their timeout.
+            if msg_id.startswith(f"{host}\x00"):
+                waiter.ok = False
+                waiter.payload = errors.Unreachable(f"host {host} died").to_wire()
+                waiter.event.set()
+
+    def host_up(self, host: str) -> None:
+        self.breaker(host).host_up()
+
+    def link_status(self, host: str, connected: bool) -> None:
+        """PeerLinks tells us whether connecting to ``host`` worked."""
+        breaker = self.breaker(host)
+        if connected:
+            breaker.success()
+        else:
+            breaker.failure(trio.current_time())
+
+    def health(self, name: str) -> dict[str, Any]:
+        entry = self.registry.lookup(name)
+        if entry is None:
+            gone = self.registry.last_known(name)
+            if gone is not None:
+                return {
+                    "name": name,
+                    "node": gone.node,
+                    "health": "unreachable",
+                    "reason": "its host is down or unreachable",
+                }
+            return {"name": name, "health": "not_found"}
+        out: dict[str, Any] = {"name": name, "node": entry.node}
+        if entry.node == self.node:
+            out["health"] = "healthy" if name in self.local else "unreachable"
+            if name not in self.local:
+                out["reason"] = "registered but not served by a client"
+            return out
+        state = self.membership.peek(entry.node)
+        breaker = self.breaker(entry.node)
+        out["breaker"] = breaker.state.value
+        if state is None or state[0] not in _UP or breaker.state is BreakerState.OPEN:
+            out["health"] = "unreachable"
+        elif state[0] is Status.SUSPECT or breaker.state is BreakerState.HALF_OPEN:
+            out["health"] = "degraded"
+        else:
+            out["health"] = "healthy"
+        return out
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        *,
+        to: str,
+        body: Any,
+        sender: str = "",
+        kind: DeliveryKind,
+        at_least_once: bool = False,
+        timeout: float = 10.0,
+        msg_id: str | None = None,
+    ) -> Any:
+        """Deliver a message or request; returns the reply body (None for sends)."""
+        if body_size(body) > MAX_BODY:
+            raise errors.Invalid(f"message body larger than {MAX_BODY} bytes")
+        msg_id = msg_id or uuid.uuid4().hex
+        deadline = trio.current_time() + timeout
+        entry = self.registry.lookup(to)
+        if entry is None:
+            gone = self.registry.last_known(to)
+            if gone is not None:
+                self.stats.unreachable += 1
+                raise errors.Unreachable(
+                    f"{to!r} is on {gone.node}, which is down or unreachable",
+                    detail={"host": gone.node},
+                )
+            raise errors.NotFound(f"no live agent named {to!r}")
+        msg = Deliver(msg_id, to, sender, kind, at_least_once, max(1, int(timeout * 1000)), body)
+        if entry.node == self.node:
+            ok, payload = await self._deliver_local(
+                msg, deadline, wait=kind is DeliveryKind.REQUEST or at_least_once
+            )
+        else:
+            ok, payload = await self._forward(entry.node, msg, deadline)
+        if not ok:
+            raise errors.error_from_wire(payload)
+        return payload if kind is DeliveryKind.REQUEST else None
+
+    async def _forward(
+        self,
+        host: str,
+        msg: Deliver,
+        deadline: float,
+    ) -> tuple[bool, Any]:
+        """Send to the hosting daemon and wait for its result (unless fire-and-forget)."""
+        now = trio.current_time()
+        breaker = self.breaker(host)
+        state = self.membership.peek(host)
+        if state is None or state[0] not in _UP:
+            breaker.trip(now)
+            self.stats.unreachable += 1
+            raise errors.Unreachable(
+                f"{msg.to!r} is on {host}, which is down", detail={"host": host}
+            )
+        if not breaker.allow(now) or self.links is None:
+            self.stats.unreachable += 1
+            raise errors.Unreachable(
+                f"{msg.to!r} is on {host}, which is unreachable (circuit open)",
+                detail={"host": host, "breaker": breaker.state.value},
+            )
+        key = f"{host}\x00{msg.msg_id}"
+        fire_and_forget = msg.kind is DeliveryKind.SEND and not msg.at_least_once
+        waiter: _Waiter | None = None
+        if not fire_and_forget:
+            waiter = self._outbound[key] = _Waiter()
+        if not self.links.send(host, messages.encode(msg)):
+            self._outbound.pop(key, None)
+            breaker.trial_in_flight = False
+            raise errors.Overloaded(f"the link to {host} is backed up")
+        self.stats.forwarded += 1
+        if waiter is None:
+            breaker.trial_in_flight = False
+            return True, None
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        self._outbound.pop(key, None)
+        if not waiter.event.is_set():
+            self.stats.timeouts += 1
+            if self.links.connected(host):
+                breaker.trial_in_flight = False  # a slow handler is not a dead host
+            else:
+                breaker.failure(trio.current_time())
+            raise errors.Timeout(
+                f"no answer from {msg.to!r} on {host} in time", detail={"host": host}
+            )
+        breaker.success()
+        return waiter.ok, waiter.payload
+
+    # ------------------------------------------------------------------ local delivery
+
+    async def _deliver_local(
+        self, msg: Deliver, deadline: float, *, wait: bool
+    ) -> tuple[bool, Any]:
+        now = trio.current_time()
+        dedup = msg.at_least_once
+        if dedup:
+            known = self.dedup.begin(msg.msg_id, now)
+            if isinstance(known, Outcome):
+                self.stats.duplicates += 1
+                return known.ok, known.payload
+            if isinstance(known, InProgress):
+                self.stats.duplicates += 1
+                return await self._await_first(msg.msg_id, deadline)
+        agent = self.local.get(msg.to)
+        try:
+            if agent is None:
+                raise errors.Unreachable(f"{msg.to!r} is registered here but not served")
+            if len(agent.pending) >= MAX_PENDING_PER_AGENT:
+                raise errors.Overloaded(f"{msg.to!r} has too many messages waiting")
+            waiter = _Waiter()
+            if wait:
+                agent.pending[msg.msg_id] = waiter
+            agent.stream.emit(
+                {
+                    "type": "request" if msg.kind is DeliveryKind.REQUEST else "message",
+                    "id": msg.msg_id,
+                    "from": msg.sender,
+                    "body": msg.body,
+                    "at_least_once": msg.at_least_once,
+                }
+            )
+        except MeshError as exc:
+            if agent is not None:
+                agent.pending.pop(msg.msg_id, None)
+            if dedup:
+                self.dedup.forget(msg.msg_id)
+                self._wake_duplicates(msg.msg_id, False, exc.to_wire())
+            return False, exc.to_wire()
+        self.stats.local_deliveries += 1
+        if not wait:
+            return True, None
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        agent.pending.pop(msg.msg_id, None)
+        if not waiter.event.is_set():
+            self.stats.timeouts += 1
+            error = errors.Timeout(f"{msg.to!r} did not answer in time").to_wire()
+            if dedup:
+                self.dedup.forget(msg.msg_id)
+                self._wake_duplicates(msg.msg_id, False, error)
+            return False, error
+        if dedup:
+            self.dedup.finish(
+                msg.msg_id,
+                waiter.ok,
+                waiter.payload,
+                trio.current_time(),
+                body_size(waiter.payload),
+            )
+            self._wake_duplicates(msg.msg_id, waiter.ok, waiter.payload)
+        return waiter.ok, waiter.payload
+
+    async def _await_first(self, msg_id: str, deadline: float) -> tuple[bool, Any]:
+        waiter = _Waiter()
+        self._dedup_waiters.setdefault(msg_id, []).append(waiter)
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        if not waiter.event.is_set():
+            return False, errors.Timeout(
+                "the first delivery of this message is still running"
+            ).to_wire()
+        return waiter.ok, waiter.payload
+
+    def _wake_duplicates(self, msg_id: str, ok: bool, payload: Any) -> None:
+        for waiter in self._dedup_waiters.pop(msg_id, []):
+            waiter.ok = ok
+            waiter.payload = payload
+            waiter.event.set()
+
+    def client_reply(self, agent_name: str, msg_id: str, ok: bool, payload: Any) -> bool:
+        """The serving client answered a delivery (reply to a request, or an ack)."""
+        agent = self.local.get(agent_name)
+        waiter = agent.pending.get(msg_id) if agent is not None else None
+        if waiter is None:
+            return False
+        waiter.ok = ok
+        waiter.payload = payload
+        waiter.event.set()
+        return True
+
+    # ------------------------------------------------------------------ agent hosting
+
+    def attach(self, agent: LocalAgent) -> None:
+        self.local[agent.entry.name] = agent
+
+    def detach(self, name: str, session: Session) -> None:
+        agent = self.local.get(name)
+        if agent is None or agent.session is not session:
+            return
+        del self.local[name]
+        for waiter in agent.pending.values():
+            waiter.ok = False
+            waiter.payload = errors.Unreachable(f"{name!r} stopped").to_wire()
+            waiter.event.set()
+
+    def notify(self, name: str, notice: dict[str, Any]) -> bool:
+        agent = self.local.get(name)
+        if agent is None or agent.notices is None:
+            return False
+        agent.notices(notice)
+        return True
+
+    # ------------------------------------------------------------------ inbound frames
+
+    async def receive(self, peer: str, frame: bytes) -> None:
+        try:
+            msg = messages.decode(frame)
+        except WireError as exc:
+            self.ratelog.warning(
+                ("bad", peer), "dropped malformed routing message", peer=peer, error=str(exc)
+            )
+            return
+        if isinstance(msg, Result):
+            self.stats.results += 1
+            waiter = self._outbound.pop(f"{peer}\x00{msg.msg_id}", None)
+            if waiter is not None:
+                waiter.ok = msg.ok
+                waiter.payload = msg.payload
+                waiter.event.set()
+            return
+        if isinstance(msg, Signal):
+            self._deliver_signal(msg.topic, msg.event)
+            return
+        self.stats.received += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_remote, peer, msg)
+
+    async def _serve_remote(self, peer: str, msg: Deliver) -> None:
+        deadline = trio.current_time() + msg.ttl_ms / 1000
+        wants_result = msg.kind is DeliveryKind.REQUEST or msg.at_least_once
+        try:
+            ok, payload = await self._deliver_local(msg, deadline, wait=wants_result)
+        except MeshError as exc:
+            ok, payload = False, exc.to_wire()
+        if wants_result and self.links is not None:
+            self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
+
+    # ------------------------------------------------------------------ signals
+
+    def subscribe(self, now: float, pattern: str, stream: Stream) -> Callable[[], None]:
+        pattern = topics.check_pattern(pattern)
+        entry = (pattern, stream)
+        self._subscribers.append(entry)
+        self._advertise(now, pattern, +1)
+
+        def cancel() -> None:
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+                self._advertise(trio.current_time(), pattern, -1)
+
+        return cancel
+
+    def _advertise(self, now: float, pattern: str, delta: int) -> None:
+        """Keep this node's subscription patterns in its registry document, so publishers
+        anywhere know to send this host one copy of each matching signal."""
+        count = sum(1 for p, _ in self._subscribers if p == pattern)
+
+        def mutate(subs: Map[Any]) -> None:
+            if count <= 0:
+                subs.pop(pattern, None)
+            elif subs.get(pattern) != count:
+                subs[pattern] = count
+
+        if (delta > 0 and count == 1) or (delta < 0 and count == 0):
+            self.registry.write_own(now, SUBSCRIPTIONS, mutate)
+
+    def on_doc_event(self, event: DocEvent) -> None:
+        if not event.name.startswith(DOC_PREFIX):
+            return
+        host = event.name[len(DOC_PREFIX) :]
+        replica = self.replicator.store.get(event.name)
+        if event.kind == "dropped" or replica is None:
+            self._host_patterns.pop(host, None)
+            return
+        subs: Map[Any] = replica.doc.get(SUBSCRIPTIONS, type=Map)
+        patterns = []
+        for pattern in subs.keys():  # noqa: SIM118 (pycrdt Map)
+            try:
+                patterns.append(topics.check_pattern(pattern))
+            except MeshError:
+                continue
+        self._host_patterns[host] = frozenset(patterns)
+
+    def publish(self, topic: str, event: dict[str, Any]) -> int:
+        """Send a signal once to every host with a matching subscriber; returns the number
+        of hosts (this one included) it went to."""
+        topics.check_topic(topic)
+        if body_size(event) > MAX_BODY:
+            raise errors.Invalid(f"signal larger than {MAX_BODY} bytes")
+        self.stats.signals_published += 1
+        hosts = 0
+        frame = messages.encode(Signal(topic, event))
+        for host, patterns in self._host_patterns.items():
+            if not any(topics.matches(p, topic) for p in patterns):
+                continue
+            if host == self.node:
+                self._deliver_signal(topic, event)
+                hosts += 1
+                continue
+            state = self.membership.peek(host)
+            if state is None or state[0] not in _UP or self.links is None:
+                continue
+            if self.links.send(host, frame):
+                hosts += 1
+        self.stats.signal_hosts += hosts
+        return hosts
+
+    def _deliver_signal(self, topic: str, event: dict[str, Any]) -> None:
+        for pattern, stream in list(self._subscribers):
+            if topics.matches(pattern, topic):
+                self.stats.signals_delivered += 1
+                stream.offer({"topic": topic, "event": event})
