@@ -1,7 +1,14 @@
-"""`make demo`: a 5-node meshd mesh on loopback; kill one daemon and watch the others notice.
+"""`make demo`: a 5-node meshd mesh on loopback with agents talking across it.
 
-Everything is real: five daemon processes, encrypted gossip on 127.0.0.1, and the tables are
-printed by the real `meshctl` talking to each daemon's Unix socket.
+Everything is real: five daemon processes with encrypted gossip on 127.0.0.1, agents served
+by clients of different daemons, and tables printed by the real `meshctl`.
+
+1. The mesh forms; `meshctl members` shows it.
+2. An echo agent on n2, a counter agent on n3 (its count in replicated state) and a signal
+   sink on n4 (subscribed to `orders.**`); a driver on n1 sends requests, at-least-once
+   increments and signals. A live table shows the traffic; n5 reads the counter's state.
+3. n3 is killed with SIGKILL: the others notice, and calls to the counter say `unreachable`.
+4. n5 leaves gracefully.
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ from pathlib import Path
 
 import anyio
 from rich.console import Console
+from rich.live import Live
 from rich.rule import Rule
+from rich.table import Table
 
 from meshd.testing.localcluster import LocalCluster
+from meshd_client import AgentContext, Mesh, MeshError, Message
 
 console = Console()
 
@@ -27,6 +37,121 @@ def meshctl(socket_path: str, *args: str) -> None:
     )
 
 
+class Stats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.last_reply: object = None
+        self.increments = 0
+        self.signals_sent = 0
+        self.signals_seen: list[str] = []
+        self.counter_on_n5: object = None
+        self.errors: list[str] = []
+
+    def table(self) -> Table:
+        table = Table(title="live traffic", title_justify="left", header_style="bold")
+        table.add_column("what")
+        table.add_column("where")
+        table.add_column("value")
+        table.add_row("requests to 'echo'", "n1 → echo on n2", str(self.requests))
+        table.add_row("last reply", "", str(self.last_reply))
+        table.add_row("at-least-once increments", "n1 → counter on n3", str(self.increments))
+        table.add_row("counter state, read on n5", "state/agent:counter", str(self.counter_on_n5))
+        table.add_row("signals published", "n1: orders.<region>.created", str(self.signals_sent))
+        table.add_row("signals received (orders.**)", "sink on n4", str(len(self.signals_seen)))
+        table.add_row("last signal", "", self.signals_seen[-1] if self.signals_seen else "")
+        if self.errors:
+            table.add_row("last error", "", self.errors[-1])
+        return table
+
+
+async def echo(ctx: AgentContext, msg: Message) -> dict[str, object]:
+    return {"echo": msg.body, "by": ctx.name}
+
+
+class Counter:
+    async def handle(self, ctx: AgentContext, msg: Message) -> int:
+        await ctx.state.incr("count", int(msg.body or 1))
+        value: int = await ctx.state.get("count")
+        return value
+
+
+async def drive(n1: Mesh, n5: Mesh, stats: Stats, seconds: float) -> None:
+    with Live(stats.table(), console=console, refresh_per_second=8) as live:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            try:
+                stats.last_reply = await n1.request("echo", f"ping {i}")
+                stats.requests += 1
+                await n1.request("counter", 1, at_least_once=True)
+                stats.increments += 1
+                region = ("eu", "us")[i % 2]
+                await n1.publish(f"orders.{region}.created", {"order": i})
+                stats.signals_sent += 1
+                stats.counter_on_n5 = await n5.state("agent:counter").get("count", default=0)
+            except MeshError as exc:
+                stats.errors.append(f"{exc.kind.value}: {exc.message}")
+            live.update(stats.table())
+            await anyio.sleep(0.1)
+        await anyio.sleep(0.3)
+        live.update(stats.table())
+
+
+async def kill_counter_host(cluster: LocalCluster, n1: Mesh) -> None:
+    victim = cluster["n3"]
+    console.print(Rule(f"[bold red]kill -9 n3 (pid {victim.pid}), the counter's host"))
+    killed_at = time.monotonic()
+    victim.kill()
+    seen = await cluster.wait_status(["n1", "n2", "n4", "n5"], "n3", "dead", timeout=60)
+    for name, at in sorted(seen.items(), key=lambda kv: kv[1]):
+        console.print(f"  {name} marked n3 dead after {at - killed_at:.2f} s")
+    try:
+        await n1.request("counter", 1)
+    except MeshError as exc:
+        console.print(f"  a request to 'counter' fails fast: {exc.kind.value}: {exc.message}")
+    count = await n1.state("agent:counter").get("count", default=0)
+    console.print(f"  its replicated state lives on: n1 reads count = {count}")
+
+
+async def agents_on_the_mesh(cluster: LocalCluster) -> None:
+    d = cluster.daemons
+    stats = Stats()
+    async with (
+        Mesh.connect(d["n1"].socket_path) as n1,
+        Mesh.connect(d["n2"].socket_path) as n2,
+        Mesh.connect(d["n3"].socket_path) as n3,
+        Mesh.connect(d["n4"].socket_path) as n4,
+        Mesh.connect(d["n5"].socket_path) as n5,
+        anyio.create_task_group() as tg,
+    ):
+        await n2.serve("echo", echo, kind="echo", capabilities=["echo"])
+        await n3.serve("counter", Counter(), kind="counter")
+
+        async def sink() -> None:
+            async with n4.subscribe("orders.**") as signals:
+                async for signal in signals:
+                    stats.signals_seen.append(f"{signal.topic} {signal.data}")
+
+        tg.start_soon(sink)
+        await wait_resolves(n1, "counter")
+        await anyio.sleep(0.3)  # the sink's subscription reaches n1
+        await drive(n1, n5, stats, seconds=4.0)
+        await anyio.to_thread.run_sync(meshctl, d["n5"].socket_path, "agents")
+        await kill_counter_host(cluster, n1)
+        tg.cancel_scope.cancel()
+
+
+async def wait_resolves(mesh: Mesh, name: str) -> None:
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await mesh.lookup(name)
+                return
+            except MeshError:
+                await anyio.sleep(0.02)
+
+
 async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="meshd-demo-"))
     with LocalCluster(root, profile="local") as cluster:
@@ -35,21 +160,14 @@ async def main() -> None:
         daemons = cluster.start_many(5)
         await cluster.wait_ready()
         await cluster.wait_converged()
-        console.print("all five daemons joined; every one sees all five alive:\n")
         meshctl(daemons[0].socket_path, "members")
 
-        victim = daemons[2]
-        console.print(Rule(f"[bold red]kill -9 {victim.name} (pid {victim.pid})"))
-        killed_at = time.monotonic()
-        victim.kill()
-        survivors = [d.name for d in daemons if d is not victim]
-        seen = await cluster.wait_status(survivors, victim.name, "dead", timeout=60)
-        for name, at in sorted(seen.items(), key=lambda kv: kv[1]):
-            console.print(f"  {name} marked {victim.name} dead after {at - killed_at:.2f} s")
-        console.print()
+        console.print(Rule("[bold]agents on different hosts: requests, state and signals"))
+        await agents_on_the_mesh(cluster)
         meshctl(daemons[0].socket_path, "members")
+
         console.print(Rule("[bold]graceful leave of n5 (meshctl leave)"))
-        meshctl(daemons[4].socket_path, "leave")
+        meshctl(cluster["n5"].socket_path, "leave")
         await cluster.wait_status(["n1", "n2", "n4"], "n5", "left", timeout=30)
         meshctl(daemons[1].socket_path, "members")
         codes = cluster.stop_all()

@@ -36,9 +36,11 @@ class StateDoc:
         self._open_stream = open_stream
         self.name = name
 
-    async def get(self, path: PathLike | None = None, *, default: Any = None) -> Any:
-        """The value at ``path`` (the whole document by default); ``default`` if the
-        document does not exist yet."""
+    _MISSING: Any = object()
+
+    async def get(self, path: PathLike | None = None, *, default: Any = _MISSING) -> Any:
+        """The value at ``path`` (the whole document by default). A missing document reads
+        as ``{}``; a missing path raises NotFound unless a ``default`` is given."""
         from meshd_client.protocol.errors import NotFound
 
         args: dict[str, Any] = {"doc": self.name}
@@ -47,8 +49,10 @@ class StateDoc:
         try:
             return await self._call("state.get", args)
         except NotFound:
+            if default is not StateDoc._MISSING:
+                return default
             if path is None:
-                return default if default is not None else {}
+                return {}
             raise
 
     async def update(

@@ -63,8 +63,8 @@ class StateDoc:
         self._doc = doc
         self.name = doc.name
 
-    def get(self, path: PathLike | None = None, *, default: Any = None) -> Any:
-        return self._portal.call(partial(self._doc.get, path, default=default))
+    def get(self, path: PathLike | None = None, **kwargs: Any) -> Any:
+        return self._portal.call(partial(self._doc.get, path, **kwargs))
 
     def update(self, ops: list[dict[str, Any]], durability: Durability = "local") -> Any:
         return self._portal.call(self._doc.update, ops, durability)

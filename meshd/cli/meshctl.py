@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -13,6 +15,7 @@ from rich.console import Console
 
 from meshd.cli import render
 from meshd_client.connection import Connection
+from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
 
 
@@ -42,6 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     state_watch = state_sub.add_parser("watch", help="print the value on every change")
     state_watch.add_argument("name")
     state_sub.add_parser("list", help="the state documents this node holds")
+    for name, text in (
+        ("send", "send a message to an agent (fire-and-forget)"),
+        ("request", "send a request to an agent and print the reply"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("agent", help="agent name")
+        p.add_argument("body", nargs="?", default="null", help="JSON body (default null)")
+        p.add_argument(
+            "--at-least-once",
+            action="store_true",
+            help="retry until acknowledged (the handler still runs once)",
+        )
+    publish = sub.add_parser("publish", help="publish a signal (CloudEvents data as JSON)")
+    publish.add_argument("topic")
+    publish.add_argument("data", nargs="?", default="null", help="JSON data (default null)")
+    publish.add_argument("--type", help="CloudEvents type (default: the topic)")
+    publish.add_argument("--subject", help="CloudEvents subject")
+    subscribe = sub.add_parser("subscribe", help="print signals matching a topic pattern")
+    subscribe.add_argument("pattern", help="e.g. orders.* (one segment) or orders.** (any)")
+    health = sub.add_parser("health", help="an agent's health as this node sees it")
+    health.add_argument("agent")
     keys = sub.add_parser("keys", help="gossip encryption keys on every member")
     keys_sub = keys.add_subparsers(dest="keys_op", required=True)
     keys_sub.add_parser("list", help="which keys are installed and primary, and where")
@@ -156,7 +180,71 @@ async def _keys(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     return 1 if failures else 0
 
 
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise errors.Invalid(f"{what} is not valid JSON: {exc}") from None
+
+
+async def _message(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    args = {
+        "to": ns.agent,
+        "body": _json_arg(ns.body, "body"),
+        "timeout": ns.timeout,
+        "at_least_once": ns.at_least_once,
+    }
+    if ns.at_least_once:
+        args["id"] = uuid.uuid4().hex
+    result = await conn.call(ns.command, args, timeout=ns.timeout + 1)
+    if ns.command == "request":
+        print(json.dumps(result, indent=None if ns.json else 2, default=_bytes))
+    elif not ns.json:
+        out.print(f"sent to {ns.agent}")
+    return 0
+
+
+async def _publish(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": f"meshctl://{conn.node}",
+        "type": ns.type or ns.topic,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": _json_arg(ns.data, "data"),
+    }
+    if ns.subject:
+        event["subject"] = ns.subject
+    result = await conn.call("publish", {"topic": ns.topic, "event": event}, timeout=ns.timeout)
+    _print_json(result) if ns.json else out.print(f"published to {result['hosts']} host(s)")
+    return 0
+
+
+async def _subscribe(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    async with conn.stream("subscribe", {"pattern": ns.pattern}) as signals:
+        async for signal in signals:
+            print(json.dumps(signal, default=_bytes), flush=True)
+    return 0
+
+
+async def _health(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("health", {"name": ns.agent}, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(
+            f"{ns.agent}: {result['health']}"
+            + (f" on {result['node']}" if "node" in result else "")
+        )
+    return 0 if result["health"] in ("healthy", "degraded") else 1
+
+
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[int]]] = {
+    "send": _message,
+    "request": _message,
+    "publish": _publish,
+    "subscribe": _subscribe,
+    "health": _health,
     "members": _members,
     "info": _info,
     "leave": _leave,

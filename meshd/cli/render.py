@@ -34,7 +34,9 @@ def members_table(members: Iterable[dict[str, Any]], title: str | None = None) -
         table.add_column(column, justify="right" if column == "incarnation" else "left")
     now = time.time()
     for m in members:
-        tags = ", ".join(f"{k}={v}" for k, v in sorted(m.get("tags", {}).items()))
+        tags = ", ".join(
+            f"{k}={v}" for k, v in sorted(m.get("tags", {}).items()) if not k.startswith("meshd.")
+        )
         since = m.get("since")
         table.add_row(
             str(m.get("name", "")),
