@@ -84,6 +84,8 @@ class MembershipStats:
     nacks_received: int = 0
     suspicions: int = 0
     refutations: int = 0
+    reannouncements: int = 0
+    dead_downgraded: int = 0
     deaths: int = 0
     deaths_by_refusal: int = 0
     conflicts: int = 0
@@ -580,7 +582,7 @@ class Membership:
                 # The host answered with a reset: nothing listens where the member lived.
                 probe.finished = True
                 self.stats.deaths_by_refusal += 1
-                self._on_dead(now, Dead(target.name, target.incarnation, self.name))
+                self._on_dead(now, Dead(target.name, target.incarnation, self.name, True))
 
     def _probe_end(self, now: float, arg: tuple[int, bool]) -> None:
         seq, confirmation = arg
@@ -697,15 +699,18 @@ class Membership:
                 self._emit(EventKind.UPDATE, m, now)
 
     def _on_suspect(self, now: float, msg: Suspect, raw: bytes | None = None) -> None:
+        if msg.node == self.name:
+            self._accused(now, msg.incarnation)
+            return
         m = self._members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation:
             return
-        if msg.node == self.name:
-            if not self.leaving:
-                self._refute(now, msg.incarnation)
-            return
         if m.status is Status.SUSPECT and m.suspicion is not None:
             if m.suspicion.confirm(msg.sender):
+                # Lifeguard shortens the timeout with each confirmation; a late one may pull
+                # the deadline into the past. Still leave the accused one probe interval to
+                # refute: the confirmation is evidence, not a reason to skip its chance.
+                m.suspicion.not_before = now + self.tuning.probe_interval
                 self._broadcast(msg.node, msg, raw)
                 self._at(m.suspicion.deadline(), self._suspicion_timeout, (m.name, m.timer_gen))
             return
@@ -719,6 +724,11 @@ class Membership:
             self.tuning.probe_interval,
         )
         k = expected_confirmations(self.tuning.suspicion_mult, n)
+        if msg.sender == self.name:
+            # Our own accusation: stretched by our local health multiplier. A node that keeps
+            # missing acks and nacks is more likely cut off itself, and its suspicion may not
+            # even reach the accused to be refuted (Lifeguard's reasoning, applied to timeouts).
+            lo, hi = self.awareness.scale(lo), self.awareness.scale(hi)
         m.incarnation = msg.incarnation
         self._set_status(m, Status.SUSPECT, now)
         m.suspicion = Suspicion(now, lo, hi, k, accuser=msg.sender)
@@ -746,14 +756,20 @@ class Membership:
         self._on_dead(now, Dead(name, m.incarnation, self.name))
 
     def _on_dead(self, now: float, msg: Dead, raw: bytes | None = None) -> None:
+        if msg.node == self.name:
+            self._accused(now, msg.incarnation)
+            return
         m = self._members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation:
             return
-        if msg.node == self.name:
-            if not self.leaving:
-                self._refute(now, msg.incarnation)
-            return
         if m.status in (Status.DEAD, Status.LEFT):
+            return
+        if m.status is Status.ALIVE and msg.sender != self.name and not msg.refused:
+            # A verdict about a member we have not even suspected: its accuser may be the one
+            # that is cut off (its suspicion never got out, so the member never heard it to
+            # refute). Check for ourselves, and give the member its chance, first.
+            self.stats.dead_downgraded += 1
+            self._on_suspect(now, Suspect(msg.node, msg.incarnation, msg.sender))
             return
         m.incarnation = msg.incarnation
         self._set_status(m, Status.DEAD, now)
@@ -762,12 +778,11 @@ class Membership:
         self._emit(EventKind.DEAD, m, now)
 
     def _on_left(self, now: float, msg: Left, raw: bytes | None = None) -> None:
+        if msg.node == self.name:
+            self._accused(now, msg.incarnation)
+            return
         m = self._members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation:
-            return
-        if msg.node == self.name:
-            if not self.leaving:
-                self._refute(now, msg.incarnation)
             return
         if m.status is Status.LEFT or (
             m.status is Status.DEAD and msg.incarnation == m.incarnation
@@ -782,6 +797,19 @@ class Membership:
         self._set_status(m, Status.LEFT, now)
         self._broadcast(msg.node, msg, raw)
         self._emit(EventKind.LEAVE, m, now)
+
+    def _accused(self, now: float, incarnation: int) -> None:
+        """Someone says we are suspect, dead or gone."""
+        if self.leaving:
+            return
+        if incarnation >= self._self.incarnation:
+            self._refute(now, incarnation)
+        elif not self._queue.pending(self.name):
+            # A stale accusation: our refutation has not reached its sender. Gossip it again
+            # (same incarnation) — its first transmits may all have gone to peers we cannot
+            # reach, and without this we would stay dead in the eyes of the rest.
+            self.stats.reannouncements += 1
+            self._broadcast(self.name, self._alive_msg())
 
     def _refute(self, now: float, accused: int) -> None:
         """Someone thinks we are suspect/dead at ``accused``: outbid it."""

@@ -34,13 +34,17 @@ class Suspicion:
     confirmers: set[str] = field(default_factory=set)
     # Whoever raised the suspicion is not a confirmation of it (memberlist excludes "from").
     accuser: str | None = None
+    # No expiry before this time (set after a confirmation, so the accused can still refute).
+    not_before: float = 0.0
 
     def deadline(self) -> float:
         c = len(self.confirmers)
         if self.k < 1 or c >= self.k:
-            return self.start + self.minimum
-        frac = math.log(c + 1) / math.log(self.k + 1)
-        return self.start + max(self.minimum, self.maximum - frac * (self.maximum - self.minimum))
+            remaining = self.minimum
+        else:
+            frac = math.log(c + 1) / math.log(self.k + 1)
+            remaining = max(self.minimum, self.maximum - frac * (self.maximum - self.minimum))
+        return max(self.start + remaining, self.not_before)
 
     def confirm(self, sender: str) -> bool:
         """Record an independent confirmation; False if this sender already counted (the

@@ -123,12 +123,18 @@ class Suspect:
 
 @dataclass(frozen=True, slots=True)
 class Dead:
+    """``node`` failed at ``incarnation``. ``refused`` carries the evidence: the sender's TCP
+    probe was refused by the member's host (nothing listens there), which receivers accept
+    at once; any other verdict about a member a receiver believes alive is checked as a
+    suspicion first."""
+
     node: str
     incarnation: int
     sender: str
+    refused: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [MsgType.DEAD, self.node, self.incarnation, self.sender]
+        return [MsgType.DEAD, self.node, self.incarnation, self.sender, self.refused]
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +231,13 @@ def _suspect(v: list[Any]) -> Message:
 
 
 def _dead(v: list[Any]) -> Message:
-    expect_list(v, 4, 4, "dead")
-    return Dead(expect_name(v[1]), expect_uint(v[2], "incarnation"), expect_name(v[3]))
+    expect_list(v, 5, 5, "dead")
+    return Dead(
+        expect_name(v[1]),
+        expect_uint(v[2], "incarnation"),
+        expect_name(v[3]),
+        expect_bool(v[4], "refused"),
+    )
 
 
 def _left(v: list[Any]) -> Message:

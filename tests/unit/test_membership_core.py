@@ -258,7 +258,7 @@ def test_refused_fallback_declares_the_target_dead_at_once() -> None:
     node.run(t0 + LAN.probe_interval)
     assert node.events(EventKind.SUSPECT) == []
     # The verdict is gossiped like any other.
-    assert any(m == Dead(ping.target, 0, "a") for _, _, m in node.find(Dead, since=t0 + 0.6))
+    assert any(m == Dead(ping.target, 0, "a", True) for _, _, m in node.find(Dead, since=t0 + 0.6))
 
 
 def test_refused_fallback_is_only_a_failed_probe_when_not_fatal() -> None:
@@ -470,12 +470,27 @@ def test_k_confirmations_bring_the_timeout_down_to_the_minimum() -> None:
     assert dead_at(node) == pytest.approx(10.0 + MIN_5)
 
 
-def test_confirmation_after_the_minimum_elapsed_kills_at_once() -> None:
+def test_a_late_confirmation_still_leaves_one_probe_interval_to_refute() -> None:
+    # The second confirmation arrives after the minimum elapsed: Lifeguard's formula puts the
+    # deadline in the past, but the accused still gets one probe interval to refute.
     node = suspected()
     node.send(11.0, D, Suspect("b", 0, "d"))
     node.send(15.0, E, Suspect("b", 0, "e"))
-    node.run(15.0)
-    assert dead_at(node) == pytest.approx(15.0)
+    node.run(15.5)
+    assert node.events(EventKind.DEAD, "b") == []
+    node.run(20.0)
+    assert dead_at(node) == pytest.approx(15.0 + LAN.probe_interval)
+
+
+def test_a_refutation_within_the_grace_after_a_late_confirmation_saves_the_member() -> None:
+    node = suspected()
+    node.send(11.0, D, Suspect("b", 0, "d"))
+    node.send(15.0, E, Suspect("b", 0, "e"))
+    node.send(15.5, B, Alive("b", 1, B, {}))
+    node.run(30.0)
+    assert node.events(EventKind.DEAD, "b") == []
+    view = node.core.member("b")
+    assert view is not None and view.status is Status.ALIVE
 
 
 def test_duplicate_confirmations_do_not_count() -> None:
@@ -636,12 +651,12 @@ def test_no_refutation_while_leaving() -> None:
 
 def test_dead_is_final_for_its_incarnation() -> None:
     node = cluster(["b"])
-    node.send(1.0, STRANGER, Dead("b", 3, "c"))
+    node.send(1.0, STRANGER, Dead("b", 3, "c", True))
     [event] = node.events(EventKind.DEAD)
     assert (event.member.name, event.member.incarnation) == ("b", 3)
     assert node.core.alive_count == 1
     node.send(2.0, B, Alive("b", 3, B, {}), Alive("b", 2, B, {}), Suspect("b", 3, "c"))
-    node.send(2.0, B, Dead("b", 4, "c"))
+    node.send(2.0, B, Dead("b", 4, "c", True))
     assert node.status("b") is Status.DEAD
     assert len(node.events()) == 2  # the JOIN at start and the DEAD
     node.send(3.0, B, Alive("b", 5, B, {}))
@@ -660,7 +675,7 @@ def test_left_is_distinct_from_dead() -> None:
     assert node.core.stats.deaths == 0
     assert node.core.alive_count == 2
     # Final for the incarnation: neither alive nor dead at it changes anything.
-    node.send(2.0, B, Alive("b", 0, B, {}), Dead("b", 0, "c"), Suspect("b", 0, "c"))
+    node.send(2.0, B, Alive("b", 0, B, {}), Dead("b", 0, "c", True), Suspect("b", 0, "c"))
     assert node.status("b") is Status.LEFT
     assert len(node.events(name="b")) == 2
     node.send(3.0, B, Alive("b", 1, B, {}))
@@ -673,7 +688,7 @@ def test_left_is_distinct_from_dead() -> None:
 
 def test_leave_that_overtook_the_verdict_records_the_graceful_reason() -> None:
     node = cluster(["b"])
-    node.send(1.0, STRANGER, Dead("b", 0, "c"))
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True))
     node.send(2.0, B, Left("b", 0))
     assert node.status("b") is Status.LEFT
     assert [e.kind for e in node.events(name="b")] == [
@@ -711,7 +726,7 @@ def test_address_conflict_with_a_live_member_is_rejected() -> None:
 @pytest.mark.parametrize("end", ["dead", "left"])
 def test_dead_or_left_member_may_come_back_at_a_new_address(end: str) -> None:
     node = cluster(["b"])
-    node.send(1.0, STRANGER, Dead("b", 0, "c") if end == "dead" else Left("b", 0))
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True) if end == "dead" else Left("b", 0))
     new = ("10.9.9.9", 7946)
     node.send(2.0, new, Alive("b", 0, new, {}))
     view = node.core.member("b")
@@ -729,7 +744,7 @@ def test_announcement_rejected_as_a_conflict_counts_once_the_old_entry_is_gone()
     announcement = build(Alive("b", 1, new, {}))
     node.deliver(1.0, new, announcement)
     assert node.core.stats.conflicts == 1
-    node.send(2.0, STRANGER, Dead("b", 0, "c"))
+    node.send(2.0, STRANGER, Dead("b", 0, "c", True))
     node.deliver(3.0, new, announcement)
     view = node.core.member("b")
     assert view is not None and (view.status, view.addr, view.incarnation) == (
@@ -1008,7 +1023,7 @@ def test_leaving_node_still_answers_pings() -> None:
 
 def test_reconnect_tries_a_dead_members_address_with_a_push_pull() -> None:
     node = cluster(["b"], tune=tuning(push_pull_interval=1000.0))
-    node.send(1.0, STRANGER, Dead("b", 0, "c"))
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True))
     node.run(1.5 * LAN.reconnect_interval)
     reqs = node.push_pulls(join=True)
     assert reqs, "no reconnect attempt"
@@ -1025,7 +1040,7 @@ def test_reconnect_tries_a_dead_members_address_with_a_push_pull() -> None:
 def test_dead_members_are_forgotten_after_the_reconnect_timeout() -> None:
     tune = tuning(reconnect_interval=10.0, reconnect_timeout=40.0, push_pull_interval=1000.0)
     node = cluster(["b"], tune=tune)
-    node.send(1.0, STRANGER, Dead("b", 0, "c"))
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True))
     node.run(60.0)
     assert node.core.member("b") is None
     assert node.push_pulls(since=41.0 + 15.0) == []
@@ -1218,3 +1233,58 @@ def test_member_table_is_bounded() -> None:
     node.send(2.0, STRANGER, Alive("e", 1, addr_for("e"), {"k": "v"}))
     view = node.core.member("e")
     assert view is not None and view.incarnation == 1
+
+
+# ---------------------------------------------------------------------------- robustness rules
+
+
+def test_a_verdict_without_evidence_about_an_unsuspected_member_is_checked_first() -> None:
+    """A DEAD from someone else about a member we believe alive becomes a suspicion (its
+    accuser may be the cut-off one); the member can still refute."""
+    node = cluster(["b", "c", "d"])
+    node.send(1.0, C, Dead("b", 0, "c"))
+    assert node.status("b") is Status.SUSPECT
+    assert node.core.stats.dead_downgraded == 1
+    assert node.events(EventKind.DEAD) == []
+    node.send(2.0, B, Alive("b", 1, B, {}))
+    assert node.status("b") is Status.ALIVE
+
+
+def test_a_verdict_with_refusal_evidence_is_accepted_at_once() -> None:
+    node = cluster(["b", "c", "d"])
+    node.send(1.0, C, Dead("b", 0, "c", True))
+    assert node.status("b") is Status.DEAD
+    assert node.core.stats.dead_downgraded == 0
+
+
+def test_a_verdict_about_a_suspect_is_accepted() -> None:
+    node = cluster(["b", "c", "d"])
+    node.send(1.0, C, Suspect("b", 0, "c"))
+    node.send(2.0, D, Dead("b", 0, "d"))
+    assert node.status("b") is Status.DEAD
+
+
+def test_a_stale_accusation_re_announces_our_refutation() -> None:
+    node = cluster(["b", "c"])
+    node.send(1.0, B, Suspect("a", 0, "b"))
+    assert node.core.incarnation == 1
+    node.run(30.0)  # the refutation used up its transmits
+    assert node.core.stats.reannouncements == 0
+    node.send(31.0, C, Suspect("a", 0, "c"))  # someone still accuses the old incarnation
+    assert node.core.incarnation == 1  # no new incarnation ...
+    assert node.core.stats.reannouncements == 1  # ... but the alive goes out again
+    node.run(31.5)
+    assert Alive("a", 1, ADDR_A, {}) in [m for _, _, m in node.find(Alive, since=31.0)]
+
+
+def test_our_own_suspicions_are_slowed_by_poor_local_health() -> None:
+    node = cluster(["b", "c", "d"])
+    node.core.awareness.apply(3)  # we have been missing acks and nacks: score 3 → ×4
+    node.core._on_suspect(1.0, Suspect("b", 0, "a"))
+    node.run(200.0)
+    from meshd.membership.suspicion import suspicion_bounds
+
+    lo, _ = suspicion_bounds(
+        LAN.suspicion_mult, LAN.suspicion_max_timeout_mult, 4, LAN.probe_interval
+    )
+    assert dead_at(node) >= 1.0 + 4 * lo

@@ -93,7 +93,7 @@ def good(code: MsgType) -> list[Any]:
         MsgType.NACK: [4, 5],
         MsgType.ALIVE: [5, "a", 1, V4_WIRE, {"k": "v"}],
         MsgType.SUSPECT: [6, "a", 1, "b"],
-        MsgType.DEAD: [7, "a", 1, "b"],
+        MsgType.DEAD: [7, "a", 1, "b", False],
         MsgType.LEFT: [8, "a", 1],
         MsgType.PUSH_PULL: [9, False, "a", [["a", V4_WIRE, 1, 0, {}]]],
     }[code]

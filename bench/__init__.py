@@ -1,0 +1,1 @@
+"""Benchmarks: the membership protocol measured in the simulator (``python -m bench.simulate``)."""
