@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
@@ -55,6 +56,42 @@ class AgentContext:
     def stop(self) -> None:
         self._agent.stop()
 
+    # timers live with this activation; reminders are stored in the agent's state
+
+    def after(self, delay: float, body: Any = None) -> Callable[[], None]:
+        """Send this agent ``body`` after ``delay`` seconds, unless cancelled (call the
+        returned function) or the agent stops first."""
+        return self._agent.start_timer(delay, body)
+
+    async def remind(
+        self,
+        name: str,
+        body: Any = None,
+        *,
+        after: float | None = None,
+        at: float | None = None,
+        every: float | None = None,
+    ) -> None:
+        """A durable reminder: this agent gets a message from ``meshd:reminders`` with body
+        ``{"reminder": name, "data": body}`` after ``after`` seconds (or at Unix time ``at``),
+        then every ``every`` seconds if given — on whichever host runs it then."""
+        args: dict[str, Any] = {"agent": self.name, "name": name, "data": body}
+        if at is not None:
+            args["at_ms"] = int(at * 1000)
+        else:
+            args["after_ms"] = int((after or 0.0) * 1000)
+        if every is not None:
+            args["every_ms"] = int(every * 1000)
+        await self.mesh.call("agent.remind", args)
+
+    async def forget(self, name: str) -> None:
+        """Cancel a reminder."""
+        await self.mesh.call("agent.forget", {"agent": self.name, "name": name})
+
+    async def reminders(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.mesh.call("agent.reminders", {"agent": self.name})
+        return result
+
 
 HandlerFunction = Callable[[AgentContext, Message], Awaitable[Any]]
 
@@ -64,6 +101,18 @@ class HandlerObject(Protocol):
 
 
 Handler = HandlerFunction | HandlerObject
+
+
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """A registration failure (Conflict, Invalid, ...) leaves the worker task group wrapped
+    in an exception group: raise it as itself, so that ``serve()`` raises what it says."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
 
 
 class Agent:
@@ -102,11 +151,42 @@ class Agent:
         self._send, self._receive = anyio.create_memory_object_stream[Message](_QUEUE)
         self._done: OrderedDict[str, tuple[bool, Any]] = OrderedDict()
         self._running: set[str] = set()
+        self._leaving: str | None = None  # set when asked to deactivate (drain, idle, ...)
+        self._timers: TaskGroup | None = None
+        self.last_activity = 0.0
 
     def stop(self) -> None:
         if self.stop_reason is None:
             self.stop_reason = "stopped"
         self._scope.cancel()
+
+    def is_leaving(self) -> bool:
+        """Asked to deactivate (drain, rebalance, idle, minority)?"""
+        return self._leaving is not None
+
+    def deactivate(self, reason: str) -> None:
+        """Stop gracefully: finish the message in hand, hand back the rest (their senders
+        get ``unreachable`` and at-least-once senders retry at the agent's next home)."""
+        if self._leaving is None:
+            self._leaving = reason
+            self.stop_reason = reason
+            self._send.close()
+
+    def start_timer(self, delay: float, body: Any) -> Callable[[], None]:
+        scope = anyio.CancelScope()
+
+        async def fire() -> None:
+            with scope:
+                await anyio.sleep(delay)
+                try:
+                    await self.mesh.send(self.name, body, sender=self.name)
+                except MeshError as exc:
+                    log.warning("agent %s: timer message failed: %s", self.name, exc)
+
+        if self._timers is None:
+            raise errors.Closed(f"{self.name!r} is not running")
+        self._timers.start_soon(fire)
+        return scope.cancel
 
     async def wait(self) -> None:
         """Until the agent stops (stopped, lost a name conflict, or failed)."""
@@ -117,11 +197,13 @@ class Agent:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
-            with self._scope:
+            with self._scope, _unwrapped():
                 async with anyio.create_task_group() as workers:
+                    self._timers = workers
+                    self.last_activity = anyio.current_time()
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker)
-                    while True:
+                    while not self.is_leaving():
                         conn = await self.mesh.wait_connected()
                         try:
                             async with conn.stream("agent.serve", self._serve_args()) as items:
@@ -130,6 +212,9 @@ class Agent:
                                         started = True
                                         await self._on_start()
                                         task_status.started()
+                                    if self.is_leaving():
+                                        await self._finish_in_hand()
+                                        break
                         except (errors.Closed, errors.Unreachable):
                             continue  # the daemon went away: re-register after reconnecting
                         except errors.Conflict as exc:
@@ -167,6 +252,9 @@ class Agent:
             self.info = AgentInfo.from_wire(item.get("entry", {}))
             self.registrations += 1
             return True
+        if kind == "deactivate":
+            self.deactivate(str(item.get("reason", "deactivated")))
+            return False
         if kind == "name_conflict":
             winner = item.get("winner")
             self.conflict_winner = AgentInfo.from_wire(winner) if isinstance(winner, dict) else None
@@ -179,16 +267,28 @@ class Agent:
                 is_request=kind == "request",
                 at_least_once=bool(item.get("at_least_once")),
             )
+            self.last_activity = anyio.current_time()
             try:
                 self._send.send_nowait(msg)
             except anyio.WouldBlock:
                 # Queue full: this delivery is dropped; the daemon times it out for the sender.
                 log.warning("agent %s: queue full, dropped message %s", self.name, msg.id)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # deactivating: the daemon fails it for the sender when the stream ends
         return False
 
     async def _worker(self) -> None:
         async for msg in self._receive:
+            if self._leaving is not None:
+                continue  # handed back: the daemon fails it when the stream ends
             await self._run_one(msg)
+            self.last_activity = anyio.current_time()
+
+    async def _finish_in_hand(self) -> None:
+        """Deactivating: wait (bounded) for the messages being handled to complete."""
+        with anyio.move_on_after(30):
+            while self._running:
+                await anyio.sleep(0.01)
 
     async def _run_one(self, msg: Message) -> None:
         wants_answer = msg.is_request or msg.at_least_once

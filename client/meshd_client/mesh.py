@@ -24,6 +24,7 @@ from meshd_client.agents import Agent, Handler
 from meshd_client.connection import Connection, socket_path
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
+from meshd_client.runners import Factory, Runner, Strategy
 from meshd_client.state import StateDoc
 from meshd_client.types import AgentInfo, RegistryEvent, Signal
 
@@ -294,28 +295,39 @@ class Mesh:
         async def pump() -> None:
             while not self._closing:
                 conn = await self.wait_connected()
+                streaming = False
                 try:
                     async with conn.stream(op, args) as items:
+                        streaming = True
                         opened.set()
                         async for item in items:
                             await send.send(item)
                 except (errors.Closed, errors.Unreachable):
                     continue
                 except MeshError as exc:
+                    if streaming and isinstance(exc, errors.Overloaded):
+                        continue  # dropped for falling behind: open it again
                     failure.append(exc)
                     opened.set()
                     send.close()
                     return
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            await opened.wait()
-            if failure:
-                raise failure[0]
-            try:
-                yield _drain(receive)
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                await opened.wait()
+                if failure:
+                    raise failure[0]
+                try:
+                    yield _drain(receive, failure)
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # An error from the caller's block (or the stream's own) comes back as itself,
+            # so that ``except Invalid`` works, as with Mesh.connect().
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
 
     # ------------------------------------------------------------------ state
 
@@ -357,15 +369,59 @@ class Mesh:
             raise
         return agent
 
+    async def serve_kind(
+        self,
+        kind: str,
+        factory: Factory,
+        *,
+        capacity: int = 1000,
+        strategy: Strategy = "keep_majority",
+        idle_timeout: float | None = 300.0,
+        concurrency: int = 1,
+    ) -> Runner:
+        """Offer to run agents of ``kind``: ``factory(name)`` returns the handler for each
+        agent placed here (activated on its first message, by ``spawn``, on failover or by a
+        move). ``strategy`` decides what happens in a partition: ``keep_majority`` agents run
+        only on a majority side; ``allow_duplicates`` agents run on both sides."""
+        assert self._tg is not None
+        runner = Runner(
+            self,
+            kind,
+            factory,
+            capacity=capacity,
+            strategy=strategy,
+            idle_timeout=idle_timeout,
+            concurrency=concurrency,
+        )
+        await self._tg.start(runner.run)
+        return runner
+
+    async def spawn(self, kind: str, name: str, *, timeout: float = 10.0) -> AgentInfo:
+        """Place and activate agent ``name`` of ``kind`` now (it would otherwise start on
+        its first message)."""
+        result = await self.call(
+            "spawn", {"kind": kind, "name": name, "timeout": int(timeout)}, timeout=timeout + 1
+        )
+        return AgentInfo.from_wire(result)
+
+    async def drain(self, node: str | None = None) -> dict[str, Any]:
+        """Move every agent off ``node`` (the local daemon's host by default)."""
+        result: dict[str, Any] = await self.call("drain", {"node": node} if node else {})
+        return result
+
     def _agent_stopped(self, agent: Agent) -> None:
         if self._agents.get(agent.name) is agent:
             del self._agents[agent.name]
 
 
-async def _drain(receive: Any) -> AsyncIterator[Any]:
+async def _drain(receive: Any, failure: list[MeshError]) -> AsyncIterator[Any]:
     async with receive:
         async for item in receive:
             yield item
+    if failure:
+        # The daemon ended the stream with an error (an invalid pattern, say): the
+        # consumer gets it instead of an iteration that just stops.
+        raise failure[0]
 
 
 async def _mapped(items: AsyncIterator[Any], fn: Callable[[Any], Any]) -> AsyncIterator[Any]:

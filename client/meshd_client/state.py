@@ -56,12 +56,19 @@ class StateDoc:
             raise
 
     async def update(
-        self, ops: list[dict[str, Any]], durability: Durability = "local"
+        self,
+        ops: list[dict[str, Any]],
+        durability: Durability = "local",
+        *,
+        once: str | None = None,
     ) -> dict[str, Any]:
-        """Apply operations atomically (all or nothing)."""
-        result: dict[str, Any] = await self._call(
-            "state.update", {"doc": self.name, "ops": ops, "durability": durability}
-        )
+        """Apply operations atomically (all or nothing). With ``once`` — an idempotency key,
+        typically the id of the message being handled — a repeat of the same key changes
+        nothing (``{"duplicate": True}``), even after the agent moved to another host."""
+        args: dict[str, Any] = {"doc": self.name, "ops": ops, "durability": durability}
+        if once is not None:
+            args["once"] = once
+        result: dict[str, Any] = await self._call("state.update", args)
         return result
 
     async def set(self, path: PathLike, value: Any, durability: Durability = "local") -> None:
@@ -70,9 +77,16 @@ class StateDoc:
     async def delete(self, path: PathLike, durability: Durability = "local") -> None:
         await self.update([{"op": "delete", "path": _path(path)}], durability)
 
-    async def incr(self, path: PathLike, by: int = 1, durability: Durability = "local") -> None:
+    async def incr(
+        self,
+        path: PathLike,
+        by: int = 1,
+        durability: Durability = "local",
+        *,
+        once: str | None = None,
+    ) -> None:
         """Add to a counter (created at 0 if missing); concurrent increments all count."""
-        await self.update([{"op": "incr", "path": _path(path), "by": by}], durability)
+        await self.update([{"op": "incr", "path": _path(path), "by": by}], durability, once=once)
 
     async def append(self, path: PathLike, *values: Any, durability: Durability = "local") -> None:
         await self.update(

@@ -136,6 +136,7 @@ def register(node: Node) -> None:
             req.args.get("doc"),  # type: ignore[arg-type]
             req.args.get("ops"),
             durability_of(req.args),
+            once=req.args.get("once"),
         )
 
     async def state_list(_session: Session, _req: messages.Request) -> Any:

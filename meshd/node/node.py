@@ -29,9 +29,11 @@ from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import EventKind, MemberEvent
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
-from meshd.node import agent_ops, control, data_ops, telemetry
+from meshd.node import agent_ops, control, data_ops, lifecycle_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
+from meshd.placement.reminders import Reminders
+from meshd.placement.service import Placement, PlacementTuning
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
 from meshd.registry.registry import Registry, RegistryEvent
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
@@ -179,6 +181,8 @@ class Node:
         self.compactor: Compactor
         self.router: Router
         self.routing_links: PeerLinks
+        self.placement: Placement
+        self.reminders: Reminders
         self.port = 0
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
@@ -253,6 +257,7 @@ class Node:
         control.register(self)
         data_ops.register(self)
         agent_ops.register(self)
+        lifecycle_ops.register(self)
         telemetry.register(self)
         log.info(
             "meshd starting",
@@ -275,6 +280,8 @@ class Node:
                 await nursery.start(self.replication.run)
                 await nursery.start(self.routing_links.run)
                 await nursery.start(self.router.run)
+                await nursery.start(self.placement.run)
+                await nursery.start(self.reminders.run)
                 self.registry.open_own()
                 self.replication.flush()
                 self.core.start(trio.current_time(), seeds)
@@ -341,6 +348,7 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, list[dict[str, Any]]] = {}
+        self._dead_hosts: list[str] = []
         self.router = Router(
             node=name,
             registry=self.registry,
@@ -360,6 +368,26 @@ class Node:
         self.routing_links.on_connect = self.router.link_status
         self.router.attach_links(self.routing_links)
         self.replication.doc_listeners.append(self.router.on_doc_event)
+        self.placement = Placement(
+            node=name,
+            membership=self.core,
+            registry=self.registry,
+            replicator=self.replicator,
+            tuning=PlacementTuning(),
+            log=logging.getLogger("meshd.placement"),
+        )
+        self.placement.router = self.router
+        self.placement.flush = self.replication.flush
+        self.placement.catch_up = self.replication.catch_up
+        self.router.placement = self.placement
+        self.replication.doc_listeners.append(self.placement.on_doc_event)
+        self.reminders = Reminders(
+            self.replicator,
+            lambda: list(self.router.local),
+            self.router.call,
+            self.replication.flush,
+            logging.getLogger("meshd.reminders"),
+        )
         self.driver.listeners.append(self._on_member_event)
 
     def _coordinates(self) -> bool:
@@ -410,11 +438,15 @@ class Node:
             self.routing_links.close(member)
             self.replication.forget_peer(member)
             self.router.host_down(member)
+            self._dead_hosts.append(member)
         elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
             self.router.host_up(member)
             # A new member, or one back from a partition: repair with it right away.
             self.replicator.request_sync(trio.current_time(), member)
         self.registry.node_changed(member)
+        while self._dead_hosts:
+            # After the registry stopped resolving its agents: re-place what it ran.
+            self.placement.host_down(self._dead_hosts.pop())
         self.replication.flush()
 
     def _on_registry_event(self, event: RegistryEvent) -> None:

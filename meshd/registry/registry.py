@@ -336,6 +336,10 @@ class Registry:
     def lookup(self, name: str) -> Entry | None:
         return self._winners.get(name)
 
+    def names_on(self, node: str) -> list[str]:
+        """Names with an entry in ``node``'s document (whether or not they resolve)."""
+        return sorted(self._by_node.get(node, ()))
+
     def last_known(self, name: str) -> Entry | None:
         """The entry ``name`` would resolve to if every node were up, when it does not
         resolve now because its node is down (dead, left or partitioned away): callers can

@@ -12,7 +12,7 @@ import trio
 from pycrdt import Doc
 
 from meshd.logs import RateLimitedLog
-from meshd.replication import messages
+from meshd.replication import messages, vectors
 from meshd.replication.core import (
     DocEvent,
     Durability,
@@ -20,6 +20,7 @@ from meshd.replication.core import (
     Send,
     VectorReport,
     WriteDone,
+    covers,
 )
 from meshd.transport.deadlines import Deadlines
 from meshd.transport.links import PeerLinks
@@ -44,7 +45,8 @@ class ReplicationDriver:
         self.links: PeerLinks | None = None
         self.deadlines = Deadlines(core)
         self.doc_listeners: list[Callable[[DocEvent], None]] = []
-        self.report_listeners: list[Callable[[VectorReport], None]] = []
+        self.report_listeners: list[Callable[[VectorReport], None]] = [self._on_report]
+        self._queries: dict[int, tuple[set[str], dict[str, bytes], trio.Event]] = {}
         self._waiters: dict[int, tuple[trio.Event, list[WriteDone]]] = {}
         self._reassemblers: dict[str, messages.Reassembler] = {}
         self._transfers = itertools.count(1)
@@ -124,6 +126,58 @@ class ReplicationDriver:
 
     def forget_peer(self, peer: str) -> None:
         self._reassemblers.pop(peer, None)
+
+    # ------------------------------------------------------------------ catching up
+
+    def _on_report(self, report: VectorReport) -> None:
+        query = self._queries.get(report.query)
+        if query is None:
+            return
+        waiting, found, done = query
+        waiting.discard(report.peer)
+        for _, sv in report.vectors.values():
+            found[report.peer] = sv
+        if not waiting:
+            done.set()
+
+    async def catch_up(self, doc: str, peers: list[str], timeout: float) -> bool:
+        """Make sure this node holds everything any of ``peers`` holds of ``doc`` (before an
+        agent starts here on failover or a move). True once it does, False at the timeout."""
+        if not peers:
+            return True
+        deadline = trio.current_time() + timeout
+        done = trio.Event()
+        waiting = set(peers)
+        found: dict[str, bytes] = {}
+        query = self.core.query([doc], peers)
+        self._queries[query] = (waiting, found, done)
+        self.flush()
+        try:
+            with trio.move_on_at(trio.current_time() + timeout / 2):
+                await done.wait()
+        finally:
+            self._queries.pop(query, None)
+        target: dict[int, int] = {}
+        ahead = []
+        mine = self.core.store.get(doc)
+        for peer, sv in found.items():
+            try:
+                theirs = vectors.decode(sv)
+            except vectors.VectorError:
+                continue
+            for client, clock in theirs.items():
+                target[client] = max(target.get(client, 0), clock)
+            if mine is None or vectors.has_news(theirs, mine.vector):
+                ahead.append(peer)
+        for peer in ahead:
+            self.core.sync_with(trio.current_time(), peer)
+        self.flush()
+        while trio.current_time() < deadline:
+            mine = self.core.store.get(doc)
+            if not target or (mine is not None and covers(mine.vector, target)):
+                return True
+            await trio.sleep(0.01)
+        return False
 
     # ------------------------------------------------------------------ writes
 

@@ -3,6 +3,10 @@
 DELIVER  [1, msg_id, to, sender, kind, at_least_once, ttl_ms, body]
 RESULT   [2, msg_id, ok, payload]          payload: the reply body, or an error map
 SIGNAL   [3, topic, event]                 a CloudEvents-shaped map
+ACTIVATE [4, msg_id, name, kind, ttl_ms]  start agent ``name`` of ``kind`` on the receiver
+                                          (its owner); answered with a RESULT (the entry)
+CONTROL  [5, msg_id, op, args]            an operator command for the receiving daemon
+                                          (e.g. drain); answered with a RESULT
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ class Kind(enum.IntEnum):
     DELIVER = 1
     RESULT = 2
     SIGNAL = 3
+    ACTIVATE = 4
+    CONTROL = 5
 
 
 class DeliveryKind(enum.IntEnum):
@@ -72,7 +78,28 @@ class Signal:
         return [Kind.SIGNAL, self.topic, self.event]
 
 
-Message = Deliver | Result | Signal
+@dataclass(frozen=True, slots=True)
+class Activate:
+    msg_id: str
+    name: str
+    kind: str
+    ttl_ms: int
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.ACTIVATE, self.msg_id, self.name, self.kind, self.ttl_ms]
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    msg_id: str
+    op: str
+    args: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.CONTROL, self.msg_id, self.op, self.args]
+
+
+Message = Deliver | Result | Signal | Activate | Control
 
 
 def encode(msg: Message) -> bytes:
@@ -107,4 +134,17 @@ def decode(data: bytes) -> Message:
         if not isinstance(v[2], dict):
             raise WireError("signal: event must be a map")
         return Signal(expect_str(v[1], "topic", 256), v[2])
+    if kind == Kind.ACTIVATE:
+        v = expect_list(value, 5, 5, "activate")
+        return Activate(
+            expect_str(v[1], "msg_id", MAX_ID),
+            expect_str(v[2], "name", MAX_NAME),
+            expect_str(v[3], "kind", 128),
+            expect_uint(v[4], "ttl_ms", MAX_TTL_MS),
+        )
+    if kind == Kind.CONTROL:
+        v = expect_list(value, 4, 4, "control")
+        if not isinstance(v[3], dict):
+            raise WireError("control: args must be a map")
+        return Control(expect_str(v[1], "msg_id", MAX_ID), expect_str(v[2], "op", 64), v[3])
     raise WireError(f"routing message: unknown type {kind}")

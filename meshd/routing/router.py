@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from pycrdt import Map
@@ -36,10 +36,13 @@ from meshd.replication.core import DocEvent, Replicator
 from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
-from meshd.routing.messages import Deliver, DeliveryKind, Result, Signal
+from meshd.routing.messages import Activate, Control, Deliver, DeliveryKind, Result, Signal
 from meshd.transport.links import PeerLinks
 from meshd.wire.membership import Status
 from meshd.wire.validate import WireError
+
+if TYPE_CHECKING:
+    from meshd.placement.service import Placement
 from meshd_client.protocol import cbor, errors
 from meshd_client.protocol.errors import MeshError
 
@@ -54,6 +57,19 @@ class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
     ok: bool = False
     payload: Any = None
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A delivery begun on this host: settled at once (``outcome``), or waiting for the
+    agent's answer (``waiter``, registered in ``agent``'s pending map), or, for a duplicate
+    of an at-least-once message still in progress, for the first delivery's outcome."""
+
+    key: str
+    outcome: tuple[bool, Any] | None = None
+    waiter: _Waiter | None = None
+    agent: LocalAgent | None = None
+    duplicate: bool = False
 
 
 @dataclass(slots=True)
@@ -109,6 +125,9 @@ class Router:
         self.log = log
         self.ratelog = RateLimitedLog(log)
         self.links: PeerLinks | None = None
+        self.placement: Placement | None = None
+        # Operator commands other daemons may send this one (e.g. "drain").
+        self.control_handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self.stats = RouterStats()
         self.local: dict[str, LocalAgent] = {}
         self.breakers: dict[str, Breaker] = {}
@@ -204,6 +223,12 @@ class Router:
         msg_id = msg_id or uuid.uuid4().hex
         deadline = trio.current_time() + timeout
         entry = self.registry.lookup(to)
+        if entry is None and self.placement is not None:
+            try:
+                # A virtual agent (or one whose host died): activate it where it belongs.
+                entry = await self.placement.ensure_active(to, None, deadline)
+            except errors.NotFound:
+                entry = None
         if entry is None:
             gone = self.registry.last_known(to)
             if gone is not None:
@@ -231,34 +256,71 @@ class Router:
         deadline: float,
     ) -> tuple[bool, Any]:
         """Send to the hosting daemon and wait for its result (unless fire-and-forget)."""
+        if msg.kind is DeliveryKind.SEND and not msg.at_least_once:
+            self._check_host(host, msg.to)
+            assert self.links is not None
+            if not self.links.send(host, messages.encode(msg)):
+                raise errors.Overloaded(f"the link to {host} is backed up")
+            self.breaker(host).trial_in_flight = False
+            self.stats.forwarded += 1
+            return True, None
+        self.stats.forwarded += 1
+        return await self._exchange(host, msg.msg_id, msg, deadline, what=msg.to)
+
+    def _check_host(self, host: str, what: str) -> None:
+        """Fail fast if ``host`` is down or its circuit breaker is open."""
         now = trio.current_time()
         breaker = self.breaker(host)
         state = self.membership.peek(host)
         if state is None or state[0] not in _UP:
             breaker.trip(now)
             self.stats.unreachable += 1
-            raise errors.Unreachable(
-                f"{msg.to!r} is on {host}, which is down", detail={"host": host}
-            )
+            raise errors.Unreachable(f"{what!r} is on {host}, which is down", detail={"host": host})
         if not breaker.allow(now) or self.links is None:
             self.stats.unreachable += 1
             raise errors.Unreachable(
-                f"{msg.to!r} is on {host}, which is unreachable (circuit open)",
+                f"{what!r} is on {host}, which is unreachable (circuit open)",
                 detail={"host": host, "breaker": breaker.state.value},
             )
-        key = f"{host}\x00{msg.msg_id}"
-        fire_and_forget = msg.kind is DeliveryKind.SEND and not msg.at_least_once
-        waiter: _Waiter | None = None
-        if not fire_and_forget:
-            waiter = self._outbound[key] = _Waiter()
+
+    async def activate_remote(self, host: str, name: str, kind: str, deadline: float) -> Entry:
+        """Ask ``host`` (the agent's owner) to activate ``name``; returns its entry."""
+        msg_id = uuid.uuid4().hex
+        ttl_ms = max(1, int((deadline - trio.current_time()) * 1000))
+        ok, payload = await self._exchange(
+            host, msg_id, Activate(msg_id, name, kind, ttl_ms), deadline, what=name
+        )
+        if not ok:
+            raise errors.error_from_wire(payload)
+        entry = self.registry.lookup(name)
+        if entry is not None:
+            return entry
+        try:
+            return Entry(
+                name=payload["name"],
+                node=payload["node"],
+                kind=payload.get("kind", ""),
+                capabilities=tuple(payload.get("capabilities", ())),
+                metadata=dict(payload.get("metadata", {})),
+                registered_at=int(payload.get("registered_at", 0)),
+                entry_id=str(payload.get("entry_id", "")),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise errors.Internal("malformed activation result") from None
+
+    async def _exchange(
+        self, host: str, msg_id: str, msg: messages.Message, deadline: float, *, what: str
+    ) -> tuple[bool, Any]:
+        """Send one message to ``host`` and wait for its RESULT (breaker-guarded)."""
+        self._check_host(host, what)
+        assert self.links is not None
+        breaker = self.breaker(host)
+        key = f"{host}\x00{msg_id}"
+        waiter = self._outbound[key] = _Waiter()
         if not self.links.send(host, messages.encode(msg)):
             self._outbound.pop(key, None)
             breaker.trial_in_flight = False
             raise errors.Overloaded(f"the link to {host} is backed up")
-        self.stats.forwarded += 1
-        if waiter is None:
-            breaker.trial_in_flight = False
-            return True, None
         with trio.move_on_at(deadline):
             await waiter.event.wait()
         self._outbound.pop(key, None)
@@ -269,26 +331,82 @@ class Router:
             else:
                 breaker.failure(trio.current_time())
             raise errors.Timeout(
-                f"no answer from {msg.to!r} on {host} in time", detail={"host": host}
+                f"no answer from {what!r} on {host} in time", detail={"host": host}
             )
         breaker.success()
         return waiter.ok, waiter.payload
+
+    async def _serve_activate(self, peer: str, msg: Activate) -> None:
+        deadline = trio.current_time() + msg.ttl_ms / 1000
+        try:
+            if self.placement is None:
+                raise errors.Unreachable("this daemon does not place agents")
+            if not self.placement.may_run(msg.kind):
+                raise errors.Unreachable(
+                    f"{msg.name!r} is a keep_majority agent and {self.node} is in a minority"
+                )
+            entry = await self.placement.activate_local(msg.name, msg.kind, deadline)
+            ok, payload = True, entry.to_dict()
+        except MeshError as exc:
+            ok, payload = False, exc.to_wire()
+        if self.links is not None:
+            self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
+
+    async def control(self, host: str, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
+        """Run an operator command on another daemon (``meshctl drain HOST``)."""
+        msg_id = uuid.uuid4().hex
+        ok, payload = await self._exchange(
+            host, msg_id, Control(msg_id, op, args), trio.current_time() + timeout, what=op
+        )
+        if not ok:
+            raise errors.error_from_wire(payload)
+        return payload
+
+    async def _serve_control(self, peer: str, msg: Control) -> None:
+        handler = self.control_handlers.get(msg.op)
+        try:
+            if handler is None:
+                raise errors.Invalid(f"unknown control op {msg.op!r}")
+            ok, payload = True, await handler(msg.args)
+        except MeshError as exc:
+            ok, payload = False, exc.to_wire()
+        if self.links is not None:
+            self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
+
+    def deactivate(self, name: str, reason: str) -> bool:
+        """Ask the client serving ``name`` here to stop it after its current message."""
+        agent = self.local.get(name)
+        if agent is None:
+            return False
+        agent.stream.offer({"type": "deactivate", "reason": reason})
+        return True
 
     # ------------------------------------------------------------------ local delivery
 
     async def _deliver_local(
         self, msg: Deliver, deadline: float, *, wait: bool
     ) -> tuple[bool, Any]:
+        return await self._finish_local(msg, self._begin_local(msg, wait=wait), deadline)
+
+    def _begin_local(self, msg: Deliver, *, wait: bool) -> _Delivery:
+        """Hand ``msg`` to its local agent now, without yielding: deliveries reach an agent
+        in the order they were begun (see :meth:`receive`). The answer, if one is wanted,
+        is awaited by :meth:`_finish_local`."""
         now = trio.current_time()
         dedup = msg.at_least_once
+        # Message ids are chosen by senders: they identify a message to one agent, so the
+        # same id sent to another agent is another message.
+        key = f"{msg.to}\x00{msg.msg_id}"
         if dedup:
-            known = self.dedup.begin(msg.msg_id, now)
+            known = self.dedup.begin(key, now)
             if isinstance(known, Outcome):
                 self.stats.duplicates += 1
-                return known.ok, known.payload
+                return _Delivery(key, outcome=(known.ok, known.payload))
             if isinstance(known, InProgress):
                 self.stats.duplicates += 1
-                return await self._await_first(msg.msg_id, deadline)
+                waiter = _Waiter()
+                self._dedup_waiters.setdefault(key, []).append(waiter)
+                return _Delivery(key, waiter=waiter, duplicate=True)
         agent = self.local.get(msg.to)
         try:
             if agent is None:
@@ -311,42 +429,48 @@ class Router:
             if agent is not None:
                 agent.pending.pop(msg.msg_id, None)
             if dedup:
-                self.dedup.forget(msg.msg_id)
-                self._wake_duplicates(msg.msg_id, False, exc.to_wire())
-            return False, exc.to_wire()
+                self.dedup.forget(key)
+                self._wake_duplicates(key, False, exc.to_wire())
+            return _Delivery(key, outcome=(False, exc.to_wire()))
         self.stats.local_deliveries += 1
         if not wait:
-            return True, None
+            return _Delivery(key, outcome=(True, None))
+        return _Delivery(key, waiter=waiter, agent=agent)
+
+    async def _finish_local(
+        self, msg: Deliver, delivery: _Delivery, deadline: float
+    ) -> tuple[bool, Any]:
+        if delivery.outcome is not None:
+            return delivery.outcome
+        waiter = delivery.waiter
+        assert waiter is not None
         with trio.move_on_at(deadline):
             await waiter.event.wait()
-        agent.pending.pop(msg.msg_id, None)
+        if delivery.duplicate:
+            if not waiter.event.is_set():
+                return False, errors.Timeout(
+                    "the first delivery of this message is still running"
+                ).to_wire()
+            return waiter.ok, waiter.payload
+        assert delivery.agent is not None
+        delivery.agent.pending.pop(msg.msg_id, None)
+        key = delivery.key
         if not waiter.event.is_set():
             self.stats.timeouts += 1
             error = errors.Timeout(f"{msg.to!r} did not answer in time").to_wire()
-            if dedup:
-                self.dedup.forget(msg.msg_id)
-                self._wake_duplicates(msg.msg_id, False, error)
+            if msg.at_least_once:
+                self.dedup.forget(key)
+                self._wake_duplicates(key, False, error)
             return False, error
-        if dedup:
+        if msg.at_least_once:
             self.dedup.finish(
-                msg.msg_id,
+                key,
                 waiter.ok,
                 waiter.payload,
                 trio.current_time(),
                 body_size(waiter.payload),
             )
-            self._wake_duplicates(msg.msg_id, waiter.ok, waiter.payload)
-        return waiter.ok, waiter.payload
-
-    async def _await_first(self, msg_id: str, deadline: float) -> tuple[bool, Any]:
-        waiter = _Waiter()
-        self._dedup_waiters.setdefault(msg_id, []).append(waiter)
-        with trio.move_on_at(deadline):
-            await waiter.event.wait()
-        if not waiter.event.is_set():
-            return False, errors.Timeout(
-                "the first delivery of this message is still running"
-            ).to_wire()
+            self._wake_duplicates(key, waiter.ok, waiter.payload)
         return waiter.ok, waiter.payload
 
     def _wake_duplicates(self, msg_id: str, ok: bool, payload: Any) -> None:
@@ -409,18 +533,30 @@ class Router:
         if isinstance(msg, Signal):
             self._deliver_signal(msg.topic, msg.event)
             return
-        self.stats.received += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve_remote, peer, msg)
-
-    async def _serve_remote(self, peer: str, msg: Deliver) -> None:
+        if isinstance(msg, Activate):
+            self._nursery.start_soon(self._serve_activate, peer, msg)
+            return
+        if isinstance(msg, Control):
+            self._nursery.start_soon(self._serve_control, peer, msg)
+            return
+        self.stats.received += 1
         deadline = trio.current_time() + msg.ttl_ms / 1000
         wants_result = msg.kind is DeliveryKind.REQUEST or msg.at_least_once
+        # Hand the message to the agent here, in the order the link delivered it (one task
+        # per message would let the scheduler reorder them); only the wait is a task.
+        delivery = self._begin_local(msg, wait=wants_result)
+        if wants_result:
+            self._nursery.start_soon(self._serve_remote, peer, msg, delivery, deadline)
+
+    async def _serve_remote(
+        self, peer: str, msg: Deliver, delivery: _Delivery, deadline: float
+    ) -> None:
         try:
-            ok, payload = await self._deliver_local(msg, deadline, wait=wants_result)
+            ok, payload = await self._finish_local(msg, delivery, deadline)
         except MeshError as exc:
             ok, payload = False, exc.to_wire()
-        if wants_result and self.links is not None:
+        if self.links is not None:
             self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
 
     # ------------------------------------------------------------------ signals

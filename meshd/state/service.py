@@ -7,6 +7,7 @@ applied in one transaction, so a batch is all or nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,22 +50,33 @@ class StateService:
         replica = self.driver.core.store.get(doc)
         return replica.epoch if replica is not None else 0
 
-    async def update(self, name: str, ops: Any, durability: Durability = "local") -> dict[str, Any]:
+    async def update(
+        self, name: str, ops: Any, durability: Durability = "local", once: str | None = None
+    ) -> dict[str, Any]:
+        """Apply ``ops`` atomically. With ``once`` (an idempotency key such as a message id),
+        a repeat of the same key changes nothing and reports ``duplicate``."""
         name = check_name(name)
         parsed = values.parse_ops(ops)
+        if once is not None and (not isinstance(once, str) or not 0 < len(once) <= 128):
+            raise errors.Invalid("once must be a string of 1..128 characters")
         doc = doc_name(name)
         replica = self.driver.core.store.get(doc)
+        if once is not None and replica is not None and values.applied_once(replica.doc, once):
+            return {"duplicate": True, "acked": [], "needed": 0, "total": 0}
         current = (
             values.to_plain(replica.doc.get(values.ROOT, type=Map), marked=True)
             if replica is not None
             else {}
         )
         values.dry_run(current, parsed)
+
+        def apply(d: Any) -> None:
+            values.apply_ops(d, parsed)
+            if once is not None:
+                values.record_once(d, once, int(time.time() * 1000))
+
         result = await self.driver.write(
-            doc,
-            lambda d: values.apply_ops(d, parsed),
-            epoch=self._replica_epoch(doc),
-            durability=durability,
+            doc, apply, epoch=self._replica_epoch(doc), durability=durability
         )
         summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
         if not result.ok:

@@ -216,6 +216,8 @@ def dry_run(marked_root: dict[str, Any], ops: list[dict[str, Any]]) -> None:
             del parent[key]
         elif kind == "incr":
             parent, key = _Plain.parent(root, path)
+            if isinstance(key, str) and key.startswith("$"):
+                raise errors.Invalid("map keys may not start with '$'")
             if isinstance(parent, dict) and isinstance(key, str) and key not in parent:
                 parent[key] = CounterInt(0)
             current = _Plain.step(parent, key)
@@ -296,9 +298,17 @@ def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
             for offset, value in enumerate(op["values"]):
                 target.insert(op["index"] + offset, to_crdt(value, doc.client_id))
         elif kind == "text_insert":
-            target.insert(op["index"], op["text"])
+            target.insert(_text_offset(target, op["index"]), op["text"])
         else:
-            del target[op["index"] : op["index"] + op["length"]]
+            start = _text_offset(target, op["index"])
+            end = _text_offset(target, op["index"] + op["length"])
+            del target[start:end]
+
+
+def _text_offset(text: Text, index: int) -> int:
+    """pycrdt (Yrs) addresses text by UTF-8 byte offset; callers (and the dry run) count
+    characters."""
+    return len(str(text)[:index].encode())
 
 
 def _resolve(root: Map[Any], path: Path) -> Any:
@@ -317,12 +327,40 @@ def _increment(parent: Any, key: str | int, by: int, client_id: int) -> None:
     counter[slot] = counter.get(slot, 0) + by
 
 
+ONCE: Final = "once"
+MAX_ONCE: Final = 10_000
+
+
+def applied_once(doc: Doc[Any], key: str) -> bool:
+    """Was an update with this idempotency key applied already (on any replica)?"""
+    once: Map[Any] = doc.get(ONCE, type=Map)
+    return key in once
+
+
+def record_once(doc: Doc[Any], key: str, wall_ms: int) -> None:
+    """Remember ``key`` in the same transaction as the update it guards; forget the oldest
+    keys beyond ``MAX_ONCE`` (pruned in batches to keep writes cheap)."""
+    once: Map[Any] = doc.get(ONCE, type=Map)
+    once[key] = wall_ms
+    if len(once) > MAX_ONCE * 1.2:
+        by_age = sorted(once.items(), key=lambda kv: kv[1])
+        for old, _ in by_age[: len(once) - MAX_ONCE]:
+            del once[old]
+
+
 def read(doc: Doc[Any], path: Path | None = None) -> Any:
     root: Map[Any] = doc.get(ROOT, type=Map)
     node: Any = root
     for part in path or []:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            raise errors.NotFound(f"no value at {path!r}") from None
+        # Only map keys and list indexes lead somewhere (pycrdt answers None for a string
+        # index into an Array, and would step into counters' slots and text characters).
+        if isinstance(node, Map) and COUNTER not in node and isinstance(part, str):
+            found = part in node
+        elif isinstance(node, Array) and type(part) is int:
+            found = -len(node) <= part < len(node)
+        else:
+            found = False
+        if not found:
+            raise errors.NotFound(f"no value at {path!r}")
+        node = node[part]
     return to_plain(node)

@@ -1,0 +1,140 @@
+"""API ops for the agent lifecycle: runners of kinds, spawn, drain, placement, reminders."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshd.api.server import Session, Stream
+from meshd.placement.kinds import Strategy, check_kind
+from meshd.placement.service import Runner
+from meshd_client.protocol import errors, messages
+
+if TYPE_CHECKING:
+    from meshd.node.node import Node
+
+MAX_CAPACITY = 1_000_000
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise errors.Invalid(f"{key} must be a non-empty string")
+    return value
+
+
+def _int(args: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = args.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise errors.Invalid(f"{key} must be an integer in {lo}..{hi}")
+    return value
+
+
+def register(node: Node) -> None:
+    api = node.api
+    placement = node.placement
+
+    async def serve_kind(session: Session, req: messages.Request, stream: Stream) -> None:
+        """A client can create agents of a kind: the daemon streams it activation requests."""
+        args = req.args
+        kind = check_kind(args.get("kind"))
+        try:
+            strategy = Strategy(args.get("strategy", Strategy.KEEP_MAJORITY.value))
+        except ValueError:
+            raise errors.Invalid("strategy must be keep_majority or allow_duplicates") from None
+        runner = Runner(
+            kind, _int(args, "capacity", 1000, 1, MAX_CAPACITY), strategy, session, stream
+        )
+        placement.attach_runner(runner)
+        try:
+            stream.emit({"type": "serving", "kind": kind, "node": node.config.node.name})
+            await stream.until_failed()
+        finally:
+            placement.detach_runner(runner)
+
+    async def spawn(_session: Session, req: messages.Request) -> Any:
+        kind = check_kind(req.args.get("kind"))
+        name = _str(req.args, "name")
+        timeout = float(_int(req.args, "timeout", 10, 1, 600))
+        entry = await placement.ensure_active(name, kind, trio.current_time() + timeout)
+        return entry.to_dict()
+
+    async def drain(_session: Session, req: messages.Request) -> Any:
+        target = req.args.get("node") or node.config.node.name
+        if target != node.config.node.name:
+            return await node.router.control(target, "drain", {})
+        moving = placement.start_drain()
+        return {"node": target, "draining": True, "moving": moving}
+
+    async def where(_session: Session, req: messages.Request) -> Any:
+        kind = check_kind(req.args.get("kind"))
+        name = _str(req.args, "name")
+        return {
+            "kind": kind,
+            "name": name,
+            "owner": placement.owner(kind, name),
+            "hosts": {
+                h: {
+                    "capacity": i.capacity,
+                    "active": i.active,
+                    "accepts": i.accepts,
+                    "draining": i.draining,
+                    "strategy": i.strategy.value,
+                }
+                for h, i in placement.table.hosts(kind).items()
+            },
+            "majority": placement.quorum.has_majority,
+            "strategy": (s.value if (s := placement.table.strategy(kind)) else None),
+        }
+
+    async def kinds(_session: Session, _req: messages.Request) -> Any:
+        return {
+            kind: {
+                h: {
+                    "capacity": i.capacity,
+                    "active": i.active,
+                    "draining": i.draining,
+                    "strategy": i.strategy.value,
+                }
+                for h, i in placement.table.hosts(kind).items()
+            }
+            for kind in sorted(placement.table.kinds())
+        }
+
+    async def remind(_session: Session, req: messages.Request) -> Any:
+        args = req.args
+        agent = _str(args, "agent")
+        name = _str(args, "name")
+        every = _int(args, "every_ms", 0, 0, 365 * 86400_000)
+        if "at_ms" in args:
+            due = _int(args, "at_ms", 0, 0, 2**62)
+        else:
+            due = int(time.time() * 1000) + _int(args, "after_ms", 0, 0, 365 * 86400_000)
+        node.reminders.set(trio.current_time(), agent, name, due, every, args.get("data"))
+        return {"agent": agent, "name": name, "due_ms": due, "every_ms": every}
+
+    async def forget(_session: Session, req: messages.Request) -> Any:
+        removed = node.reminders.forget(
+            trio.current_time(), _str(req.args, "agent"), _str(req.args, "name")
+        )
+        if not removed:
+            raise errors.NotFound("no such reminder")
+        return {"removed": True}
+
+    async def reminders(_session: Session, req: messages.Request) -> Any:
+        return node.reminders.listing(_str(req.args, "agent"))
+
+    async def drain_here(_args: dict[str, Any]) -> Any:
+        return {"node": node.config.node.name, "draining": True, "moving": placement.start_drain()}
+
+    node.router.control_handlers["drain"] = drain_here
+    api.add_stream_op("kind.serve", serve_kind, "serve a kind: receive activation requests")
+    api.add_op("spawn", spawn, "place and activate an agent of a kind")
+    api.add_op("drain", drain, "move every agent off a host (this one by default)")
+    api.add_op("placement", where, "where an agent of a kind belongs, and why")
+    api.add_op("kinds", kinds, "every kind and the hosts serving it")
+    api.add_op("agent.remind", remind, "schedule a durable reminder for an agent")
+    api.add_op("agent.forget", forget, "cancel a reminder")
+    api.add_op("agent.reminders", reminders, "an agent's reminders")

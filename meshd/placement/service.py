@@ -1,0 +1,429 @@
+"""Placement: where agents of a kind run, and keeping them running.
+
+* **Owner.** An agent of kind K belongs to the live host that wins weighted rendezvous
+  hashing over the hosts serving K that accept more agents (capacity weights; draining and
+  full hosts excluded). Every daemon computes the same owner from the same replicated table;
+  there is no coordinator and no lock.
+* **Virtual agents.** A message to a name that does not resolve but names a kind
+  (``<kind>/<key>``) activates the agent on its owner first: the owner asks one of its
+  local runners (a client serving the kind) to create it, waits for its registration, then
+  delivers. Concurrent first messages share one activation.
+* **Failover.** When a host dies, every daemon looks at the agents that host ran (the
+  registry remembers them until reclaimed); the new owner of each re-activates it. Its state
+  document is replicated, so it comes back with its state.
+* **Partition strategy.** ``keep_majority`` kinds run only on the side of a partition that
+  holds a strict majority of the last stable membership (:mod:`meshd.placement.quorum`): the
+  minority side deactivates them and answers ``unreachable``. ``allow_duplicates`` kinds run
+  on both sides; the registry's duplicate-name rule settles it after the heal.
+* **Drain and rebalance.** A draining host stops accepting agents and moves its own, one at a
+  time; when a host starts serving a kind, agents whose owner changed move in bounded batches.
+  A move deactivates the agent (after its current message), then activates it on the new
+  owner; messages in between trigger the same activation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from pycrdt import Map
+
+from meshd.api.server import Session, Stream
+from meshd.logs import kv
+from meshd.membership.core import Membership
+from meshd.placement import rendezvous
+from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
+from meshd.placement.quorum import Quorum
+from meshd.registry.model import Entry
+from meshd.registry.registry import DOC_PREFIX, Registry, RegistryEvent
+from meshd.replication.core import DocEvent, Replicator
+from meshd.wire.membership import Status
+from meshd_client.protocol import errors
+
+if TYPE_CHECKING:
+    from meshd.routing.router import Router
+
+_UP: Final = (Status.ALIVE, Status.SUSPECT)
+ACTIVATION_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementTuning:
+    stable_after: float = 5.0
+    rebalance_batch: int = 8
+    rebalance_interval: float = 1.0
+    failover_parallelism: int = 16
+
+
+@dataclass(slots=True)
+class Runner:
+    """A client session able to create agents of one kind."""
+
+    kind: str
+    capacity: int
+    strategy: Strategy
+    session: Session
+    stream: Stream
+    activations: int = 0
+
+
+@dataclass(slots=True)
+class PlacementStats:
+    activations: int = 0
+    activation_failures: int = 0
+    failovers: int = 0
+    moves: int = 0
+    minority_stops: int = 0
+    refused_minority: int = 0
+
+
+@dataclass(slots=True)
+class _Activation:
+    done: trio.Event = field(default_factory=trio.Event)
+    entry: Entry | None = None
+    error: errors.MeshError | None = None
+
+
+class Placement:
+    def __init__(
+        self,
+        *,
+        node: str,
+        membership: Membership,
+        registry: Registry,
+        replicator: Replicator,
+        tuning: PlacementTuning,
+        log: logging.Logger,
+    ) -> None:
+        self.node = node
+        self.membership = membership
+        self.registry = registry
+        self.replicator = replicator
+        self.tuning = tuning
+        self.log = log
+        self.router: Router | None = None
+        self.flush: Callable[[], None] = lambda: None
+        self.catch_up: Callable[[str, list[str], float], Awaitable[bool]] = _caught_up
+        self.table = KindTable()
+        self.runners: dict[str, list[Runner]] = {}
+        self.quorum = Quorum(tuning.stable_after)
+        self.draining = False
+        self.stats = PlacementStats()
+        self._activating: dict[str, _Activation] = {}
+        self._advertised: dict[str, KindInfo] = {}
+        self._dirty = False
+        self._moves: list[str] = []
+        self._moving = False
+        self._stopping: set[str] = set()  # entry ids asked to stop for lack of a majority
+        self._nursery: trio.Nursery | None = None
+        self._failover_limit = trio.CapacityLimiter(tuning.failover_parallelism)
+        registry.listeners.append(self._on_registry_event)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(0.1)
+                self._tick(trio.current_time())
+
+    # ------------------------------------------------------------------ the kinds table
+
+    def on_doc_event(self, event: DocEvent) -> None:
+        if not event.name.startswith(DOC_PREFIX):
+            return
+        host = event.name[len(DOC_PREFIX) :]
+        replica = self.replicator.store.get(event.name)
+        if event.kind == "dropped" or replica is None:
+            self.table.drop_host(host)
+            return
+        kinds: Map[Any] = replica.doc.get(ROOT, type=Map)
+        parsed = {}
+        for kind, raw in kinds.items():
+            info = KindInfo.decode(raw)
+            if info is not None:
+                parsed[kind] = info
+        before = self.table.hosts_snapshot() if host != self.node else None
+        self.table.set_host(host, parsed)
+        if before is not None and self.table.hosts_snapshot() != before:
+            self._plan_rebalance()
+
+    def _local_info(self, kind: str) -> KindInfo | None:
+        runners = self.runners.get(kind)
+        if not runners:
+            return None
+        capacity = sum(r.capacity for r in runners)
+        active = sum(1 for a in self._local_agents() if a.kind == kind)
+        strategy = runners[0].strategy
+        return KindInfo(capacity, active, strategy, self.draining)
+
+    def _local_agents(self) -> list[Entry]:
+        return self.registry.entries(node=self.node)
+
+    def _advertise(self, now: float) -> None:
+        """Write this host's kinds to its registry document when they changed."""
+        current = {k: info for k in self.runners if (info := self._local_info(k)) is not None}
+        if current == self._advertised:
+            return
+        old = self._advertised
+        self._advertised = current
+
+        def mutate(kinds: Map[Any]) -> None:
+            for kind in old:
+                if kind not in current:
+                    kinds.pop(kind, None)
+            for kind, info in current.items():
+                kinds[kind] = info.encode()
+
+        self.registry.write_own(now, ROOT, mutate)
+        self.flush()
+
+    # ------------------------------------------------------------------ owners
+
+    def _up(self, host: str) -> bool:
+        state = self.membership.peek(host)
+        return host == self.node or (state is not None and state[0] in _UP)
+
+    def candidates(self, kind: str, *, exclude: str | None = None) -> dict[str, float]:
+        return {
+            host: float(info.capacity)
+            for host, info in self.table.hosts(kind).items()
+            if info.accepts and host != exclude and self._up(host)
+        }
+
+    def owner(self, kind: str, name: str, *, exclude: str | None = None) -> str | None:
+        return rendezvous.owner(name, self.candidates(kind, exclude=exclude))
+
+    def may_run(self, kind: str) -> bool:
+        """Partition strategy: may this side run agents of ``kind`` now?"""
+        if self.table.strategy(kind) is Strategy.KEEP_MAJORITY:
+            return self.quorum.has_majority
+        return True
+
+    # ------------------------------------------------------------------ activation
+
+    async def ensure_active(self, name: str, kind: str | None, deadline: float) -> Entry:
+        """Make ``name`` run somewhere; returns its entry once it resolves."""
+        entry = self.registry.lookup(name)
+        if entry is not None:
+            return entry
+        kind = kind or kind_of(name)
+        if kind is None:
+            gone = self.registry.last_known(name)
+            kind = gone.kind if gone is not None and gone.kind else None
+        if kind is None or not self.table.hosts(kind):
+            raise errors.NotFound(
+                f"no live agent named {name!r}"
+                + (f" and no host serves kind {kind!r}" if kind else "")
+            )
+        if not self.may_run(kind):
+            self.stats.refused_minority += 1
+            raise errors.Unreachable(
+                f"{name!r} is a keep_majority agent and this side of the partition holds no "
+                "majority",
+                detail={"kind": kind},
+            )
+        owner = self.owner(kind, name)
+        if owner is None:
+            raise errors.Unreachable(
+                f"no live host can take agents of kind {kind!r} now", detail={"kind": kind}
+            )
+        if owner == self.node:
+            return await self.activate_local(name, kind, deadline)
+        assert self.router is not None
+        return await self.router.activate_remote(owner, name, kind, deadline)
+
+    async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
+        entry = self.registry.lookup(name)
+        if entry is not None:
+            return entry
+        pending = self._activating.get(name)
+        if pending is None:
+            pending = self._activating[name] = _Activation()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._activate, name, kind, pending)
+        with trio.move_on_at(min(deadline, trio.current_time() + ACTIVATION_TIMEOUT)):
+            await pending.done.wait()
+        if pending.entry is not None:
+            return pending.entry
+        if pending.error is not None:
+            raise pending.error
+        if self._activating.get(name) is pending:
+            del self._activating[name]
+        self.stats.activation_failures += 1
+        raise errors.Timeout(f"activating {name!r} took too long", detail={"kind": kind})
+
+    async def _activate(self, name: str, kind: str, pending: _Activation) -> None:
+        """Pull the agent's state from every live peer first (a write acknowledged by a
+        majority must be here before the agent runs here), then ask a runner."""
+        peers = [
+            m.name for m in self.membership.members() if m.status in _UP and m.name != self.node
+        ]
+        await self.catch_up(state_doc(name), peers, 2.0)
+        try:
+            self._request_activation(name, kind)
+        except errors.MeshError as exc:
+            self.stats.activation_failures += 1
+            pending.error = exc
+            pending.done.set()
+            if self._activating.get(name) is pending:
+                del self._activating[name]
+
+    def _request_activation(self, name: str, kind: str) -> None:
+        runners = [r for r in self.runners.get(kind, []) if not self.draining]
+        if not runners:
+            raise errors.Unreachable(f"no runner for kind {kind!r} on {self.node}")
+        runner = min(runners, key=lambda r: r.activations)
+        runner.activations += 1
+        runner.stream.emit({"type": "activate", "name": name, "kind": kind})
+        self.stats.activations += 1
+
+    def _on_registry_event(self, event: RegistryEvent) -> None:
+        if event.kind in ("registered", "moved") and event.entry.node == self.node:
+            pending = self._activating.pop(event.name, None)
+            if pending is not None:
+                pending.entry = event.entry
+                pending.done.set()
+        if event.entry.node == self.node or event.kind in ("registered", "unregistered"):
+            self._dirty = True
+
+    # ------------------------------------------------------------------ runners (API)
+
+    def attach_runner(self, runner: Runner) -> None:
+        self.runners.setdefault(runner.kind, []).append(runner)
+        self._dirty = True
+
+    def detach_runner(self, runner: Runner) -> None:
+        runners = self.runners.get(runner.kind, [])
+        if runner in runners:
+            runners.remove(runner)
+        if not runners:
+            self.runners.pop(runner.kind, None)
+        self._dirty = True
+
+    # ------------------------------------------------------------------ failover
+
+    def host_down(self, host: str) -> None:
+        """``host`` died or left: re-activate what it ran, where it now belongs."""
+        assert self._nursery is not None
+        for name in self.registry.names_on(host):
+            entry = self.registry.last_known(name)
+            if entry is None or not entry.kind or not self.table.hosts(entry.kind):
+                continue
+            if self.owner(entry.kind, name) == self.node and self.may_run(entry.kind):
+                self._nursery.start_soon(self._failover, name, entry.kind)
+
+    async def _failover(self, name: str, kind: str) -> None:
+        async with self._failover_limit:
+            try:
+                await self.activate_local(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
+                self.stats.failovers += 1
+                self.log.info("failed over", extra=kv(agent=name, kind=kind))
+            except errors.MeshError as exc:
+                self.log.warning("failover failed", extra=kv(agent=name, error=exc.message))
+
+    # ------------------------------------------------------------------ partition strategy
+
+    def _enforce_quorum(self) -> None:
+        if self.quorum.has_majority:
+            return
+        assert self.router is not None
+        for entry in self._local_agents():
+            if (
+                entry.kind
+                and entry.entry_id not in self._stopping
+                and self.table.strategy(entry.kind) is Strategy.KEEP_MAJORITY
+                and self.router.deactivate(entry.name, "minority")
+            ):
+                self._stopping.add(entry.entry_id)
+                self.stats.minority_stops += 1
+                self.log.warning(
+                    "stopping a keep_majority agent: this side is a minority",
+                    extra=kv(agent=entry.name),
+                )
+
+    # ------------------------------------------------------------------ drain & rebalance
+
+    def start_drain(self) -> int:
+        """Stop taking agents and move every local one away. Returns how many will move."""
+        self.draining = True
+        self._dirty = True
+        names = [e.name for e in self._local_agents() if e.kind]
+        self._moves = [n for n in self._moves if n not in names] + names
+        return len(names)
+
+    def _plan_rebalance(self) -> None:
+        """A host's kinds changed: queue local agents whose owner is now someone else."""
+        for entry in self._local_agents():
+            if entry.kind and entry.name not in self._moves:
+                owner = self.owner(entry.kind, entry.name)
+                if owner is not None and owner != self.node:
+                    self._moves.append(entry.name)
+
+    async def _move(self, name: str) -> None:
+        entry = self.registry.holds(name)
+        if entry is None or not entry.kind:
+            return
+        target = self.owner(entry.kind, name, exclude=self.node)
+        if target is None:
+            self.log.warning(
+                "cannot move: no other host takes this kind", extra=kv(agent=name, kind=entry.kind)
+            )
+            return
+        assert self.router is not None
+        if not self.router.deactivate(name, "drain" if self.draining else "rebalance"):
+            return
+        self.stats.moves += 1
+        with trio.move_on_after(ACTIVATION_TIMEOUT):
+            while self.registry.holds(name) is not None:
+                await trio.sleep(0.02)
+        # Its state rode the fast path with each write; one repair round makes sure the
+        # new owner holds all of it before the agent starts there.
+        self.replicator.sync_with(trio.current_time(), target)
+        self.flush()
+        try:
+            await self.ensure_active(name, entry.kind, trio.current_time() + ACTIVATION_TIMEOUT)
+        except errors.MeshError as exc:
+            self.log.warning("move: activation failed", extra=kv(agent=name, error=exc.message))
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _tick(self, now: float) -> None:
+        up = frozenset(m.name for m in self.membership.members() if m.status in _UP)
+        self.quorum.observe(now, up)
+        before = self.quorum.has_majority
+        self.quorum.tick(now)
+        if before and not self.quorum.has_majority:
+            self.log.warning(
+                "keep_majority: this side holds no majority of the last stable membership",
+                extra=kv(up=len(up), stable=len(self.quorum.stable)),
+            )
+        self._enforce_quorum()
+        if self._dirty:
+            self._dirty = False
+            self._advertise(now)
+        if self._moves and self._nursery is not None and not self._moving:
+            batch = self._moves[: self.tuning.rebalance_batch]
+            del self._moves[: self.tuning.rebalance_batch]
+            self._moving = True
+            self._nursery.start_soon(self._run_moves, batch)
+
+    async def _run_moves(self, batch: list[str]) -> None:
+        try:
+            for name in batch:  # one at a time: state first, then registration
+                await self._move(name)
+            await trio.sleep(self.tuning.rebalance_interval)
+        finally:
+            self._moving = False
+
+
+async def _caught_up(_doc: str, _peers: list[str], _timeout: float) -> bool:
+    return True
+
+
+def state_doc(agent: str) -> str:
+    """The replicated document holding an agent's own state."""
+    return f"state/agent:{agent}"
