@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument("pattern", help="e.g. orders.* (one segment) or orders.** (any)")
     health = sub.add_parser("health", help="an agent's health as this node sees it")
     health.add_argument("agent")
+    spawn = sub.add_parser("spawn", help="place and activate an agent of a kind")
+    spawn.add_argument("kind")
+    spawn.add_argument("name", help="agent name (virtual agents are named <kind>/<key>)")
+    drain = sub.add_parser("drain", help="move every agent off a host (default: this one)")
+    drain.add_argument("node", nargs="?", help="the host to drain")
+    sub.add_parser("kinds", help="every agent kind and the hosts serving it")
+    where = sub.add_parser("placement", help="where an agent of a kind belongs")
+    where.add_argument("kind")
+    where.add_argument("name")
     keys = sub.add_parser("keys", help="gossip encryption keys on every member")
     keys_sub = keys.add_subparsers(dest="keys_op", required=True)
     keys_sub.add_parser("list", help="which keys are installed and primary, and where")
@@ -239,7 +248,45 @@ async def _health(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     return 0 if result["health"] in ("healthy", "degraded") else 1
 
 
+async def _spawn(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("spawn", {"kind": ns.kind, "name": ns.name}, timeout=ns.timeout + 1)
+    _print_json(result) if ns.json else out.print(f"{ns.name} runs on {result['node']}")
+    return 0
+
+
+async def _drain(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    args = {"node": ns.node} if ns.node else {}
+    result = await conn.call("drain", args, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(f"{result['node']} is draining; moving {result['moving']} agent(s)")
+    return 0
+
+
+async def _kinds(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("kinds", timeout=ns.timeout)
+    _print_json(result) if ns.json else out.print(render.kinds_table(result))
+    return 0
+
+
+async def _placement(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("placement", {"kind": ns.kind, "name": ns.name}, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    else:
+        out.print(
+            f"{ns.name} belongs on {result['owner']} "
+            f"(strategy {result['strategy']}, majority here: {result['majority']})"
+        )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[int]]] = {
+    "spawn": _spawn,
+    "drain": _drain,
+    "kinds": _kinds,
+    "placement": _placement,
     "send": _message,
     "request": _message,
     "publish": _publish,

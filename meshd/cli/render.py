@@ -157,3 +157,20 @@ def state_table(docs: Iterable[dict[str, Any]]) -> Table:
     for d in docs:
         table.add_row(str(d.get("name")), str(d.get("epoch")), str(d.get("bytes")))
     return table
+
+
+def kinds_table(kinds: dict[str, dict[str, dict[str, Any]]]) -> Table:
+    table = Table(title="agent kinds", title_justify="left", header_style="bold")
+    for column in ("kind", "host", "active", "capacity", "strategy", "draining"):
+        table.add_column(column, justify="right" if column in ("active", "capacity") else "left")
+    for kind, hosts in sorted(kinds.items()):
+        for host, info in sorted(hosts.items()):
+            table.add_row(
+                kind,
+                host,
+                str(info.get("active")),
+                str(info.get("capacity")),
+                str(info.get("strategy")),
+                "yes" if info.get("draining") else "",
+            )
+    return table
