@@ -128,6 +128,7 @@ class _Probe:
     expected_nacks: int = 0
     tcp_token: int | None = None
     finished: bool = False
+    refused: bool = False  # the TCP fallback was refused by the target's host
 
 
 @dataclass(slots=True)
@@ -576,13 +577,10 @@ class Membership:
             probe.acked = True
             self.stats.tcp_fallback_acks += 1
             return
-        if failure == "refused" and self.tuning.refused_is_dead:
-            target = self._members.get(probe.target)
-            if target is not None and target.status in (Status.ALIVE, Status.SUSPECT):
-                # The host answered with a reset: nothing listens where the member lived.
-                probe.finished = True
-                self.stats.deaths_by_refusal += 1
-                self._on_dead(now, Dead(target.name, target.incarnation, self.name, True))
+        if failure == "refused":
+            # The host answered with a reset. Judged at the end of the probe: a firewall that
+            # rejects only us must not kill a member the relays can still reach.
+            probe.refused = True
 
     def _probe_end(self, now: float, arg: tuple[int, bool]) -> None:
         seq, confirmation = arg
@@ -606,6 +604,12 @@ class Membership:
         if target is None or target.status not in (Status.ALIVE, Status.SUSPECT):
             return
         self.stats.probe_failures += 1
+        if probe.refused and self.tuning.refused_is_dead:
+            # Nothing listens where the member lived, and no relay reached it either: the
+            # process is gone (its host is up). Proof enough to skip the suspicion.
+            self.stats.deaths_by_refusal += 1
+            self._on_dead(now, Dead(target.name, target.incarnation, self.name, True))
+            return
         self._on_suspect(now, Suspect(target.name, target.incarnation, self.name))
 
     def _on_ping(self, now: float, src: Address, msg: Ping) -> None:
@@ -919,7 +923,9 @@ class Membership:
         # Every seed failed: retry with exponential backoff and jitter.
         self._join_failures += 1
         t = self.tuning
-        delay = min(t.join_retry_max, t.join_retry_min * 2 ** (self._join_failures - 1))
+        # Grows by half each time (1, 1.5, 2.25 … s): a whole cluster starting at once finds
+        # its seeds quickly, a long outage still backs off to join_retry_max.
+        delay = min(t.join_retry_max, t.join_retry_min * 1.5 ** (self._join_failures - 1))
         self._at(now + delay * (0.5 + 0.5 * self.rng.random()), self._join_attempt, None)
 
     def _reconnect_tick(self, now: float, _arg: object) -> None:

@@ -247,18 +247,34 @@ def test_tcp_fallback_ack_for_another_seq_does_not_count() -> None:
     assert node.core.stats.tcp_fallback_acks == 0
 
 
-def test_refused_fallback_declares_the_target_dead_at_once() -> None:
+def test_refused_fallback_declares_the_target_dead_at_the_end_of_the_probe() -> None:
     node = cluster()
     t0, ping, token = first_fallback(node)
     node.result(t0 + 0.6, token, None, "refused")
+    assert node.events(EventKind.DEAD) == []  # the relays still get their chance
+    node.run(t0 + LAN.probe_interval)
     [event] = node.events(EventKind.DEAD)
-    assert (event.member.name, event.at) == (ping.target, t0 + 0.6)
+    assert (event.member.name, event.at) == (ping.target, t0 + LAN.probe_interval)
     assert node.status(ping.target) is Status.DEAD
     assert node.core.stats.deaths_by_refusal == 1
-    node.run(t0 + LAN.probe_interval)
     assert node.events(EventKind.SUSPECT) == []
-    # The verdict is gossiped like any other.
-    assert any(m == Dead(ping.target, 0, "a", True) for _, _, m in node.find(Dead, since=t0 + 0.6))
+    # The verdict is gossiped with its evidence.
+    since = t0 + LAN.probe_interval
+    node.run(since + 1.0)
+    assert any(m == Dead(ping.target, 0, "a", True) for _, _, m in node.find(Dead, since=since))
+
+
+def test_a_refusal_does_not_kill_a_member_a_relay_reached() -> None:
+    """A firewall rejecting only us (TCP reset) while the target is fine: the indirect ack
+    wins over the refusal."""
+    node = cluster()
+    t0, ping, token = first_fallback(node)
+    node.result(t0 + 0.55, token, None, "refused")
+    node.send(t0 + 0.6, C, Ack(ping.seq))  # forwarded by a relay
+    node.run(t0 + LAN.probe_interval + 0.1)
+    assert node.events(EventKind.DEAD, ping.target) == []
+    assert node.events(EventKind.SUSPECT, ping.target) == []
+    assert node.core.stats.deaths_by_refusal == 0
 
 
 def test_refused_fallback_is_only_a_failed_probe_when_not_fatal() -> None:
@@ -868,7 +884,7 @@ def test_all_join_failures_retry_with_exponential_backoff() -> None:
         attempts.append(node.now)
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     for i, gap in enumerate(gaps):
-        cap = min(LAN.join_retry_max, LAN.join_retry_min * 2**i)
+        cap = min(LAN.join_retry_max, LAN.join_retry_min * 1.5**i)
         assert cap / 2 <= gap <= cap, (i, gap)
     assert node.core.stats.join_attempts == 9
     assert not node.core.joined
