@@ -156,6 +156,17 @@ def register(node: Node) -> None:
         finally:
             cancel()
 
+    async def digest(_session: Session, req: messages.Request) -> Any:
+        """Every document this node holds with its epoch and state-vector hash (equal on
+        every node once replication converged) and the store's overall digest."""
+        prefix = req.args.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise errors.Invalid("prefix must be a string")
+        store = node.replicator.store
+        docs = {r.name: [r.epoch, f"{r.hash:016x}"] for r in store if r.name.startswith(prefix)}
+        return {"digest": store.digest().hex(), "count": len(docs), "docs": docs}
+
+    api.add_op("docs.digest", digest, "replicated documents and their hashes (convergence)")
     api.add_op("register", register_agent, "register an agent name on this node")
     api.add_op("unregister", unregister_agent, "remove this node's entry for a name")
     api.add_op("lookup", lookup, "resolve an agent name (local index; never the network)")
