@@ -45,7 +45,7 @@ from meshd.replication.messages import (
     Updates,
     Vectors,
 )
-from meshd.replication.replica import DocStore, Replica, UpdateRejected
+from meshd.replication.replica import DocStore, Replica, UpdateRejected, check_update
 
 EMPTY_SV = b"\x00"
 MAX_SYNC_BYTES = 32 << 20  # one SYNC/UPDATES message; the rest waits for the next round
@@ -174,7 +174,7 @@ class Replicator:
         self._outputs: list[Output] = []
         self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
         self._timer_seq = 0
-        self._pending_push: dict[str, list[bytes]] = {}
+        self._pending_push: dict[str, tuple[int, list[bytes]]] = {}  # name → (epoch, deltas)
         self._flush_at: float | None = None
         self._token = 0
         self._majority: dict[int, _Majority] = {}
@@ -275,7 +275,11 @@ class Replicator:
         return self._start_majority(now, replica, delta)
 
     def _queue_push(self, replica: Replica, delta: bytes, now: float | None = None) -> None:
-        self._pending_push.setdefault(replica.name, []).append(delta)
+        epoch, deltas = self._pending_push.get(replica.name, (replica.epoch, []))
+        if epoch != replica.epoch:
+            deltas = []  # deltas of a replaced epoch: they mean nothing to the new one
+        deltas.append(delta)
+        self._pending_push[replica.name] = (replica.epoch, deltas)
         if self._flush_at is None:
             self._flush_at = (now or 0.0) + self.tuning.push_delay
             self._at(self._flush_at, self._flush_pushes, None)
@@ -283,10 +287,10 @@ class Replicator:
     def _flush_pushes(self, now: float, _arg: object) -> None:
         self._flush_at = None
         pending, self._pending_push = self._pending_push, {}
-        for name, deltas in pending.items():
+        for name, (epoch, deltas) in pending.items():
             replica = self.store.get(name)
-            if replica is None:
-                continue
+            if replica is None or replica.epoch != epoch:
+                continue  # dropped, or replaced by a newer epoch since the write
             if len(deltas) == 1:
                 update = deltas[0]
             else:
@@ -359,15 +363,18 @@ class Replicator:
             self.stats.reject("unexpected_chunk")  # the driver reassembles chunks
 
     def _target(
-        self, name: str, epoch: int
+        self, name: str, epoch: int, update: bytes
     ) -> tuple[Replica | None, DocEventKind | None, Replica | None]:
         """The replica an incoming update for (name, epoch) should go to, creating or
-        replacing it as the epochs say (None if the update is stale or refused), how, and the
-        replica it replaced."""
+        replacing it as the epochs say (None if the update is stale, refused or malformed),
+        how, and the replica it replaced."""
         replica = self.store.get(name)
         if replica is None:
             if not self.accept(name, epoch):
                 self.stats.reject("doc_refused")
+                return None, None, None
+            if not check_update(update):  # before anything is created
+                self.stats.reject("bad_update")
                 return None, None, None
             replica = Replica(name, epoch)
             self.on_open(replica)
@@ -380,6 +387,9 @@ class Replicator:
             if not self.accept(name, epoch):
                 self.stats.reject("doc_refused")
                 return None, None, None
+            if not check_update(update):  # the current epoch stays
+                self.stats.reject("bad_update")
+                return None, None, None
             self.stats.docs_replaced += 1
             old = replica
             replica = Replica(name, epoch)
@@ -389,7 +399,7 @@ class Replicator:
         return replica, None, None
 
     def _apply(self, name: str, epoch: int, update: bytes) -> tuple[Replica | None, bool]:
-        replica, created, old = self._target(name, epoch)
+        replica, created, old = self._target(name, epoch, update)
         if replica is None:
             return None, False
         try:
@@ -525,7 +535,9 @@ class Replicator:
                 update = replica.missing_for(their_vector, other.sv)
                 if vectors.has_news(their_vector, replica.vector):
                     want.append(DocVector(replica.name, replica.epoch, replica.sv))
-            if update is not None and len(update) <= budget:
+            # One update larger than the whole budget still travels (alone), or that
+            # document could never be repaired.
+            if update is not None and (len(update) <= budget or not updates):
                 budget -= len(update)
                 updates.append(DocUpdate(replica.name, replica.epoch, update))
         want.extend(  # documents only the peer has
@@ -558,18 +570,20 @@ class Replicator:
                 except vectors.VectorError:
                     self.stats.reject("bad_vector")
                     continue
-            if update is not None and len(update) <= budget:
+            if update is not None and (len(update) <= budget or not replies):
                 budget -= len(update)
                 replies.append(DocUpdate(replica.name, replica.epoch, update))
         self.stats.repair_updates_sent += len(replies)
         self.stats.repair_bytes_sent += sum(len(u.update) for u in replies)
-        self._send(peer, Updates(msg.round, tuple(replies)))
+        if msg.want:  # the initiator closed a round in which it wanted nothing
+            self._send(peer, Updates(msg.round, tuple(replies)))
 
     def _on_updates(self, now: float, peer: str, msg: Updates) -> None:
-        rnd = self._rounds.pop(msg.round, None)
+        rnd = self._rounds.get(msg.round)
         if rnd is None or rnd.peer != peer:
             self.stats.reject("unexpected_round")
             return
+        del self._rounds[msg.round]
         for u in msg.updates:
             self._receive_repair(u)
         self.stats.rounds_completed += 1

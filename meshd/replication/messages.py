@@ -314,13 +314,17 @@ class Reassembler:
         self._parts: dict[int, list[bytes | None]] = {}
         self._sizes: dict[int, int] = {}
         self._received: dict[int, int] = {}
+        self.evicted = 0
 
     def add(self, chunk: Chunk) -> bytes | None:
         """Returns the whole payload once its last chunk arrived; raises WireError on abuse."""
         parts = self._parts.get(chunk.transfer)
         if parts is None:
             if len(self._parts) >= self.max_transfers:
-                raise WireError("too many concurrent chunked transfers")
+                # A peer's transfers arrive in order on one link, so the oldest unfinished one
+                # was abandoned (a chunk dropped from a full queue): make room, not refuse.
+                self.drop(next(iter(self._parts)))
+                self.evicted += 1
             parts = [None] * chunk.total
             self._parts[chunk.transfer] = parts
             self._sizes[chunk.transfer] = 0

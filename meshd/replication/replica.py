@@ -13,18 +13,29 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from pycrdt import Doc, Map, TransactionEvent
+from pycrdt import get_update as diff_update
 
 from meshd.replication import vectors
 from meshd.replication.messages import DIGEST_BUCKETS
 
-
 # A root map a write touches when it only deleted: deletions do not move the state vector, so
 # without it a peer that missed a delete could not be told apart from one that holds it.
 DELETE_MARK: Final = "replica:deletes"
+# Remote updates kept because part of them waits for an update they build on (see apply).
+MAX_PARKED: Final = 256
 
 
 class UpdateRejected(ValueError):
     """An update that cannot be decoded; the document was not touched."""
+
+
+def check_update(update: bytes) -> bool:
+    """Does ``update`` decode on its own? (A scratch document must accept it.)"""
+    try:
+        Doc().apply_update(update)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 def bucket_of(name: str) -> int:
@@ -42,6 +53,7 @@ class Replica:
         self.bucket = bucket_of(name)
         self._captured: list[bytes] = []
         self._capturing = False
+        self._parked: list[bytes] = []
         self._subscription = self.doc.observe(self._on_transaction)
         self.sv = b""
         self.vector: dict[int, int] = {}
@@ -96,14 +108,41 @@ class Replica:
 
     def apply(self, update: bytes) -> bool:
         """Apply a remote update; True if the document learned something."""
+        # Validate first: a scratch document must accept the update on its own, so a
+        # malformed update is refused before the real document is touched.
+        if not check_update(update):
+            raise UpdateRejected("update does not decode")
         try:
-            # Validate first: a scratch document must accept the update on its own, so a
-            # malformed update is refused before the real document is touched.
-            Doc().apply_update(update)
             self.doc.apply_update(update)
         except (ValueError, RuntimeError) as exc:
             raise UpdateRejected(str(exc)) from None
-        return self.refresh()
+        changed = self.refresh()
+        if not self._holds(update):
+            # Part of it waits for an update it builds on. Yrs keeps that part pending, but
+            # once the gap fills it integrates only one level of what waits (pycrdt 0.14), so
+            # it is offered again whenever the vector moves. Bounded: anti-entropy repairs
+            # whatever is left, since the vector does not cover it.
+            self._parked.append(update)
+            del self._parked[:-MAX_PARKED]
+        if changed and self._parked:
+            self._retry_parked()
+        return changed
+
+    def _holds(self, update: bytes) -> bool:
+        """Is every struct of ``update`` integrated here? (Its part beyond our vector holds no
+        structs: a lib0 v1 update starts with its number of clients.)"""
+        try:
+            return diff_update(update, self.doc.get_state())[:1] == b"\x00"
+        except ValueError:
+            return True
+
+    def _retry_parked(self) -> None:
+        while self._parked:
+            for update in self._parked:
+                self.doc.apply_update(update)
+            self._parked = [u for u in self._parked if not self._holds(u)]
+            if not self.refresh():
+                return
 
     def missing_for(self, their_vector: dict[int, int], their_sv: bytes) -> bytes | None:
         """The update the holder of ``their_sv`` lacks, or None if it lacks nothing."""

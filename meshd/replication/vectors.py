@@ -53,11 +53,12 @@ def encode(vector: dict[int, int]) -> bytes:
     these bytes (digests hash them, compaction's agreement check compares them)."""
     out = bytearray()
     items = sorted((client, clock) for client, clock in vector.items() if clock > 0)
-    for value in (len(items), *(v for pair in items for v in pair)):
-        while value > 0x7F:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        out.append(value)
+    for number in (len(items), *(v for pair in items for v in pair)):
+        rest = number
+        while rest > 0x7F:
+            out.append((rest & 0x7F) | 0x80)
+            rest >>= 7
+        out.append(rest)
     return bytes(out)
 
 

@@ -114,6 +114,11 @@ def rebase_ops(old: Replica, new: Replica) -> list[dict[str, Any]]:
                 ops.append({"op": "incr", "path": [key], "by": int(value) - int(current)})
         elif current != value:
             ops.append({"op": "set", "path": [key], "value": _unmark(value)})
+    # Deletions that raced: a key the new epoch has and the old copy lacks was deleted after
+    # the snapshot, if the old copy held the whole snapshot and the new epoch holds only what
+    # the compacting node wrote (otherwise the key may be a newer write made on the new epoch).
+    if not vectors.has_news(base, old.vector) and len(new.vector) == 1:
+        ops.extend({"op": "delete", "path": [key]} for key in after if key not in before)
     return ops
 
 
