@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -53,6 +53,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._streams: dict[int, MemoryObjectSendStream[Any]] = {}
+        self._overflowed: set[int] = set()  # streams dropped because the consumer fell behind
         self._send_lock = anyio.Lock()
         self._closed: MeshError | None = None
         self.lost = anyio.Event()  # set once the connection is gone, for any reason
@@ -197,8 +198,10 @@ class Connection:
                 try:
                     sink.send_nowait(frame.get("event"))
                 except anyio.WouldBlock:
-                    # The consumer is not keeping up: end its stream rather than buffer.
+                    # The consumer is not keeping up: end its stream rather than buffer. It
+                    # gets Overloaded after what was buffered, and the daemon is told to stop.
                     self._streams.pop(rid, None)
+                    self._overflowed.add(rid)
                     sink.close()
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     self._streams.pop(rid, None)
@@ -266,10 +269,12 @@ class Connection:
             await pending.done.wait()
             if pending.error is not None:
                 raise pending.error
-            yield _events(receive)
+            yield _events(receive, lambda: rid in self._overflowed)
         finally:
             self._pending.pop(rid, None)
-            if self._streams.pop(rid, None) is not None and self._closed is None:
+            overflowed = rid in self._overflowed
+            self._overflowed.discard(rid)
+            if (self._streams.pop(rid, None) is not None or overflowed) and self._closed is None:
                 with anyio.CancelScope(shield=True):
                     try:
                         await self._write(messages.cancel(rid))
@@ -279,11 +284,18 @@ class Connection:
             receive.close()
 
 
-async def _events(receive: MemoryObjectReceiveStream[Any]) -> AsyncIterator[Any]:
+async def _events(
+    receive: MemoryObjectReceiveStream[Any], overflowed: Callable[[], bool]
+) -> AsyncIterator[Any]:
     async for item in receive:
         if isinstance(item, MeshError):
             raise item
         yield item
+    if overflowed():
+        raise errors.Overloaded(
+            f"more than {_STREAM_BUFFER} stream events were waiting to be read; "
+            "the stream was dropped"
+        )
 
 
 @asynccontextmanager

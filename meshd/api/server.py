@@ -275,9 +275,10 @@ class Session:
                     await self.send(messages.ok(req.id, None))
                     try:
                         await op.stream(self, req, Stream(self, req.id))
-                    except MeshError as exc:
-                        self.server.stats.error(exc.kind.value)
-                        await self.send(messages.end(req.id, exc))
+                    except Exception as exc:
+                        # The response went out already: whatever happens, the stream ends
+                        # with an ``end`` frame (never a second ``res``).
+                        await self.send(messages.end(req.id, self._op_error(req, exc)))
                         return
                     await self.send(messages.end(req.id))
                     return
@@ -286,15 +287,23 @@ class Session:
                 await self.send(messages.ok(req.id, value))
             if scope.cancelled_caught and op is not None and op.stream is not None:
                 await self.send(messages.end(req.id))
-        except MeshError as exc:
-            self.server.stats.error(exc.kind.value)
-            await self.send(messages.failed(req.id, exc))
-        except Exception:
-            self.server.log.exception("API op failed", extra=kv(op=req.op))
-            self.server.stats.error("internal")
-            await self.send(messages.failed(req.id, errors.Internal(f"{req.op} failed")))
+        except Exception as exc:
+            await self.send(messages.failed(req.id, self._op_error(req, exc)))
         finally:
             self._requests.pop(req.id, None)
+
+    def _op_error(self, req: messages.Request, exc: Exception) -> MeshError:
+        """What to tell the client about an op's failure. A MeshError raised inside a
+        nursery arrives wrapped in an exception group: it keeps its kind. Anything else is
+        a bug: logged, and reported as ``internal``."""
+        error: BaseException = exc
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, MeshError):
+            self.server.log.exception("API op failed", extra=kv(op=req.op))
+            error = errors.Internal(f"{req.op} failed")
+        self.server.stats.error(error.kind.value)
+        return error
 
 
 def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials:

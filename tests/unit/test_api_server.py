@@ -1,0 +1,708 @@
+"""The real ApiServer on a Unix socket, with small test ops registered on it (no daemon),
+driven by the real client Connection (anyio on trio here) and by a raw socket peer for what a
+well-behaved client never sends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from meshd.api.server import ApiServer, Session, Stream
+from meshd_client.connection import Connection
+from meshd_client.protocol import errors, messages
+from meshd_client.protocol.errors import MeshError
+from meshd_client.protocol.framing import HEADER, FrameDecoder, encode_frame
+
+MAX_IN_FLIGHT = 128
+LOG = logging.getLogger("test.api")
+
+
+# ---------------------------------------------------------------------------- test ops
+
+
+@dataclass
+class Ops:
+    """Ops registered on the server, and what they observed."""
+
+    gates: dict[str, trio.Event] = field(default_factory=dict)
+    entered: dict[str, int] = field(default_factory=dict)
+    stream_ended: dict[int, str] = field(default_factory=dict)  # request id -> how
+    emitted: dict[int, int] = field(default_factory=dict)  # request id -> events so far
+    stream_failures: list[MeshError] = field(default_factory=list)
+    closed_sessions: list[int] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def gate(self, name: str) -> trio.Event:
+        return self.gates.setdefault(name, trio.Event())
+
+    def note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until(self, check: Any, timeout: float = 10.0) -> None:
+        """Until ``check()`` holds: woken by the ops, and polling for server-side state."""
+        with trio.fail_after(timeout):
+            while not check():
+                with trio.move_on_after(0.01):
+                    await self.changed.wait()
+
+    # request ops ----------------------------------------------------------------------
+
+    async def echo(self, _s: Session, req: messages.Request) -> Any:
+        return req.args
+
+    async def wait_gate(self, _s: Session, req: messages.Request) -> Any:
+        name = req.args["gate"]
+        self.entered[name] = self.entered.get(name, 0) + 1
+        self.note()
+        await self.gate(name).wait()
+        return {"gate": name, "id": req.id}
+
+    async def boom(self, _s: Session, _req: messages.Request) -> Any:
+        raise RuntimeError("a bug in an op")
+
+    async def not_found(self, _s: Session, _req: messages.Request) -> Any:
+        raise errors.NotFound("nothing here", detail={"what": "x"})
+
+    async def huge(self, _s: Session, _req: messages.Request) -> Any:
+        return "x" * (2 << 20)
+
+    async def hook(self, session: Session, _req: messages.Request) -> Any:
+        def bad_hook(_s: Session) -> None:
+            raise RuntimeError("a failing hook must not stop the others")
+
+        def good_hook(s: Session) -> None:
+            self.closed_sessions.append(s.id)
+            self.note()
+
+        session.close_hooks.append(bad_hook)
+        session.close_hooks.append(good_hook)
+        return session.id
+
+    async def drop(self, session: Session, _req: messages.Request) -> Any:
+        await session.stream.aclose()  # the daemon going away, as the client sees it
+
+    # stream ops -----------------------------------------------------------------------
+
+    async def ticks(self, _s: Session, req: messages.Request, stream: Stream) -> None:
+        burst = req.args.get("burst", 1)
+        try:
+            for i in range(req.args.get("count", 10**9)):
+                stream.emit({"n": i})
+                self.emitted[req.id] = i + 1
+                if (i + 1) % burst == 0:
+                    await trio.sleep(0.002)
+            self.stream_ended[req.id] = "finished"
+        except trio.Cancelled:
+            self.stream_ended[req.id] = "cancelled"
+            raise
+        finally:
+            self.note()
+
+    async def flood_offer(self, _s: Session, req: messages.Request, stream: Stream) -> None:
+        """The shape of the daemon's own stream ops (agent.serve, subscribe, registry.watch):
+        events offered from elsewhere, the op waiting in until_failed next to other work."""
+
+        async def produce() -> None:
+            i = 0
+            while True:
+                stream.offer({"i": i, "pad": "p" * 1000})
+                i += 1
+                await trio.sleep(0)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                await stream.until_failed()
+        except BaseException as exc:
+            self._record_failure(exc)
+            raise
+        finally:
+            self.note()
+
+    async def flood_emit(self, _s: Session, req: messages.Request, stream: Stream) -> None:
+        try:
+            i = 0
+            while True:
+                stream.emit({"i": i, "pad": "p" * 1000})
+                i += 1
+                await trio.sleep(0)
+        except MeshError as exc:
+            self.stream_failures.append(exc)
+            raise
+        finally:
+            self.note()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, MeshError):
+            self.stream_failures.append(exc)
+        elif isinstance(exc, BaseExceptionGroup):
+            found, _ = exc.split(MeshError)
+            if found is not None:
+                self.stream_failures.extend(e for e in found.exceptions if isinstance(e, MeshError))
+
+    async def stream_fail(self, _s: Session, _req: messages.Request, stream: Stream) -> None:
+        stream.emit({"first": True})
+        raise errors.NotFound("the thing went away")
+
+    async def stream_crash(self, _s: Session, _req: messages.Request, stream: Stream) -> None:
+        stream.emit({"first": True})
+        await trio.sleep(0)
+        raise RuntimeError("a bug in a stream op")
+
+    def register(self, api: ApiServer) -> None:
+        api.add_op("echo", self.echo)
+        api.add_op("wait", self.wait_gate)
+        api.add_op("boom", self.boom)
+        api.add_op("not_found", self.not_found)
+        api.add_op("huge", self.huge)
+        api.add_op("hook", self.hook)
+        api.add_op("drop", self.drop)
+        api.add_stream_op("ticks", self.ticks)
+        api.add_stream_op("flood_offer", self.flood_offer)
+        api.add_stream_op("flood_emit", self.flood_emit)
+        api.add_stream_op("stream_fail", self.stream_fail)
+        api.add_stream_op("stream_crash", self.stream_crash)
+
+
+@dataclass
+class Server:
+    api: ApiServer
+    ops: Ops
+
+    @property
+    def path(self) -> str:
+        return self.api.path
+
+
+@pytest.fixture
+async def server(tmp_path: Path, nursery: trio.Nursery) -> Server:
+    api = ApiServer(str(tmp_path / "api.sock"), "testnode", LOG)
+    ops = Ops()
+    ops.register(api)
+    await nursery.start(api.serve)
+    return Server(api, ops)
+
+
+# ---------------------------------------------------------------------------- raw peer
+
+
+class Raw:
+    """A peer speaking the framing by hand."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.stream.send_all(encode_frame(frame))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next frame; None once the server closed the connection."""
+        with trio.fail_after(timeout):
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is not None:
+                    return frame
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return None
+                if not data:
+                    return None
+                self.decoder.feed(data)
+
+    async def hello(self) -> dict[str, Any]:
+        await self.send(messages.hello("raw-test"))
+        reply = await self.recv()
+        assert reply is not None
+        assert reply["t"] == "hello", reply
+        return reply
+
+
+async def raw(server: Server) -> Raw:
+    return Raw(await trio.open_unix_socket(server.path))
+
+
+async def assert_fatal(
+    peer: Raw, kind: str, match: str = "", timeout: float = 5.0
+) -> dict[str, Any]:
+    """The session-level error frame (id null), then the connection is closed."""
+    frame = await peer.recv(timeout)
+    assert frame is not None, "closed without saying why"
+    assert frame["t"] == "res"
+    assert frame["id"] is None
+    assert frame["ok"] is False
+    assert frame["error"]["kind"] == kind, frame
+    assert match in frame["error"]["message"], frame
+    assert await peer.recv(timeout) is None, "the session should be closed"
+    return frame
+
+
+# ---------------------------------------------------------------------------- handshake
+
+
+async def test_hello_negotiates_and_identifies_the_daemon(server: Server) -> None:
+    async with Connection.open(server.path, client="unit/1") as conn:
+        assert conn.version == messages.API_VERSION
+        assert conn.node == "testnode"
+        assert conn.daemon.startswith("meshd/")
+        assert await conn.call("echo", {"a": 1}) == {"a": 1}
+        assert server.api.stats.active_sessions == 1
+        (session,) = server.api.sessions.values()
+        assert session.client == "unit/1"
+        assert session.creds.pid == os.getpid()
+    await server.ops.until(lambda: server.api.stats.active_sessions == 0)
+
+
+async def test_raw_hello_reply(server: Server) -> None:
+    peer = await raw(server)
+    await peer.send({"t": "hello", "versions": [7, 1, 3], "client": "x"})
+    reply = await peer.recv()
+    assert reply is not None
+    assert reply.pop("daemon").startswith("meshd/")
+    assert reply == {"t": "hello", "version": 1, "node": "testnode"}
+
+
+async def test_no_common_version_is_refused_and_closed(server: Server) -> None:
+    peer = await raw(server)
+    await peer.send({"t": "hello", "versions": [2, 3], "client": "future"})
+    frame = await assert_fatal(peer, "invalid", "no common protocol version")
+    assert frame["error"]["detail"] == {"supported": list(messages.SUPPORTED_VERSIONS)}
+    assert server.api.stats.rejected.get("session_invalid") == 1
+
+
+async def test_first_frame_must_be_a_hello(server: Server) -> None:
+    peer = await raw(server)
+    await peer.send(messages.request(1, "echo", {}))
+    await assert_fatal(peer, "invalid", "hello")
+
+
+async def test_malformed_hello_is_refused(server: Server) -> None:
+    peer = await raw(server)
+    await peer.send({"t": "hello", "versions": "1"})
+    await assert_fatal(peer, "invalid", "versions")
+
+
+async def test_garbage_before_the_hello(server: Server) -> None:
+    peer = await raw(server)
+    await peer.send_bytes(HEADER.pack(3) + b"\xff\xfe\xfd")
+    await assert_fatal(peer, "invalid", "bad frame")
+
+
+async def test_a_second_hello_is_an_error_but_the_session_goes_on(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.hello("again"))
+    frame = await peer.recv()
+    assert frame is not None
+    assert frame["id"] is None and frame["error"]["kind"] == "invalid"
+    await peer.send(messages.request(1, "echo", {"still": "here"}))
+    assert await peer.recv() == messages.ok(1, {"still": "here"})
+
+
+async def test_client_that_never_says_hello_is_not_waited_for_forever(
+    server: Server, autojump_clock: trio.testing.MockClock
+) -> None:
+    peer = await raw(server)
+    # The autojump clock skips to the daemon's 10 s hello timeout as soon as all is idle.
+    await assert_fatal(peer, "timeout", "no hello", timeout=60)
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+async def test_replies_come_in_completion_order_not_request_order(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(1, "wait", {"gate": "slow"}))
+    await peer.send(messages.request(2, "echo", {"fast": True}))
+    assert await peer.recv() == messages.ok(2, {"fast": True})
+    server.ops.gate("slow").set()
+    assert await peer.recv() == messages.ok(1, {"gate": "slow", "id": 1})
+
+
+async def test_concurrent_calls_on_one_connection(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        slow_result: list[Any] = []
+
+        async def slow() -> None:
+            slow_result.append(await conn.call("wait", {"gate": "g"}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            await server.ops.until(lambda: server.ops.entered.get("g") == 1)
+            for i in range(5):
+                assert await conn.call("echo", {"i": i}) == {"i": i}
+            assert slow_result == []
+            server.ops.gate("g").set()
+        assert slow_result[0]["gate"] == "g"
+
+
+async def test_unknown_op_is_invalid_and_the_session_goes_on(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        with pytest.raises(errors.Invalid, match="unknown op"):
+            await conn.call("no.such.op")
+        assert await conn.call("echo", {"ok": 1}) == {"ok": 1}
+
+
+async def test_op_errors_keep_their_kind(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        with pytest.raises(errors.NotFound, match="nothing here") as caught:
+            await conn.call("not_found")
+        assert caught.value.detail == {"what": "x"}
+        with pytest.raises(errors.Internal, match="boom failed"):
+            await conn.call("boom")
+        with pytest.raises(errors.Invalid, match="too large"):
+            await conn.call("huge")
+        assert await conn.call("echo") == {}
+    assert server.api.stats.errors_by_kind == {"not_found": 1, "internal": 1}
+
+
+async def test_a_bad_request_is_answered_with_its_id_and_the_session_goes_on(
+    server: Server,
+) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send({"t": "req", "id": 4, "op": "", "args": {}})
+    frame = await peer.recv()
+    assert frame is not None
+    assert (frame["id"], frame["ok"], frame["error"]["kind"]) == (4, False, "invalid")
+    await peer.send({"t": "req", "id": 5, "op": "echo", "args": [1]})
+    frame = await peer.recv()
+    assert frame is not None
+    assert (frame["id"], frame["error"]["kind"]) == (5, "invalid")
+    await peer.send(messages.request(6, "echo", {"x": 1}))
+    assert await peer.recv() == messages.ok(6, {"x": 1})
+
+
+async def test_request_id_already_in_flight_is_refused(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(9, "wait", {"gate": "dup"}))
+    await server.ops.until(lambda: server.ops.entered.get("dup") == 1)
+    await peer.send(messages.request(9, "echo", {}))
+    frame = await peer.recv()
+    assert frame is not None
+    assert (frame["id"], frame["error"]["kind"]) == (9, "invalid")
+    assert "in flight" in frame["error"]["message"]
+    server.ops.gate("dup").set()
+    assert await peer.recv() == messages.ok(9, {"gate": "dup", "id": 9})
+    # Once answered, the id may be used again.
+    await peer.send(messages.request(9, "echo", {"again": True}))
+    assert await peer.recv() == messages.ok(9, {"again": True})
+
+
+async def test_too_many_requests_in_flight_is_overloaded(server: Server) -> None:
+    ops = server.ops
+    async with Connection.open(server.path) as conn:
+        results: list[Any] = []
+
+        async def blocked() -> None:
+            results.append(await conn.call("wait", {"gate": "many"}))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(MAX_IN_FLIGHT):
+                nursery.start_soon(blocked)
+            await ops.until(lambda: ops.entered.get("many") == MAX_IN_FLIGHT)
+            with pytest.raises(errors.Overloaded, match="in flight"):
+                await conn.call("echo", {"one": "too many"})
+            ops.gate("many").set()
+        assert len(results) == MAX_IN_FLIGHT
+        # The capacity is back.
+        assert await conn.call("echo", {"after": 1}) == {"after": 1}
+    assert server.api.stats.errors_by_kind.get("overloaded") == 1
+
+
+async def test_in_flight_limit_is_per_session(server: Server) -> None:
+    ops = server.ops
+    async with (
+        Connection.open(server.path) as busy,
+        Connection.open(server.path) as other,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(MAX_IN_FLIGHT):
+            nursery.start_soon(busy.call, "wait", {"gate": "per-session"})
+        await ops.until(lambda: ops.entered.get("per-session") == MAX_IN_FLIGHT)
+        assert await other.call("echo", {"fine": True}) == {"fine": True}
+        ops.gate("per-session").set()
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+async def test_stream_events_then_client_cancel(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        got = []
+        async with conn.stream("ticks") as events:
+            async for event in events:
+                got.append(event["n"])
+                if len(got) == 5:
+                    break
+        assert got == [0, 1, 2, 3, 4]
+        await server.ops.until(lambda: "cancelled" in server.ops.stream_ended.values())
+        assert await conn.call("echo", {"after": "cancel"}) == {"after": "cancel"}
+        (session,) = server.api.sessions.values()
+        await server.ops.until(lambda: not session._requests)
+
+
+async def test_raw_cancel_ends_the_stream_and_frees_its_id(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(5, "ticks", {}))
+    assert await peer.recv() == messages.ok(5, None)
+    first = await peer.recv()
+    assert first == messages.event(5, {"n": 0})
+    await peer.send(messages.cancel(5))
+    while True:
+        frame = await peer.recv()
+        assert frame is not None
+        if frame["t"] == "end":
+            break
+        assert frame["t"] == "evt" and frame["id"] == 5
+    assert frame == messages.end(5)
+    assert server.ops.stream_ended[5] == "cancelled"
+    await peer.send(messages.request(5, "echo", {"reused": True}))
+    assert await peer.recv() == messages.ok(5, {"reused": True})
+
+
+async def test_a_consumer_that_falls_behind_is_told_and_the_daemon_stops_the_stream(
+    server: Server,
+) -> None:
+    """The client buffers 1,024 events per stream. A consumer that falls further behind gets
+    what was buffered, then Overloaded (like a daemon-side overload), and the daemon is told
+    to stop producing: nothing keeps running for a stream nobody reads."""
+    ops = server.ops
+    async with Connection.open(server.path) as conn:
+        async with conn.stream("ticks", {"burst": 20}) as events:
+            (rid,) = ops.emitted  # the Connection's first request id
+            await ops.until(lambda: ops.emitted[rid] > 1500)  # the consumer reads nothing
+            got = []
+            with pytest.raises(errors.Overloaded):
+                async for event in events:
+                    got.append(event["n"])
+            assert got == list(range(1024))
+        await ops.until(lambda: rid in ops.stream_ended, timeout=5)
+        assert ops.stream_ended[rid] == "cancelled"
+        # The connection is fine, and a new stream works.
+        async with conn.stream("ticks", {"count": 2}) as events:
+            assert [e["n"] async for e in events] == [0, 1]
+
+
+async def test_cancel_of_an_unknown_id_is_ignored(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.cancel(12345))
+    await peer.send(messages.request(1, "echo", {}))
+    assert await peer.recv() == messages.ok(1, {})
+
+
+async def test_a_stream_that_finishes_ends_normally(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        async with conn.stream("ticks", {"count": 3}) as events:
+            got = [e["n"] async for e in events]
+        assert got == [0, 1, 2]
+
+
+async def test_a_stream_op_error_ends_the_stream_with_that_error(server: Server) -> None:
+    async with Connection.open(server.path) as conn:
+        got = []
+        with pytest.raises(errors.NotFound, match="went away"):
+            async with conn.stream("stream_fail") as events:
+                async for event in events:
+                    got.append(event)
+        assert got == [{"first": True}]
+
+
+async def test_a_crashing_stream_op_ends_the_stream_with_internal(server: Server) -> None:
+    """A bug in a stream op must end the stream (``end`` with ``internal``), not leave the
+    client waiting for events forever."""
+    async with Connection.open(server.path) as conn:
+        got = []
+        with trio.fail_after(5), pytest.raises(errors.Internal):
+            async with conn.stream("stream_crash") as events:
+                async for event in events:
+                    got.append(event)
+        assert got == [{"first": True}]
+        assert await conn.call("echo", {"ok": True}) == {"ok": True}
+
+
+async def test_raw_crashing_stream_op_sends_one_res_and_an_end(server: Server) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(3, "stream_crash", {}))
+    assert await peer.recv() == messages.ok(3, None)
+    assert await peer.recv() == messages.event(3, {"first": True})
+    end = await peer.recv()
+    assert end is not None
+    assert end["t"] == "end" and end["id"] == 3, end
+    assert end["error"]["kind"] == "internal"
+
+
+@pytest.mark.parametrize("op", ["flood_offer", "flood_emit"])
+async def test_a_stream_whose_client_does_not_read_ends_overloaded(server: Server, op: str) -> None:
+    ops = server.ops
+    slow = await raw(server)
+    await slow.hello()
+    await slow.send(messages.request(1, op, {}))
+    # The client reads nothing: the socket buffer fills, then the bounded queue.
+    await ops.until(lambda: ops.stream_failures, timeout=15)
+    assert isinstance(ops.stream_failures[0], errors.Overloaded)
+    # Meanwhile the daemon serves everybody else.
+    async with Connection.open(server.path) as other:
+        for i in range(3):
+            assert await other.call("echo", {"i": i}) == {"i": i}
+    # The slow client finally reads: its events, then the end of the stream.
+    assert await slow.recv() == messages.ok(1, None)
+    events = 0
+    while True:
+        frame = await slow.recv()
+        assert frame is not None
+        if frame["t"] != "evt":
+            break
+        assert frame["event"]["i"] == events
+        events += 1
+    assert events >= 1000
+    assert frame["t"] == "end" and frame["id"] == 1, frame
+    assert frame["error"]["kind"] == "overloaded"
+    # The session itself is fine.
+    await slow.send(messages.request(2, "echo", {"alive": True}))
+    assert await slow.recv() == messages.ok(2, {"alive": True})
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEADER.pack(4) + b"\xff\xff\xff\xff",
+        HEADER.pack(2) + b"\x82\x01",  # truncated array
+        encode_frame({"t": "req"})[:4] + b"\xc1\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+        HEADER.pack(3) + b"\x83\x01\x02",  # an array, not a map: wrong length, then garbage
+        HEADER.pack(2) + b"\x81\x01",  # a well-formed array: not a map
+        HEADER.pack((1 << 20) + 1),  # oversized: refused from the header alone
+        b"\xff\xff\xff\xff",
+    ],
+    ids=["garbage", "truncated", "tag", "short", "array", "oversized", "huge-header"],
+)
+async def test_garbage_after_hello_gets_an_error_frame_and_close(
+    server: Server, data: bytes
+) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send_bytes(data)
+    await assert_fatal(peer, "invalid", "bad frame")
+    assert server.api.stats.rejected.get("session_invalid") == 1
+
+
+async def test_garbage_closes_only_that_session(server: Server) -> None:
+    async with Connection.open(server.path) as good:
+        bad = await raw(server)
+        await bad.hello()
+        await bad.send_bytes(HEADER.pack(1) + b"\xff")
+        await assert_fatal(bad, "invalid")
+        assert await good.call("echo", {"fine": 1}) == {"fine": 1}
+
+
+# ---------------------------------------------------------------------------- session end
+
+
+async def test_session_close_runs_close_hooks(server: Server) -> None:
+    ops = server.ops
+    async with Connection.open(server.path) as conn:
+        session_id = await conn.call("hook")
+        assert ops.closed_sessions == []
+    await ops.until(lambda: session_id in ops.closed_sessions)
+    assert server.api.sessions == {}
+
+
+async def test_close_hooks_run_after_garbage_too(server: Server) -> None:
+    ops = server.ops
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(1, "hook", {}))
+    frame = await peer.recv()
+    assert frame is not None
+    session_id = frame["value"]
+    await peer.send_bytes(HEADER.pack(1) + b"\xff")
+    await assert_fatal(peer, "invalid")
+    await ops.until(lambda: session_id in ops.closed_sessions)
+
+
+async def test_closing_the_session_cancels_its_streams_and_requests(server: Server) -> None:
+    ops = server.ops
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(1, "ticks", {}))
+    await peer.send(messages.request(2, "wait", {"gate": "never"}))
+    await ops.until(lambda: ops.entered.get("never") == 1)
+    await peer.stream.aclose()
+    await ops.until(lambda: ops.stream_ended.get(1) == "cancelled")
+    await ops.until(lambda: server.api.stats.active_sessions == 0)
+
+
+async def test_daemon_closing_the_connection_fails_pending_calls_with_closed(
+    server: Server,
+) -> None:
+    async with Connection.open(server.path) as conn:
+        outcome: list[BaseException] = []
+
+        async def pending() -> None:
+            try:
+                await conn.call("wait", {"gate": "forever"})
+            except MeshError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pending)
+            await server.ops.until(lambda: server.ops.entered.get("forever") == 1)
+            with pytest.raises(errors.Closed):
+                await conn.call("drop")
+        assert len(outcome) == 1 and isinstance(outcome[0], errors.Closed)
+        assert conn.lost.is_set()
+        assert conn.closed
+        with pytest.raises(errors.Closed):
+            await conn.call("echo")
+
+
+async def test_connecting_where_nothing_listens(tmp_path: Path) -> None:
+    with pytest.raises(errors.Unreachable, match="not running"):
+        async with Connection.open(str(tmp_path / "missing.sock")):
+            pass
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("")
+    with pytest.raises(errors.Unreachable):
+        async with Connection.open(str(not_a_socket)):
+            pass
+
+
+async def test_a_stale_socket_file_is_replaced(tmp_path: Path, nursery: trio.Nursery) -> None:
+    path = tmp_path / "stale.sock"
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # bound, never listening: what a crashed daemon leaves behind
+    api = ApiServer(str(path), "fresh", LOG)
+    Ops().register(api)
+    await nursery.start(api.serve)
+    async with Connection.open(str(path)) as conn:
+        assert conn.node == "fresh"
+
+
+async def test_a_second_server_on_a_live_socket_refuses(server: Server) -> None:
+    other = ApiServer(server.path, "intruder", LOG)
+    with pytest.raises(OSError, match="another daemon"):
+        await other.serve()
+    async with Connection.open(server.path) as conn:
+        assert conn.node == "testnode"
