@@ -152,6 +152,8 @@ class Agent:
         self._done: OrderedDict[str, tuple[bool, Any]] = OrderedDict()
         self._running: set[str] = set()
         self._leaving: str | None = None  # set when asked to deactivate (drain, idle, ...)
+        self._leave = anyio.Event()
+        self._serving: anyio.CancelScope | None = None  # around the current serve stream
         self._timers: TaskGroup | None = None
         self.last_activity = 0.0
 
@@ -171,6 +173,7 @@ class Agent:
             self._leaving = reason
             self.stop_reason = reason
             self._send.close()
+            self._leave.set()
 
     def start_timer(self, delay: float, body: Any) -> Callable[[], None]:
         scope = anyio.CancelScope()
@@ -203,32 +206,34 @@ class Agent:
                     self.last_activity = anyio.current_time()
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker)
+                    workers.start_soon(self._leave_when_asked)
                     while not self.is_leaving():
-                        conn = await self.mesh.wait_connected()
-                        try:
-                            async with conn.stream("agent.serve", self._serve_args()) as items:
-                                async for item in items:
-                                    if self._on_item(item) and not started:
-                                        started = True
-                                        await self._on_start()
-                                        task_status.started()
-                                    if self.is_leaving():
-                                        await self._finish_in_hand()
-                                        break
-                        except (errors.Closed, errors.Unreachable):
-                            continue  # the daemon went away: re-register after reconnecting
-                        except errors.Conflict as exc:
-                            if not started:
-                                raise
-                            self.stop_reason = "name_conflict"
-                            self.error = exc
-                            break
-                        except MeshError as exc:
-                            if not started:
-                                raise
-                            self.stop_reason = "error"
-                            self.error = exc
-                            break
+                        with anyio.CancelScope() as self._serving:
+                            conn = await self.mesh.wait_connected()
+                            try:
+                                async with conn.stream("agent.serve", self._serve_args()) as items:
+                                    async for item in items:
+                                        if self._on_item(item) and not started:
+                                            started = True
+                                            await self._on_start()
+                                            task_status.started()
+                                        if self.is_leaving():
+                                            await self._finish_in_hand()
+                                            break
+                            except (errors.Closed, errors.Unreachable):
+                                continue  # the daemon went away: re-register after reconnecting
+                            except errors.Conflict as exc:
+                                if not started:
+                                    raise
+                                self.stop_reason = "name_conflict"
+                                self.error = exc
+                                break
+                            except MeshError as exc:
+                                if not started:
+                                    raise
+                                self.stop_reason = "error"
+                                self.error = exc
+                                break
                     workers.cancel_scope.cancel()
         finally:
             self.stopped.set()
@@ -283,6 +288,15 @@ class Agent:
                 continue  # handed back: the daemon fails it when the stream ends
             await self._run_one(msg)
             self.last_activity = anyio.current_time()
+
+    async def _leave_when_asked(self) -> None:
+        """A deactivation asked for here (idle, or by the application), not by a
+        ``deactivate`` event from the daemon, must not wait for a next stream event that
+        an idle agent never gets: once the messages in hand are done, end the stream."""
+        await self._leave.wait()
+        await self._finish_in_hand()
+        if self._serving is not None:
+            self._serving.cancel()
 
     async def _finish_in_hand(self) -> None:
         """Deactivating: wait (bounded) for the messages being handled to complete."""

@@ -29,6 +29,7 @@ from meshd_client.state import StateDoc
 from meshd_client.types import AgentInfo, RegistryEvent, Signal
 
 _RETRYABLE = (errors.Unreachable, errors.Timeout, errors.Closed, errors.Overloaded)
+_NOT_FOUND_GRACE = 3.0
 
 
 class Mesh:
@@ -229,7 +230,8 @@ class Mesh:
         }
         if not at_least_once:
             return await self.call(op, {**args, "timeout": timeout}, timeout=timeout + 1)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         backoff = 0.05
         while True:
             remaining = deadline - time.monotonic()
@@ -242,8 +244,14 @@ class Mesh:
                 attempt = min(remaining, max(1.0, timeout / 4))
                 return await conn.call(op, {**args, "timeout": attempt}, timeout=attempt + 1)
             except _RETRYABLE:
-                await anyio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                backoff = min(1.0, backoff * 2)
+                pass
+            except errors.NotFound:
+                # An agent re-registering after its daemon restarted, or moving, is briefly
+                # not found; keep trying for a short grace, not the whole timeout.
+                if time.monotonic() - started > min(timeout, _NOT_FOUND_GRACE):
+                    raise
+            await anyio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(1.0, backoff * 2)
 
     # ------------------------------------------------------------------ signals
 

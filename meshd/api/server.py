@@ -57,16 +57,28 @@ class ApiStats:
 
 
 class Stream:
-    """Handle given to a stream op: push events to the client without blocking."""
+    """Handle given to a stream op: push events to the client without blocking.
+
+    The client's request is answered (``ok``) only once the op has set itself up — when it
+    first emits, or waits in :meth:`until_failed` — so that, say, a subscription exists by
+    the time ``subscribe()`` returns. An op that fails before that answers with the error."""
 
     def __init__(self, session: Session, request_id: int) -> None:
         self._session = session
         self.request_id = request_id
+        self.opened = False
         self._failure: MeshError | None = None
         self._failed = trio.Event()
 
+    def ready(self) -> None:
+        """Answer the request: the stream is set up."""
+        if not self.opened:
+            self.opened = True
+            self._session.send_nowait(messages.ok(self.request_id, None))
+
     def emit(self, payload: Any) -> None:
         """Queue one event; raises Overloaded if the client is not keeping up."""
+        self.ready()
         self._session.send_nowait(messages.event(self.request_id, payload))
 
     def offer(self, payload: Any) -> None:
@@ -83,6 +95,7 @@ class Stream:
     async def until_failed(self) -> None:
         """Wait until an :meth:`offer` failed, then raise why (the client cancelling the
         stream cancels this wait instead)."""
+        self.ready()
         await self._failed.wait()
         assert self._failure is not None
         raise self._failure
@@ -267,25 +280,31 @@ class Session:
     async def _serve(self, req: messages.Request, scope: trio.CancelScope) -> None:
         self.server.stats.requests += 1
         op = self.server.ops.get(req.op)
+        stream: Stream | None = None
         try:
             with scope:
                 if op is None:
                     raise errors.Invalid(f"unknown op {req.op!r}")
                 if op.stream is not None:
-                    await self.send(messages.ok(req.id, None))
+                    stream = Stream(self, req.id)
                     try:
-                        await op.stream(self, req, Stream(self, req.id))
+                        await op.stream(self, req, stream)
                     except Exception as exc:
-                        # The response went out already: whatever happens, the stream ends
-                        # with an ``end`` frame (never a second ``res``).
-                        await self.send(messages.end(req.id, self._op_error(req, exc)))
+                        error = self._op_error(req, exc)
+                        # Once answered, a stream ends with ``end`` (never a second ``res``).
+                        await self.send(
+                            messages.end(req.id, error)
+                            if stream.opened
+                            else messages.failed(req.id, error)
+                        )
                         return
+                    stream.ready()
                     await self.send(messages.end(req.id))
                     return
                 assert op.handler is not None
                 value = await op.handler(self, req)
                 await self.send(messages.ok(req.id, value))
-            if scope.cancelled_caught and op is not None and op.stream is not None:
+            if scope.cancelled_caught and stream is not None and stream.opened:
                 await self.send(messages.end(req.id))
         except Exception as exc:
             await self.send(messages.failed(req.id, self._op_error(req, exc)))

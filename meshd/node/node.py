@@ -366,6 +366,7 @@ class Node:
             logging.getLogger("meshd.links"),
         )
         self.routing_links.on_connect = self.router.link_status
+        self.routing_links.on_disconnect = self.router.link_lost
         self.router.attach_links(self.routing_links)
         self.replication.doc_listeners.append(self.router.on_doc_event)
         self.placement = Placement(

@@ -38,6 +38,10 @@ class KindInfo:
 
     @classmethod
     def decode(cls, data: Any) -> KindInfo | None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            # A registry document may hold anything a peer wrote; bytes(n) of an integer
+            # (pycrdt returns big ones as int) would allocate n zero bytes.
+            return None
         try:
             value = cbor.loads(bytes(data))
             capacity, active, strategy, draining = value

@@ -384,10 +384,24 @@ class Placement:
         # new owner holds all of it before the agent starts there.
         self.replicator.sync_with(trio.current_time(), target)
         self.flush()
-        try:
-            await self.ensure_active(name, entry.kind, trio.current_time() + ACTIVATION_TIMEOUT)
-        except errors.MeshError as exc:
-            self.log.warning("move: activation failed", extra=kv(agent=name, error=exc.message))
+        deadline = trio.current_time() + ACTIVATION_TIMEOUT
+        while True:
+            try:
+                placed = await self.ensure_active(name, entry.kind, deadline)
+            except errors.MeshError as exc:
+                self.log.warning("move: activation failed", extra=kv(agent=name, error=exc.message))
+                return
+            if placed.entry_id != entry.entry_id:
+                return
+            # The new owner answered with the entry we just withdrew: the unregistration
+            # has not reached it yet (the activation request can overtake it), so it
+            # activated nothing. Ask again once it has, or the agent runs nowhere.
+            if trio.current_time() >= deadline:
+                self.log.warning(
+                    "move: the new owner still resolves the old entry", extra=kv(agent=name)
+                )
+                return
+            await trio.sleep(0.02)
 
     # ------------------------------------------------------------------ periodic work
 

@@ -167,6 +167,16 @@ class Router:
     def host_up(self, host: str) -> None:
         self.breaker(host).host_up()
 
+    def link_lost(self, host: str) -> None:
+        """Our connection to ``host`` broke: results of requests sent on it will not come
+        (a restarted daemon forgot them), so fail them now instead of at their timeout."""
+        prefix = f"{host}\x00"
+        for key, waiter in list(self._outbound.items()):
+            if key.startswith(prefix) and not waiter.event.is_set():
+                waiter.ok = False
+                waiter.payload = errors.Unreachable(f"the connection to {host} broke").to_wire()
+                waiter.event.set()
+
     def link_status(self, host: str, connected: bool) -> None:
         """PeerLinks tells us whether connecting to ``host`` worked."""
         breaker = self.breaker(host)

@@ -74,6 +74,8 @@ class PeerLinks:
         self.stats = LinkStats()
         # Told whether each connection attempt to a peer worked (circuit breakers listen).
         self.on_connect: Callable[[str, bool], None] = lambda _peer, _ok: None
+        # Told when an established connection to a peer broke (a restarted peer, say).
+        self.on_disconnect: Callable[[str], None] = lambda _peer: None
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -146,6 +148,7 @@ class PeerLinks:
                         await self._pump(link, stream)
                     finally:
                         link.connected = False
+                        self.on_disconnect(link.peer)
                         with trio.CancelScope(shield=True):
                             await stream.aclose()
             finally:

@@ -522,3 +522,12 @@ def test_malformed_fields_of_a_known_kind_are_replaced() -> None:
 
 def test_error_repr_names_the_class() -> None:
     assert repr(errors.Unreachable("gone")) == "Unreachable('gone')"
+
+
+def test_a_good_frame_before_an_oversized_header_is_still_delivered() -> None:
+    decoder = FrameDecoder(max_frame=64)
+    good = encode_frame({"t": "req", "id": 1, "op": "info", "args": {}})
+    decoder.feed(good + HEADER.pack(1 << 20))
+    assert decoder.next_frame() == {"t": "req", "id": 1, "op": "info", "args": {}}
+    with pytest.raises(FrameError, match="exceeds"):
+        decoder.next_frame()

@@ -64,11 +64,6 @@ class FrameDecoder:
             raise FrameError(str(exc)) from None
         if not isinstance(message, dict):
             raise FrameError("a frame must hold a CBOR map")
-        # A header for an oversized next frame may already be buffered: check it now.
-        if len(buf) >= HEADER.size:
-            (following,) = HEADER.unpack_from(buf)
-            if following > self.max_frame:
-                raise FrameError(
-                    f"frame of {following} bytes exceeds the {self.max_frame}-byte limit"
-                )
+        # An oversized header right behind this frame is refused by the next call, before
+        # any more bytes are fed: this good frame is still delivered.
         return message
