@@ -349,6 +349,7 @@ class Node:
         )
         self._rebases: dict[str, list[dict[str, Any]]] = {}
         self._dead_hosts: list[str] = []
+        self._rng = random.Random()
         self.router = Router(
             node=name,
             registry=self.registry,
@@ -442,8 +443,12 @@ class Node:
             self._dead_hosts.append(member)
         elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
             self.router.host_up(member)
-            # A new member, or one back from a partition: repair with it right away.
-            self.replicator.request_sync(trio.current_time(), member)
+            # A member back from a partition (or new): repair with it right away. Each node
+            # does so with probability ~2/n, so a newcomer is not sent the whole registry by
+            # every member at once (it pulls from one peer itself as it joins).
+            peers = len(self.replicator.peers)
+            if peers <= 2 or self._rng.random() < 2 / peers:
+                self.replicator.request_sync(trio.current_time(), member)
         self.registry.node_changed(member)
         while self._dead_hosts:
             # After the registry stopped resolving its agents: re-place what it ran.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -55,8 +56,16 @@ DocEventKind = Literal["opened", "replaced", "updated", "dropped"]
 
 @dataclass(frozen=True, slots=True)
 class ReplicationTuning:
-    push_fanout: int = 3
+    # Peers a writer pushes to in larger clusters; None: ⌈ln n⌉ + 3, enough that the rumor
+    # reaches nearly everyone before anti-entropy has to repair it.
+    push_fanout: int | None = None
     push_hops: int = 3
+    # Up to this many peers a writer pushes to all of them directly (one hop, no forwarding):
+    # cheaper and faster than rumor mongering in small clusters.
+    push_all_up_to: int = 32
+    # Repair updates are applied at most this many bytes per work() call, so a node catching
+    # up on a large registry keeps answering probes and API calls in between.
+    repair_slice_bytes: int = 1 << 20
     push_delay: float = 0.005
     anti_entropy_interval: float = 1.0
     round_timeout: float = 10.0
@@ -181,6 +190,7 @@ class Replicator:
         self._rounds: dict[int, _Round] = {}
         self._round_seq = rng.getrandbits(31)
         self._last_requested = -math.inf
+        self._repairs: deque[DocUpdate] = deque()
         self._at(now + tuning.anti_entropy_interval * self.rng.random(), self._anti_entropy, None)
 
     # ------------------------------------------------------------------ plumbing
@@ -297,10 +307,19 @@ class Replicator:
                 from pycrdt import merge_updates
 
                 update = bytes(merge_updates(*deltas))
-            for peer in self._sample(self.tuning.push_fanout):
+            if len(self._peers) <= self.tuning.push_all_up_to:
+                targets, hops = self._peers, 0
+            else:
+                targets, hops = self._sample(self._fanout()), self.tuning.push_hops
+            for peer in targets:
                 self.stats.pushes_sent += 1
                 self.stats.bytes_pushed += len(update)
-                self._send(peer, Push(name, replica.epoch, update, 0, self.tuning.push_hops))
+                self._send(peer, Push(name, replica.epoch, update, 0, hops))
+
+    def _fanout(self) -> int:
+        if self.tuning.push_fanout is not None:
+            return self.tuning.push_fanout
+        return math.ceil(math.log(max(2, len(self._peers)))) + 3
 
     def _start_majority(self, now: float, replica: Replica, delta: bytes | None) -> int:
         self._token += 1
@@ -403,7 +422,8 @@ class Replicator:
         if replica is None:
             return None, False
         try:
-            changed = replica.apply(update)
+            # _target validated the update already when it created or replaced a document.
+            changed = replica.apply(update, checked=created is not None)
         except UpdateRejected:
             self.stats.reject("bad_update")
             if created is not None and replica.doc.get_state() == EMPTY_SV:
@@ -427,7 +447,7 @@ class Replicator:
             ok = replica is not None
             self._send(peer, Ack(msg.ack, ok, replica.sv if replica is not None else b""))
         if changed and msg.hops > 0 and replica is not None:
-            for target in self._sample(self.tuning.push_fanout, {peer}):
+            for target in self._sample(self._fanout(), {peer}):
                 self.stats.pushes_forwarded += 1
                 self._send(target, Push(msg.doc, msg.epoch, msg.update, 0, msg.hops - 1))
 
@@ -591,4 +611,17 @@ class Replicator:
     def _receive_repair(self, u: DocUpdate) -> None:
         self.stats.repair_updates_received += 1
         self.stats.repair_bytes_received += len(u.update)
-        self._apply(u.doc, u.epoch, u.update)
+        self._repairs.append(u)
+
+    def pending_work(self) -> bool:
+        """Repair updates received but not applied yet (see :meth:`work`)."""
+        return bool(self._repairs)
+
+    def work(self, now: float) -> None:
+        """Apply queued repair updates, about ``repair_slice_bytes`` at a time (at least
+        one): the driver yields between calls so a large catch-up never stalls the node."""
+        budget = self.tuning.repair_slice_bytes
+        while self._repairs and budget > 0:
+            u = self._repairs.popleft()
+            budget -= len(u.update)
+            self._apply(u.doc, u.epoch, u.update)

@@ -123,6 +123,10 @@ class ReplicationDriver:
         self.core.handle(trio.current_time(), peer, message)
         self.flush()
         await trio.lowlevel.checkpoint()
+        while self.core.pending_work():
+            self.core.work(trio.current_time())
+            self.flush()
+            await trio.sleep(0)  # probes, API calls and other peers get their turn
 
     def forget_peer(self, peer: str) -> None:
         self._reassemblers.pop(peer, None)

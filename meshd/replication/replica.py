@@ -106,11 +106,12 @@ class Replica:
 
         return bytes(merge_updates(*captured))
 
-    def apply(self, update: bytes) -> bool:
-        """Apply a remote update; True if the document learned something."""
+    def apply(self, update: bytes, *, checked: bool = False) -> bool:
+        """Apply a remote update; True if the document learned something. ``checked``: the
+        caller already validated it with :func:`check_update`."""
         # Validate first: a scratch document must accept the update on its own, so a
         # malformed update is refused before the real document is touched.
-        if not check_update(update):
+        if not checked and not check_update(update):
             raise UpdateRejected("update does not decode")
         try:
             self.doc.apply_update(update)

@@ -125,6 +125,8 @@ class Net:
             message = messages.decode(frame)
             self.delivered.append(Delivered(src, dst, message))
             core.handle(self.now, src, message)
+            while core.pending_work():
+                core.work(self.now)
             self.collect()
         return count
 
@@ -138,6 +140,8 @@ class Net:
         """Hand ``message`` (as ``src`` sent it) to ``dst`` through the wire format."""
         core = self.nodes[dst]
         core.handle(self.now, src, messages.decode(messages.encode(message)))
+        while core.pending_work():
+            core.work(self.now)
         self.collect()
 
     def run_until(self, until: float) -> None:

@@ -82,7 +82,8 @@ def test_local_write_is_pushed_after_the_coalescing_delay() -> None:
     net.run_until(0.006)
     pushes = net.sent(Push, src="a")
     assert sorted(p.dst for p in pushes) == ["b", "c"]
-    assert all(p.message.hops == 3 and p.message.ack == 0 for p in pushes)  # type: ignore[union-attr]
+    # A small cluster: pushed to every peer directly, nothing to forward.
+    assert all(p.message.hops == 0 and p.message.ack == 0 for p in pushes)  # type: ignore[union-attr]
     assert content(net["b"].store.get(DOC)) == {"k": 1}
     assert same(net, DOC, "a", "b", "c")
     assert net.events("a") == [
@@ -116,7 +117,7 @@ def test_several_local_writes_are_coalesced_into_one_push() -> None:
 
 def test_pushes_are_forwarded_within_the_hop_bound() -> None:
     names = [f"n{i}" for i in range(12)]
-    net = net_of(*names, push_fanout=2, push_hops=2)
+    net = net_of(*names, push_fanout=2, push_hops=2, push_all_up_to=0)
     change(net["n0"], 0.0, DOC, setk("k", 1))
     net.run(0.01)
     pushes = [d.message for d in net.sent(Push)]
@@ -148,11 +149,32 @@ def test_forwarding_reaches_everyone_with_enough_hops() -> None:
 
 def test_no_forwarding_without_hops() -> None:
     names = [f"n{i}" for i in range(8)]
-    net = net_of(*names, push_fanout=2, push_hops=0)
+    net = net_of(*names, push_fanout=2, push_hops=0, push_all_up_to=0)
     change(net["n0"], 0.0, DOC, setk("k", 1))
     net.run(0.01)
     assert len(net.sent(Push)) == 2
     assert sum(net[n].store.get(DOC) is not None for n in names) == 3
+
+
+def test_small_clusters_push_to_every_peer_in_one_hop() -> None:
+    names = [f"n{i}" for i in range(10)]
+    net = net_of(*names)
+    change(net["n0"], 0.0, DOC, setk("k", 1))
+    net.run(0.01)
+    pushes = net.sent(Push)
+    assert sorted(p.dst for p in pushes) == sorted(names[1:])
+    assert all(p.message.hops == 0 for p in pushes)  # type: ignore[union-attr]
+    assert same(net, DOC, *names)
+
+
+def test_large_clusters_push_to_log_n_plus_three_with_forwarding() -> None:
+    names = [f"n{i}" for i in range(40)]
+    net = net_of(*names)
+    change(net["n0"], 0.0, DOC, setk("k", 1))
+    net.run_until(0.0051)
+    first = net.sent(Push, src="n0")
+    assert len(first) == 7  # ceil(ln 39) + 3
+    assert all(p.message.hops == 3 for p in first)  # type: ignore[union-attr]
 
 
 def test_a_push_that_teaches_nothing_is_not_forwarded() -> None:
