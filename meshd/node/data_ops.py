@@ -49,9 +49,9 @@ def register(node: Node) -> None:
 
     def release(session: Session) -> None:
         """A client went away: its agents are unregistered cluster-wide."""
-        now = trio.current_time()
-        for name in sorted(session.state.pop(SESSION_AGENTS, set())):
-            node.registry.unregister(now, name)
+        node.registry.unregister_many(
+            trio.current_time(), sorted(session.state.pop(SESSION_AGENTS, set()))
+        )
         node.replication.flush()
 
     async def register_agent(session: Session, req: messages.Request) -> Any:
@@ -105,6 +105,13 @@ def register(node: Node) -> None:
 
     async def agents(_session: Session, req: messages.Request) -> Any:
         args = req.args
+        if args.get("limit") == 0:
+            count = node.registry.count(
+                kind=_opt_str(args, "kind"),
+                capability=_opt_str(args, "capability"),
+                node=_opt_str(args, "node"),
+            )
+            return {"count": count, "agents": []}
         found = node.registry.entries(
             kind=_opt_str(args, "kind"),
             capability=_opt_str(args, "capability"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -78,7 +79,9 @@ def check_capabilities(capabilities: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def check_metadata(metadata: Any) -> dict[str, Scalar]:
+def check_metadata(metadata: Any, *, encoded_within: int | None = None) -> dict[str, Scalar]:
+    """Validate metadata. ``encoded_within``: the size of an encoding that contains it, so
+    the size check needs no re-encoding when that is already within the limit."""
     if not isinstance(metadata, dict):
         raise EntryError("metadata must be a map")
     for key, value in metadata.items():
@@ -86,12 +89,29 @@ def check_metadata(metadata: Any) -> dict[str, Scalar]:
             raise EntryError("metadata keys must be strings")
         if value is not None and not isinstance(value, str | int | float | bool):
             raise EntryError("metadata values must be strings, numbers, booleans or null")
-    if len(cbor.dumps(metadata)) > MAX_METADATA_BYTES:
+    if (encoded_within is None or encoded_within > MAX_METADATA_BYTES) and len(
+        cbor.dumps(metadata)
+    ) > MAX_METADATA_BYTES:
         raise EntryError(f"metadata larger than {MAX_METADATA_BYTES} bytes")
-    return dict(metadata)
+    return metadata
 
 
-def decode_entry(name: str, data: Any, owner: str) -> Entry:
+def _same(value: Any) -> Any:
+    return value
+
+
+class Interner:
+    """Shares equal strings and capability tuples between entries: 100,000 entries of a few
+    kinds on a few nodes need a few objects, not 100,000 copies."""
+
+    def __init__(self) -> None:
+        self._values: dict[Any, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        return self._values.setdefault(value, value)
+
+
+def decode_entry(name: str, data: Any, owner: str, intern: Interner | None = None) -> Entry:
     """An entry read from ``owner``'s document; it must claim ``owner`` as its node."""
     if not isinstance(data, bytes | bytearray):
         raise EntryError("entry is not bytes")
@@ -108,12 +128,13 @@ def decode_entry(name: str, data: Any, owner: str) -> Entry:
         raise EntryError("registered_at must be a non-negative integer")
     if not isinstance(entry_id, str) or not 0 < len(entry_id) <= 256:
         raise EntryError("bad entry id")
+    share: Callable[[Any], Any] = intern if intern is not None else _same
     return Entry(
         check_name(name),
-        owner,
-        check_kind(kind),
-        check_capabilities(caps),
-        check_metadata(metadata),
+        share(owner),
+        share(check_kind(kind)),
+        share(check_capabilities(caps)),
+        check_metadata(metadata, encoded_within=len(data)),
         registered_at,
         entry_id,
     )

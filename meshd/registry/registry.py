@@ -27,6 +27,7 @@ from pycrdt import Doc, Map, MapEvent, Subscription
 from meshd.registry.model import (
     Entry,
     EntryError,
+    Interner,
     Scalar,
     check_capabilities,
     check_kind,
@@ -113,6 +114,7 @@ class Registry:
         self._subscriptions: dict[str, tuple[Map[Any], Subscription]] = {}
         self._conflicts_reported: set[str] = set()
         self._counter = itertools.count(1)
+        self._intern = Interner()
         self._own = doc_name(node)
 
     # ------------------------------------------------------------------ replicator hooks
@@ -163,7 +165,7 @@ class Registry:
             self._remove_candidate(key, node)
             if action in ("add", "update"):
                 try:
-                    entry = decode_entry(key, change.get("newValue"), node)
+                    entry = decode_entry(key, change.get("newValue"), node, self._intern)
                 except EntryError:
                     self.stats.bad_entries += 1
                     continue
@@ -326,6 +328,31 @@ class Registry:
         token = self._write(now, lambda agents: agents.pop(name, None), durability)
         self.stats.unregistrations += 1
         return True, token
+
+    def unregister_many(
+        self, now: float, names: Iterable[str], *, durability: Durability = "local"
+    ) -> tuple[list[str], int | None]:
+        """Remove several of this node's entries in one transaction (a client went away)."""
+        mine = [n for n in names if self._candidates.get(n, {}).get(self.node) is not None]
+        if not mine:
+            return [], None
+
+        def remove(agents: Map[Any]) -> None:
+            for name in mine:
+                agents.pop(name, None)
+
+        token = self._write(now, remove, durability)
+        self.stats.unregistrations += len(mine)
+        return mine, token
+
+    def count(
+        self, *, kind: str | None = None, capability: str | None = None, node: str | None = None
+    ) -> int:
+        """How many names resolve (with the same filters as :meth:`entries`), without
+        building the list."""
+        if kind is None and capability is None and node is None:
+            return len(self._winners)
+        return len(self.entries(kind=kind, capability=capability, node=node))
 
     def holds(self, name: str) -> Entry | None:
         """This node's own entry for ``name`` (whether or not it currently wins)."""
