@@ -336,7 +336,8 @@ class Agent:
         args: dict[str, Any] = {"agent": self.name, "id": msg.id, "ok": ok}
         args["body" if ok else "error"] = payload
         try:
-            await self.mesh.call("agent.reply", args)
+            # One-way: the answer to this would be ignored anyway, so do not wait for it.
+            await self.mesh.notify("agent.reply", args)
         except MeshError:
             # The daemon restarted (it no longer waits for this id) or the connection is
             # gone; an at-least-once sender retries and gets the remembered outcome.

@@ -9,7 +9,6 @@ connection. Connection problems become typed errors (``unreachable``, ``unauthor
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -54,7 +53,7 @@ class Connection:
         self._pending: dict[int, _Pending] = {}
         self._streams: dict[int, MemoryObjectSendStream[Any]] = {}
         self._overflowed: set[int] = set()  # streams dropped because the consumer fell behind
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed: MeshError | None = None
         self.lost = anyio.Event()  # set once the connection is gone, for any reason
         self.node = ""
@@ -243,8 +242,11 @@ class Connection:
         self._pending[rid] = pending
         try:
             await self._write(messages.request(rid, op, args or {}))
-            with anyio.fail_after(timeout if timeout is not None else math.inf):
-                await pending.done.wait()
+            if timeout is None:
+                await pending.done.wait()  # no cancel scope: the common, cheapest path
+            else:
+                with anyio.fail_after(timeout):
+                    await pending.done.wait()
         except TimeoutError:
             self._pending.pop(rid, None)
             raise errors.Timeout(f"{op}: no reply from meshd within {timeout} s") from None
@@ -253,6 +255,10 @@ class Connection:
         if pending.error is not None:
             raise pending.error
         return pending.value
+
+    async def notify(self, op: str, args: dict[str, Any] | None = None) -> None:
+        """A one-way request (a ``note``): no answer is sent or awaited."""
+        await self._write(messages.note(op, args or {}))
 
     @asynccontextmanager
     async def stream(

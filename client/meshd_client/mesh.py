@@ -147,6 +147,15 @@ class Mesh:
                 f"lost the connection to meshd on {self.socket}; reconnecting"
             ) from None
 
+    async def notify(self, op: str, args: dict[str, Any] | None = None) -> None:
+        """A one-way request (fails fast with Unreachable while disconnected)."""
+        try:
+            await self._current().notify(op, args)
+        except errors.Closed:
+            raise errors.Unreachable(
+                f"lost the connection to meshd on {self.socket}; reconnecting"
+            ) from None
+
     # ------------------------------------------------------------------ registry
 
     async def lookup(self, name: str) -> AgentInfo:

@@ -109,6 +109,8 @@ StreamHandler = Callable[["Session", messages.Request, Stream], Awaitable[None]]
 class _Op:
     handler: RequestHandler | None = None
     stream: StreamHandler | None = None
+    # Never waits: served in the session's read loop, without a task of its own.
+    inline: bool = False
     # Ops that only read may be allowed to more callers later; kept for documentation.
     description: str = ""
 
@@ -132,6 +134,11 @@ class Session:
         self.state: dict[str, Any] = {}  # per-session data owned by op modules
         self.close_hooks: list[Callable[[Session], None]] = []
         self._send, self._outgoing = trio.open_memory_channel[bytes](_OUTGOING_FRAMES)
+        # Held while bytes go to the socket (by the writer task, or by send() writing
+        # directly when nothing is queued); the writer marks itself busy once it has taken
+        # frames off the queue, so a direct write never overtakes them.
+        self._socket_lock = trio.Lock()
+        self._writer_busy = False
         self._requests: dict[int, trio.CancelScope] = {}
         self._closed = False
 
@@ -151,15 +158,43 @@ class Session:
                 messages.failed(frame.get("id"), errors.Invalid(f"reply too large: {exc}")),
                 self.server.max_frame,
             )
+        if (
+            not self._writer_busy
+            and self._send.statistics().current_buffer_used == 0
+            and not self._socket_lock.locked()
+            and not self._closed
+        ):
+            # Nothing queued or being written: write it now, sparing the writer's wake-up.
+            async with self._socket_lock:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the client went away; the reader sees it too
+            return
         try:
-            await self._send.send(data)
+            self._send.send_nowait(data)
+        except trio.WouldBlock:
+            try:
+                await self._send.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def _writer(self) -> None:
+        """Send queued frames, everything already queued in one write."""
         try:
             async for data in self._outgoing:
-                await self.stream.send_all(data)
+                self._writer_busy = True
+                batch = [data]
+                while len(batch) < 256:
+                    try:
+                        batch.append(self._outgoing.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                async with self._socket_lock:
+                    await self.stream.send_all(b"".join(batch) if len(batch) > 1 else data)
+                self._writer_busy = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; the reader sees it too
 
@@ -262,6 +297,13 @@ class Session:
             if isinstance(parsed, messages.Hello):
                 await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
                 continue
+            if isinstance(parsed, messages.Note):
+                await self._serve_note(parsed, nursery)
+                continue
+            op = self.server.ops.get(parsed.op)
+            if op is not None and op.inline and parsed.id not in self._requests:
+                await self._serve_inline(op, parsed)
+                continue
             if parsed.id in self._requests:
                 await self.send(
                     messages.failed(parsed.id, errors.Invalid("request id already in flight"))
@@ -276,6 +318,43 @@ class Session:
             scope = trio.CancelScope()
             self._requests[parsed.id] = scope
             nursery.start_soon(self._serve, parsed, scope)
+
+    async def _serve_inline(self, op: _Op, req: messages.Request) -> None:
+        self.server.stats.requests += 1
+        assert op.handler is not None
+        try:
+            reply = messages.ok(req.id, await op.handler(self, req))
+        except Exception as exc:
+            reply = messages.failed(req.id, self._op_error(req, exc))
+        await self.send(reply)
+
+    async def _serve_note(self, note: messages.Note, nursery: trio.Nursery) -> None:
+        op = self.server.ops.get(note.op)
+        if op is None or op.handler is None:
+            self.server.stats.reject("bad_note")
+            return
+        req = messages.Request(0, note.op, note.args)
+        if op.inline:
+            await self._run_note(op, req)
+        elif len(self._requests) < _MAX_IN_FLIGHT:
+            nursery.start_soon(self._run_note, op, req)
+        else:
+            self.server.stats.error("overloaded")
+
+    async def _run_note(self, op: _Op, req: messages.Request) -> None:
+        self.server.stats.requests += 1
+        assert op.handler is not None
+        try:
+            await op.handler(self, req)
+        except Exception as exc:
+            error = self._op_error(req, exc)
+            self.server.ratelog.debug(
+                ("note", req.op),
+                "note failed",
+                op=req.op,
+                kind=error.kind.value,
+                error=error.message,
+            )
 
     async def _serve(self, req: messages.Request, scope: trio.CancelScope) -> None:
         self.server.stats.requests += 1
@@ -364,8 +443,12 @@ class ApiServer:
         self.sessions: dict[int, Session] = {}
         self._next_session = 0
 
-    def add_op(self, name: str, handler: RequestHandler, description: str = "") -> None:
-        self.ops[name] = _Op(handler=handler, description=description)
+    def add_op(
+        self, name: str, handler: RequestHandler, description: str = "", *, inline: bool = False
+    ) -> None:
+        """``inline``: the handler never awaits anything that blocks (a lookup, a read):
+        it runs in the read loop, sparing a task and a cancel scope per request."""
+        self.ops[name] = _Op(handler=handler, description=description, inline=inline)
 
     def add_stream_op(self, name: str, handler: StreamHandler, description: str = "") -> None:
         self.ops[name] = _Op(stream=handler, description=description)

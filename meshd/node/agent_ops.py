@@ -157,9 +157,19 @@ def register(node: Node) -> None:
         return router.health(_name(req.args, "name"))
 
     api.add_stream_op("agent.serve", serve, "register an agent and receive its messages")
-    api.add_op("agent.reply", reply, "answer (or acknowledge) a delivery to a served agent")
+    api.add_op(
+        "agent.reply",
+        reply,
+        "answer (or acknowledge) a delivery to a served agent",
+        inline=True,
+    )
     api.add_op("send", send, "send a message to an agent by name")
     api.add_op("request", request, "send a request and wait for the reply")
-    api.add_op("publish", publish, "publish a signal to a topic")
+    api.add_op("publish", publish, "publish a signal to a topic", inline=True)
     api.add_stream_op("subscribe", subscribe, "signals matching a topic pattern")
-    api.add_op("health", health, "an agent's health: healthy, degraded, unreachable, not_found")
+    api.add_op(
+        "health",
+        health,
+        "an agent's health: healthy, degraded, unreachable, not_found",
+        inline=True,
+    )

@@ -104,8 +104,13 @@ def register(node: Node) -> None:
                 raise errors.Invalid("key is not valid base64") from None
         return await node.keys.cluster_op(op, key)
 
-    api.add_op("info", info, "this daemon: identity, membership counts, counters")
-    api.add_op("members", members, "the membership table (optionally filtered by status)")
+    api.add_op("info", info, "this daemon: identity, membership counts, counters", inline=True)
+    api.add_op(
+        "members",
+        members,
+        "the membership table (optionally filtered by status)",
+        inline=True,
+    )
     api.add_stream_op("members.watch", watch, "membership events as they happen")
     api.add_op("leave", leave, "leave the cluster gracefully and stop the daemon")
     api.add_op("keys", keys, "list/install/use/remove gossip keys on every member")

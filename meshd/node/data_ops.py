@@ -173,13 +173,28 @@ def register(node: Node) -> None:
         docs = {r.name: [r.epoch, f"{r.hash:016x}"] for r in store if r.name.startswith(prefix)}
         return {"digest": store.digest().hex(), "count": len(docs), "docs": docs}
 
-    api.add_op("docs.digest", digest, "replicated documents and their hashes (convergence)")
+    api.add_op(
+        "docs.digest",
+        digest,
+        "replicated documents and their hashes (convergence)",
+        inline=True,
+    )
     api.add_op("register", register_agent, "register an agent name on this node")
     api.add_op("unregister", unregister_agent, "remove this node's entry for a name")
-    api.add_op("lookup", lookup, "resolve an agent name (local index; never the network)")
-    api.add_op("agents", agents, "list registry entries (filters: kind, capability, node)")
+    api.add_op(
+        "lookup",
+        lookup,
+        "resolve an agent name (local index; never the network)",
+        inline=True,
+    )
+    api.add_op(
+        "agents",
+        agents,
+        "list registry entries (filters: kind, capability, node)",
+        inline=True,
+    )
     api.add_stream_op("registry.watch", registry_watch, "registry events as they happen")
-    api.add_op("state.get", state_get, "read a state document (or a path in it)")
+    api.add_op("state.get", state_get, "read a state document (or a path in it)", inline=True)
     api.add_op("state.update", state_update, "apply operations to a state document")
-    api.add_op("state.list", state_list, "the state documents this node holds")
+    api.add_op("state.list", state_list, "the state documents this node holds", inline=True)
     api.add_stream_op("state.watch", state_watch, "a state document's value on every change")

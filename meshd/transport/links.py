@@ -23,6 +23,7 @@ from meshd.transport.streams import Channel, FramedStream, StreamError, dial
 from meshd.wire.validate import Address, WireError, expect_list, expect_name
 from meshd_client.protocol import cbor
 
+_BATCH_BYTES = 1 << 20
 Resolver = Callable[[str], Address | None]
 Receiver = Callable[[str, bytes], Awaitable[None]]
 
@@ -160,11 +161,22 @@ class PeerLinks:
             await stream.send(cbor.dumps([self.self_name]))
             link.connected = True
             while True:
-                with trio.move_on_after(self.idle_timeout) as idle:
-                    frame = await link.receive.receive()
-                if idle.cancelled_caught:
-                    return  # idle: close; the next send reconnects
-                await stream.send(frame)
+                try:
+                    frame = link.receive.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(self.idle_timeout) as idle:
+                        frame = await link.receive.receive()
+                    if idle.cancelled_caught:
+                        return  # idle: close; the next send reconnects
+                # Whatever else is queued goes out in the same write (bounded).
+                frames, size = [frame], len(frame)
+                while len(frames) < 64 and size < _BATCH_BYTES:
+                    try:
+                        frames.append(link.receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    size += len(frames[-1])
+                await stream.send_many(frames)
         except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.ratelog.debug(("pump", link.peer), "link broken", peer=link.peer, error=repr(exc))
 

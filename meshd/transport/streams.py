@@ -61,12 +61,20 @@ class FramedStream:
         self._buffer = bytearray()
 
     async def send(self, payload: bytes) -> None:
-        sealed = self.envelope.seal(payload)
-        if len(sealed) > self.max_frame:
-            raise StreamError("frame_too_large")
-        await self.stream.send_all(_LENGTH.pack(len(sealed)) + sealed)
-        self.stats.tcp_frames_out += 1
-        self.stats.tcp_bytes_out += len(sealed) + _LENGTH.size
+        await self.send_many([payload])
+
+    async def send_many(self, payloads: list[bytes]) -> None:
+        """Seal each payload as its own frame; write them all at once."""
+        out = bytearray()
+        for payload in payloads:
+            sealed = self.envelope.seal(payload)
+            if len(sealed) > self.max_frame:
+                raise StreamError("frame_too_large")
+            out += _LENGTH.pack(len(sealed))
+            out += sealed
+        await self.stream.send_all(out)
+        self.stats.tcp_frames_out += len(payloads)
+        self.stats.tcp_bytes_out += len(out)
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size:

@@ -5,6 +5,7 @@ Client to daemon::
     {"t": "hello", "versions": [1], "client": "meshctl/0.1.0"}     first frame, always
     {"t": "req", "id": 7, "op": "members", "args": {...}}         a request
     {"t": "cancel", "id": 7}                                      end the stream of request 7
+    {"t": "note", "op": "agent.reply", "args": {...}}             a request with no answer
 
 Daemon to client::
 
@@ -50,7 +51,16 @@ class Cancel:
     id: int
 
 
-ClientFrame = Hello | Request | Cancel
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A one-way request: the daemon acts on it and sends nothing back (failures are counted
+    and logged). Saves a round trip where the answer would be ignored anyway."""
+
+    op: str
+    args: dict[str, Any]
+
+
+ClientFrame = Hello | Request | Cancel | Note
 
 
 def _request_id(value: Any) -> int:
@@ -72,6 +82,14 @@ def parse_client_frame(frame: dict[str, Any]) -> ClientFrame:
         return Request(_request_id(frame.get("id")), op, args)
     if kind == "cancel":
         return Cancel(_request_id(frame.get("id")))
+    if kind == "note":
+        op = frame.get("op")
+        if not isinstance(op, str) or not 0 < len(op) <= MAX_OP_LENGTH:
+            raise Invalid("op must be a non-empty string")
+        args = frame.get("args", {})
+        if not isinstance(args, dict):
+            raise Invalid("args must be a map")
+        return Note(op, args)
     if kind == "hello":
         versions = frame.get("versions")
         if (
@@ -104,6 +122,10 @@ def hello_reply(version: int, node: str, daemon: str) -> dict[str, Any]:
 
 def request(request_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"t": "req", "id": request_id, "op": op, "args": args}
+
+
+def note(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {"t": "note", "op": op, "args": args}
 
 
 def cancel(request_id: int) -> dict[str, Any]:
