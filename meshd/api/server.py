@@ -28,7 +28,8 @@ from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
-_MAX_IN_FLIGHT = 128
+_MAX_IN_FLIGHT = 128  # plain requests awaiting their answer, per session
+_MAX_STREAMS = 65_536  # open streams per session (a runner holds one per agent it serves)
 _OUTGOING_FRAMES = 1024
 _HELLO_TIMEOUT = 10.0
 _DRAIN_TIMEOUT = 5.0
@@ -140,6 +141,7 @@ class Session:
         self._socket_lock = trio.Lock()
         self._writer_busy = False
         self._requests: dict[int, trio.CancelScope] = {}
+        self._open_streams = 0
         self._closed = False
 
     def send_nowait(self, frame: dict[str, Any]) -> None:
@@ -309,12 +311,18 @@ class Session:
                     messages.failed(parsed.id, errors.Invalid("request id already in flight"))
                 )
                 continue
-            if len(self._requests) >= _MAX_IN_FLIGHT:
+            is_stream = op is not None and op.stream is not None
+            if (
+                (self._open_streams >= _MAX_STREAMS)
+                if is_stream
+                else (len(self._requests) - self._open_streams >= _MAX_IN_FLIGHT)
+            ):
                 self.server.stats.error("overloaded")
-                await self.send(
-                    messages.failed(parsed.id, errors.Overloaded("too many requests in flight"))
-                )
+                what = "streams open" if is_stream else "requests in flight"
+                await self.send(messages.failed(parsed.id, errors.Overloaded(f"too many {what}")))
                 continue
+            if is_stream:
+                self._open_streams += 1
             scope = trio.CancelScope()
             self._requests[parsed.id] = scope
             nursery.start_soon(self._serve, parsed, scope)
@@ -389,6 +397,8 @@ class Session:
             await self.send(messages.failed(req.id, self._op_error(req, exc)))
         finally:
             self._requests.pop(req.id, None)
+            if op is not None and op.stream is not None:
+                self._open_streams -= 1
 
     def _op_error(self, req: messages.Request, exc: Exception) -> MeshError:
         """What to tell the client about an op's failure. A MeshError raised inside a

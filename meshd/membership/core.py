@@ -108,6 +108,7 @@ class _Member:
     status_since: float
     suspicion: Suspicion | None = None
     timer_gen: int = 0  # bumps invalidate pending suspicion timers
+    refused: bool = False  # declared dead with refusal evidence: its process is gone
 
     def view(self) -> MemberView:
         return MemberView(
@@ -277,6 +278,12 @@ class Membership:
         hot paths such as registry liveness checks."""
         m = self._members.get(name)
         return (m.status, m.tags, m.status_since) if m is not None else None
+
+    def died_refused(self, name: str) -> bool:
+        """Was ``name`` declared dead with refusal evidence (its host answered, nothing
+        listened) rather than on silence? Then it is known not to be running elsewhere."""
+        m = self._members.get(name)
+        return m is not None and m.status is Status.DEAD and m.refused
 
     def broadcast_backlog(self) -> int:
         return len(self._queue)
@@ -453,6 +460,7 @@ class Membership:
             m.timer_gen += 1
         m.status = status
         m.status_since = now
+        m.refused = False
 
     def _track_up(self, name: str, is_up: bool) -> None:
         if is_up:
@@ -777,6 +785,7 @@ class Membership:
             return
         m.incarnation = msg.incarnation
         self._set_status(m, Status.DEAD, now)
+        m.refused = msg.refused
         self.stats.deaths += 1
         self._broadcast(msg.node, msg, raw)
         self._emit(EventKind.DEAD, m, now)

@@ -1,13 +1,28 @@
-"""The partition strategy's view of membership: which side holds a strict majority.
+"""The partition strategy's view of membership: does this side hold a strict majority?
 
-``keep_majority`` (Akka's split-brain resolver, "keep majority"): a singleton agent may run
-only on the side of a partition that holds a strict majority of the *last stable membership*
-— the set of members that were up when membership last stayed unchanged for
-``stable_after`` seconds. Decisions change only once the current view has itself been stable
-that long, so a flapping link does not stop and start agents.
+``keep_majority`` agents may run only on a side of a partition that holds a strict majority
+of the **reference membership**: every member this node knows that has not left — alive,
+suspect, or dead but not yet forgotten. A crashed member keeps counting until it is reaped
+(``reconnect_timeout``) or leaves gracefully, because from here a crashed member and a
+partitioned one look the same. Every node that shares the membership table computes the
+same reference: there is no locally remembered "last view" that could go stale, and a fresh
+daemon joining a minority learns the dead majority from its seed's table.
+
+Decisions are asymmetric:
+
+* **Stop fast.** As soon as the members up here are not a strict majority of the reference,
+  ``has_majority`` is False: keep_majority agents stop.
+* **Start slow.** It becomes True again only after the view has held a majority, unchanged,
+  for ``stable_after`` seconds, so a flapping link does not start agents.
+
+The majority side takes over agents of an unreachable host only once the host has been gone
+for ``stable_after`` (see :mod:`meshd.placement.service`). Both sides detect the partition
+with the same failure detector, so the minority has stopped by then — provided the two
+sides detect each other within ``stable_after`` of one another, which the default leaves a
+wide margin for (the limit every split-brain resolver without shared storage has).
 
 With no strict majority anywhere (an even split, or a cascade of failures) nobody runs
-``keep_majority`` agents: that is the price of never running them twice.
+``keep_majority`` agents: the price of never running them twice.
 """
 
 from __future__ import annotations
@@ -18,30 +33,38 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class Quorum:
     stable_after: float
-    stable: frozenset[str] = field(default_factory=frozenset)
-    current: frozenset[str] = field(default_factory=frozenset)
+    known: frozenset[str] = field(default_factory=frozenset)  # the reference membership
+    current: frozenset[str] = field(default_factory=frozenset)  # members up now
     changed_at: float = 0.0
-    decided: bool = True  # the answer while the current view is not yet stable
+    decided: bool = False
 
-    def observe(self, now: float, up: frozenset[str]) -> None:
-        """Feed the members currently up (this node included)."""
-        if up != self.current:
+    def observe(self, now: float, up: frozenset[str], known: frozenset[str] | None = None) -> None:
+        """Feed the members up now (this node included) and the reference membership (every
+        member not known to have left). Without ``known``, the reference is every member
+        ever seen up."""
+        reference = known if known is not None else self.known | up
+        reference |= up
+        if up != self.current or reference != self.known:
             self.current = up
+            self.known = reference
             self.changed_at = now
+
+    def majority_now(self) -> bool:
+        return 2 * len(self.current & self.known) > len(self.known)
 
     def tick(self, now: float) -> bool:
         """Re-evaluate; returns whether this side may run keep_majority agents now."""
-        if now - self.changed_at >= self.stable_after:
-            if not self.stable:
-                self.stable = self.current
-            in_majority = 2 * len(self.current & self.stable) > len(self.stable)
-            if in_majority:
-                # A stable view that holds a majority of the old one becomes the new
-                # reference: the cluster grew or shrank for good.
-                self.stable = self.current
-            self.decided = in_majority
+        if not self.majority_now():
+            self.decided = False  # stop fast
+        elif not self.decided and now - self.changed_at >= self.stable_after:
+            self.decided = True  # start slow
         return self.decided
 
     @property
     def has_majority(self) -> bool:
         return self.decided
+
+    @property
+    def stable(self) -> frozenset[str]:
+        """The reference membership (kept under its old name for callers and logs)."""
+        return self.known

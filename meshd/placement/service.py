@@ -52,7 +52,9 @@ ACTIVATION_TIMEOUT: Final = 10.0
 
 @dataclass(frozen=True, slots=True)
 class PlacementTuning:
-    stable_after: float = 5.0
+    # How long a view must hold before keep_majority agents start, and how long a silent host
+    # must be gone before the majority takes over its keep_majority agents (Akka's default).
+    stable_after: float = 20.0
     rebalance_batch: int = 8
     rebalance_interval: float = 1.0
     failover_parallelism: int = 16
@@ -117,6 +119,7 @@ class Placement:
         self._dirty = False
         self._moves: list[str] = []
         self._moving = False
+        self._serving_up: frozenset[str] = frozenset()  # other live hosts serving kinds
         self._stopping: set[str] = set()  # entry ids asked to stop for lack of a majority
         self._nursery: trio.Nursery | None = None
         self._failover_limit = trio.CapacityLimiter(tuning.failover_parallelism)
@@ -309,14 +312,26 @@ class Placement:
     def host_down(self, host: str) -> None:
         """``host`` died or left: re-activate what it ran, where it now belongs."""
         assert self._nursery is not None
+        # A process that crashed on a live host (refusal evidence) is known not to run its
+        # agents anywhere; a silent host may be alive on the other side of a partition, so
+        # its keep_majority agents wait until the minority there has stopped them.
+        proven = self.membership.died_refused(host)
         for name in self.registry.names_on(host):
             entry = self.registry.last_known(name)
             if entry is None or not entry.kind or not self.table.hosts(entry.kind):
                 continue
-            if self.owner(entry.kind, name) == self.node and self.may_run(entry.kind):
-                self._nursery.start_soon(self._failover, name, entry.kind)
+            wait = 0.0
+            if not proven and self.table.strategy(entry.kind) is Strategy.KEEP_MAJORITY:
+                wait = self.tuning.stable_after
+            self._nursery.start_soon(self._failover, name, entry.kind, host, wait)
 
-    async def _failover(self, name: str, kind: str) -> None:
+    async def _failover(self, name: str, kind: str, host: str, wait: float) -> None:
+        if wait > 0:
+            await trio.sleep(wait)
+            if self._up(host) or self.registry.lookup(name) is not None:
+                return  # it came back, or someone else took over meanwhile
+        if self.owner(kind, name) != self.node or not self.may_run(kind):
+            return
         async with self._failover_limit:
             try:
                 await self.activate_local(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
@@ -406,8 +421,10 @@ class Placement:
     # ------------------------------------------------------------------ periodic work
 
     def _tick(self, now: float) -> None:
-        up = frozenset(m.name for m in self.membership.members() if m.status in _UP)
-        self.quorum.observe(now, up)
+        members = self.membership.members()
+        up = frozenset(m.name for m in members if m.status in _UP)
+        known = frozenset(m.name for m in members if m.status is not Status.LEFT)
+        self.quorum.observe(now, up, known)
         before = self.quorum.has_majority
         self.quorum.tick(now)
         if before and not self.quorum.has_majority:
@@ -419,6 +436,14 @@ class Placement:
         if self._dirty:
             self._dirty = False
             self._advertise(now)
+        # Owners count only live hosts: one serving kinds that comes up after its kinds
+        # arrived (a newcomer's document can outrun its membership join; or a host back from
+        # the dead) changes owners just as a change of the kinds table does.
+        serving = {host for host, _, _, _ in self.table.hosts_snapshot()}
+        serving_up = frozenset(host for host in serving if host != self.node and host in up)
+        if serving_up - self._serving_up:
+            self._plan_rebalance()
+        self._serving_up = serving_up
         if self._moves and self._nursery is not None and not self._moving:
             batch = self._moves[: self.tuning.rebalance_batch]
             del self._moves[: self.tuning.rebalance_batch]

@@ -191,7 +191,12 @@ def malformed_updates() -> list[bytes]:
     return [b"", b"\x00", b"\xff" * 12, good[: len(good) // 2], good[:-1], noise]
 
 
-@pytest.mark.parametrize("bad", malformed_updates(), ids=lambda b: b[:6].hex() or "empty")
+# Ids by position: the updates hold random client ids, which would differ between the
+# processes of a parallel (pytest-xdist) run.
+_MALFORMED = malformed_updates()
+
+
+@pytest.mark.parametrize("bad", _MALFORMED, ids=[f"bad{i}" for i in range(len(_MALFORMED))])
 def test_malformed_update_is_refused_and_the_document_untouched(bad: bytes) -> None:
     replica = Replica("state/a", 0)
     edit(replica, [{"op": "set", "path": ["k"], "value": {"n": 1, "t": {"$text": "abc"}}}])
