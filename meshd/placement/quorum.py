@@ -10,10 +10,15 @@ daemon joining a minority learns the dead majority from its seed's table.
 
 Decisions are asymmetric:
 
-* **Stop fast.** As soon as the members up here are not a strict majority of the reference,
-  ``has_majority`` is False: keep_majority agents stop.
+* **Stop fast.** Once the members alive here (suspects do not count) have not been a strict
+  majority of the reference for ``stop_after`` seconds, ``has_majority`` is False:
+  keep_majority agents stop. The short grace rides out a member that is briefly suspected
+  and refutes (a healing partition floods both sides with stale accusations); it must stay
+  well below ``stable_after``, which the other side waits before taking over.
 * **Start slow.** It becomes True again only after the view has held a majority, unchanged,
-  for ``stable_after`` seconds, so a flapping link does not start agents.
+  for ``stable_after`` seconds, so a flapping link does not start agents. The first decision
+  is immediate: the caller feeds the quorum only once the node has joined (its membership
+  table then holds the whole cluster, dead members included).
 
 The majority side takes over agents of an unreachable host only once the host has been gone
 for ``stable_after`` (see :mod:`meshd.placement.service`). Both sides detect the partition
@@ -33,10 +38,13 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class Quorum:
     stable_after: float
+    stop_after: float = 0.0
     known: frozenset[str] = field(default_factory=frozenset)  # the reference membership
     current: frozenset[str] = field(default_factory=frozenset)  # members up now
     changed_at: float = 0.0
     decided: bool = False
+    started: bool = False  # made its first decision
+    lost_at: float | None = None  # when the members up stopped being a majority
 
     def observe(self, now: float, up: frozenset[str], known: frozenset[str] | None = None) -> None:
         """Feed the members up now (this node included) and the reference membership (every
@@ -48,16 +56,24 @@ class Quorum:
             self.current = up
             self.known = reference
             self.changed_at = now
+        if self.majority_now():
+            self.lost_at = None
+        elif self.lost_at is None:
+            self.lost_at = now
 
     def majority_now(self) -> bool:
         return 2 * len(self.current & self.known) > len(self.known)
 
     def tick(self, now: float) -> bool:
         """Re-evaluate; returns whether this side may run keep_majority agents now."""
-        if not self.majority_now():
-            self.decided = False  # stop fast
-        elif not self.decided and now - self.changed_at >= self.stable_after:
-            self.decided = True  # start slow
+        if self.lost_at is None:
+            if not self.decided and (
+                not self.started or now - self.changed_at >= self.stable_after
+            ):
+                self.decided = True  # start slow (but the first start is immediate)
+        elif not self.started or now - self.lost_at >= self.stop_after:
+            self.decided = False  # stop fast, after a short grace
+        self.started = True
         return self.decided
 
     @property

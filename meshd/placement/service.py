@@ -55,6 +55,9 @@ class PlacementTuning:
     # How long a view must hold before keep_majority agents start, and how long a silent host
     # must be gone before the majority takes over its keep_majority agents (Akka's default).
     stable_after: float = 20.0
+    # How long the members alive here must lack a majority before keep_majority agents stop:
+    # rides out a member briefly suspected, far below ``stable_after``.
+    stop_after: float = 3.0
     rebalance_batch: int = 8
     rebalance_interval: float = 1.0
     failover_parallelism: int = 16
@@ -111,7 +114,7 @@ class Placement:
         self.catch_up: Callable[[str, list[str], float], Awaitable[bool]] = _caught_up
         self.table = KindTable()
         self.runners: dict[str, list[Runner]] = {}
-        self.quorum = Quorum(tuning.stable_after)
+        self.quorum = Quorum(tuning.stable_after, tuning.stop_after)
         self.draining = False
         self.stats = PlacementStats()
         self._activating: dict[str, _Activation] = {}
@@ -120,6 +123,8 @@ class Placement:
         self._moves: list[str] = []
         self._moving = False
         self._serving_up: frozenset[str] = frozenset()  # other live hosts serving kinds
+        self._replan_at: float | None = None  # retry a rebalance that could not move
+        self._minority_stopped: dict[str, str] = {}  # name -> kind, to restore with a majority
         self._stopping: set[str] = set()  # entry ids asked to stop for lack of a majority
         self._nursery: trio.Nursery | None = None
         self._failover_limit = trio.CapacityLimiter(tuning.failover_parallelism)
@@ -354,6 +359,7 @@ class Placement:
                 and self.router.deactivate(entry.name, "minority")
             ):
                 self._stopping.add(entry.entry_id)
+                self._minority_stopped[entry.name] = entry.kind
                 self.stats.minority_stops += 1
                 self.log.warning(
                     "stopping a keep_majority agent: this side is a minority",
@@ -405,6 +411,7 @@ class Placement:
                 placed = await self.ensure_active(name, entry.kind, deadline)
             except errors.MeshError as exc:
                 self.log.warning("move: activation failed", extra=kv(agent=name, error=exc.message))
+                await self._keep_here(name, entry.kind)
                 return
             if placed.entry_id != entry.entry_id:
                 return
@@ -418,20 +425,49 @@ class Placement:
                 return
             await trio.sleep(0.02)
 
+    def _restore_stopped(self) -> None:
+        """A majority is back: agents this host stopped for lack of one run again (at their
+        owner), unless the other side already runs them. Without this, a singleton nobody
+        sends to would stay down after an even split heals."""
+        stopped, self._minority_stopped = self._minority_stopped, {}
+        self._stopping.clear()
+        if self._nursery is None or not stopped:
+            return
+        self.log.info("majority regained: restoring agents", extra=kv(agents=len(stopped)))
+        for name, kind in stopped.items():
+            self._nursery.start_soon(self._restore, name, kind)
+
+    async def _restore(self, name: str, kind: str) -> None:
+        if self.registry.lookup(name) is not None:
+            return
+        async with self._failover_limit:
+            try:
+                await self.ensure_active(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
+            except errors.MeshError as exc:
+                self.log.warning("restore failed", extra=kv(agent=name, error=exc.message))
+
     # ------------------------------------------------------------------ periodic work
 
     def _tick(self, now: float) -> None:
+        # Not before joining: until then this node's table may lack the rest of the cluster,
+        # and a daemon alone behind a partition would think itself a majority.
         members = self.membership.members()
-        up = frozenset(m.name for m in members if m.status in _UP)
-        known = frozenset(m.name for m in members if m.status is not Status.LEFT)
-        self.quorum.observe(now, up, known)
-        before = self.quorum.has_majority
-        self.quorum.tick(now)
-        if before and not self.quorum.has_majority:
-            self.log.warning(
-                "keep_majority: this side holds no majority of the last stable membership",
-                extra=kv(up=len(up), stable=len(self.quorum.stable)),
-            )
+        up = frozenset(m.name for m in members if m.status is Status.ALIVE)
+        if getattr(self.membership, "joined", True):
+            # Only members known alive count: a suspect is not confirmed reachable. On a
+            # small side, suspicions gather few confirmations and take long to become
+            # verdicts; waiting for them would let the majority take over first.
+            known = frozenset(m.name for m in members if m.status is not Status.LEFT)
+            self.quorum.observe(now, up, known)
+            before = self.quorum.has_majority
+            self.quorum.tick(now)
+            if before and not self.quorum.has_majority:
+                self.log.warning(
+                    "keep_majority: the members up here are no majority of the known ones",
+                    extra=kv(up=len(up), known=len(known)),
+                )
+            elif not before and self.quorum.has_majority:
+                self._restore_stopped()
         self._enforce_quorum()
         if self._dirty:
             self._dirty = False
@@ -441,7 +477,10 @@ class Placement:
         # the dead) changes owners just as a change of the kinds table does.
         serving = {host for host, _, _, _ in self.table.hosts_snapshot()}
         serving_up = frozenset(host for host in serving if host != self.node and host in up)
-        if serving_up - self._serving_up:
+        if serving_up - self._serving_up or (
+            self._replan_at is not None and now >= self._replan_at
+        ):
+            self._replan_at = None
             self._plan_rebalance()
         self._serving_up = serving_up
         if self._moves and self._nursery is not None and not self._moving:
@@ -449,6 +488,22 @@ class Placement:
             del self._moves[: self.tuning.rebalance_batch]
             self._moving = True
             self._nursery.start_soon(self._run_moves, batch)
+
+    async def _keep_here(self, name: str, kind: str) -> None:
+        """A move failed (say the new owner of a keep_majority agent has not yet settled
+        its own quorum after a partition healed): run the agent here again rather than
+        nowhere, and plan the move anew once membership has had time to settle."""
+        self._replan_at = trio.current_time() + self.tuning.stable_after
+        if self.registry.lookup(name) is not None or not self.may_run(kind):
+            return
+        if self.draining:
+            self.log.warning("drain: agent has nowhere to go", extra=kv(agent=name))
+            return
+        try:
+            await self.activate_local(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
+            self.log.info("move failed; agent kept on this host", extra=kv(agent=name))
+        except errors.MeshError as exc:
+            self.log.warning("could not keep agent here", extra=kv(agent=name, error=exc.message))
 
     async def _run_moves(self, batch: list[str]) -> None:
         try:

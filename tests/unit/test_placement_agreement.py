@@ -61,7 +61,6 @@ class MembershipStub:
         status = self.statuses.get(name)
         return None if status is None else (status, {}, 0.0)
 
-
     def members(self) -> list[MemberStub]:
         return [MemberStub(n, s) for n, s in self.statuses.items() if s is not None]
 
@@ -484,7 +483,7 @@ async def test_keep_majority_takeover_waits_and_a_minority_never_takes_over(
         placement.quorum.tick(SA)
         up = frozenset(h for h, st in view.items() if st is Status.ALIVE)
         placement.quorum.observe(10.0, up, frozenset(five))
-        placement.quorum.tick(10.0)
+        placement.quorum.tick(10.0 + placement.tuning.stop_after)  # past the stop grace
         record_activations(placement, claims)
         nursery = NurseryStub()
         placement._nursery = nursery  # type: ignore[assignment]
@@ -512,7 +511,7 @@ async def test_a_proven_crash_is_taken_over_at_once(autojump_clock: Any) -> None
         placement.quorum.observe(0.0, frozenset(three), frozenset(three))
         placement.quorum.tick(SA)
         placement.quorum.observe(10.0, frozenset({"n1", "n2"}), frozenset(three))
-        placement.quorum.tick(10.0)
+        placement.quorum.tick(10.0 + placement.tuning.stop_after)  # past the stop grace
         record_activations(placement, claims)
         nursery = NurseryStub()
         placement._nursery = nursery  # type: ignore[assignment]

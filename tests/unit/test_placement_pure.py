@@ -214,13 +214,39 @@ def run(q: Quorum, view: frozenset[str], start: float, end: float, step: float =
         q.tick(start + i * step)
 
 
-def test_a_fresh_quorum_starts_only_after_a_stable_majority() -> None:
+def test_the_first_decision_is_immediate_later_starts_wait() -> None:
     q = Quorum(SA)
-    assert not q.has_majority  # nothing runs before the view settled
-    q.observe(0.0, frozenset({"n1"}))
-    assert not q.tick(SA - 0.1)
-    assert q.tick(SA)  # alone in a cluster of one: a majority of itself
-    assert q.stable == frozenset({"n1"})
+    assert not q.has_majority  # nothing runs before the first observation (the join)
+    q.observe(0.0, frozenset({"n1", "n2"}), known=frozenset({"n1", "n2", "n3"}))
+    assert q.tick(0.0)  # first decision: immediate
+    q.observe(1.0, frozenset({"n1"}))
+    assert not q.tick(1.0)  # stop fast
+    q.observe(2.0, frozenset({"n1", "n2"}))
+    assert not q.tick(2.0 + SA - 0.1)  # start slow
+    assert q.tick(2.0 + SA)
+
+
+def test_stopping_waits_out_a_brief_suspicion_but_not_a_lasting_one() -> None:
+    q = Quorum(SA, stop_after=1.0)
+    q.observe(0.0, FIVE)
+    assert q.tick(0.0)
+    q.observe(1.0, frozenset({"n1", "n2"}), known=FIVE)  # three suspected at once
+    assert q.tick(1.5)  # within the grace: keeps running
+    q.observe(1.8, FIVE)  # they refuted
+    assert q.tick(2.5)
+    q.observe(3.0, frozenset({"n1", "n2"}), known=FIVE)  # the grace starts anew
+    assert q.tick(3.9)
+    assert not q.tick(4.0)  # a lasting loss stops after stop_after
+    q.observe(4.5, FIVE)
+    assert not q.tick(4.5 + SA - 0.1)  # and the start stays slow
+    assert q.tick(4.5 + SA)
+
+
+def test_a_joined_node_in_a_minority_never_starts() -> None:
+    q = Quorum(SA)
+    q.observe(0.0, frozenset({"n4", "n5"}), known=FIVE)
+    assert not q.tick(0.0)
+    assert not q.tick(100.0)
 
 
 def test_the_reference_is_every_member_known_and_not_left() -> None:

@@ -1,0 +1,303 @@
+"""Placement in the deterministic simulation: real membership cores on a simulated network,
+one real :class:`~meshd.placement.service.Placement` per node fed by its own core's view.
+
+Only what lies outside placement is replaced: the registry by a recorder of which node runs
+which agent, and the runner round trip (activate / deactivate) by updating that record. The
+failure detector, the quorum decisions, the owner computation and the failover timing are
+the real ones, in virtual time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+
+from meshd.config.profiles import profile_tuning
+from meshd.membership.events import EventKind, MemberEvent
+from meshd.placement import rendezvous
+from meshd.placement.kinds import KindInfo, Strategy
+from meshd.placement.service import Placement, PlacementTuning
+from meshd.registry.model import Entry
+from meshd.sim import SimNetwork, SimNode
+from meshd.wire.membership import Status
+from meshd_client.protocol import errors
+
+LAN = profile_tuning("lan")
+SA = 10.0  # stable_after for these runs
+KIND = "single"
+
+
+def entry(name: str, node: str) -> Entry:
+    return Entry(name, node, KIND, (), {}, 0, f"{node}/{name}")
+
+
+@dataclass
+class World:
+    """Who runs what, as each node's placement made it so."""
+
+    running: dict[str, set[str]] = field(default_factory=dict)  # node -> agents it runs
+    last_host: dict[str, str] = field(default_factory=dict)  # agent -> last node that ran it
+    starts: list[tuple[float, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RegistryView:
+    """The registry as ``node`` sees it: agents run by nodes its membership calls up."""
+
+    node: str
+    world: World
+    core: Any
+    listeners: list[Any] = field(default_factory=list)
+
+    def _up(self, host: str) -> bool:
+        state = self.core.peek(host)
+        return host == self.node or (
+            state is not None and state[0] in (Status.ALIVE, Status.SUSPECT)
+        )
+
+    def lookup(self, name: str) -> Entry | None:
+        for host, names in self.world.running.items():
+            if name in names and self._up(host):
+                return entry(name, host)
+        return None
+
+    def holds(self, name: str) -> Entry | None:
+        return entry(name, self.node) if name in self.world.running.get(self.node, ()) else None
+
+    def names_on(self, host: str) -> list[str]:
+        return sorted(n for n, h in self.world.last_host.items() if h == host)
+
+    def last_known(self, name: str) -> Entry | None:
+        host = self.world.last_host.get(name)
+        return entry(name, host) if host is not None else None
+
+    def entries(self, *, node: str | None = None, **_: Any) -> list[Entry]:
+        return [entry(n, self.node) for n in sorted(self.world.running.get(self.node, ()))]
+
+
+@dataclass
+class RouterStub:
+    node: str
+    world: World
+    placements: dict[str, Placement] = field(default_factory=dict)
+
+    async def activate_remote(self, host: str, name: str, kind: str, deadline: float) -> Entry:
+        # As the real router's activation handler: a host without a majority refuses.
+        target = self.placements[host]
+        if not target.may_run(kind):
+            raise errors.Unreachable(f"{name!r}: {host} is in a minority")
+        return await target.activate_local(name, kind, deadline)
+
+    def deactivate(self, name: str, _reason: str) -> bool:
+        names = self.world.running.get(self.node, set())
+        if name in names:
+            names.discard(name)
+            return True
+        return False
+
+
+class ReplicatorStub:
+    """State documents are not simulated here: syncing one before a move is a no-op."""
+
+    def sync_with(self, _now: float, _peer: str) -> None:
+        return None
+
+
+def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placement:
+    placement = Placement(
+        node=sim.name,
+        membership=sim.core,
+        registry=RegistryView(sim.name, world, sim.core),  # type: ignore[arg-type]
+        replicator=ReplicatorStub(),  # type: ignore[arg-type]
+        tuning=PlacementTuning(stable_after=SA),
+        log=logging.getLogger("test.placement"),
+    )
+    placement.router = RouterStub(sim.name, world)  # type: ignore[assignment]
+    for host in hosts:
+        placement.table.set_host(host, {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
+
+    async def activate_local(name: str, _kind: str, _deadline: float) -> Entry:
+        world.running.setdefault(sim.name, set()).add(name)
+        world.last_host[name] = sim.name
+        world.starts.append((trio.current_time(), sim.name, name))
+        return entry(name, sim.name)
+
+    placement.activate_local = activate_local  # type: ignore[method-assign]
+    return placement
+
+
+async def cluster(n: int, seed: int) -> SimNetwork:
+    net = SimNetwork(seed=seed)
+    net.add_node("n0", LAN)
+    for i in range(1, n):
+        net.add_node(f"n{i}", LAN, seeds=["n0"])
+    assert await net.run_until(60.0, stop=net.converged, check_every=0.5)
+    return net
+
+
+class Harness:
+    """Runs every node's placement tick and failover reactions alongside the network."""
+
+    def __init__(self, net: SimNetwork, names: list[str], nursery: trio.Nursery) -> None:
+        self.net = net
+        self.world = World()
+        self.placements = {
+            name: make_placement(net.nodes[name], self.world, net.nodes) for name in net.nodes
+        }
+        for p in self.placements.values():
+            p._nursery = nursery
+            p.router.placements = self.placements  # type: ignore[union-attr]
+        for name in names:  # place the agents where their owner is
+            owner = rendezvous.owner(name, dict.fromkeys(net.nodes, 100.0))
+            assert owner is not None
+            self.world.running.setdefault(owner, set()).add(name)
+            self.world.last_host[name] = owner
+        net.listeners.append(self._on_event)
+        nursery.start_soon(self._ticker)
+
+    def _on_event(self, node: SimNode, event: MemberEvent) -> None:
+        if event.kind in (EventKind.DEAD, EventKind.LEAVE) and node.state == "up":
+            self.placements[node.name].host_down(event.member.name)
+
+    async def _ticker(self) -> None:
+        while True:
+            for name, p in self.placements.items():
+                if self.net.nodes[name].state == "up":
+                    p._tick(trio.current_time())
+            await trio.sleep(0.1)
+
+    def runners_of(self, name: str, among: Iterable[str] | None = None) -> set[str]:
+        nodes = set(among) if among is not None else set(self.net.nodes)
+        return {n for n, names in self.world.running.items() if name in names and n in nodes}
+
+    async def run(self, seconds: float, every: float = 0.1, check: Any = None) -> None:
+        end = self.net.now + seconds
+        while self.net.now < end:
+            await self.net.run_for(every)
+            if check is not None:
+                check()
+
+
+async def test_placement_agrees_on_every_node(autojump_clock: trio.testing.MockClock) -> None:
+    net = await cluster(8, seed=3)
+    async with trio.open_nursery() as nursery:
+        h = Harness(net, [], nursery)
+        names = [f"{KIND}/{i}" for i in range(300)]
+        owners = {n: {p.owner(KIND, n) for p in h.placements.values()} for n in names}
+        assert all(len(o) == 1 for o in owners.values())
+        assert len({next(iter(o)) for o in owners.values()}) == 8  # spread over all
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = await cluster(6, seed=5)
+    names = [f"{KIND}/{i}" for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        h = Harness(net, names, nursery)
+        await h.run(SA + 1)  # every quorum settles
+        victim = next(n for n in net.nodes if h.world.running.get(n))
+        lost = sorted(h.world.running[victim])
+        net.crash(victim)  # silent: a host gone, no refusal evidence
+
+        def at_most_one() -> None:
+            alive = [n for n in net.nodes if n != victim]
+            for name in names:
+                assert len(h.runners_of(name, alive)) <= 1, (name, h.runners_of(name))
+
+        await h.run(40.0, check=at_most_one)
+        survivors = [n for n in net.nodes if n != victim]
+        for name in lost:
+            [runner] = h.runners_of(name, survivors)
+            owners = {h.placements[s].owner(KIND, name) for s in survivors}
+            assert owners == {runner}  # the one every survivor computes
+        # Silence is not proof: nobody took over before stable_after had passed.
+        crash_detected = min(t for t, _, n in h.world.starts if n in lost)
+        assert crash_detected >= SA
+        nursery.cancel_scope.cancel()
+
+
+def _never_on_both_sides(h: Harness, names: list[str], small: list[str], big: list[str]) -> None:
+    for name in names:
+        both = h.runners_of(name, small) and h.runners_of(name, big)
+        assert not both, (h.net.now, name, h.runners_of(name))
+
+
+async def test_keep_majority_never_runs_a_singleton_on_both_sides_of_a_partition(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    for seed in (7, 8, 9):
+        net = await cluster(5, seed=seed)
+        names = [f"{KIND}/{i}" for i in range(60)]
+        async with trio.open_nursery() as nursery:
+            h = Harness(net, names, nursery)
+            await h.run(SA + 1)
+            nodes = sorted(net.nodes)
+            small, big = nodes[:2], nodes[2:]
+            net.partition(small, big)
+
+            never_both = functools.partial(_never_on_both_sides, h, names, small, big)
+            await h.run(60.0, check=never_both)
+            # The majority side runs every agent, the minority none.
+            for name in names:
+                assert h.runners_of(name, big), (seed, name)
+                assert not h.runners_of(name, small), (seed, name)
+            net.heal()
+            await h.run(60.0, check=never_both)
+            for name in names:
+                assert len(h.runners_of(name)) == 1, (seed, name, h.runners_of(name))
+            # Once membership settled, each agent went back to the host every node agrees owns it.
+            await h.run(2 * SA)
+            for name in names:
+                owners = {p.owner(KIND, name) for p in h.placements.values()}
+                assert len(owners) == 1 and h.runners_of(name) == owners, (seed, name)
+            nursery.cancel_scope.cancel()
+
+
+async def test_after_an_even_split_heals_every_agent_runs_again_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = await cluster(4, seed=21)
+    names = [f"{KIND}/{i}" for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        h = Harness(net, names, nursery)
+        await h.run(SA + 1)
+        nodes = sorted(net.nodes)
+        net.partition(nodes[:2], nodes[2:])
+        await h.run(60.0)
+        assert not any(h.runners_of(name) for name in names)  # 2|2: no majority anywhere
+        net.heal()
+        await h.run(3 * SA)
+        for name in names:
+            owners = {p.owner(KIND, name) for p in h.placements.values()}
+            assert len(owners) == 1 and h.runners_of(name) == owners, name
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_join_moves_only_agents_whose_owner_changed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = await cluster(5, seed=11)
+    async with trio.open_nursery() as nursery:
+        h = Harness(net, [], nursery)
+        names = [f"{KIND}/{i}" for i in range(2000)]
+        before = {n: h.placements["n0"].owner(KIND, n) for n in names}
+        net.add_node("n5", LAN, seeds=["n0"])
+        assert await net.run_until(net.now + 30.0, stop=net.converged, check_every=0.5)
+        for p in h.placements.values():
+            p.table.set_host("n5", {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
+        newcomer = make_placement(net.nodes["n5"], h.world, net.nodes)
+        views = [*h.placements.values(), newcomer]
+        after = {n: {p.owner(KIND, n) for p in views} for n in names}
+        assert all(len(o) == 1 for o in after.values())  # everyone agrees, newcomer too
+        moved = [n for n in names if next(iter(after[n])) != before[n]]
+        assert all(next(iter(after[n])) == "n5" for n in moved)  # only to the newcomer
+        assert 0.10 < len(moved) / len(names) < 0.24  # ≈ 1/6
+        nursery.cancel_scope.cancel()
