@@ -45,12 +45,20 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-TABLE = "meshd_chaos"
+from chaos.faults import (
+    TABLE,
+    Faults,
+    parse_counters,
+    partition_groups,
+    percent_of,
+    render_ruleset,
+)
+
 DEFAULT_PREFIX = "mshc"
 DEFAULT_SUBNET = "10.77.0.0/24"
 DEFAULT_RUN_ROOT = Path("/run/meshd-chaos")
@@ -105,86 +113,22 @@ class Host:
 HostRef = Host | str
 
 
-def render_ruleset(rules: Sequence[str], *, table: str = TABLE, exempt: Sequence[str] = ()) -> str:
-    """The nft script that makes ``table inet <table>`` hold exactly ``rules`` on input.
-
-    Loaded with ``nft -f -`` it is one transaction: the first line makes sure the table exists
-    so that the delete cannot fail, and the table is rebuilt from scratch. Loopback and the
-    ``exempt`` source addresses (the harness's own controller) are accepted before any fault;
-    what is left is counted (``arriving``), as is what each fault rule drops, so that a run
-    can report the loss it actually got (:meth:`HostNet.counters`). Pure text, so the same
-    script works in a namespace, a container or a VM.
-    """
-    lines = [
-        f"table inet {table}",
-        f"delete table inet {table}",
-        f"table inet {table} {{",
-        "\tchain input {",
-        "\t\ttype filter hook input priority filter; policy accept;",
-        '\t\tiifname "lo" accept',
-        *(f"\t\tip saddr {addr} accept" for addr in exempt),
-        '\t\tcounter comment "arriving"',
-        *(f"\t\t{rule}" for rule in rules),
-        "\t}",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def loss_rule(percent: int) -> str:
-    """Drop ``percent`` % of arriving packets, independently per packet. (nft rejects
-    ``< 100`` since the value exceeds the range of ``mod 100``, so 100 % is a plain drop.)"""
-    if percent >= 100:
-        return 'counter drop comment "loss 100%"'
-    return f'numgen random mod 100 < {percent} counter drop comment "loss {percent}%"'
-
-
-def drop_from_rule(addrs: Sequence[str], why: str) -> str:
-    """Drop everything arriving from ``addrs``."""
-    return f'ip saddr {{ {", ".join(addrs)} }} counter drop comment "{why}"'
-
-
-@dataclass(slots=True)
-class Faults:
-    """The desired fault state, from which each host's rules are rendered."""
-
-    loss: dict[str, int] = field(default_factory=dict)  # host -> percent
-    blocks: set[tuple[str, str]] = field(default_factory=set)  # (src, dst): src cannot reach dst
-    groups: list[list[str]] | None = None  # a partition: hosts only reach their own group
-
-    def rules_for(self, host: str, addr_of: dict[str, str]) -> list[str]:
-        rules: list[str] = []
-        if self.groups is not None:
-            mine = next(g for g in self.groups if host in g)
-            others = sorted(
-                (h for g in self.groups if g is not mine for h in g), key=lambda h: addr_of[h]
-            )
-            if others:
-                rules.append(
-                    drop_from_rule([addr_of[h] for h in others], f"partition: {host} | others")
-                )
-        for src, dst in sorted(self.blocks):
-            if dst == host:
-                rules.append(drop_from_rule([addr_of[src]], f"block {src} -> {dst}"))
-        percent = self.loss.get(host, 0)
-        if percent:
-            rules.append(loss_rule(percent))
-        return rules
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "loss": dict(self.loss),
-            "blocks": sorted([list(b) for b in self.blocks]),
-            "groups": self.groups,
-        }
-
-
 @dataclass(slots=True)
 class _Tracked:
     proc: subprocess.Popen[Any]
     host: str
     start_time: int | None
     argv: list[str]
+
+
+def _proc_running(pid: int, start_time: int | None) -> bool:
+    """Is ``pid`` still the process that started at ``start_time``, and not a zombie?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] != "Z" and (start_time is None or int(fields[19]) == start_time)
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -307,6 +251,54 @@ class HostNet:
         self._state: dict[str, Any] = {}
         self._lock: IO[str] | None = None
         self._started = False
+
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike[str], *, wait: float = 30.0) -> HostNet:
+        """Take over a running HostNet from its state file (a later ``chaos`` command).
+
+        The hosts, addresses, current faults and processes come from the state file that
+        :meth:`start` (in another process, long gone) wrote. The run directory's lock is
+        held until :meth:`detach` or :meth:`close`, so two commands never interleave their
+        rule updates. Processes listed there are signalled by pid, and only while their
+        start time still matches.
+        """
+        path = Path(run_dir) / "state.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ChaosError(f"no cluster at {run_dir} (no state file; run `chaos up`)") from None
+        except (OSError, ValueError) as exc:
+            raise ChaosError(f"unreadable state file {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ChaosError(f"{path}: unknown state file version")
+        net = cls(
+            [h["name"] for h in data["hosts"]],
+            prefix=data["prefix"],
+            subnet=data["subnet"],
+            bridge=data["bridge"],
+            run_dir=run_dir,
+            root_addr=data.get("bridge_addr") is not None,
+            table=data.get("table", TABLE),
+        )
+        net._acquire_lock(wait=wait)
+        try:
+            net._state = net._read_state()
+        except BaseException:
+            net._release_lock()
+            raise
+        net.faults = Faults.from_json(net._state.get("faults"))
+        net._started = True
+        return net
+
+    def detach(self) -> None:
+        """Leave everything running and listed in the state file; release the lock. The
+        processes we started keep running (their own sessions); a later :meth:`attach` or
+        :meth:`cleanup` finds them by pid and start time."""
+        self._tracked = []
+        if self._state:
+            self._save_state()
+        self._started = False
+        self._release_lock()
 
     # ------------------------------------------------------------------ paths & lookup
 
@@ -460,12 +452,16 @@ class HostNet:
 
     # ------------------------------------------------------------------ processes
 
-    def popen(self, host: HostRef, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self, host: HostRef, argv: Sequence[str], *, tag: str | None = None, **kw: Any
+    ) -> subprocess.Popen[Any]:
         """Start ``argv`` inside ``host`` (``ip netns exec``, which execs: the pid is argv's).
 
         Defaults: stdin from /dev/null and a new session, so a Ctrl-C in the terminal reaches
         the harness (which then ends its processes in order) instead of every daemon at once.
-        The process is tracked by pid (and start time, in the state file) until it is reaped.
+        The process is tracked by pid (and start time, in the state file) until it is reaped;
+        ``tag`` names it in the state file so that a later process can find it
+        (:meth:`listed`).
         """
         self._require_started()
         h = self.host(host)
@@ -475,9 +471,15 @@ class HostNet:
         proc: subprocess.Popen[Any] = subprocess.Popen(full, **kw)
         tracked = _Tracked(proc, h.name, _proc_start_time(proc.pid), list(argv))
         self._tracked.append(tracked)
-        self._state["processes"].append(
-            {"pid": proc.pid, "start_time": tracked.start_time, "host": h.name, "argv": full}
-        )
+        entry: dict[str, Any] = {
+            "pid": proc.pid,
+            "start_time": tracked.start_time,
+            "host": h.name,
+            "argv": full,
+        }
+        if tag is not None:
+            entry["tag"] = tag
+        self._state["processes"].append(entry)
         self._save_state()
         return proc
 
@@ -524,15 +526,94 @@ class HostNet:
         self._end([t for t in self._tracked if t.proc is proc], grace)
         return proc.returncode
 
+    def listed(self, tag: str | None = None) -> list[dict[str, Any]]:
+        """Processes in the state file (optionally only those tagged ``tag``), whether
+        started by this object or by an earlier process that attached to the same run."""
+        return [
+            dict(p) for p in self._state.get("processes", []) if tag is None or p.get("tag") == tag
+        ]
+
+    def running(self, pid: int) -> bool:
+        """Is our listed process ``pid`` still running (not exited, not a zombie)?"""
+        tracked = self._tracked_by_pid(pid)
+        if tracked is not None:
+            return tracked.proc.poll() is None
+        entry = self._entry(pid)
+        return entry is not None and _proc_running(pid, entry.get("start_time"))
+
+    def signal_pid(self, pid: int, sig: int) -> bool:
+        """Send ``sig`` to a listed process by pid, if it is still the process we started
+        (start time checked, so a recycled pid is never hit). False if it is gone."""
+        tracked = self._tracked_by_pid(pid)
+        if tracked is not None:
+            return self.signal(tracked.proc, sig)
+        entry = self._entry(pid)
+        if entry is None:
+            raise ChaosError(f"pid {pid} is not one of ours (not in {self.state_path})")
+        if not _proc_running(pid, entry.get("start_time")):
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def end_pid(self, pid: int, grace: float = 3.0) -> int | None:
+        """End a listed process: SIGTERM (+ SIGCONT), SIGKILL after ``grace``; forget it.
+        Returns its exit status when we are its parent (else None: init reaps it)."""
+        tracked = self._tracked_by_pid(pid)
+        if tracked is not None:
+            return self.stop(tracked.proc, grace)
+        entry = self._entry(pid)
+        if entry is None:
+            return None
+        start = entry.get("start_time")
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            if _proc_running(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _proc_running(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _proc_running(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _proc_running(pid, start) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.forget_pid(pid)
+        return None
+
+    def forget_pid(self, pid: int) -> int | None:
+        """Drop an exited process from the state file; its exit status if we reaped it."""
+        tracked = self._tracked_by_pid(pid)
+        code: int | None = None
+        if tracked is not None:
+            code = tracked.proc.poll()
+            if code is None:
+                raise ChaosError(f"pid {pid} is still running")
+            self._forget(tracked.proc)
+            return code
+        if self._state:
+            self._state["processes"] = [p for p in self._state["processes"] if p["pid"] != pid]
+            self._save_state()
+        return code
+
+    def _tracked_by_pid(self, pid: int) -> _Tracked | None:
+        return next((t for t in self._tracked if t.proc.pid == pid), None)
+
+    def _entry(self, pid: int) -> dict[str, Any] | None:
+        return next((p for p in self._state.get("processes", []) if p["pid"] == pid), None)
+
+    def exec_argv(self, host: HostRef, argv: Sequence[str]) -> list[str]:
+        """The command line that runs ``argv`` inside ``host``."""
+        return ["ip", "netns", "exec", self.host(host).netns, *argv]
+
     # ------------------------------------------------------------------ faults
 
     def set_loss(self, host: HostRef, p: float) -> None:
         """Drop a fraction ``p`` (0–1, in whole percent) of packets arriving at ``host``."""
-        if not 0.0 <= p <= 1.0:
-            raise ValueError("loss must be between 0 and 1")
-        percent = round(p * 100)
-        if abs(p * 100 - percent) > 1e-6:
-            raise ValueError("loss is applied in whole percent (numgen random mod 100)")
+        percent = percent_of(p)
         h = self.host(host)
         if percent:
             self.faults.loss[h.name] = percent
@@ -553,16 +634,18 @@ class HostNet:
         self.faults.blocks.discard((s.name, d.name))
         self._apply([d])
 
-    def partition(self, groups: Sequence[Iterable[HostRef]]) -> None:
+    def partition(
+        self, groups: Sequence[Iterable[HostRef]], *, bridges: Sequence[HostRef] = ()
+    ) -> None:
         """Split the hosts into groups that cannot reach each other (both ways). Hosts not
-        named in any group form one more group together. Replaces any earlier partition."""
+        named in any group (and not bridges) form one more group together. ``bridges``
+        reach every group and are reached by all: a node that sees both sides. Replaces
+        any earlier partition."""
         named = [[self.host(r).name for r in g] for g in groups]
-        flat = [h for g in named for h in g]
-        if len(flat) != len(set(flat)):
-            raise ValueError("a host appears in more than one group")
-        rest = [h.name for h in self.hosts if h.name not in flat]
-        full = [g for g in named if g] + ([rest] if rest else [])
-        self.faults.groups = full if len(full) > 1 else None
+        via = [self.host(r).name for r in bridges]
+        full = partition_groups([h.name for h in self.hosts], named, via)
+        self.faults.groups = full
+        self.faults.bridges = via if full is not None else []
         self._apply(self.hosts)
 
     def heal(self) -> None:
@@ -589,17 +672,7 @@ class HostNet:
         out = _run(
             ["ip", "netns", "exec", h.netns, "nft", "-j", "list", "table", "inet", self.table]
         ).stdout
-        found: dict[str, int] = {}
-        for item in json.loads(out).get("nftables", []):
-            rule = item.get("rule")
-            if not rule or "comment" not in rule:
-                continue
-            for expr in rule.get("expr", []):
-                if "counter" in expr:
-                    found[rule["comment"]] = found.get(rule["comment"], 0) + int(
-                        expr["counter"]["packets"]
-                    )
-        return found
+        return parse_counters(out)
 
     # ------------------------------------------------------------------ internals
 
@@ -692,18 +765,24 @@ class HostNet:
             raise ChaosError(f"{self.state_path}: unknown state file version")
         return data
 
-    def _acquire_lock(self) -> None:
+    def _acquire_lock(self, wait: float = 0.0) -> None:
         if self._lock is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(self.lock_path, "a+")  # noqa: SIM115 (held for the HostNet's lifetime)
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
-            raise Conflict(f"{self.run_dir} is in use by pid {holder}") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                lock.close()
+                raise Conflict(f"{self.run_dir} is in use by pid {holder}") from None
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
