@@ -136,10 +136,12 @@ class Session:
         self.close_hooks: list[Callable[[Session], None]] = []
         self._send, self._outgoing = trio.open_memory_channel[bytes](_OUTGOING_FRAMES)
         # Held while bytes go to the socket (by the writer task, or by send() writing
-        # directly when nothing is queued); the writer marks itself busy once it has taken
-        # frames off the queue, so a direct write never overtakes them.
+        # directly when nothing is queued). ``_queued`` counts frames handed to the queue and
+        # not yet written: trio can pass a frame straight to a waiting writer, leaving the
+        # buffer empty before the writer runs, so the buffer alone cannot tell whether a
+        # direct write would overtake a queued frame (a stream's end overtaking its event).
         self._socket_lock = trio.Lock()
-        self._writer_busy = False
+        self._queued = 0
         self._requests: dict[int, trio.CancelScope] = {}
         self._open_streams = 0
         self._closed = False
@@ -147,6 +149,7 @@ class Session:
     def send_nowait(self, frame: dict[str, Any]) -> None:
         try:
             self._send.send_nowait(encode_frame(frame, self.server.max_frame))
+            self._queued += 1
         except trio.WouldBlock:
             raise errors.Overloaded("client is not reading fast enough") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -160,12 +163,7 @@ class Session:
                 messages.failed(frame.get("id"), errors.Invalid(f"reply too large: {exc}")),
                 self.server.max_frame,
             )
-        if (
-            not self._writer_busy
-            and self._send.statistics().current_buffer_used == 0
-            and not self._socket_lock.locked()
-            and not self._closed
-        ):
+        if self._queued == 0 and not self._socket_lock.locked() and not self._closed:
             # Nothing queued or being written: write it now, sparing the writer's wake-up.
             async with self._socket_lock:
                 try:
@@ -175,11 +173,18 @@ class Session:
             return
         try:
             self._send.send_nowait(data)
+            self._queued += 1
         except trio.WouldBlock:
+            self._queued += 1  # counted while waiting, so no direct write overtakes it
+            sent = False
             try:
                 await self._send.send(data)
+                sent = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            finally:
+                if not sent:
+                    self._queued -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -187,7 +192,6 @@ class Session:
         """Send queued frames, everything already queued in one write."""
         try:
             async for data in self._outgoing:
-                self._writer_busy = True
                 batch = [data]
                 while len(batch) < 256:
                     try:
@@ -196,7 +200,7 @@ class Session:
                         break
                 async with self._socket_lock:
                     await self.stream.send_all(b"".join(batch) if len(batch) > 1 else data)
-                self._writer_busy = False
+                self._queued -= len(batch)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; the reader sees it too
 

@@ -151,6 +151,12 @@ class Ops:
         stream.emit({"first": True})
         raise errors.NotFound("the thing went away")
 
+    async def offer_then_fail(self, _s: Session, _req: messages.Request, stream: Stream) -> None:
+        stream.emit({"first": True})
+        await trio.sleep(0.01)  # the session's writer is idle, waiting for the next frame
+        stream.offer({"notice": "lost"})  # queued for the writer...
+        raise errors.Conflict("lost a name conflict")  # ...and the end must not overtake it
+
     async def stream_crash(self, _s: Session, _req: messages.Request, stream: Stream) -> None:
         stream.emit({"first": True})
         await trio.sleep(0)
@@ -169,6 +175,7 @@ class Ops:
         api.add_stream_op("flood_emit", self.flood_emit)
         api.add_stream_op("stream_fail", self.stream_fail)
         api.add_stream_op("stream_crash", self.stream_crash)
+        api.add_stream_op("offer_then_fail", self.offer_then_fail)
 
 
 @dataclass
@@ -521,6 +528,22 @@ async def test_a_stream_op_error_ends_the_stream_with_that_error(server: Server)
                 async for event in events:
                     got.append(event)
         assert got == [{"first": True}]
+
+
+async def test_an_event_queued_before_a_stream_ends_reaches_the_client_first(
+    server: Server,
+) -> None:
+    """A frame handed to an idle writer leaves the queue empty before the writer has sent
+    it; the stream's end, written directly, must still come after it (a losing agent is
+    told who won before its stream ends)."""
+    async with Connection.open(server.path) as conn:
+        for _ in range(20):
+            got = []
+            with pytest.raises(errors.Conflict):
+                async with conn.stream("offer_then_fail") as events:
+                    async for event in events:
+                        got.append(event)
+            assert got == [{"first": True}, {"notice": "lost"}]
 
 
 async def test_a_crashing_stream_op_ends_the_stream_with_internal(server: Server) -> None:
