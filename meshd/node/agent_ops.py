@@ -53,9 +53,13 @@ def register(node: Node) -> None:
     async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
         """Register an agent and stream its deliveries until the client stops it."""
         args = req.args
+        name = _name(args, "name")
+        # An activation by placement pulls the agent's state while the runner starts it:
+        # register (and so take messages, and read state) only once that state is here.
+        await node.placement.state_ready(name)
         entry, _ = node.registry.register(
             trio.current_time(),
-            _name(args, "name"),
+            name,
             kind=args.get("kind", ""),
             capabilities=args.get("capabilities", ()),
             metadata=args.get("metadata"),

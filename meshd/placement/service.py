@@ -88,6 +88,7 @@ class PlacementStats:
 @dataclass(slots=True)
 class _Activation:
     done: trio.Event = field(default_factory=trio.Event)
+    caught_up: trio.Event = field(default_factory=trio.Event)  # the agent's state is here
     entry: Entry | None = None
     error: errors.MeshError | None = None
 
@@ -265,20 +266,34 @@ class Placement:
         raise errors.Timeout(f"activating {name!r} took too long", detail={"kind": kind})
 
     async def _activate(self, name: str, kind: str, pending: _Activation) -> None:
-        """Pull the agent's state from every live peer first (a write acknowledged by a
-        majority must be here before the agent runs here), then ask a runner."""
-        peers = [
-            m.name for m in self.membership.members() if m.status in _UP and m.name != self.node
-        ]
-        await self.catch_up(state_doc(name), peers, 2.0)
+        """Ask a runner, and meanwhile pull the agent's state from every live peer: a write
+        acknowledged by a majority must be here before the agent runs here. The two overlap;
+        the runner's registration (``agent.serve``) waits in :meth:`state_ready`, so nothing
+        reaches the agent, and it reads no state, before the catch-up is done."""
         try:
             self._request_activation(name, kind)
         except errors.MeshError as exc:
             self.stats.activation_failures += 1
             pending.error = exc
             pending.done.set()
+            pending.caught_up.set()
             if self._activating.get(name) is pending:
                 del self._activating[name]
+            return
+        peers = [
+            m.name for m in self.membership.members() if m.status in _UP and m.name != self.node
+        ]
+        try:
+            await self.catch_up(state_doc(name), peers, 2.0)
+        finally:
+            pending.caught_up.set()
+
+    async def state_ready(self, name: str) -> None:
+        """Wait until an activation under way here has pulled the agent's state (returns at
+        once for an agent not being activated by placement, such as a plain ``serve``)."""
+        pending = self._activating.get(name)
+        if pending is not None:
+            await pending.caught_up.wait()
 
     def _request_activation(self, name: str, kind: str) -> None:
         runners = [r for r in self.runners.get(kind, []) if not self.draining]
