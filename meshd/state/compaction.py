@@ -73,7 +73,7 @@ def fresh_copy(replica: Replica) -> Doc[Any]:
     with fresh.transaction():
         root: Map[Any] = fresh.get(values.ROOT, type=Map)
         for key, value in marked.items():
-            root[key] = values.to_crdt(_unmark(value), fresh.client_id)
+            root[key] = values.to_crdt(_unmark(value), fresh)
         meta: Map[Any] = fresh.get(META, type=Map)
         meta[BASE_SV] = replica.sv
         meta[BASE_EPOCH] = replica.epoch

@@ -8,6 +8,13 @@ text and counters. pycrdt pitfalls are made explicit here:
 * **Concurrent writes to one map key**: one write wins (Yjs orders them by client id), the
   other is lost. For counts use a **counter** (``{"$counter": n}`` or the ``incr`` op): each
   writer adds to its own slot and the value is the sum, so concurrent increments all count.
+* **Concurrently created nested types do not merge**: two replicas that each create a map at
+  the same key end with one of them, and whatever was written into the other is lost. So a
+  counter's slots do not live inside the tree: the tree holds a marker naming a *root-level*
+  map, and root types of the same name always merge. ``incr`` on a missing key names it after
+  its path (and a generation, bumped when such a counter is deleted), so replicas creating
+  the same counter at once write to the same slots. ``{"$counter": n}`` is a reset: it names
+  a fresh root map, and increments racing a reset may be lost, as with any overwrite.
 * **Text** (``{"$text": "..."}``) merges concurrent character edits; a plain string value is
   replaced as a whole.
 """
@@ -15,6 +22,8 @@ text and counters. pycrdt pitfalls are made explicit here:
 from __future__ import annotations
 
 import copy
+import json
+import uuid
 from typing import Any, Final
 
 from pycrdt import Array, Doc, Map, Text
@@ -23,6 +32,8 @@ from meshd_client.protocol import errors
 
 ROOT: Final = "root"
 COUNTER: Final = "$counter"
+SLOTS_PREFIX: Final = "$c:"  # root-level maps holding counters' per-writer slots
+RETIRED: Final = "$c-retired"  # path-named slot maps of deleted counters (never reused)
 TEXT: Final = "$text"
 MAX_SAFE_INT: Final = 2**53
 MAX_DEPTH: Final = 16
@@ -58,10 +69,59 @@ def to_plain(value: Any, *, marked: bool = False) -> Any:
 
 def counter_value(counter: Map[Any]) -> int:
     total = 0.0
-    for key, item in counter.items():
-        if key != COUNTER and isinstance(item, int | float):
+    for item in _slots(counter).values():
+        if isinstance(item, int | float):
             total += item
     return int(total)
+
+
+def _slots(marker: Map[Any]) -> Map[Any]:
+    """The root-level map holding a counter's slots."""
+    name = marker.get(COUNTER)
+    if not isinstance(name, str) or not name.startswith(SLOTS_PREFIX):
+        name = SLOTS_PREFIX + "invalid"  # a malformed marker from a peer reads as zero
+    slots: Map[Any] = marker.doc.get(name, type=Map)
+    return slots
+
+
+def _new_counter(doc: Doc[Any], name: str, by: int) -> Map[Any]:
+    """A marker for the counter whose slots are the root map ``name``; adds ``by``."""
+    slots: Map[Any] = doc.get(name, type=Map)
+    slot = f"c{doc.client_id}"
+    slots[slot] = slots.get(slot, 0) + by
+    return Map({COUNTER: name})
+
+
+def _path_counter_name(doc: Doc[Any], path: Path) -> str:
+    """The slot map an ``incr`` on a missing key creates: the same on every replica with the
+    same view, so concurrent creations share their slots; a deleted counter's name is
+    retired, so one created later at the same path starts from zero."""
+    retired: Map[Any] = doc.get(RETIRED, type=Map)
+    base = SLOTS_PREFIX + json.dumps(path, separators=(",", ":"))
+    generation = 0
+    while f"{base}#{generation}" in retired:
+        generation += 1
+    return f"{base}#{generation}"
+
+
+def _retire(doc: Doc[Any], value: Any) -> None:
+    """``value`` is being overwritten or deleted: clear the slots of every counter in it
+    (their tombstones can then be collected) and retire path-named ones."""
+    if isinstance(value, Map):
+        if COUNTER in value:
+            name = value.get(COUNTER)
+            if isinstance(name, str) and name.startswith(SLOTS_PREFIX):
+                slots: Map[Any] = doc.get(name, type=Map)
+                slots.clear()
+                if "#" in name:
+                    retired: Map[Any] = doc.get(RETIRED, type=Map)
+                    retired[name] = True
+            return
+        for item in value.values():
+            _retire(doc, item)
+    elif isinstance(value, Array):
+        for item in value:
+            _retire(doc, item)
 
 
 def _scalar(value: Any) -> Any:
@@ -105,16 +165,17 @@ def check_plain(value: Any, depth: int = 0) -> None:
     _scalar(value)
 
 
-def to_crdt(value: Any, client_id: int) -> Any:
-    """A checked plain value as a pycrdt prelim value."""
+def to_crdt(value: Any, doc: Doc[Any]) -> Any:
+    """A checked plain value as a pycrdt prelim value (counters' slots go to ``doc``; call
+    inside the transaction that inserts the value)."""
     if isinstance(value, dict):
         if set(value) == {TEXT}:
             return Text(value[TEXT])
         if set(value) == {COUNTER}:
-            return Map({COUNTER: True, f"c{client_id}": value[COUNTER]})
-        return Map({key: to_crdt(item, client_id) for key, item in value.items()})
+            return _new_counter(doc, f"{SLOTS_PREFIX}{uuid.uuid4().hex}", value[COUNTER])
+        return Map({key: to_crdt(item, doc) for key, item in value.items()})
     if isinstance(value, list):
-        return Array([to_crdt(item, client_id) for item in value])
+        return Array([to_crdt(item, doc) for item in value])
     return value
 
 
@@ -284,19 +345,22 @@ def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
             parent = _resolve(root, path[:-1])
             key = path[-1]
             if kind == "set":
-                parent[key] = to_crdt(op["value"], doc.client_id)
+                if _holds(parent, key):
+                    _retire(doc, parent[key])
+                parent[key] = to_crdt(op["value"], doc)
             elif kind == "delete":
+                _retire(doc, parent[key])
                 del parent[key]
             else:
-                _increment(parent, key, op.get("by", 1), doc.client_id)
+                _increment(doc, parent, path, op.get("by", 1))
             continue
         target = _resolve(root, path)
         if kind == "append":
             for value in op["values"]:
-                target.append(to_crdt(value, doc.client_id))
+                target.append(to_crdt(value, doc))
         elif kind == "insert":
             for offset, value in enumerate(op["values"]):
-                target.insert(op["index"] + offset, to_crdt(value, doc.client_id))
+                target.insert(op["index"] + offset, to_crdt(value, doc))
         elif kind == "text_insert":
             target.insert(_text_offset(target, op["index"]), op["text"])
         else:
@@ -318,13 +382,25 @@ def _resolve(root: Map[Any], path: Path) -> Any:
     return node
 
 
-def _increment(parent: Any, key: str | int, by: int, client_id: int) -> None:
-    slot = f"c{client_id}"
+def _holds(parent: Any, key: str | int) -> bool:
+    if isinstance(parent, Map):
+        return isinstance(key, str) and key in parent
+    return isinstance(key, int) and -len(parent) <= key < len(parent)
+
+
+def _increment(doc: Doc[Any], parent: Any, path: Path, by: int) -> None:
+    key = path[-1]
     if isinstance(parent, Map) and isinstance(key, str) and key not in parent:
-        parent[key] = Map({COUNTER: True, slot: by})
+        # Named after its path only when every step is a map key: list indexes shift.
+        if all(isinstance(part, str) for part in path):
+            name = _path_counter_name(doc, path)
+        else:
+            name = f"{SLOTS_PREFIX}{uuid.uuid4().hex}"
+        parent[key] = _new_counter(doc, name, by)
         return
-    counter = parent[key]
-    counter[slot] = counter.get(slot, 0) + by
+    slots = _slots(parent[key])
+    slot = f"c{doc.client_id}"
+    slots[slot] = slots.get(slot, 0) + by
 
 
 ONCE: Final = "once"

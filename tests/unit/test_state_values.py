@@ -187,18 +187,50 @@ def test_concurrent_increments_all_count() -> None:
     assert content(a) == content(b) == {"hits": 10}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: a counter is a map under a key, so two replicas creating the "
-    "same counter concurrently (incr on a missing key) write two maps and only one survives",
-)
 def test_concurrent_first_increments_of_a_missing_counter_all_count() -> None:
+    """Two replicas creating the same counter at once: nested maps would not merge (one of
+    the two wins), so the slots live in a root map named after the counter's path."""
+    a = doc_with({"m": {}})
+    b = remote_copy(a)
+    c = remote_copy(a)
+    apply(a, {"op": "incr", "path": ["hits"], "by": 2}, {"op": "incr", "path": ["m", "n"]})
+    apply(b, {"op": "incr", "path": ["hits"], "by": 3}, {"op": "incr", "path": ["m", "n"]})
+    apply(c, {"op": "incr", "path": ["hits"], "by": 4})
+    sync(a, b)
+    sync(b, c)
+    sync(a, b)
+    assert content(a) == content(b) == content(c) == {"hits": 9, "m": {"n": 2}}
+
+
+def test_a_counter_deleted_and_created_again_at_its_path_starts_from_zero() -> None:
     a = doc_with({})
     b = remote_copy(a)
-    apply(a, {"op": "incr", "path": ["hits"], "by": 2})
-    apply(b, {"op": "incr", "path": ["hits"], "by": 3})
+    apply(a, {"op": "incr", "path": ["hits"], "by": 5})
     sync(a, b)
-    assert content(a) == content(b) == {"hits": 5}
+    apply(a, {"op": "delete", "path": ["hits"]})
+    sync(a, b)
+    apply(b, {"op": "incr", "path": ["hits"], "by": 1})
+    apply(a, {"op": "incr", "path": ["hits"], "by": 2})  # concurrently: both start again
+    sync(a, b)
+    assert content(a) == content(b) == {"hits": 3}
+    apply(a, {"op": "set", "path": ["hits"], "value": {"$counter": 10}})  # a reset
+    sync(a, b)
+    assert apply(b, {"op": "incr", "path": ["hits"]}) == {"hits": 11}
+
+
+def test_replacing_a_map_retires_the_counters_inside_it() -> None:
+    a = doc_with({})
+    apply(a, {"op": "set", "path": ["m"], "value": {}})
+    apply(a, {"op": "incr", "path": ["m", "n"], "by": 7})
+    apply(a, {"op": "set", "path": ["m"], "value": {}})
+    assert apply(a, {"op": "incr", "path": ["m", "n"]}) == {"m": {"n": 1}}
+
+
+def test_a_malformed_counter_marker_from_a_peer_reads_as_zero() -> None:
+    a = doc_with({})
+    with a.doc.transaction():
+        a.doc.get("root", type=Map)["bad"] = Map({"$counter": 12345})
+    assert content(a) == {"bad": 0}
 
 
 def test_concurrent_increments_of_a_counter_created_by_set() -> None:
