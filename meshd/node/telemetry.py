@@ -166,5 +166,29 @@ def register(node: Node) -> None:
                 f"Peer link counter: {f.name.replace('_', ' ')}.",
             )
 
-    for collector in (membership, transport, api, process, replication):
+    def agents() -> Iterator[Sample]:
+        for prefix, stats, what in (
+            ("meshd_routing", node.router.stats, "Routing"),
+            ("meshd_placement", node.placement.stats, "Placement"),
+        ):
+            for f in fields(stats):
+                value = getattr(stats, f.name)
+                if isinstance(value, int):
+                    yield _counter(
+                        f"{prefix}_{f.name}_total",
+                        value,
+                        f"{what} counter: {f.name.replace('_', ' ')}.",
+                    )
+        yield _gauge(
+            "meshd_placement_majority",
+            1 if node.placement.quorum.has_majority else 0,
+            "1 if keep_majority agents may run on this side (it holds a majority).",
+        )
+        yield _gauge(
+            "meshd_agents_local",
+            len(node.registry.entries(node=node.config.node.name)),
+            "Agents registered on this host.",
+        )
+
+    for collector in (membership, transport, api, process, replication, agents):
         node.metrics.register(collector)

@@ -83,6 +83,7 @@ class PlacementStats:
     moves: int = 0
     minority_stops: int = 0
     refused_minority: int = 0
+    refused_takeover: int = 0  # a silent host's keep_majority agent asked for too early
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class Placement:
         self._replan_at: float | None = None  # retry a rebalance that could not move
         self._minority_stopped: dict[str, str] = {}  # name -> kind, to restore with a majority
         self._stopping: set[str] = set()  # entry ids asked to stop for lack of a majority
+        self._down_at: dict[str, float] = {}  # hosts gone silent (not proven stopped): since
         self._nursery: trio.Nursery | None = None
         self._failover_limit = trio.CapacityLimiter(tuning.failover_parallelism)
         registry.listeners.append(self._on_registry_event)
@@ -192,6 +194,10 @@ class Placement:
 
     # ------------------------------------------------------------------ owners
 
+    def _left(self, host: str) -> bool:
+        state = self.membership.peek(host)
+        return state is not None and state[0] is Status.LEFT
+
     def _up(self, host: str) -> bool:
         state = self.membership.peek(host)
         return host == self.node or (state is not None and state[0] in _UP)
@@ -235,6 +241,7 @@ class Placement:
                 "majority",
                 detail={"kind": kind},
             )
+        self._check_takeover(name, kind)
         owner = self.owner(kind, name)
         if owner is None:
             raise errors.Unreachable(
@@ -244,6 +251,27 @@ class Placement:
             return await self.activate_local(name, kind, deadline)
         assert self.router is not None
         return await self.router.activate_remote(owner, name, kind, deadline)
+
+    def _check_takeover(self, name: str, kind: str) -> None:
+        """A message to a keep_majority agent whose host went silent must not start it here
+        before the host's side has had ``stable_after`` to stop it (the same wait as the
+        failover after a death): that host may be alive behind a partition, still running it."""
+        if self.table.strategy(kind) is not Strategy.KEEP_MAJORITY:
+            return
+        gone = self.registry.last_known(name)
+        if gone is None or gone.node == self.node:
+            return
+        down_at = self._down_at.get(gone.node)
+        if down_at is None:
+            return  # not gone silent lately: stopped, left, or long forgotten
+        wait = down_at + self.tuning.stable_after - trio.current_time()
+        if wait > 0:
+            self.stats.refused_takeover += 1
+            raise errors.Unreachable(
+                f"{name!r} ran on {gone.node}, which went silent; it may still run there "
+                f"behind a partition, so it starts elsewhere only in {wait:.1f} s",
+                detail={"kind": kind, "host": gone.node, "retry_after": round(wait, 1)},
+            )
 
     async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
         entry = self.registry.lookup(name)
@@ -336,6 +364,10 @@ class Placement:
         # agents anywhere; a silent host may be alive on the other side of a partition, so
         # its keep_majority agents wait until the minority there has stopped them.
         proven = self.membership.died_refused(host)
+        if proven or self._left(host):
+            self._down_at.pop(host, None)
+        else:
+            self._down_at[host] = trio.current_time()
         for name in self.registry.names_on(host):
             entry = self.registry.last_known(name)
             if entry is None or not entry.kind or not self.table.hosts(entry.kind):
@@ -484,6 +516,9 @@ class Placement:
             elif not before and self.quorum.has_majority:
                 self._restore_stopped()
         self._enforce_quorum()
+        for host, since in list(self._down_at.items()):
+            if now - since >= self.tuning.stable_after or self._up(host):
+                del self._down_at[host]
         if self._dirty:
             self._dirty = False
             self._advertise(now)

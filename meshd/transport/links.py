@@ -35,6 +35,7 @@ class _Link:
     receive: trio.MemoryReceiveChannel[bytes]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     connected: bool = False
+    aborted: bool = False  # the peer was given up on: discard what is still unsent
 
 
 @dataclass(slots=True)
@@ -105,9 +106,11 @@ class PeerLinks:
         return True
 
     def close(self, peer: str) -> None:
-        """Forget a peer (it died or left): its link and queued frames go away."""
+        """Forget a peer (it died or left): its link and queued frames go away, and so do
+        bytes the kernel still holds for it (the connection is reset, not closed)."""
         link = self._links.pop(peer, None)
         if link is not None:
+            link.aborted = True
             link.scope.cancel()
 
     def connected(self, peer: str) -> bool:
@@ -151,7 +154,7 @@ class PeerLinks:
                         link.connected = False
                         self.on_disconnect(link.peer)
                         with trio.CancelScope(shield=True):
-                            await stream.aclose()
+                            await (stream.abort() if link.aborted else stream.aclose())
             finally:
                 if self._links.get(link.peer) is link:
                     del self._links[link.peer]

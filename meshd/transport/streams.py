@@ -7,6 +7,7 @@ key management and, later, replication and routing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import socket
@@ -25,6 +26,7 @@ from meshd_client.protocol import cbor
 STREAM_VERSION: Final = 1
 _LENGTH: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 8 << 20
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 
 
 class Channel(enum.IntEnum):
@@ -102,6 +104,16 @@ class FramedStream:
             raise StreamError(exc.reason) from None
 
     async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def abort(self) -> None:
+        """Close with a reset, discarding what the kernel still holds to send. A graceful
+        close keeps retransmitting queued bytes after we gave up on the peer, so frames
+        written before a partition would be delivered after it heals — long after their
+        senders retried elsewhere."""
+        if isinstance(self.stream, trio.SocketStream):
+            with contextlib.suppress(OSError):
+                self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         await self.stream.aclose()
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from meshd.placement.quorum import Quorum
 from meshd.placement.service import Placement, PlacementTuning
 from meshd.registry.model import Entry
 from meshd.wire.membership import Status
+from meshd_client.protocol import errors
 
 SA = 5.0
 KINDS = ("counter", "cache")
@@ -101,6 +103,17 @@ class NurseryStub:
     async def run_all(self) -> None:
         for fn, args in self.started:
             await fn(*args)
+
+
+@dataclass
+class RouterStub:
+    """Activations sent to another owner: noted as that owner's claim."""
+
+    claims: dict[str, list[str]]
+
+    async def activate_remote(self, host: str, name: str, kind: str, _deadline: float) -> Entry:
+        self.claims.setdefault(name, []).append(host)
+        return entry(name, host, kind)
 
 
 def record_activations(placement: Placement, claims: dict[str, list[str]]) -> None:
@@ -521,6 +534,41 @@ async def test_a_proven_crash_is_taken_over_at_once(autojump_clock: Any) -> None
         assert trio.current_time() == start  # no waiting: the crash is proven
     assert sorted(claims) == sorted(e.name for e in ran["n3"])
     assert all(len(by) == 1 for by in claims.values())
+
+
+@pytest.mark.parametrize("proven", [False, True])
+async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover_delay(
+    autojump_clock: Any, proven: bool
+) -> None:
+    """The failover after a silent death waits ``stable_after``; a message to one of that
+    host's keep_majority agents must wait as long (answered ``unreachable``), or it would
+    start the agent while the host may still run it behind a partition."""
+    three = ["n1", "n2", "n3"]
+    table = [(h, {"k": KindInfo(100, 0, Strategy.KEEP_MAJORITY)}) for h in three]
+    names = [f"k/{i}" for i in range(40)]
+    ran = {"n3": [entry(name, "n3", "k") for name in names]}
+    view: dict[str, Status | None] = {"n1": Status.ALIVE, "n2": Status.ALIVE, "n3": Status.DEAD}
+    placement = daemon("n1", view, table, RegistryStub(ran=ran))
+    if proven:
+        placement.membership.refused = frozenset({"n3"})  # type: ignore[attr-defined]
+    placement.quorum.observe(0.0, frozenset(three), frozenset(three))
+    placement.quorum.tick(0.0)
+    claims: dict[str, list[str]] = {}
+    record_activations(placement, claims)
+    placement.router = RouterStub(claims)  # type: ignore[assignment]
+    placement._nursery = NurseryStub()  # type: ignore[assignment]
+    placement.host_down("n3")
+    start = trio.current_time()
+    if not proven:
+        for name in names:
+            with pytest.raises(errors.Unreachable, match="went silent") as info:
+                await placement.ensure_active(name, "k", start + 5)
+            assert info.value.detail["retry_after"] == SA
+        assert not claims
+        await trio.sleep(SA)
+    for name in names:
+        await placement.ensure_active(name, "k", trio.current_time() + 5)
+    assert sorted(claims) == sorted(names)  # each started, here or at its owner
 
 
 def test_a_fresh_daemon_joining_a_minority_does_not_claim_the_majority() -> None:
