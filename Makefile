@@ -46,8 +46,9 @@ typecheck: install
 unit: install
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
+# Two workers (the CI machine has two cores); chaos tests share one worker (tests/conftest.py).
 test: install system-deps lint typecheck
-	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
 
 # Every shipped chaos scenario on real namespaces (root); `make test` runs the short CI subset.
 # CHAOS_ARGS=--json for the JSON verdict; see docs/chaos.md.
