@@ -5,20 +5,30 @@ client-chosen ids answered in any order, and streams (subscriptions) that push `
 until cancelled. Everything is bounded: frame size, requests in flight, queued outgoing
 frames. A slow reader of a stream gets its stream ended with ``overloaded`` instead of making
 the daemon buffer without bound. Peer credentials are checked on accept.
+
+The socket is driven directly (non-blocking system calls, :func:`trio.lowlevel.wait_readable`
+and ``wait_writable`` only when the kernel says to wait): a frame to a client is written the
+moment it is ready, by whoever produced it, unless earlier frames are still waiting for room
+in the socket (then it queues behind them, in order, and the session's writer task sends them
+as room appears). The frames of one read are answered with one write. trio's socket streams
+would add a scheduling round to every send and receive, and a queue hop through a writer task
+to every stream event; on the lookup path those were a third of the daemon's time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import pwd
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -33,6 +43,19 @@ _MAX_STREAMS = 65_536  # open streams per session (a runner holds one per agent 
 _OUTGOING_FRAMES = 1024
 _HELLO_TIMEOUT = 10.0
 _DRAIN_TIMEOUT = 5.0
+_READ_SIZE = 256 * 1024
+_READS_PER_YIELD = 16  # a client that always has more to read still lets others run
+_CORK_FRAMES = 256  # answers of one read gathered into one write, at most
+# accept() errors that concern only the connection being accepted (as trio ignores them)
+_ACCEPT_IGNORED = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +125,61 @@ class Stream:
         raise self._failure
 
 
+class Deferred:
+    """The answer to a request, to be given later: what an op's ``begin`` returns when the
+    answer is not known yet (a routed request waiting for its reply). The session answers
+    the client when :meth:`resolve` or :meth:`fail` is called (by whatever learns the
+    outcome, e.g. the router when the reply arrives), with no task waiting in between. It
+    counts as a request in flight until then. A client's ``cancel``, or the session closing,
+    drops it: a later outcome is ignored."""
+
+    __slots__ = ("_outcome", "_request_id", "_session", "cancelled")
+
+    def __init__(self) -> None:
+        self._session: Session | None = None
+        self._request_id = 0
+        self._outcome: tuple[Any, MeshError | None] | None = None  # (value, error)
+        self.cancelled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None or self.cancelled
+
+    def resolve(self, value: Any) -> None:
+        self._answer((value, None))
+
+    def fail(self, error: MeshError) -> None:
+        self._answer((None, error))
+
+    def _answer(self, outcome: tuple[Any, MeshError | None]) -> None:
+        if self.settled:
+            return
+        self._outcome = outcome
+        if self._session is not None:
+            self._session._deferred_done(self)
+
+    def _attach(self, session: Session, request_id: int) -> None:
+        self._session = session
+        self._request_id = request_id
+        if self._outcome is not None:  # answered before it was attached
+            session._deferred_done(self)
+
+
+BEGIN_IN_TASK: Final = object()  # a ``begin`` that cannot answer without waiting returns this
+
+
 RequestHandler = Callable[["Session", messages.Request], Awaitable[Any]]
 StreamHandler = Callable[["Session", messages.Request, Stream], Awaitable[None]]
+# Starts a request without waiting: returns the value, a Deferred, or BEGIN_IN_TASK (then the
+# op's handler serves the request in a task of its own, as for any other op).
+BeginHandler = Callable[["Session", messages.Request], Any]
 
 
 @dataclass(slots=True)
 class _Op:
     handler: RequestHandler | None = None
     stream: StreamHandler | None = None
+    begin: BeginHandler | None = None
     # Never waits: served in the session's read loop, without a task of its own.
     inline: bool = False
     # Ops that only read may be allowed to more callers later; kept for documentation.
@@ -122,87 +192,120 @@ class Session:
     def __init__(
         self,
         server: ApiServer,
-        stream: trio.SocketStream,
+        sock: socket.socket,
         creds: PeerCredentials,
         session_id: int,
     ) -> None:
         self.server = server
-        self.stream = stream
+        self.sock = sock  # non-blocking
         self.creds = creds
         self.id = session_id
         self.client = ""
         self.version = 0
         self.state: dict[str, Any] = {}  # per-session data owned by op modules
         self.close_hooks: list[Callable[[Session], None]] = []
-        self._send, self._outgoing = trio.open_memory_channel[bytes](_OUTGOING_FRAMES)
-        # Held while bytes go to the socket (by the writer task, or by send() writing
-        # directly when nothing is queued). ``_queued`` counts frames handed to the queue and
-        # not yet written: trio can pass a frame straight to a waiting writer, leaving the
-        # buffer empty before the writer runs, so the buffer alone cannot tell whether a
-        # direct write would overtake a queued frame (a stream's end overtaking its event).
-        self._socket_lock = trio.Lock()
-        self._queued = 0
+        # Frames not yet handed to the socket, in order. Appending and writing happen in
+        # the same call unless the socket is full (``_blocked``: the writer task owns the
+        # rest) or the read loop is answering the frames of one read (``_corked``: it writes
+        # them all at once when done).
+        self._out: deque[bytes] = deque()
+        self._blocked = False
+        self._corked = False
+        self._broken = False  # the socket failed: nothing more can be written
+        self._unblock = trio.Event()  # set for the writer when a write left bytes behind
+        self._room = trio.Event()  # set when the queue drained (for send() and the drain)
         self._requests: dict[int, trio.CancelScope] = {}
+        self._deferred: dict[int, Deferred] = {}
         self._open_streams = 0
         self._closed = False
 
-    def send_nowait(self, frame: dict[str, Any]) -> None:
-        try:
-            self._send.send_nowait(encode_frame(frame, self.server.max_frame))
-            self._queued += 1
-        except trio.WouldBlock:
-            raise errors.Overloaded("client is not reading fast enough") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise errors.Closed("session closed") from None
+    # ------------------------------------------------------------------ writing
 
-    async def send(self, frame: dict[str, Any]) -> None:
+    def send_nowait(self, frame: dict[str, Any]) -> None:
+        if self._closed or self._broken:
+            raise errors.Closed("session closed")
+        if len(self._out) >= _OUTGOING_FRAMES:
+            raise errors.Overloaded("client is not reading fast enough")
+        self._push(encode_frame(frame, self.server.max_frame))
+
+    def _encode_reply(self, frame: dict[str, Any]) -> bytes:
+        """The frame's bytes; a reply too large to send becomes an ``invalid`` error."""
         try:
-            data = encode_frame(frame, self.server.max_frame)
+            return encode_frame(frame, self.server.max_frame)
         except FrameError as exc:
-            data = encode_frame(
+            return encode_frame(
                 messages.failed(frame.get("id"), errors.Invalid(f"reply too large: {exc}")),
                 self.server.max_frame,
             )
-        if self._queued == 0 and not self._socket_lock.locked() and not self._closed:
-            # Nothing queued or being written: write it now, sparing the writer's wake-up.
-            async with self._socket_lock:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass  # the client went away; the reader sees it too
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Send a frame; waits only while the client lets its queue fill up."""
+        data = self._encode_reply(frame)
+        while len(self._out) >= _OUTGOING_FRAMES and not (self._closed or self._broken):
+            self._flush()  # even while corked: what was gathered goes out first
+            if len(self._out) >= _OUTGOING_FRAMES:
+                await self._room.wait()
+        if not (self._closed or self._broken):
+            self._push(data)
+
+    def _push(self, data: bytes) -> None:
+        out = self._out
+        out.append(data)
+        if not self._blocked and (not self._corked or len(out) >= _CORK_FRAMES):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write what is queued, as far as the socket takes it now."""
+        out = self._out
+        if not out or self._blocked or self._broken:
             return
+        data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            self._send.send_nowait(data)
-            self._queued += 1
-        except trio.WouldBlock:
-            self._queued += 1  # counted while waiting, so no direct write overtakes it
-            sent = False
-            try:
-                await self._send.send(data)
-                sent = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                if not sent:
-                    self._queued -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._break()  # the client went away; the reader sees it too
+            return
+        out.clear()
+        if sent < len(data):
+            out.append(data[sent:])
+            self._blocked = True
+            self._unblock.set()
+            return
+        self._room.set()
+        self._room = trio.Event()
+
+    def _break(self) -> None:
+        self._broken = True
+        self._out.clear()
+        self._room.set()
 
     async def _writer(self) -> None:
-        """Send queued frames, everything already queued in one write."""
+        """Sends what a full socket left behind, as room appears."""
         try:
-            async for data in self._outgoing:
-                batch = [data]
-                while len(batch) < 256:
-                    try:
-                        batch.append(self._outgoing.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                async with self._socket_lock:
-                    await self.stream.send_all(b"".join(batch) if len(batch) > 1 else data)
-                self._queued -= len(batch)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the client went away; the reader sees it too
+            while True:
+                await self._unblock.wait()
+                self._unblock = trio.Event()
+                while self._blocked and not self._broken:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    self._blocked = False
+                    self._flush()
+        except (trio.ClosedResourceError, OSError):
+            self._break()
+
+    async def _drain(self) -> None:
+        """Until every queued frame went to the socket (or the socket failed)."""
+        while self._out and not self._broken:
+            await self._room.wait()
+
+    def close_connection(self) -> None:
+        """Close the socket now (the session then ends as if the client had left)."""
+        if not self._broken:
+            self._break()
+        _close(self.sock)
+
+    # ------------------------------------------------------------------ the session
 
     async def run(self) -> None:
         decoder = FrameDecoder(self.server.max_frame)
@@ -214,15 +317,32 @@ class Session:
                         await self._read_loop(decoder, work)
                     work.cancel_scope.cancel()  # client gone or fatal error: stop handlers
                 # Let queued replies (an error frame, say) drain, but not forever.
-                self._send.close()
-                nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT
+                self._corked = False
+                self._flush()
+                with trio.move_on_after(_DRAIN_TIMEOUT):
+                    await self._drain()
+                nursery.cancel_scope.cancel()
         finally:
             self._closed = True
+            self._room.set()
+            for deferred in self._deferred.values():
+                deferred.cancelled = True
+            self._deferred.clear()
             for hook in self.close_hooks:
                 try:
                     hook(self)
                 except Exception:
                     self.server.log.exception("session close hook failed")
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client; b"" when it closed the connection."""
+        while True:
+            try:
+                return self.sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError:
+                return b""
 
     async def _next_frame(self, decoder: FrameDecoder) -> dict[str, Any] | None:
         """The next frame; None when the client closed the connection."""
@@ -231,8 +351,8 @@ class Session:
             if frame is not None:
                 return frame
             try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = await self._receive()
+            except trio.ClosedResourceError:
                 return None
             if not data:
                 return None
@@ -277,16 +397,33 @@ class Session:
         return False
 
     async def _read_loop(self, decoder: FrameDecoder, nursery: trio.Nursery) -> None:
+        reads = 0
         while True:
             try:
-                frame = await self._next_frame(decoder)
+                frame = decoder.next_frame()
+                if frame is None:
+                    # Everything read so far is answered: write the answers, then read on.
+                    self._corked = False
+                    self._flush()
+                    reads += 1
+                    if reads >= _READS_PER_YIELD:
+                        reads = 0
+                        await trio.lowlevel.checkpoint()
+                    try:
+                        data = await self._receive()
+                    except trio.ClosedResourceError:
+                        return
+                    if not data:
+                        return
+                    decoder.feed(data)
+                    self._corked = True
+                    continue
             except FrameError as exc:
+                self._corked = False
                 self.server.ratelog.warning(
                     "bad_frame", "closing API session after a bad frame", error=str(exc)
                 )
                 await self._fatal(errors.Invalid(f"bad frame: {exc}"))
-                return
-            if frame is None:
                 return
             try:
                 parsed = messages.parse_client_frame(frame)
@@ -299,6 +436,9 @@ class Session:
                 scope = self._requests.get(parsed.id)
                 if scope is not None:
                     scope.cancel()
+                deferred = self._deferred.pop(parsed.id, None)
+                if deferred is not None:
+                    deferred.cancelled = True
                 continue
             if isinstance(parsed, messages.Hello):
                 await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
@@ -307,10 +447,11 @@ class Session:
                 await self._serve_note(parsed, nursery)
                 continue
             op = self.server.ops.get(parsed.op)
-            if op is not None and op.inline and parsed.id not in self._requests:
+            in_flight = parsed.id in self._requests or parsed.id in self._deferred
+            if op is not None and op.inline and not in_flight:
                 await self._serve_inline(op, parsed)
                 continue
-            if parsed.id in self._requests:
+            if in_flight:
                 await self.send(
                     messages.failed(parsed.id, errors.Invalid("request id already in flight"))
                 )
@@ -319,17 +460,62 @@ class Session:
             if (
                 (self._open_streams >= _MAX_STREAMS)
                 if is_stream
-                else (len(self._requests) - self._open_streams >= _MAX_IN_FLIGHT)
+                else (
+                    len(self._requests) - self._open_streams + len(self._deferred) >= _MAX_IN_FLIGHT
+                )
             ):
                 self.server.stats.error("overloaded")
                 what = "streams open" if is_stream else "requests in flight"
                 await self.send(messages.failed(parsed.id, errors.Overloaded(f"too many {what}")))
+                continue
+            if op is not None and op.begin is not None and self._begin(op.begin, parsed):
                 continue
             if is_stream:
                 self._open_streams += 1
             scope = trio.CancelScope()
             self._requests[parsed.id] = scope
             nursery.start_soon(self._serve, parsed, scope)
+
+    def _begin(self, begin: BeginHandler, req: messages.Request) -> bool:
+        """Start ``req`` with its op's ``begin``; False if it needs a task after all."""
+        try:
+            result = begin(self, req)
+        except Exception as exc:
+            self.server.stats.requests += 1
+            self._push_reply(messages.failed(req.id, self._op_error(req, exc)))
+            return True
+        if result is BEGIN_IN_TASK:
+            return False
+        self.server.stats.requests += 1
+        if isinstance(result, Deferred):
+            if not result.settled:
+                self._deferred[req.id] = result
+            result._attach(self, req.id)
+        else:
+            self._push_reply(messages.ok(req.id, result))
+        return True
+
+    def _deferred_done(self, deferred: Deferred) -> None:
+        """A deferred answer is known: send it (unless its request is gone)."""
+        request_id = deferred._request_id
+        if self._deferred.get(request_id) is deferred:
+            del self._deferred[request_id]
+        assert deferred._outcome is not None
+        value, error = deferred._outcome
+        if error is not None:
+            self.server.stats.error(error.kind.value)
+            self._push_reply(messages.failed(request_id, error))
+        else:
+            self._push_reply(messages.ok(request_id, value))
+
+    def _push_reply(self, reply: dict[str, Any]) -> None:
+        """Queue a reply without waiting (as :meth:`send`, but a full queue does not wait:
+        the reply goes over the limit, by one; replies are bounded by the requests in
+        flight)."""
+        if self._closed or self._broken:
+            return
+        data = self._encode_reply(reply)
+        self._push(data)
 
     async def _serve_inline(self, op: _Op, req: messages.Request) -> None:
         self.server.stats.requests += 1
@@ -418,7 +604,39 @@ class Session:
         return error
 
 
-def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials:
+def _close(sock: socket.socket) -> None:
+    """Close a socket trio may be waiting on (its waiters get ClosedResourceError)."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+_REFUSAL_LINGER: Final = 1.0
+_REFUSAL_DRAIN: Final = 64 * 1024
+
+
+async def _linger_until_peer_closes(sock: socket.socket) -> None:
+    """Keep a refused connection open until the client has read the reason and closed.
+
+    Closing at once would lose the reason: a Unix socket closed with unread input (the
+    client's hello) resets its peer, and a client whose hello meets a closed socket may
+    tear its connection down before reading. So stop writing, read and discard what the
+    client sends (bounded in bytes and time), and close on its end of stream."""
+    sock.shutdown(socket.SHUT_WR)
+    drained = 0
+    with trio.move_on_after(_REFUSAL_LINGER):
+        while drained < _REFUSAL_DRAIN:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if not data:
+                return
+            drained += len(data)
+
+
+def _peer_credentials(sock: socket.socket) -> PeerCredentials:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCredentials(pid, uid, gid)
@@ -458,11 +676,22 @@ class ApiServer:
         self._next_session = 0
 
     def add_op(
-        self, name: str, handler: RequestHandler, description: str = "", *, inline: bool = False
+        self,
+        name: str,
+        handler: RequestHandler,
+        description: str = "",
+        *,
+        inline: bool = False,
+        begin: BeginHandler | None = None,
     ) -> None:
         """``inline``: the handler never awaits anything that blocks (a lookup, a read):
-        it runs in the read loop, sparing a task and a cancel scope per request."""
-        self.ops[name] = _Op(handler=handler, description=description, inline=inline)
+        it runs in the read loop, sparing a task and a cancel scope per request.
+
+        ``begin``: a synchronous start of the op, run in the read loop, that answers at
+        once or returns a :class:`Deferred` answered later by whoever learns the outcome
+        (sparing the task and its wake-up), or BEGIN_IN_TASK to have ``handler`` serve the
+        request in a task after all. It counts against the requests in flight like a task."""
+        self.ops[name] = _Op(handler=handler, description=description, inline=inline, begin=begin)
 
     def add_stream_op(self, name: str, handler: StreamHandler, description: str = "") -> None:
         self.ops[name] = _Op(stream=handler, description=description)
@@ -472,7 +701,7 @@ class ApiServer:
             return True
         return bool(self.allow_gids and _groups_of(creds.uid, creds.gid) & self.allow_gids)
 
-    async def _bind(self) -> trio.socket.SocketType:
+    async def _bind(self) -> socket.socket:
         path = Path(self.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
@@ -487,67 +716,75 @@ class ApiServer:
                 raise OSError(errno.EADDRINUSE, f"another daemon is serving {self.path}")
             finally:
                 probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await sock.bind(self.path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, self.mode)
-        sock.listen(128)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, self.mode)
+            sock.setblocking(False)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()
-        listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
                     try:
-                        stream = await listener.accept()
-                    except OSError as exc:  # EMFILE and friends: back off, keep serving
+                        conn, _ = sock.accept()
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    except OSError as exc:
+                        if exc.errno in _ACCEPT_IGNORED:
+                            continue
+                        # EMFILE and friends: back off, keep serving
                         self.ratelog.error("accept", "API accept failed", error=str(exc))
                         await trio.sleep(0.1)
                         continue
-                    nursery.start_soon(self._session, stream)
+                    conn.setblocking(False)
+                    nursery.start_soon(self._session, conn)
+                    await trio.lowlevel.checkpoint()
         finally:
-            with trio.CancelScope(shield=True):
-                await listener.aclose()
+            _close(sock)
             Path(self.path).unlink(missing_ok=True)
 
-    async def _session(self, stream: trio.SocketStream) -> None:
+    async def _session(self, sock: socket.socket) -> None:
         self.stats.connections += 1
         try:
-            creds = _peer_credentials(stream.socket)
-        except OSError:
-            await stream.aclose()
-            return
-        if not self.allowed(creds):
-            self.stats.reject("unauthorized")
-            self.ratelog.warning(
-                ("unauthorized", creds.uid),
-                "refused API connection",
-                uid=creds.uid,
-                gid=creds.gid,
-                pid=creds.pid,
-            )
-            error = errors.Unauthorized(f"uid {creds.uid} may not use this daemon")
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(encode_frame(messages.failed(None, error)))
-                except (trio.BrokenResourceError, OSError):
-                    pass
-            await stream.aclose()
-            return
-        self._next_session += 1
-        session = Session(self, stream, creds, self._next_session)
-        self.sessions[session.id] = session
-        self.stats.active_sessions += 1
-        try:
-            await session.run()
+            try:
+                creds = _peer_credentials(sock)
+            except OSError:
+                return
+            if not self.allowed(creds):
+                self.stats.reject("unauthorized")
+                self.ratelog.warning(
+                    ("unauthorized", creds.uid),
+                    "refused API connection",
+                    uid=creds.uid,
+                    gid=creds.gid,
+                    pid=creds.pid,
+                )
+                error = errors.Unauthorized(f"uid {creds.uid} may not use this daemon")
+                with contextlib.suppress(OSError):
+                    sock.send(encode_frame(messages.failed(None, error)))  # a fresh socket: room
+                    await _linger_until_peer_closes(sock)
+                return
+            self._next_session += 1
+            session = Session(self, sock, creds, self._next_session)
+            self.sessions[session.id] = session
+            self.stats.active_sessions += 1
+            try:
+                await session.run()
+            finally:
+                self.stats.active_sessions -= 1
+                del self.sessions[session.id]
         finally:
-            self.stats.active_sessions -= 1
-            del self.sessions[session.id]
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            _close(sock)

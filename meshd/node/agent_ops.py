@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from meshd.api.server import Session, Stream
+from meshd.api.server import BEGIN_IN_TASK, Deferred, Session, Stream
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.router import LocalAgent
 from meshd.state.service import agent_state
@@ -112,7 +112,7 @@ def register(node: Node) -> None:
             raise errors.NotFound("no delivery with that id is waiting for an answer")
         return None
 
-    async def call(req: messages.Request, kind: DeliveryKind) -> Any:
+    def call_args(req: messages.Request, kind: DeliveryKind) -> dict[str, Any]:
         args = req.args
         at_least_once = args.get("at_least_once", False)
         if not isinstance(at_least_once, bool):
@@ -120,22 +120,46 @@ def register(node: Node) -> None:
         sender = args.get("from", "")
         if not isinstance(sender, str):
             raise errors.Invalid("from must be a string")
-        return await router.call(
-            to=_name(args, "to"),
-            body=args.get("body"),
-            sender=sender,
-            kind=kind,
-            at_least_once=at_least_once,
-            timeout=_timeout(args),
-            msg_id=_msg_id(args),
-        )
+        return {
+            "to": _name(args, "to"),
+            "body": args.get("body"),
+            "sender": sender,
+            "kind": kind,
+            "at_least_once": at_least_once,
+            "timeout": _timeout(args),
+            "msg_id": _msg_id(args),
+        }
+
+    async def call(req: messages.Request, kind: DeliveryKind) -> Any:
+        return await router.call(**call_args(req, kind))
+
+    def begin(req: messages.Request, kind: DeliveryKind) -> Any:
+        """Start the call in the session's read loop; the router answers it when the reply
+        comes (no task waits for it). Calls that must wait to start run in a task."""
+        deferred = Deferred()
+
+        def done(ok: bool, payload: Any) -> None:
+            if ok:
+                deferred.resolve(payload)
+            else:
+                deferred.fail(errors.error_from_wire(payload))
+
+        if not router.begin_call(**call_args(req, kind), done=done):
+            return BEGIN_IN_TASK
+        return deferred
 
     async def send(_session: Session, req: messages.Request) -> Any:
         await call(req, DeliveryKind.SEND)
         return None
 
+    def begin_send(_session: Session, req: messages.Request) -> Any:
+        return begin(req, DeliveryKind.SEND)
+
     async def request(_session: Session, req: messages.Request) -> Any:
         return await call(req, DeliveryKind.REQUEST)
+
+    def begin_request(_session: Session, req: messages.Request) -> Any:
+        return begin(req, DeliveryKind.REQUEST)
 
     async def publish(_session: Session, req: messages.Request) -> Any:
         event = req.args.get("event")
@@ -167,8 +191,8 @@ def register(node: Node) -> None:
         "answer (or acknowledge) a delivery to a served agent",
         inline=True,
     )
-    api.add_op("send", send, "send a message to an agent by name")
-    api.add_op("request", request, "send a request and wait for the reply")
+    api.add_op("send", send, "send a message to an agent by name", begin=begin_send)
+    api.add_op("request", request, "send a request and wait for the reply", begin=begin_request)
     api.add_op("publish", publish, "publish a signal to a topic", inline=True)
     api.add_stream_op("subscribe", subscribe, "signals matching a topic pattern")
     api.add_op(

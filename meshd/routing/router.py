@@ -14,11 +14,20 @@ delivers it and sends back the result. Guarantees, per call:
 
 Calls to a host that membership reports dead, or whose circuit breaker is open, fail at once
 with ``unreachable``.
+
+No task waits for a reply on the request path: :meth:`Router.begin_call` starts a call and
+registers what to do with its outcome, and whoever learns the outcome — the link reader
+taking a RESULT, the API session taking an agent's reply — completes it on the spot (and the
+hosting daemon answers a DELIVER the same way); deadlines are kept by one timer task. Each
+task per call cost a spawn and a wake-up, a scheduling round each, on every routed request.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,11 +61,61 @@ MAX_PENDING_PER_AGENT: Final = 1024
 _UP: Final = (Status.ALIVE, Status.SUSPECT)
 
 
+_log = logging.getLogger("meshd.routing")
+
+
 @dataclass(slots=True)
 class _Waiter:
+    """The outcome of something under way: awaited (``event``), or handed on by a callback
+    (``then``, called once when it is settled)."""
+
     event: trio.Event = field(default_factory=trio.Event)
     ok: bool = False
     payload: Any = None
+    then: Callable[[], None] | None = None
+
+    def settle(self, ok: bool, payload: Any) -> None:
+        """Record the outcome (the first one counts) and wake whoever waits for it."""
+        if self.event.is_set():
+            return
+        self.ok = ok
+        self.payload = payload
+        self.event.set()
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+
+
+class _Timer:
+    """A deadline of :meth:`Router._at`; ``fire`` is None once it fired or was cancelled."""
+
+    __slots__ = ("fire",)
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self.fire: Callable[[], None] | None = fire
+
+    def cancel(self) -> None:
+        self.fire = None
+
+
+class _Done:
+    """Hands a call's outcome to its ``done`` callback, once: ``(True, reply)`` (None for a
+    send) or ``(False, error map)``."""
+
+    __slots__ = ("callback", "request")
+
+    def __init__(self, callback: Callable[[bool, Any], None], request: bool) -> None:
+        self.callback: Callable[[bool, Any], None] | None = callback
+        self.request = request
+
+    def __call__(self, ok: bool, payload: Any) -> None:
+        callback, self.callback = self.callback, None
+        if callback is None:
+            return
+        try:
+            callback(ok, payload if not ok or self.request else None)
+        except Exception:
+            _log.exception("a call's completion failed")
 
 
 @dataclass(slots=True)
@@ -137,15 +196,64 @@ class Router:
         self._subscribers: list[tuple[str, Stream]] = []
         self._host_patterns: dict[str, frozenset[str]] = {}
         self._nursery: trio.Nursery | None = None
+        # Deadlines of calls nobody waits for in a task: (deadline, seq, timer), a heap.
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._timer_seq = itertools.count()
+        self._timer_scope: trio.CancelScope | None = None
+        self._timers_cancelled = 0
 
     def attach_links(self, links: PeerLinks) -> None:
         self.links = links
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _at(self, deadline: float, fire: Callable[[], None]) -> _Timer:
+        """Call ``fire`` at ``deadline`` unless the returned timer is cancelled first."""
+        timer = _Timer(fire)
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), timer))
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+        return timer
+
+    def _cancel_timer(self, timer: _Timer) -> None:
+        if timer.fire is None:
+            return
+        timer.cancel()
+        self._timers_cancelled += 1
+        # Most calls end long before their deadline: drop their entries now and then, so
+        # the heap holds about as many entries as calls under way.
+        if self._timers_cancelled > 1024 and self._timers_cancelled * 2 > len(self._timers):
+            self._timers = [entry for entry in self._timers if entry[2].fire is not None]
+            heapq.heapify(self._timers)
+            self._timers_cancelled = 0
+
+    async def _expire(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._timers[0][0] if self._timers else math.inf) as s:
+                self._timer_scope = s
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            # (a timer that fires may cancel others, and so rebuild the heap: re-read it)
+            while self._timers and self._timers[0][0] <= now:
+                timer = heapq.heappop(self._timers)[2]
+                fire = timer.fire
+                if fire is None:
+                    self._timers_cancelled = max(0, self._timers_cancelled - 1)
+                    continue
+                timer.fire = None
+                try:
+                    fire()
+                except Exception:
+                    self.log.exception("a call's deadline handling failed")
 
     # ------------------------------------------------------------------ health & breakers
 
@@ -160,9 +268,7 @@ class Router:
         for msg_id, waiter in list(self._outbound.items()):
             # Calls waiting on a host that just died fail now, not at their timeout.
             if msg_id.startswith(f"{host}\x00"):
-                waiter.ok = False
-                waiter.payload = errors.Unreachable(f"host {host} died").to_wire()
-                waiter.event.set()
+                waiter.settle(False, errors.Unreachable(f"host {host} died").to_wire())
 
     def host_up(self, host: str) -> None:
         self.breaker(host).host_up()
@@ -173,9 +279,8 @@ class Router:
         prefix = f"{host}\x00"
         for key, waiter in list(self._outbound.items()):
             if key.startswith(prefix) and not waiter.event.is_set():
-                waiter.ok = False
-                waiter.payload = errors.Unreachable(f"the connection to {host} broke").to_wire()
-                waiter.event.set()
+                error = errors.Unreachable(f"the connection to {host} broke")
+                waiter.settle(False, error.to_wire())
 
     def link_status(self, host: str, connected: bool) -> None:
         """PeerLinks tells us whether connecting to ``host`` worked."""
@@ -240,14 +345,7 @@ class Router:
             except errors.NotFound:
                 entry = None
         if entry is None:
-            gone = self.registry.last_known(to)
-            if gone is not None:
-                self.stats.unreachable += 1
-                raise errors.Unreachable(
-                    f"{to!r} is on {gone.node}, which is down or unreachable",
-                    detail={"host": gone.node},
-                )
-            raise errors.NotFound(f"no live agent named {to!r}")
+            raise self._missing(to)
         msg = Deliver(msg_id, to, sender, kind, at_least_once, max(1, int(timeout * 1000)), body)
         if entry.node == self.node:
             ok, payload = await self._deliver_local(
@@ -259,6 +357,92 @@ class Router:
             raise errors.error_from_wire(payload)
         return payload if kind is DeliveryKind.REQUEST else None
 
+    def begin_call(
+        self,
+        *,
+        to: str,
+        body: Any,
+        sender: str = "",
+        kind: DeliveryKind,
+        at_least_once: bool = False,
+        timeout: float = 10.0,
+        msg_id: str | None = None,
+        done: Callable[[bool, Any], None],
+    ) -> bool:
+        """:meth:`call` without waiting: ``done(True, reply)`` (None for a send) or
+        ``done(False, error map)`` is called once with the outcome, possibly before this
+        returns. Calls refused at once raise. Returns False, having done nothing, if the
+        call cannot start without waiting (the agent is not active anywhere yet, so
+        placement must activate it first): use :meth:`call` then."""
+        if self._nursery is None:
+            return False
+        if body_size(body) > MAX_BODY:
+            raise errors.Invalid(f"message body larger than {MAX_BODY} bytes")
+        entry = self.registry.lookup(to)
+        if entry is None:
+            if self.placement is not None:
+                return False
+            raise self._missing(to)
+        msg_id = msg_id or uuid.uuid4().hex
+        deadline = trio.current_time() + timeout
+        msg = Deliver(msg_id, to, sender, kind, at_least_once, max(1, int(timeout * 1000)), body)
+        finish = _Done(done, kind is DeliveryKind.REQUEST)
+        if entry.node == self.node:
+            delivery = self._begin_local(msg, wait=kind is DeliveryKind.REQUEST or at_least_once)
+            self._when_local_done(msg, delivery, deadline, finish)
+            return True
+        host = entry.node
+        if kind is DeliveryKind.SEND and not at_least_once:
+            finish(*self._forward_send(host, msg))
+            return True
+        self.stats.forwarded += 1
+        key, waiter = self._exchange_begin(host, msg_id, msg, what=to)
+
+        def end() -> None:
+            try:
+                finish(*self._exchange_end(host, key, waiter, what=to))
+            except MeshError as exc:
+                finish(False, exc.to_wire())
+
+        self._when_settled(waiter, deadline, end)
+        return True
+
+    def _when_settled(self, waiter: _Waiter, deadline: float, end: Callable[[], None]) -> None:
+        """Run ``end`` once ``waiter`` is settled, or at ``deadline`` if it is not by then."""
+
+        def expired() -> None:
+            waiter.then = None
+            end()
+
+        timer = self._at(deadline, expired)
+
+        def settled() -> None:
+            self._cancel_timer(timer)
+            end()
+
+        waiter.then = settled
+
+    def _missing(self, to: str) -> MeshError:
+        """The error for a call to an agent that is not registered anywhere live."""
+        gone = self.registry.last_known(to)
+        if gone is not None:
+            self.stats.unreachable += 1
+            return errors.Unreachable(
+                f"{to!r} is on {gone.node}, which is down or unreachable",
+                detail={"host": gone.node},
+            )
+        return errors.NotFound(f"no live agent named {to!r}")
+
+    def _forward_send(self, host: str, msg: Deliver) -> tuple[bool, Any]:
+        """Hand a fire-and-forget message to the link."""
+        self._check_host(host, msg.to)
+        assert self.links is not None
+        if not self.links.send(host, messages.encode(msg)):
+            raise errors.Overloaded(f"the link to {host} is backed up")
+        self.breaker(host).trial_in_flight = False
+        self.stats.forwarded += 1
+        return True, None
+
     async def _forward(
         self,
         host: str,
@@ -267,13 +451,7 @@ class Router:
     ) -> tuple[bool, Any]:
         """Send to the hosting daemon and wait for its result (unless fire-and-forget)."""
         if msg.kind is DeliveryKind.SEND and not msg.at_least_once:
-            self._check_host(host, msg.to)
-            assert self.links is not None
-            if not self.links.send(host, messages.encode(msg)):
-                raise errors.Overloaded(f"the link to {host} is backed up")
-            self.breaker(host).trial_in_flight = False
-            self.stats.forwarded += 1
-            return True, None
+            return self._forward_send(host, msg)
         self.stats.forwarded += 1
         return await self._exchange(host, msg.msg_id, msg, deadline, what=msg.to)
 
@@ -322,21 +500,32 @@ class Router:
         self, host: str, msg_id: str, msg: messages.Message, deadline: float, *, what: str
     ) -> tuple[bool, Any]:
         """Send one message to ``host`` and wait for its RESULT (breaker-guarded)."""
+        key, waiter = self._exchange_begin(host, msg_id, msg, what=what)
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        return self._exchange_end(host, key, waiter, what=what)
+
+    def _exchange_begin(
+        self, host: str, msg_id: str, msg: messages.Message, *, what: str
+    ) -> tuple[str, _Waiter]:
+        """Send one message to ``host``; its RESULT will settle the returned waiter."""
         self._check_host(host, what)
         assert self.links is not None
-        breaker = self.breaker(host)
         key = f"{host}\x00{msg_id}"
         waiter = self._outbound[key] = _Waiter()
         if not self.links.send(host, messages.encode(msg)):
             self._outbound.pop(key, None)
-            breaker.trial_in_flight = False
+            self.breaker(host).trial_in_flight = False
             raise errors.Overloaded(f"the link to {host} is backed up")
-        with trio.move_on_at(deadline):
-            await waiter.event.wait()
+        return key, waiter
+
+    def _exchange_end(self, host: str, key: str, waiter: _Waiter, *, what: str) -> tuple[bool, Any]:
+        """The outcome of :meth:`_exchange_begin`, once settled or out of time (Timeout)."""
         self._outbound.pop(key, None)
+        breaker = self.breaker(host)
         if not waiter.event.is_set():
             self.stats.timeouts += 1
-            if self.links.connected(host):
+            if self.links is not None and self.links.connected(host):
                 breaker.trial_in_flight = False  # a slow handler is not a dead host
             else:
                 breaker.failure(trio.current_time())
@@ -456,6 +645,36 @@ class Router:
         assert waiter is not None
         with trio.move_on_at(deadline):
             await waiter.event.wait()
+        return self._local_end(msg, delivery)
+
+    def _when_local_done(
+        self,
+        msg: Deliver,
+        delivery: _Delivery,
+        deadline: float,
+        finish: Callable[[bool, Any], None],
+    ) -> None:
+        """:meth:`_finish_local` without a task: ``finish(ok, payload)`` once the agent
+        answered (or at once if it needs no answer), or at ``deadline``."""
+        if delivery.outcome is not None:
+            finish(*delivery.outcome)
+            return
+        waiter = delivery.waiter
+        assert waiter is not None
+
+        def end() -> None:
+            try:
+                outcome = self._local_end(msg, delivery)
+            except MeshError as exc:
+                outcome = (False, exc.to_wire())
+            finish(*outcome)
+
+        self._when_settled(waiter, deadline, end)
+
+    def _local_end(self, msg: Deliver, delivery: _Delivery) -> tuple[bool, Any]:
+        """The outcome of a local delivery whose waiter settled or whose time ran out."""
+        waiter = delivery.waiter
+        assert waiter is not None
         if delivery.duplicate:
             if not waiter.event.is_set():
                 return False, errors.Timeout(
@@ -485,9 +704,7 @@ class Router:
 
     def _wake_duplicates(self, msg_id: str, ok: bool, payload: Any) -> None:
         for waiter in self._dedup_waiters.pop(msg_id, []):
-            waiter.ok = ok
-            waiter.payload = payload
-            waiter.event.set()
+            waiter.settle(ok, payload)
 
     def client_reply(self, agent_name: str, msg_id: str, ok: bool, payload: Any) -> bool:
         """The serving client answered a delivery (reply to a request, or an ack)."""
@@ -495,9 +712,7 @@ class Router:
         waiter = agent.pending.get(msg_id) if agent is not None else None
         if waiter is None:
             return False
-        waiter.ok = ok
-        waiter.payload = payload
-        waiter.event.set()
+        waiter.settle(ok, payload)
         return True
 
     # ------------------------------------------------------------------ agent hosting
@@ -510,10 +725,8 @@ class Router:
         if agent is None or agent.session is not session:
             return
         del self.local[name]
-        for waiter in agent.pending.values():
-            waiter.ok = False
-            waiter.payload = errors.Unreachable(f"{name!r} stopped").to_wire()
-            waiter.event.set()
+        for waiter in list(agent.pending.values()):
+            waiter.settle(False, errors.Unreachable(f"{name!r} stopped").to_wire())
 
     def notify(self, name: str, notice: dict[str, Any]) -> bool:
         agent = self.local.get(name)
@@ -536,9 +749,7 @@ class Router:
             self.stats.results += 1
             waiter = self._outbound.pop(f"{peer}\x00{msg.msg_id}", None)
             if waiter is not None:
-                waiter.ok = msg.ok
-                waiter.payload = msg.payload
-                waiter.event.set()
+                waiter.settle(msg.ok, msg.payload)
             return
         if isinstance(msg, Signal):
             self._deliver_signal(msg.topic, msg.event)
@@ -554,20 +765,16 @@ class Router:
         deadline = trio.current_time() + msg.ttl_ms / 1000
         wants_result = msg.kind is DeliveryKind.REQUEST or msg.at_least_once
         # Hand the message to the agent here, in the order the link delivered it (one task
-        # per message would let the scheduler reorder them); only the wait is a task.
+        # per message would let the scheduler reorder them); the RESULT goes back from
+        # wherever the agent's answer (or the deadline) is noticed.
         delivery = self._begin_local(msg, wait=wants_result)
         if wants_result:
-            self._nursery.start_soon(self._serve_remote, peer, msg, delivery, deadline)
 
-    async def _serve_remote(
-        self, peer: str, msg: Deliver, delivery: _Delivery, deadline: float
-    ) -> None:
-        try:
-            ok, payload = await self._finish_local(msg, delivery, deadline)
-        except MeshError as exc:
-            ok, payload = False, exc.to_wire()
-        if self.links is not None:
-            self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
+            def answer(ok: bool, payload: Any) -> None:
+                if self.links is not None:
+                    self.links.send(peer, messages.encode(Result(msg.msg_id, ok, payload)))
+
+            self._when_local_done(msg, delivery, deadline, _Done(answer, request=True))
 
     # ------------------------------------------------------------------ signals
 

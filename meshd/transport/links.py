@@ -1,16 +1,23 @@
 """Persistent, sealed peer links for one channel: one outgoing connection per peer.
 
-Senders enqueue frames without waiting (a bounded queue per peer; a full queue drops the
+Senders hand over frames without waiting (a bounded queue per peer; a full queue drops the
 frame and counts it — the protocols above repair or retry). A link connects on demand,
 introduces itself with a hello frame carrying this node's name, and reconnects with backoff
 while the peer is wanted. Inbound connections of the same channel are served by
 :meth:`PeerLinks.serve`, which reads the hello and hands every further frame to the
 receiver callback with the peer's name.
+
+A frame for a connected link with nothing queued or being written is sealed and written at
+once, by the sender (the socket takes it without waiting, or takes part of it and the link's
+pump writes the rest before anything else): no hop through the pump task, whose wake-up
+cost a scheduling round on the path of every routed message. Otherwise it queues behind the
+others, in order, and the pump writes the queue in batches.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -31,11 +38,17 @@ Receiver = Callable[[str, bytes], Awaitable[None]]
 @dataclass(slots=True)
 class _Link:
     peer: str
-    send: trio.MemorySendChannel[bytes]
-    receive: trio.MemoryReceiveChannel[bytes]
+    queue: deque[bytes] = field(default_factory=deque)  # frames waiting for the pump
+    wake: trio.Event = field(default_factory=trio.Event)  # set when the queue got a frame
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     connected: bool = False
     aborted: bool = False  # the peer was given up on: discard what is still unsent
+    # While connected and the pump is not writing, senders write directly to this stream.
+    stream: FramedStream | None = None
+    busy: bool = False  # the pump is writing: a direct write would interleave with it
+    rest: bytes = b""  # what a direct write left unwritten, to go out first
+    rest_frames: int = 0
+    direct: int = 0  # direct writes so far (they keep the link from idling out)
 
 
 @dataclass(slots=True)
@@ -93,15 +106,36 @@ class PeerLinks:
         if link is None:
             if self._nursery is None:
                 return False
-            send, receive = trio.open_memory_channel[bytes](self.queue_frames)
-            link = _Link(peer, send, receive)
+            link = _Link(peer)
             self._links[peer] = link
             self._nursery.start_soon(self._run_link, link)
-        try:
-            link.send.send_nowait(frame)
-        except trio.WouldBlock:
+        stream = link.stream
+        if stream is not None and not link.busy and not link.queue:
+            self.stats.frames_queued += 1
+            try:
+                data = stream.seal([frame])
+                sent = stream.write_now(data, 1)
+            except StreamError as exc:
+                # Too large to seal (dropped), or the connection broke: the pump finds out
+                # too, reconnects, and sends what is queued.
+                if exc.reason == "frame_too_large":
+                    self.stats.frames_dropped += 1
+                    return False
+                link.stream = None
+                link.queue.append(frame)
+                link.wake.set()
+                return True
+            link.direct += 1
+            if sent < len(data):
+                link.rest, link.rest_frames = data[sent:], 1
+                link.busy = True
+                link.wake.set()
+            return True
+        if len(link.queue) >= self.queue_frames:
             self.stats.frames_dropped += 1
             return False
+        link.queue.append(frame)
+        link.wake.set()
         self.stats.frames_queued += 1
         return True
 
@@ -163,25 +197,39 @@ class PeerLinks:
         try:
             await stream.send(cbor.dumps([self.self_name]))
             link.connected = True
+            link.stream = stream
             while True:
-                try:
-                    frame = link.receive.receive_nowait()
-                except trio.WouldBlock:
+                if link.rest:
+                    # The rest of a direct write that found the socket full goes first.
+                    rest, frames = link.rest, link.rest_frames
+                    link.rest, link.rest_frames = b"", 0
+                    await stream.send_sealed(rest, frames)
+                    link.busy = False
+                if not link.queue:
+                    link.wake = trio.Event()
+                    direct = link.direct
                     with trio.move_on_after(self.idle_timeout) as idle:
-                        frame = await link.receive.receive()
-                    if idle.cancelled_caught:
+                        await link.wake.wait()
+                    if idle.cancelled_caught and link.direct == direct:
                         return  # idle: close; the next send reconnects
-                # Whatever else is queued goes out in the same write (bounded).
-                frames, size = [frame], len(frame)
-                while len(frames) < 64 and size < _BATCH_BYTES:
-                    try:
-                        frames.append(link.receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                    size += len(frames[-1])
-                await stream.send_many(frames)
+                    continue
+                # Whatever is queued goes out in the same write (bounded).
+                queue = link.queue
+                batch, size = [queue.popleft()], 0
+                size = len(batch[0])
+                while queue and len(batch) < 64 and size < _BATCH_BYTES:
+                    batch.append(queue.popleft())
+                    size += len(batch[-1])
+                link.busy = True
+                await stream.send_many(batch)
+                link.busy = False
         except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.ratelog.debug(("pump", link.peer), "link broken", peer=link.peer, error=repr(exc))
+        finally:
+            # Whatever was half written belonged to this connection; the next one starts clean.
+            link.stream = None
+            link.busy = False
+            link.rest, link.rest_frames = b"", 0
 
     async def serve(self, stream: FramedStream) -> None:
         """Inbound connection on this channel: hello, then frames until it closes."""

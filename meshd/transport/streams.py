@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ STREAM_VERSION: Final = 1
 _LENGTH: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 8 << 20
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+_READ_SIZE: Final = 256 * 1024
+_READS_PER_YIELD: Final = 16  # a peer that always has more to read still lets others run
 
 
 class Channel(enum.IntEnum):
@@ -45,7 +48,13 @@ class StreamError(Exception):
 
 
 class FramedStream:
-    """Sealed frames over one byte stream."""
+    """Sealed frames over one byte stream.
+
+    On a socket (the daemon's only kind of stream) reads go straight to the non-blocking file
+    descriptor and wait with :func:`trio.lowlevel.wait_readable` only when it has nothing: a
+    trio ``receive_some`` adds a scheduling round to every read, on the path of every routed
+    message. :meth:`write_now` writes without waiting at all, for a sender that must not
+    yield (see :class:`~meshd.transport.links.PeerLinks`)."""
 
     def __init__(
         self,
@@ -61,12 +70,12 @@ class FramedStream:
         self.peer = peer
         self.max_frame = max_frame
         self._buffer = bytearray()
+        # The socket's descriptor (non-blocking, as trio keeps it), or -1 for other streams.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._reads = 0
 
-    async def send(self, payload: bytes) -> None:
-        await self.send_many([payload])
-
-    async def send_many(self, payloads: list[bytes]) -> None:
-        """Seal each payload as its own frame; write them all at once."""
+    def seal(self, payloads: list[bytes]) -> bytes:
+        """The bytes of ``payloads`` sealed as frames, ready to write."""
         out = bytearray()
         for payload in payloads:
             sealed = self.envelope.seal(payload)
@@ -74,13 +83,56 @@ class FramedStream:
                 raise StreamError("frame_too_large")
             out += _LENGTH.pack(len(sealed))
             out += sealed
-        await self.stream.send_all(out)
-        self.stats.tcp_frames_out += len(payloads)
-        self.stats.tcp_bytes_out += len(out)
+        return bytes(out)
+
+    async def send(self, payload: bytes) -> None:
+        await self.send_many([payload])
+
+    async def send_many(self, payloads: list[bytes]) -> None:
+        """Seal each payload as its own frame; write them all at once."""
+        await self.send_sealed(self.seal(payloads), len(payloads))
+
+    async def send_sealed(self, data: bytes, frames: int) -> None:
+        """Write bytes from :meth:`seal` (or what :meth:`write_now` left of them)."""
+        await self.stream.send_all(data)
+        self.stats.tcp_frames_out += frames
+        self.stats.tcp_bytes_out += len(data)
+
+    def write_now(self, data: bytes, frames: int) -> int:
+        """Write as much of ``data`` as the socket takes without waiting; returns how much
+        (0 for streams that are not sockets). Raises StreamError if the connection broke."""
+        if self._fd < 0:
+            return 0
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            raise StreamError("closed") from None
+        self.stats.tcp_bytes_out += sent
+        if sent == len(data):
+            self.stats.tcp_frames_out += frames
+        return sent
+
+    async def _read(self, size: int) -> bytes | bytearray:
+        if self._fd < 0:
+            return await self.stream.receive_some(size)
+        while True:
+            try:
+                chunk = os.read(self._fd, size)
+            except BlockingIOError:
+                self._reads = 0
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            self._reads += 1
+            if self._reads >= _READS_PER_YIELD:
+                self._reads = 0
+                await trio.lowlevel.checkpoint()
+            return chunk
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size:
-            chunk = await self.stream.receive_some(max(65536, size - len(self._buffer)))
+            chunk = await self._read(max(_READ_SIZE, size - len(self._buffer)))
             if not chunk:
                 raise StreamError("closed")
             self._buffer += chunk

@@ -86,7 +86,7 @@ class Ops:
         return session.id
 
     async def drop(self, session: Session, _req: messages.Request) -> Any:
-        await session.stream.aclose()  # the daemon going away, as the client sees it
+        session.close_connection()  # the daemon going away, as the client sees it
 
     # stream ops -----------------------------------------------------------------------
 
