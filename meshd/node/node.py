@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import trio
 
@@ -43,10 +42,9 @@ from meshd.replication.replica import Replica
 from meshd.routing.router import Router
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
-from meshd.state.compaction import CompactionTuning, Compactor, rebase_ops
+from meshd.state.compaction import CompactionTuning, Compactor, Rebase, rebase
 from meshd.state.service import DOC_PREFIX as STATE_PREFIX
 from meshd.state.service import StateService
-from meshd.state.values import apply_ops
 from meshd.systemd.notify import Notifier
 from meshd.transport.links import PeerLinks
 from meshd.transport.stats import TransportStats
@@ -354,7 +352,7 @@ class Node:
         self.replication.report_listeners.append(
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
-        self._rebases: dict[str, list[dict[str, Any]]] = {}
+        self._rebases: dict[str, Rebase] = {}
         self._dead_hosts: list[str] = []
         self._rng = random.Random()
         self.router = Router(
@@ -406,23 +404,29 @@ class Node:
 
     def _on_replaced(self, old: Replica, new: Replica) -> None:
         if new.name.startswith(STATE_PREFIX):
-            ops = rebase_ops(old, new)
-            if ops:
-                self._rebases[new.name] = ops
+            found = rebase(old, new)
+            if found is not None:
+                self._rebases[new.name] = found
 
     def _on_doc_event(self, event: DocEvent) -> None:
         now = trio.current_time()
         self.compactor.on_doc_event(event, now)
-        ops = self._rebases.pop(event.name, None) if event.kind == "replaced" else None
-        if ops:
+        found = self._rebases.pop(event.name, None) if event.kind == "replaced" else None
+        if found is not None:
             # Writes that raced a compaction: re-apply them to the new epoch.
             replica = self.replicator.store.get(event.name)
             epoch = replica.epoch if replica is not None else 0
             self.compactor.stats.rebases += 1
             log.info(
-                "rebasing writes onto a compacted document", extra=kv(doc=event.name, ops=len(ops))
+                "rebasing writes onto a compacted document",
+                extra=kv(
+                    doc=event.name,
+                    sets=len(found.sets),
+                    deletes=len(found.deletes),
+                    counters=len(found.slots),
+                ),
             )
-            self.replicator.write(now, event.name, lambda doc: apply_ops(doc, ops), epoch=epoch)
+            self.replicator.write(now, event.name, found.apply, epoch=epoch)
 
     def _accept_doc(self, name: str, epoch: int) -> bool:
         if name.startswith(REGISTRY_PREFIX):

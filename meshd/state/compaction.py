@@ -17,16 +17,18 @@ diverge across the switch, so compaction is coordinated:
    check but before the new epoch arrived is not in the snapshot. The new epoch records the
    state vector it was taken from; a replica whose old copy has operations beyond it
    re-applies the difference to the new epoch at key granularity (changed top-level values
-   are set again; counters add the increments the snapshot missed).
+   are set again) and carries every counter writer's newest total into the counter's slots
+   (keyed by writer and clock, so replicas re-applying the same increments count them once).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Array, Doc, Map, Text
 
 from meshd.replication import vectors
 from meshd.replication.core import DocEvent, Replicator, VectorReport
@@ -67,59 +69,176 @@ class CompactionStats:
 
 def fresh_copy(replica: Replica) -> Doc[Any]:
     """A new document with the replica's current content and a record of its origin.
-    Counters keep their totals (in the coordinator's slot) and texts stay texts."""
-    marked = values.to_plain(replica.doc.get(values.ROOT, type=Map), marked=True)
+
+    Counters keep their slot maps, with every writer's total carried over as of its clock
+    (see :func:`values.slot_values`), texts stay texts, and the idempotency keys of ``once``
+    writes and the retired counter names come along: they are content too."""
+    source = replica.doc
+    root_before: Map[Any] = source.get(values.ROOT, type=Map)
     fresh: Doc[Any] = Doc()
     with fresh.transaction():
         root: Map[Any] = fresh.get(values.ROOT, type=Map)
-        for key, value in marked.items():
-            root[key] = values.to_crdt(_unmark(value), fresh)
+        for key, value in root_before.items():
+            root[key] = _prelim(_portable(value))
+        for name in values.counter_names(root_before):
+            slots: Map[Any] = fresh.get(name, type=Map)
+            for slot, total in _carried(source.get(name, type=Map), replica.vector).items():
+                slots[slot] = total
+        for name in (values.ONCE, values.RETIRED):
+            _union(source, fresh, name)
         meta: Map[Any] = fresh.get(META, type=Map)
         meta[BASE_SV] = replica.sv
         meta[BASE_EPOCH] = replica.epoch
     return fresh
 
 
-def _unmark(value: Any) -> Any:
-    if isinstance(value, values.CounterInt):
-        return {values.COUNTER: int(value)}
+class _CounterRef(str):
+    """A counter in a portable value: the name of its slot map."""
+
+    __slots__ = ()
+
+
+def _portable(value: Any) -> Any:
+    """A document value as plain data that another document can hold as it is: counters as
+    references to their slot maps, texts marked as texts. Equal portable values mean equal
+    content (counts aside: those live in the slot maps)."""
+    if isinstance(value, Map):
+        if values.COUNTER in value:
+            return _CounterRef(value.get(values.COUNTER))
+        return {key: _portable(item) for key, item in value.items()}
+    if isinstance(value, Array):
+        return [_portable(item) for item in value]
+    return values.to_plain(value, marked=True)
+
+
+def _prelim(value: Any) -> Any:
+    """A portable value as pycrdt prelim types."""
+    if isinstance(value, _CounterRef):
+        return Map({values.COUNTER: str(value)})
     if isinstance(value, values.TextStr):
-        return {values.TEXT: str(value)}
+        return Text(str(value))
     if isinstance(value, dict):
-        return {k: _unmark(v) for k, v in value.items()}
+        return Map({key: _prelim(item) for key, item in value.items()})
     if isinstance(value, list):
-        return [_unmark(v) for v in value]
+        return Array([_prelim(item) for item in value])
     return value
 
 
-def rebase_ops(old: Replica, new: Replica) -> list[dict[str, Any]]:
-    """Operations re-applying what ``old`` holds beyond the snapshot ``new`` was built from."""
+def _carried(slots: Map[Any], vector: dict[int, int]) -> dict[str, float]:
+    """A counter's slots as the next epoch holds them: each writer's newest total, keyed by
+    the writer and its clock, so every replica carrying it writes the same key and value."""
+    out: dict[str, float] = {}
+    for writer, (seen, total) in values.slot_values(slots).items():
+        clock = seen
+        if clock == math.inf:  # a writer of this epoch: its clock is in the state vector
+            client = writer[1:]
+            if not (writer.startswith("c") and client.isdigit()):
+                continue
+            clock = vector.get(int(client), 0)
+        out[f"{writer}@{int(clock)}"] = total
+    return out
+
+
+def _union(source: Doc[Any], target: Doc[Any], name: str) -> None:
+    """Add the entries of root map ``name`` that ``target`` lacks (call in a transaction)."""
+    have: Map[Any] = target.get(name, type=Map)
+    for key, value in source.get(name, type=Map).items():
+        if key not in have and not isinstance(value, Map | Array | Text):
+            have[key] = value
+
+
+@dataclass(slots=True)
+class Rebase:
+    """What a replica's old copy holds beyond the snapshot a new epoch was built from, to
+    re-apply to the new epoch (:meth:`apply`, inside a write transaction).
+
+    Top-level values that differ are set again (deleted ones deleted, when that is safe);
+    counters are not compared by value: every writer's newest total is carried into the
+    counter's slot map, which is idempotent, so increments the snapshot missed count once
+    however many replicas re-apply them, and increments made on the new epoch meanwhile
+    stay."""
+
+    source: Doc[Any] = field(repr=False)
+    sets: dict[str, Any] = field(default_factory=dict)  # top-level key → portable value
+    deletes: list[str] = field(default_factory=list)
+    slots: dict[str, dict[str, float]] = field(default_factory=dict)  # slot map → entries
+
+    def __bool__(self) -> bool:
+        return bool(self.sets or self.deletes or self.slots)
+
+    def apply(self, doc: Doc[Any]) -> None:
+        root: Map[Any] = doc.get(values.ROOT, type=Map)
+        for key in self.deletes:
+            if key in root:
+                values.retire(doc, root[key])
+                del root[key]
+        for key, value in self.sets.items():
+            if key in root:
+                values.retire(doc, root[key], keep=frozenset(_refs(value)))
+            root[key] = _prelim(value)
+        live = values.counter_names(root)
+        for name, entries in self.slots.items():
+            if name not in live:
+                continue  # the counter was deleted or replaced meanwhile
+            slots: Map[Any] = doc.get(name, type=Map)
+            have = values.slot_values(slots)
+            for slot, total in entries.items():
+                if _newer(slot, have):
+                    slots[slot] = total
+        for name in (values.ONCE, values.RETIRED):
+            _union(self.source, doc, name)
+
+
+def _refs(value: Any) -> set[str]:
+    """The counters a portable value refers to."""
+    if isinstance(value, _CounterRef):
+        return {str(value)}
+    if isinstance(value, dict):
+        return set().union(*(_refs(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_refs(item) for item in value))
+    return set()
+
+
+def rebase(old: Replica, new: Replica) -> Rebase | None:
+    """What ``old`` holds beyond the snapshot ``new`` was built from (None: nothing)."""
     meta: Map[Any] = new.doc.get(META, type=Map)
     base_sv = meta.get(BASE_SV)
     if not isinstance(base_sv, bytes | bytearray):
-        return []
+        return None
     try:
         base = vectors.decode(bytes(base_sv))
     except vectors.VectorError:
-        return []
+        return None
     if not vectors.has_news(old.vector, base):
-        return []
-    before = values.to_plain(old.doc.get(values.ROOT, type=Map), marked=True)
-    after = values.to_plain(new.doc.get(values.ROOT, type=Map), marked=True)
-    ops: list[dict[str, Any]] = []
-    for key, value in before.items():
-        current = after.get(key)
-        if isinstance(value, values.CounterInt) and isinstance(current, values.CounterInt):
-            if value != current:
-                ops.append({"op": "incr", "path": [key], "by": int(value) - int(current)})
-        elif current != value:
-            ops.append({"op": "set", "path": [key], "value": _unmark(value)})
+        return None
+    before_root: Map[Any] = old.doc.get(values.ROOT, type=Map)
+    after_root: Map[Any] = new.doc.get(values.ROOT, type=Map)
+    before = {key: _portable(value) for key, value in before_root.items()}
+    after = {key: _portable(value) for key, value in after_root.items()}
+    out = Rebase(old.doc)
+    out.sets = {key: value for key, value in before.items() if after.get(key) != value}
     # Deletions that raced: a key the new epoch has and the old copy lacks was deleted after
     # the snapshot, if the old copy held the whole snapshot and the new epoch holds only what
     # the compacting node wrote (otherwise the key may be a newer write made on the new epoch).
     if not vectors.has_news(base, old.vector) and len(new.vector) == 1:
-        ops.extend({"op": "delete", "path": [key]} for key in after if key not in before)
-    return ops
+        out.deletes = [key for key in after if key not in before]
+    for name in values.counter_names(before_root):
+        have = values.slot_values(new.doc.get(name, type=Map))
+        entries = {
+            slot: total
+            for slot, total in _carried(old.doc.get(name, type=Map), old.vector).items()
+            if _newer(slot, have)
+        }
+        if entries:
+            out.slots[name] = entries
+    return out if out else None
+
+
+def _newer(slot: str, have: dict[str, tuple[float, float]]) -> bool:
+    """Is carried entry ``slot`` (``writer@clock``) newer than what ``have`` holds for it?"""
+    writer, _, clock = slot.partition("@")
+    return writer not in have or have[writer][0] < int(clock)
 
 
 class Compactor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import uuid
 from typing import Any, Final
 
@@ -68,11 +69,43 @@ def to_plain(value: Any, *, marked: bool = False) -> Any:
 
 
 def counter_value(counter: Map[Any]) -> int:
-    total = 0.0
-    for item in _slots(counter).values():
-        if isinstance(item, int | float):
-            total += item
-    return int(total)
+    return int(sum(value for _, value in slot_values(_slots(counter)).values()))
+
+
+def slot_values(slots: Map[Any]) -> dict[str, tuple[float, float]]:
+    """Each writer's ``(clock, value)`` in a counter's slot map.
+
+    A writer of the document's current epoch keeps its running total under ``c<client id>``
+    (clock: infinite, it is the newest). A compaction carries earlier epochs' writers over as
+    ``c<client id>@<clock>``: their total as of the writer's ``clock`` (its position in its own
+    history). Replicas that carry the same writer write the same key and value, and the
+    highest clock wins, so a carried increment counts once however many replicas carry it."""
+    best: dict[str, tuple[float, float]] = {}
+    for key, item in slots.items():
+        if not isinstance(item, int | float) or not isinstance(key, str):
+            continue
+        writer, carried, clock_text = key.partition("@")
+        clock: float = math.inf
+        if carried:
+            if not clock_text.isdigit():
+                continue  # malformed (from a peer): ignored
+            clock = int(clock_text)
+        entry = (clock, float(item))
+        if writer not in best or entry > best[writer]:
+            best[writer] = entry
+    return best
+
+
+def counter_names(value: Any) -> set[str]:
+    """The slot maps of the counters in a document value (a pycrdt type)."""
+    if isinstance(value, Map):
+        if COUNTER in value:
+            name = value.get(COUNTER)
+            return {name} if isinstance(name, str) and name.startswith(SLOTS_PREFIX) else set()
+        return set().union(*(counter_names(item) for item in value.values()))
+    if isinstance(value, Array):
+        return set().union(*(counter_names(item) for item in value))
+    return set()
 
 
 def _slots(marker: Map[Any]) -> Map[Any]:
@@ -104,13 +137,14 @@ def _path_counter_name(doc: Doc[Any], path: Path) -> str:
     return f"{base}#{generation}"
 
 
-def _retire(doc: Doc[Any], value: Any) -> None:
+def retire(doc: Doc[Any], value: Any, keep: frozenset[str] = frozenset()) -> None:
     """``value`` is being overwritten or deleted: clear the slots of every counter in it
-    (their tombstones can then be collected) and retire path-named ones."""
+    (their tombstones can then be collected) and retire path-named ones — except the
+    counters named in ``keep`` (still referenced by what replaces it)."""
     if isinstance(value, Map):
         if COUNTER in value:
             name = value.get(COUNTER)
-            if isinstance(name, str) and name.startswith(SLOTS_PREFIX):
+            if isinstance(name, str) and name.startswith(SLOTS_PREFIX) and name not in keep:
                 slots: Map[Any] = doc.get(name, type=Map)
                 slots.clear()
                 if "#" in name:
@@ -118,10 +152,10 @@ def _retire(doc: Doc[Any], value: Any) -> None:
                     retired[name] = True
             return
         for item in value.values():
-            _retire(doc, item)
+            retire(doc, item, keep)
     elif isinstance(value, Array):
         for item in value:
-            _retire(doc, item)
+            retire(doc, item, keep)
 
 
 def _scalar(value: Any) -> Any:
@@ -346,10 +380,10 @@ def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
             key = path[-1]
             if kind == "set":
                 if _holds(parent, key):
-                    _retire(doc, parent[key])
+                    retire(doc, parent[key])
                 parent[key] = to_crdt(op["value"], doc)
             elif kind == "delete":
-                _retire(doc, parent[key])
+                retire(doc, parent[key])
                 del parent[key]
             else:
                 _increment(doc, parent, path, op.get("by", 1))

@@ -23,8 +23,9 @@ from meshd.state.compaction import (
     META,
     CompactionTuning,
     Compactor,
+    Rebase,
     fresh_copy,
-    rebase_ops,
+    rebase,
 )
 
 DOC = "state/doc"
@@ -56,7 +57,7 @@ class Cluster:
         self.net = Net()
         self.live = set(names)
         self.compactors: dict[str, Compactor] = {}
-        self.rebases: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.rebases: dict[str, dict[str, Rebase]] = {}
         self.rebased: dict[str, int] = {}
         for name in names:
             core = self.net.add(name)
@@ -70,9 +71,9 @@ class Cluster:
         self.net.connect()
 
     def _replaced(self, node: str, old: Replica, new: Replica) -> None:
-        ops = rebase_ops(old, new)
-        if ops:
-            self.rebases[node][new.name] = ops
+        found = rebase(old, new)
+        if found is not None:
+            self.rebases[node][new.name] = found
 
     def _output(self, node: str, out: Output) -> None:
         compactor = self.compactors[node]
@@ -80,13 +81,13 @@ class Cluster:
             compactor.on_report(out, self.net.now)
         elif isinstance(out, DocEvent):
             compactor.on_doc_event(out, self.net.now)
-            ops = self.rebases[node].pop(out.name, None) if out.kind == "replaced" else None
-            if ops:
+            found = self.rebases[node].pop(out.name, None) if out.kind == "replaced" else None
+            if found is not None:
                 core = self.net[node]
                 replica = core.store.get(out.name)
                 epoch = replica.epoch if replica is not None else 0
                 self.rebased[node] += 1
-                core.write(self.net.now, out.name, lambda d: values.apply_ops(d, ops), epoch=epoch)
+                core.write(self.net.now, out.name, found.apply, epoch=epoch)
 
     def __getitem__(self, name: str) -> Compactor:
         return self.compactors[name]
@@ -368,39 +369,43 @@ def race() -> tuple[Replica, Replica]:
     return b, new
 
 
-def test_rebase_ops_reapply_writes_that_raced_the_compaction() -> None:
+def rebase_onto(old: Replica, new: Replica) -> Rebase | None:
+    """Compute the rebase of ``old`` onto ``new`` and apply it there, as a node does."""
+    found = rebase(old, new)
+    if found is not None:
+        new.write(found.apply)
+    return found
+
+
+def test_a_rebase_reapplies_writes_that_raced_the_compaction() -> None:
     old, new = race()
     edit(old, [setk("k", 2), setk("added", {"m": [1]})])
     edit(old, [{"op": "incr", "path": ["c"], "by": 3}])
-    ops = rebase_ops(old, new)
-    assert sorted(ops, key=lambda o: o["path"]) == [
-        {"op": "set", "path": ["added"], "value": {"m": [1]}},
-        {"op": "incr", "path": ["c"], "by": 3},
-        {"op": "set", "path": ["k"], "value": 2},
-    ]
-    edit(new, ops)
+    found = rebase_onto(old, new)
+    assert found is not None
+    assert sorted(found.sets) == ["added", "k"]  # the counter is carried, not set again
+    assert list(found.slots) == [values.counter_names(old.doc.get(values.ROOT, type=Map)).pop()]
     assert content(new) == content(old)
 
 
-def test_rebase_ops_reapply_deletes_that_raced_the_compaction() -> None:
+def test_a_rebase_reapplies_deletes_that_raced_the_compaction() -> None:
     old, new = race()
     edit(old, [{"op": "delete", "path": ["gone"]}])
-    ops = rebase_ops(old, new)
-    assert ops == [{"op": "delete", "path": ["gone"]}]
-    edit(new, ops)
+    found = rebase_onto(old, new)
+    assert found is not None and found.deletes == ["gone"] and not found.sets
     assert content(new) == content(old)
 
 
-def test_rebase_ops_are_empty_without_a_race() -> None:
+def test_there_is_nothing_to_rebase_without_a_race() -> None:
     old, new = race()
-    assert rebase_ops(old, new) == []
+    assert rebase(old, new) is None
     # Without a record of the snapshot's origin there is nothing to rebase either.
     plain = Replica(DOC, 1)
     edit(old, [setk("k", 5)])
-    assert rebase_ops(old, plain) == []
+    assert rebase(old, plain) is None
     garbage = Replica(DOC, 1)
     garbage.write(lambda d: d.get(META, type=Map).__setitem__(BASE_SV, b"\xff\xff"))
-    assert rebase_ops(old, garbage) == []
+    assert rebase(old, garbage) is None
 
 
 def test_a_write_racing_the_compaction_is_rebased_onto_the_new_epoch() -> None:
@@ -444,9 +449,11 @@ def test_counters_add_the_increments_the_snapshot_missed(increments: int) -> Non
     old, new = race()
     for _ in range(increments):
         edit(old, [{"op": "incr", "path": ["c"], "by": 2}])
-    ops = rebase_ops(old, new)
-    assert ops == [{"op": "incr", "path": ["c"], "by": 2 * increments}]
-    edit(new, ops)
+    rebase_onto(old, new)
+    assert content(new)["c"] == 5 + 2 * increments
+    # Applying the same rebase again changes nothing: carrying is idempotent.
+    found = rebase(old, new)
+    assert found is None or not found.slots
     assert content(new)["c"] == 5 + 2 * increments
 
 
@@ -458,27 +465,18 @@ def test_rebase_never_deletes_keys_written_on_the_new_epoch() -> None:
     other.apply(new.full_update())
     edit(other, [setk("newer", 1)])
     new.apply(other.full_update())
-    ops = rebase_ops(old, new)
-    assert {"op": "delete", "path": ["newer"]} not in ops
+    found = rebase(old, new)
+    assert found is None or "newer" not in found.deletes
 
 
-LIMITATION = (
-    "known limitation of key-granularity rebasing: the old copy is compared with the new "
-    "epoch's current content, not with the snapshot, and every replica holding a racing "
-    "write re-applies it"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LIMITATION)
 def test_increments_made_on_the_new_epoch_before_the_rebase_are_kept() -> None:
     old, new = race()
     edit(old, [{"op": "incr", "path": ["c"], "by": 2}])
     edit(new, [{"op": "incr", "path": ["c"], "by": 10}])  # another replica, on the new epoch
-    edit(new, rebase_ops(old, new))
+    rebase_onto(old, new)
     assert content(new)["c"] == 5 + 2 + 10
 
 
-@pytest.mark.xfail(strict=True, reason=LIMITATION)
 def test_a_racing_increment_held_by_two_replicas_counts_once() -> None:
     b, new = race()
     edit(b, [{"op": "incr", "path": ["c"], "by": 3}])
@@ -487,7 +485,58 @@ def test_a_racing_increment_held_by_two_replicas_counts_once() -> None:
     new_b, new_c = Replica(DOC, 1), Replica(DOC, 1)
     new_b.apply(new.full_update())
     new_c.apply(new.full_update())
-    edit(new_b, rebase_ops(b, new_b))
-    edit(new_c, rebase_ops(c, new_c))
+    rebase_onto(b, new_b)
+    rebase_onto(c, new_c)
     new_b.apply(new_c.full_update())
-    assert content(new_b)["c"] == 8
+    new_c.apply(new_b.full_update())
+    assert content(new_b)["c"] == content(new_c)["c"] == 8
+
+
+def test_a_replica_holding_more_of_a_writer_carries_the_newer_total() -> None:
+    b, new = race()
+    edit(b, [{"op": "incr", "path": ["c"], "by": 3}])
+    c = Replica(DOC, 0)
+    c.apply(b.full_update())  # c has b's first increment only
+    edit(b, [{"op": "incr", "path": ["c"], "by": -1}])  # b's second: a decrement
+    new_b, new_c = Replica(DOC, 1), Replica(DOC, 1)
+    for replica in (new_b, new_c):
+        replica.apply(new.full_update())
+    rebase_onto(c, new_c)
+    rebase_onto(b, new_b)
+    for x, y in ((new_b, new_c), (new_c, new_b)):
+        x.apply(y.full_update())
+    assert content(new_b)["c"] == content(new_c)["c"] == 5 + 3 - 1
+
+
+def test_a_counter_created_during_the_race_is_carried_with_its_slots() -> None:
+    b, new = race()
+    edit(b, [{"op": "incr", "path": ["fresh"], "by": 4}, setk("reset", {"$counter": 7})])
+    c = Replica(DOC, 0)
+    c.apply(b.full_update())
+    new_b, new_c = Replica(DOC, 1), Replica(DOC, 1)
+    for replica in (new_b, new_c):
+        replica.apply(new.full_update())
+    rebase_onto(b, new_b)
+    rebase_onto(c, new_c)
+    for x, y in ((new_b, new_c), (new_c, new_b)):
+        x.apply(y.full_update())
+    assert content(new_b) == content(new_c)
+    assert content(new_b)["fresh"] == 4 and content(new_b)["reset"] == 7
+
+
+def test_compaction_keeps_counts_texts_and_once_keys_across_epochs() -> None:
+    a = Replica(DOC, 0)
+    edit(a, [setk("c", {"$counter": 5}), setk("t", {"$text": "ab"}), setk("n", {"m": [1.0]})])
+    a.write(lambda d: values.record_once(d, "key-1", 1))
+    b = Replica(DOC, 0)
+    b.apply(a.full_update())
+    edit(b, [{"op": "incr", "path": ["c"], "by": 2}])
+    a.apply(b.full_update())
+    one = Replica(DOC, 1, fresh_copy(a))
+    edit(one, [{"op": "incr", "path": ["c"], "by": 1}])
+    two = Replica(DOC, 2, fresh_copy(one))  # a second compaction: carried slots carry again
+    assert content(two) == content(a) | {"c": 8}
+    assert values.applied_once(two.doc, "key-1")
+    assert isinstance(
+        values.to_plain(two.doc.get(values.ROOT, type=Map), marked=True)["t"], values.TextStr
+    )
