@@ -69,6 +69,9 @@ EXPLAINED: dict[str, frozenset[str]] = {
     # delayed by a cut link, lost packets or a stopped peer) or for a round the restarted
     # initiator never started.
     "replication/unexpected_round": NETWORK_FAULTS | PROCESS_FAULTS,
+    # A peer that opened a stream but did not finish its exchange within the channel's
+    # deadline: its packets were lost or cut, or it was stopped half-way.
+    "transport/stream_timeout": NETWORK_FAULTS | PROCESS_FAULTS,
     # A registry document of a restarted node's previous boot epoch, pushed by a peer that
     # had not yet learned the new epoch (docs/replication.md: refused by policy).
     "replication/doc_refused": PROCESS_FAULTS,

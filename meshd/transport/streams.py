@@ -274,6 +274,11 @@ class StreamServer:
             self._ratelog.warning(exc.reason, "dropped stream", peer=peer[0], reason=exc.reason)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.stats.reject("stream_broken")
+        except trio.TooSlowError:
+            # The peer did not finish its exchange in time (a lossy or cut link, a paused
+            # peer): the channel's own deadline, not a fault of this daemon.
+            self.stats.reject("stream_timeout")
+            self._ratelog.info("timeout", "stream timed out", peer=peer[0])
         except Exception:
             self.log.exception("stream handler failed", extra=kv(peer=peer[0]))
             self.stats.reject("stream_handler_error")
