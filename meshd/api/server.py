@@ -217,6 +217,7 @@ class Session:
         self._requests: dict[int, trio.CancelScope] = {}
         self._deferred: dict[int, Deferred] = {}
         self._open_streams = 0
+        self._notes = 0  # notes (one-way requests) running in tasks
         self._closed = False
 
     # ------------------------------------------------------------------ writing
@@ -534,9 +535,13 @@ class Session:
         req = messages.Request(0, note.op, note.args)
         if op.inline:
             await self._run_note(op, req)
-        elif len(self._requests) < _MAX_IN_FLIGHT:
+        elif self._notes < _MAX_IN_FLIGHT:
+            # A note has no answer to hold back, so the bound is on the tasks running them;
+            # beyond it, notes are dropped (and counted), as a full queue drops a message.
+            self._notes += 1
             nursery.start_soon(self._run_note, op, req)
         else:
+            self.server.stats.reject("note_overloaded")
             self.server.stats.error("overloaded")
 
     async def _run_note(self, op: _Op, req: messages.Request) -> None:
@@ -553,6 +558,9 @@ class Session:
                 kind=error.kind.value,
                 error=error.message,
             )
+        finally:
+            if not op.inline:
+                self._notes -= 1
 
     async def _serve(self, req: messages.Request, scope: trio.CancelScope) -> None:
         self.server.stats.requests += 1

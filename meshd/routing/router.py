@@ -600,6 +600,13 @@ class Router:
             known = self.dedup.begin(key, now)
             if isinstance(known, Outcome):
                 self.stats.duplicates += 1
+                if not known.kept:
+                    gone = errors.Conflict(
+                        f"message {msg.msg_id!r} to {msg.to!r} was handled already; its "
+                        "reply is no longer held (too large, or let go to make room)",
+                        detail={"handled": True, "ok": known.ok},
+                    )
+                    return _Delivery(key, outcome=(False, gone.to_wire()))
                 return _Delivery(key, outcome=(known.ok, known.payload))
             if isinstance(known, InProgress):
                 self.stats.duplicates += 1

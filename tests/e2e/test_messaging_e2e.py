@@ -27,6 +27,7 @@ from anyio.streams.text import TextReceiveStream
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd_client import (
     AgentContext,
+    Conflict,
     Mesh,
     Message,
     NotFound,
@@ -683,3 +684,33 @@ async def test_pubsub_pipeline_example(cluster: LocalCluster) -> None:
         for subject, order in expected.items():
             line = await sink.line(lambda line, s=subject: line.startswith(f"sink: {s} "), subject)
             assert line == f"sink: {subject} {order}"
+
+
+async def test_a_retry_whose_reply_was_let_go_is_told_it_was_handled(
+    cluster: LocalCluster,
+) -> None:
+    """The receiving daemon keeps at-least-once replies within a byte budget (32 MiB): a
+    retry of an old message whose reply it no longer holds gets ``conflict`` with
+    ``detail.handled`` — not a wrong reply, and the handler does not run again."""
+    n1, n2 = await start(cluster, 2)
+    runs: list[str] = []
+    pad = "x" * 400_000
+
+    async def big(_ctx: AgentContext, msg: Message) -> Any:
+        runs.append(msg.body)
+        return {"n": len(runs), "pad": pad}
+
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n1.socket_path) as caller:
+        await host.serve("big", big)
+        await resolves(caller, "big", "n2")
+        first = await caller.request("big", "m-0", at_least_once=True, id="m-0", timeout=30)
+        assert first["n"] == 1
+        for i in range(1, 90):  # 90 × 400 kB of replies: more than the budget holds
+            await caller.request("big", f"m-{i}", at_least_once=True, id=f"m-{i}", timeout=30)
+        assert len(runs) == 90
+        with pytest.raises(Conflict) as gone:
+            await caller.request("big", "m-0", at_least_once=True, id="m-0", timeout=30)
+        assert gone.value.detail.get("handled") is True
+        recent = await caller.request("big", "m-89", at_least_once=True, id="m-89", timeout=30)
+        assert recent["n"] == 90  # a recent reply is still held: the same answer
+        assert len(runs) == 90

@@ -735,3 +735,26 @@ async def test_a_second_server_on_a_live_socket_refuses(server: Server) -> None:
         await other.serve()
     async with Connection.open(server.path) as conn:
         assert conn.node == "testnode"
+
+
+async def test_notes_running_in_tasks_are_bounded_and_the_excess_is_counted(
+    server: Server,
+) -> None:
+    from meshd.api import server as api_server
+
+    limit = api_server._MAX_IN_FLIGHT
+    ops = server.ops
+    peer = await raw(server)
+    await peer.hello()
+    for _ in range(limit + 5):
+        await peer.send(messages.note("wait", {"gate": "notes"}))
+    await peer.send(messages.request(1, "echo", {"still": "served"}))
+    assert await peer.recv() == messages.ok(1, {"still": "served"})
+    await ops.until(lambda: ops.entered.get("notes") == limit)
+    assert server.api.stats.rejected.get("note_overloaded") == 5
+    ops.gate("notes").set()  # the running notes end: room for more
+    (session,) = server.api.sessions.values()
+    await ops.until(lambda: session._notes == 0)
+    ops.gates.pop("notes")
+    await peer.send(messages.note("wait", {"gate": "again"}))
+    await ops.until(lambda: ops.entered.get("again") == 1)

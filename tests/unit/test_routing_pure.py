@@ -403,19 +403,46 @@ def test_finishing_moves_an_entry_to_the_young_end() -> None:
     assert w.begin("b", 0.0) is None
 
 
-def test_large_outcomes_are_remembered_without_the_body() -> None:
-    w = DedupWindow()
-    w.begin("small", 0.0)
-    w.finish("small", True, "s", 0.0, size=8192)
-    w.begin("large", 0.0)
-    w.finish("large", True, "x" * 9000, 0.0, size=8193)
-    small = w.begin("small", 0.0)
-    large = w.begin("large", 0.0)
-    assert isinstance(small, Outcome)
-    assert small.payload == "s"
-    assert isinstance(large, Outcome)
-    assert large.ok is True
-    assert large.payload is None
+def test_reply_bodies_are_kept_within_a_byte_budget_oldest_let_go_first() -> None:
+    w = DedupWindow(max_body_bytes=100)
+    for name in ("a", "b", "c"):
+        w.begin(name, 0.0)
+    w.finish("a", True, "A", 0.0, size=40)
+    w.finish("b", True, "B", 0.0, size=40)
+    assert w.body_bytes == 80
+    w.finish("c", True, "C", 0.0, size=40)  # over budget: a's body goes
+    assert w.body_bytes == 80 and w.bodies_dropped == 1
+    a, b, c = (w.begin(name, 0.0) for name in ("a", "b", "c"))
+    assert isinstance(a, Outcome) and (a.ok, a.kept, a.payload) == (True, False, None)
+    assert isinstance(b, Outcome) and (b.kept, b.payload) == (True, "B")
+    assert isinstance(c, Outcome) and (c.kept, c.payload) == (True, "C")
+
+
+def test_a_body_larger_than_the_budget_is_not_kept_and_empty_replies_cost_nothing() -> None:
+    w = DedupWindow(max_body_bytes=100)
+    w.begin("huge", 0.0)
+    w.finish("huge", True, "x" * 200, 0.0, size=200)
+    w.begin("send", 0.0)
+    w.finish("send", True, None, 0.0, size=0)
+    huge, send = w.begin("huge", 0.0), w.begin("send", 0.0)
+    assert isinstance(huge, Outcome) and not huge.kept and huge.payload is None
+    assert isinstance(send, Outcome) and send.kept and send.payload is None
+    assert w.body_bytes == 0
+
+
+def test_evicting_or_forgetting_entries_gives_their_bytes_back() -> None:
+    w = DedupWindow(max_entries=2, max_age=10.0, max_body_bytes=1000)
+    w.begin("a", 0.0)
+    w.finish("a", True, "A", 0.0, size=300)
+    w.begin("b", 1.0)
+    w.finish("b", True, "B", 1.0, size=200)
+    w.begin("c", 2.0)  # the count bound evicts a
+    assert w.body_bytes == 200
+    w.forget("b")
+    assert w.body_bytes == 0
+    w.finish("c", True, "C", 2.0, size=100)
+    w.begin("d", 20.0)  # c expires by age
+    assert w.body_bytes == 0 and len(w) == 1
 
 
 # ---------------------------------------------------------------------------- wire messages
