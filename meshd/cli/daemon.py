@@ -42,6 +42,21 @@ def _config_dict(config: Config) -> dict[str, object]:
     return data
 
 
+def _raise_open_files_limit(wanted: int = 65536) -> None:
+    """Each peer costs a daemon up to four sockets (two persistent links each way), more than
+    the common soft limit of 1,024 descriptors allows past a few hundred peers: raise the
+    soft limit towards the hard one (the systemd unit sets both)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep the limit we have; accept errors are counted and logged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     if ns.command == "version":
@@ -59,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_config_dict(config), indent=2, default=str))
         return 0
     configure_logging(config.log.level, config.log.format)
+    _raise_open_files_limit()
     from meshd.node.node import Node
 
     try:

@@ -243,8 +243,8 @@ class Node:
         )
         streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
         streams.register(Channel.KEYRING, self.keys.serve_stream)
-        streams.register(Channel.REPLICATION, self.links.serve)
-        streams.register(Channel.ROUTING, self.routing_links.serve)
+        streams.register(Channel.REPLICATION, self.links.serve, persistent=True)
+        streams.register(Channel.ROUTING, self.routing_links.serve, persistent=True)
         self.api = ApiServer(
             config.api.socket,
             config.node.name,
@@ -512,6 +512,9 @@ class Node:
     async def _leave(self) -> None:
         self.notifier.stopping()
         log.info("leaving the cluster")
+        # Peers re-activate this host's agents as soon as they hear of the leave, without
+        # waiting out a partition's stable_after: so from now on none of them runs here.
+        self.router.leaving = True
         spread = await self.driver.leave()
         self.left_cleanly = True
         log.info("left", extra=kv(confirmed_spread=spread))

@@ -158,13 +158,14 @@ def register(node: Node) -> None:
                 getattr(compaction, f.name),
                 f"State compaction counter: {f.name.replace('_', ' ')}.",
             )
-        links = node.links.stats
-        for f in fields(links):
-            yield _counter(
-                f"meshd_links_{f.name}_total",
-                getattr(links, f.name),
-                f"Peer link counter: {f.name.replace('_', ' ')}.",
-            )
+        for channel, links in (("replication", node.links), ("routing", node.routing_links)):
+            for f in fields(links.stats):
+                yield _counter(
+                    f"meshd_links_{f.name}_total",
+                    getattr(links.stats, f.name),
+                    f"Peer link counter: {f.name.replace('_', ' ')}.",
+                    channel=channel,
+                )
 
     def agents() -> Iterator[Sample]:
         for prefix, stats, what in (
@@ -183,6 +184,11 @@ def register(node: Node) -> None:
             "meshd_placement_majority",
             1 if node.placement.quorum.has_majority else 0,
             "1 if keep_majority agents may run on this side (it holds a majority).",
+        )
+        yield _counter(
+            "meshd_reminders_fired_total",
+            node.reminders.fired,
+            "Reminders fired on this host (for agents it owned when they came due).",
         )
         yield _gauge(
             "meshd_agents_local",

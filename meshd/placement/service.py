@@ -363,8 +363,9 @@ class Placement:
         # A process that crashed on a live host (refusal evidence) is known not to run its
         # agents anywhere; a silent host may be alive on the other side of a partition, so
         # its keep_majority agents wait until the minority there has stopped them.
-        proven = self.membership.died_refused(host)
-        if proven or self._left(host):
+        # A host that left gracefully stopped its agents before leaving: proven too.
+        proven = self.membership.died_refused(host) or self._left(host)
+        if proven:
             self._down_at.pop(host, None)
         else:
             self._down_at[host] = trio.current_time()

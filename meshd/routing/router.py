@@ -196,6 +196,7 @@ class Router:
         self._subscribers: list[tuple[str, Stream]] = []
         self._host_patterns: dict[str, frozenset[str]] = {}
         self._nursery: trio.Nursery | None = None
+        self.leaving = False  # set when this daemon announces its leave: deliver nothing more
         # Deadlines of calls nobody waits for in a task: (deadline, seq, timer), a heap.
         self._timers: list[tuple[float, int, _Timer]] = []
         self._timer_seq = itertools.count()
@@ -615,6 +616,12 @@ class Router:
                 return _Delivery(key, waiter=waiter, duplicate=True)
         agent = self.local.get(msg.to)
         try:
+            if self.leaving:
+                # Peers fail its agents over as soon as they hear of the leave: none may
+                # run here any more (callers retry; at-least-once ones reach the new host).
+                raise errors.Unreachable(
+                    f"{self.node} is leaving the cluster", detail={"host": self.node}
+                )
             if agent is None:
                 raise errors.Unreachable(f"{msg.to!r} is registered here but not served")
             if len(agent.pending) >= MAX_PENDING_PER_AGENT:

@@ -2,7 +2,7 @@
 
 Each frame is a 4-byte big-endian length and a sealed envelope. The first frame of every
 connection names its channel (``[STREAM_VERSION, channel]``) so one port serves membership,
-key management and, later, replication and routing.
+key management (one exchange per connection), replication and routing (persistent links).
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ class StreamServer:
         log: logging.Logger,
         *,
         header_timeout: float = 10.0,
-        max_connections: int = 512,
+        max_connections: int = 8192,
+        max_exchanges: int = 512,
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.envelope = envelope
@@ -236,13 +237,24 @@ class StreamServer:
         self.log = log
         self._ratelog = RateLimitedLog(log)
         self.header_timeout = header_timeout
+        # All connections at once; each peer holds two persistent links (replication and
+        # routing), so this bounds the cluster size a daemon serves (about 4,000 peers).
         self.max_connections = max_connections
+        # Of those, one-exchange connections (membership probes and syncs, key rotation):
+        # a burst of them must not crowd out the links, nor the links starve them.
+        self.max_exchanges = max_exchanges
         self.max_frame = max_frame
         self._handlers: dict[int, Handler] = {}
+        self._persistent: set[int] = set()
         self._active = 0
+        self._exchanges = 0
 
-    def register(self, channel: Channel, handler: Handler) -> None:
+    def register(self, channel: Channel, handler: Handler, *, persistent: bool = False) -> None:
+        """Serve ``channel`` with ``handler``; ``persistent``: its connections are long-lived
+        links, not counted against ``max_exchanges``."""
         self._handlers[int(channel)] = handler
+        if persistent:
+            self._persistent.add(int(channel))
 
     async def handle(self, raw: trio.SocketStream) -> None:
         """Serve one accepted connection; never raises."""
@@ -265,10 +277,19 @@ class StreamServer:
             if scope.cancelled_caught:
                 self.stats.reject("stream_header_timeout")
                 return
-            handler = self._channel(header)
-            if handler is None:
+            channel = self._channel(header)
+            if channel is None:
                 return
-            await handler(stream)
+            if channel in self._persistent:
+                await self._handlers[channel](stream)
+            elif self._exchanges >= self.max_exchanges:
+                self.stats.tcp_refused_busy += 1
+            else:
+                self._exchanges += 1
+                try:
+                    await self._handlers[channel](stream)
+                finally:
+                    self._exchanges -= 1
         except StreamError as exc:
             self.stats.reject(f"stream_{exc.reason}")
             self._ratelog.warning(exc.reason, "dropped stream", peer=peer[0], reason=exc.reason)
@@ -287,7 +308,7 @@ class StreamServer:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _channel(self, header: bytes) -> Handler | None:
+    def _channel(self, header: bytes) -> int | None:
         try:
             value = cbor.loads(header)
         except cbor.CodecError:
@@ -301,7 +322,8 @@ class StreamServer:
         ):
             self.stats.reject("stream_bad_header")
             return None
-        handler = self._handlers.get(value[1])
-        if handler is None:
+        if value[1] not in self._handlers:
             self.stats.reject("stream_unknown_channel")
-        return handler
+            return None
+        channel: int = value[1]
+        return channel

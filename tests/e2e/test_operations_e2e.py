@@ -107,6 +107,15 @@ async def test_metrics_endpoint_serves_prometheus_text(cluster: LocalCluster) ->
     assert "# TYPE meshd_membership_probes_total counter" in text
     assert "meshd_transport_udp_packets_in_total" in text
     assert "meshd_api_requests_total" in text
+    for family in (
+        'meshd_links_frames_queued_total{channel="replication"}',
+        'meshd_links_frames_queued_total{channel="routing"}',
+        "meshd_routing_forwarded_total",
+        "meshd_placement_majority",
+        "meshd_reminders_fired_total",
+        "meshd_compaction_compactions_total",
+    ):
+        assert family in text, family
 
 
 def _meshctl_as_nobody(args: list[str]) -> tuple[int, str]:

@@ -224,6 +224,29 @@ async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
         nursery.cancel_scope.cancel()
 
 
+async def test_the_agents_of_a_host_that_left_fail_over_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = await cluster(6, seed=7)
+    names = [f"{KIND}/{i}" for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        h = Harness(net, names, nursery)
+        await h.run(SA + 1)
+        leaver = next(n for n in net.nodes if h.world.running.get(n))
+        moved = sorted(h.world.running[leaver])
+        left_at = net.now
+        net.leave(leaver)  # graceful: it stops its agents and announces the leave
+        h.world.running[leaver] = set()
+        await h.run(SA / 2)
+        survivors = [n for n in net.nodes if n != leaver]
+        for name in moved:
+            [runner] = h.runners_of(name, survivors)
+            assert {h.placements[s].owner(KIND, name) for s in survivors} == {runner}
+        # A leave is proof that nothing runs there any more: no stable_after wait.
+        assert max(t for t, _, n in h.world.starts if n in moved) < left_at + SA / 2
+        nursery.cancel_scope.cancel()
+
+
 def _never_on_both_sides(h: Harness, names: list[str], small: list[str], big: list[str]) -> None:
     for name in names:
         both = h.runners_of(name, small) and h.runners_of(name, big)

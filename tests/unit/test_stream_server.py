@@ -70,3 +70,48 @@ async def test_a_handler_bug_is_logged_with_its_traceback_and_counted(
     assert stats.rejected == {"stream_handler_error": 1}
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+async def test_one_exchange_connections_are_capped_apart_from_persistent_links(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stats = TransportStats()
+    server = StreamServer(
+        Envelope(Keyring([KEY])), stats, logging.getLogger("test.streams"), max_exchanges=1
+    )
+    release = trio.Event()
+    served: list[str] = []
+
+    async def hold(name: str, stream: FramedStream) -> None:
+        served.append(name)
+        await release.wait()
+
+    server.register(Channel.MEMBERSHIP, lambda s: hold("exchange", s))
+    server.register(Channel.ROUTING, lambda s: hold("link", s), persistent=True)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    clients: list[FramedStream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def accept_all() -> None:
+            while True:
+                raw = await listener.accept()
+                nursery.start_soon(server.handle, raw)
+
+        nursery.start_soon(accept_all)
+        for channel in (Channel.MEMBERSHIP, Channel.MEMBERSHIP, Channel.ROUTING, Channel.ROUTING):
+            raw = await trio.open_tcp_stream("127.0.0.1", port)
+            client = FramedStream(raw, Envelope(Keyring([KEY])), TransportStats(), ("x", port))
+            await client.send(cbor.dumps([STREAM_VERSION, int(channel)]))
+            clients.append(client)
+        with trio.fail_after(10):
+            while len(served) < 3 or stats.tcp_refused_busy < 1:
+                await trio.sleep(0.01)
+        # The second exchange was refused; both links were served.
+        assert sorted(served) == ["exchange", "link", "link"]
+        assert stats.tcp_refused_busy == 1
+        release.set()
+        for client in clients:
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
