@@ -211,7 +211,9 @@ class Agent:
                         with anyio.CancelScope() as self._serving:
                             conn = await self.mesh.wait_connected()
                             try:
-                                async with conn.stream("agent.serve", self._serve_args()) as items:
+                                async with conn.stream(
+                                    "agent.serve", self._serve_args(), tap=self._tap
+                                ) as items:
                                     async for item in items:
                                         if self._on_item(item) and not started:
                                             started = True
@@ -249,6 +251,15 @@ class Agent:
             "capabilities": list(self.capabilities),
             "metadata": self.metadata,
         }
+
+    def _tap(self, item: Any) -> bool:
+        """Messages go to the workers straight from the connection's reader, sparing a
+        wake-up of the serve loop per message; the connection taps only while nothing is
+        buffered, so they stay in order with the other events, which go through the loop."""
+        if isinstance(item, dict) and item.get("type") in ("message", "request"):
+            self._on_item(item)
+            return True
+        return False
 
     def _on_item(self, item: dict[str, Any]) -> bool:
         """Handle one event of the serve stream; True when it confirms the registration."""
