@@ -38,6 +38,7 @@ from meshd.config.model import (
     MembershipTuning,
     MetricsConfig,
     NodeConfig,
+    PlacementTuning,
     SecurityConfig,
 )
 from meshd.config.profiles import PROFILES, profile_tuning
@@ -446,19 +447,19 @@ def _address_parser(
 # --- the table of settings ------------------------------------------------------------------------
 
 
-def _membership_parsers() -> dict[str, _Parser]:
-    """Derived from MembershipTuning's fields so a new tuning knob is configurable at once.
+def _tuning_parsers(section: str, tuning: type) -> dict[str, _Parser]:
+    """Derived from a tuning dataclass's fields so a new knob is configurable at once.
 
-    Every float in MembershipTuning is a duration in seconds.
+    Every float in a tuning class is a duration in seconds.
     """
     by_type: dict[object, _Parser] = {float: _parse_duration, int: _parse_int, bool: _parse_bool}
-    hints = typing.get_type_hints(MembershipTuning)
+    hints = typing.get_type_hints(tuning)
     parsers: dict[str, _Parser] = {}
-    for spec in fields(MembershipTuning):
+    for spec in fields(tuning):
         parse = by_type.get(hints[spec.name])
         if parse is None:
-            raise TypeError(f"no parser for membership.{spec.name} of type {hints[spec.name]}")
-        parsers[f"membership.{spec.name}"] = parse
+            raise TypeError(f"no parser for {section}.{spec.name} of type {hints[spec.name]}")
+        parsers[f"{section}.{spec.name}"] = parse
     return parsers
 
 
@@ -476,7 +477,8 @@ def _settings() -> Mapping[str, _Parser]:
             ),
             "node.tags": _parse_tags,
             "node.data_dir": _parse_path,
-            **_membership_parsers(),
+            **_tuning_parsers("membership", MembershipTuning),
+            **_tuning_parsers("placement", PlacementTuning),
             "security.keys": _list_of(_parse_key),
             "security.keyring_file": _optional(_parse_path),
             "security.label": _parse_label,
@@ -642,6 +644,8 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     profile: str = values.get("profile", _default_profile())
     membership = replace(profile_tuning(profile), **_section(values, "membership"))
     membership.validate()
+    placement = PlacementTuning(**_section(values, "placement"))
+    placement.validate()
     node = _section(values, "node")
     if "name" not in node:
         node["name"] = _default_node_name()
@@ -651,6 +655,7 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
         node=NodeConfig(**node),
         profile=profile,
         membership=membership,
+        placement=placement,
         security=security,
         api=ApiConfig(**_section(values, "api")),
         metrics=MetricsConfig(**_section(values, "metrics")),

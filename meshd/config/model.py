@@ -93,6 +93,35 @@ class MembershipTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementTuning:
+    """Agent lifecycle timing (docs/lifecycle.md), in seconds."""
+
+    # How long a view must hold before keep_majority agents start, and how long a silent host
+    # must be gone before the majority takes over its keep_majority agents (Akka's default).
+    stable_after: float = 20.0
+    # How long the members alive here must lack a majority before keep_majority agents stop:
+    # rides out a member briefly suspected, far below ``stable_after``.
+    stop_after: float = 3.0
+    rebalance_batch: int = 8
+    rebalance_interval: float = 1.0
+    failover_parallelism: int = 16
+
+    def validate(self, prefix: str = "placement") -> None:
+        for name in ("stable_after", "stop_after", "rebalance_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{prefix}.{name}", "must be > 0")
+        if self.stop_after >= self.stable_after:
+            raise ConfigError(
+                f"{prefix}.stop_after",
+                "must be less than stable_after (stop fast, start slow: otherwise a side "
+                "could start agents the other side has not yet stopped)",
+            )
+        for name in ("rebalance_batch", "failover_parallelism"):
+            if not 1 <= getattr(self, name) <= 1024:
+                raise ConfigError(f"{prefix}.{name}", "must be between 1 and 1024")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     bind: Address = ("0.0.0.0", 7946)  # noqa: S104 (a cluster daemon listens on the LAN)
@@ -136,6 +165,7 @@ class Config:
     node: NodeConfig
     profile: str = "lan"
     membership: MembershipTuning = field(default_factory=MembershipTuning)
+    placement: PlacementTuning = field(default_factory=PlacementTuning)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -33,7 +33,7 @@ from meshd.node import agent_ops, control, data_ops, lifecycle_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.placement.reminders import Reminders
-from meshd.placement.service import Placement, PlacementTuning
+from meshd.placement.service import Placement
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
 from meshd.registry.registry import Registry, RegistryEvent
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
@@ -380,7 +380,7 @@ class Node:
             membership=self.core,
             registry=self.registry,
             replicator=self.replicator,
-            tuning=PlacementTuning(),
+            tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
         )
         self.placement.router = self.router

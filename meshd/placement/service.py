@@ -32,6 +32,7 @@ import trio
 from pycrdt import Map
 
 from meshd.api.server import Session, Stream
+from meshd.config.model import PlacementTuning
 from meshd.logs import kv
 from meshd.membership.core import Membership
 from meshd.placement import rendezvous
@@ -48,19 +49,6 @@ if TYPE_CHECKING:
 
 _UP: Final = (Status.ALIVE, Status.SUSPECT)
 ACTIVATION_TIMEOUT: Final = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementTuning:
-    # How long a view must hold before keep_majority agents start, and how long a silent host
-    # must be gone before the majority takes over its keep_majority agents (Akka's default).
-    stable_after: float = 20.0
-    # How long the members alive here must lack a majority before keep_majority agents stop:
-    # rides out a member briefly suspected, far below ``stable_after``.
-    stop_after: float = 3.0
-    rebalance_batch: int = 8
-    rebalance_interval: float = 1.0
-    failover_parallelism: int = 16
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from meshd.config.model import (
     MembershipTuning,
     MetricsConfig,
     NodeConfig,
+    PlacementTuning,
     SecurityConfig,
 )
 from meshd.config.profiles import PROFILES
@@ -180,6 +181,7 @@ def test_every_model_field_is_a_setting() -> None:
     sections = {
         "node": NodeConfig,
         "membership": MembershipTuning,
+        "placement": PlacementTuning,
         "security": SecurityConfig,
         "api": ApiConfig,
         "metrics": MetricsConfig,
@@ -201,6 +203,16 @@ def test_every_membership_field_round_trips_through_set() -> None:
         for field in dataclasses.fields(MembershipTuning)
     }
     assert build_config(None, {}, {**INSECURE, **overrides}).membership == lan
+
+
+def test_placement_timing_is_configurable_and_checked(tmp_path: Path) -> None:
+    config = build('[placement]\nstable_after = "45s"\nstop_after = 2\n', tmp_path=tmp_path)
+    assert (config.placement.stable_after, config.placement.stop_after) == (45.0, 2.0)
+    assert build().placement == PlacementTuning()
+    err = error_for(overrides={**INSECURE, "placement.stop_after": "30s"})
+    assert err.key == "placement.stop_after" and "stable_after" in err.problem
+    err = error_for(overrides={**INSECURE, "placement.rebalance_batch": "0"})
+    assert err.key == "placement.rebalance_batch"
 
 
 # --- the file and MESHD_CONFIG --------------------------------------------------------------------
@@ -307,6 +319,8 @@ def test_invalid_toml(tmp_path: Path) -> None:
         ("[api]\nmode = 660\n", "api.mode"),
         ('[api]\nmode = "0999"\n', "api.mode"),
         ("[membership]\nprobe_interval = inf\n", "membership.probe_interval"),
+        ("[placement]\nstable_aftr = 5\n", "placement.stable_aftr"),
+        ('[placement]\nstable_after = "soon"\n', "placement.stable_after"),
     ],
 )
 def test_file_errors(toml: str, key: str, tmp_path: Path) -> None:
