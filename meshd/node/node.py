@@ -53,6 +53,8 @@ from meshd.transport.udp import PacketEndpoint
 from meshd.wire.membership import Status
 from meshd.wire.validate import Address
 
+LEAVE_DRAIN_TIMEOUT = 15.0  # seconds a graceful leave spends moving agents away first
+
 log = logging.getLogger("meshd.node")
 
 
@@ -511,6 +513,14 @@ class Node:
 
     async def _leave(self) -> None:
         self.notifier.stopping()
+        # Hand the placed agents over first, one by one with their state, as `meshctl
+        # drain` does (bounded: whatever has not moved fails over once the leave is heard).
+        moving = self.placement.start_drain()
+        if moving:
+            log.info("draining before leaving", extra=kv(agents=moving))
+            with trio.move_on_after(LEAVE_DRAIN_TIMEOUT):
+                while self.placement.moves_pending():
+                    await trio.sleep(0.05)
         log.info("leaving the cluster")
         # Peers re-activate this host's agents as soon as they hear of the leave, without
         # waiting out a partition's stable_after: so from now on none of them runs here.

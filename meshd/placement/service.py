@@ -412,6 +412,10 @@ class Placement:
         self._moves = [n for n in self._moves if n not in names] + names
         return len(names)
 
+    def moves_pending(self) -> bool:
+        """A drain or rebalance still has agents to move away from here."""
+        return bool(self._moves) or (self._moving and any(e.kind for e in self._local_agents()))
+
     def _plan_rebalance(self) -> None:
         """A host's kinds changed: queue local agents whose owner is now someone else."""
         for entry in self._local_agents():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -475,6 +476,54 @@ async def test_keep_majority_agents_stop_on_a_minority_allow_duplicates_go_on(
 
 
 # ---------------------------------------------------------------------------- drain
+
+
+async def test_a_graceful_leave_moves_its_agents_first_and_loses_no_request(
+    cluster: LocalCluster,
+) -> None:
+    daemons = await start(cluster, 4)
+    work = Kind("work")
+    names = [f"work/{i}" for i in range(16)]
+    async with meshes(daemons) as ms:
+        await work.serve(ms)
+        await serving(daemons, "work", set(ms))
+        home = {n: (await ms["n1"].spawn("work", n)).node for n in names}
+        leaver = max(sorted(ms), key=lambda h: sum(1 for n in names if home[n] == h))
+        moving = sum(1 for n in names if home[n] == leaver)
+        callers = [h for h in sorted(ms) if h != leaver]
+        answered: list[str] = []
+        failures: list[str] = []
+        stop = anyio.Event()
+
+        async def caller(node: str, offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                name = names[i % len(names)]
+                try:
+                    answered.append(
+                        await ms[node].request(name, "where", at_least_once=True, timeout=30)
+                    )
+                except MeshError as exc:
+                    failures.append(f"{name} via {node}: {exc}")
+                i += 1
+
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                for i, node in enumerate(callers):
+                    tg.start_soon(caller, node, i * 5)
+                await until(lambda: len(answered) >= 50, "load before the leave")
+                cluster[leaver].signal(signal.SIGTERM)  # systemd stop: a graceful leave
+                code = await anyio.to_thread.run_sync(cluster[leaver].wait, 45.0)
+                assert code == 0
+                mark = len(answered)
+                await until(lambda: len(answered) >= mark + 50, "load after the leave")
+                stop.set()
+        assert failures == []
+        log = cluster[leaver].log_text()
+        assert "draining before leaving" in log and f"agents={moving}" in log
+        placed = await registry(cluster[callers[0]], "work")
+        assert set(placed) == set(names) and leaver not in placed.values()
+        assert set(answered[mark:]) <= set(callers)
 
 
 async def test_drain_under_load_moves_every_agent_and_answers_every_request(
