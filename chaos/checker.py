@@ -72,6 +72,9 @@ EXPLAINED: dict[str, frozenset[str]] = {
     # A peer that opened a stream but did not finish its exchange within the channel's
     # deadline: its packets were lost or cut, or it was stopped half-way.
     "transport/stream_timeout": NETWORK_FAULTS | PROCESS_FAULTS,
+    # A connection that ended before its first (or a whole) frame: the dialer gave up on a
+    # cut link and closed it, or its connect completed only after the heal, or it died.
+    "transport/stream_closed": NETWORK_FAULTS | PROCESS_FAULTS,
     # A registry document of a restarted node's previous boot epoch, pushed by a peer that
     # had not yet learned the new epoch (docs/replication.md: refused by policy).
     "replication/doc_refused": PROCESS_FAULTS,

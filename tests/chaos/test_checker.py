@@ -485,11 +485,13 @@ def test_a_daemon_that_is_down_fails_membership_and_no_crash() -> None:
     assert set(failing(check(events))) >= {"membership", "no_crash"}
 
 
-def test_rejections_a_fault_explains_are_allowed_only_with_that_fault() -> None:
+@pytest.mark.parametrize(
+    "reason",
+    ["replication/unexpected_round", "transport/stream_timeout", "transport/stream_closed"],
+)
+def test_rejections_a_fault_explains_are_allowed_only_with_that_fault(reason: str) -> None:
     events = good()
-    obs(events, "rejections")["hosts"]["h1"]["after"]["rejected"][
-        "replication/unexpected_round"
-    ] = 2
+    obs(events, "rejections")["hosts"]["h1"]["after"]["rejected"][reason] = 2
     assert "rejections" not in failing(check(events))  # a partition happened
     without = [e for e in events if e.get("type") != "fault"]
     assert "rejections" in failing(check(without))
