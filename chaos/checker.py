@@ -75,6 +75,10 @@ EXPLAINED: dict[str, frozenset[str]] = {
     # A connection that ended before its first (or a whole) frame: the dialer gave up on a
     # cut link and closed it, or its connect completed only after the heal, or it died.
     "transport/stream_closed": NETWORK_FAULTS | PROCESS_FAULTS,
+    # A connection cut (or its peer stopped) between connecting and naming its channel, or
+    # reset half-way through an exchange.
+    "transport/stream_header_timeout": NETWORK_FAULTS | PROCESS_FAULTS,
+    "transport/stream_broken": NETWORK_FAULTS | PROCESS_FAULTS,
     # A registry document of a restarted node's previous boot epoch, pushed by a peer that
     # had not yet learned the new epoch (docs/replication.md: refused by policy).
     "replication/doc_refused": PROCESS_FAULTS,

@@ -487,7 +487,13 @@ def test_a_daemon_that_is_down_fails_membership_and_no_crash() -> None:
 
 @pytest.mark.parametrize(
     "reason",
-    ["replication/unexpected_round", "transport/stream_timeout", "transport/stream_closed"],
+    [
+        "replication/unexpected_round",
+        "transport/stream_timeout",
+        "transport/stream_closed",
+        "transport/stream_header_timeout",
+        "transport/stream_broken",
+    ],
 )
 def test_rejections_a_fault_explains_are_allowed_only_with_that_fault(reason: str) -> None:
     events = good()
