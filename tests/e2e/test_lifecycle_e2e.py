@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import anyio
 from meshd.placement import rendezvous
 from meshd.placement.service import PlacementTuning
 from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd.testing.poll import eventually, until
 from meshd_client import (
     AgentContext,
     Mesh,
@@ -41,28 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0
-) -> T:
-    """Poll ``check`` until it returns something other than None."""
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                value = await check()
-                if value is not None:
-                    return value
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    async def check() -> bool | None:
-        return True if condition() else None
-
-    await eventually(check, what, timeout)
 
 
 async def start(cluster: LocalCluster, count: int) -> list[Daemon]:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd.testing.poll import eventually, until
 from meshd_client import (
     AgentContext,
     Conflict,
@@ -42,28 +43,6 @@ EXAMPLES = ROOT / "examples"
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0
-) -> T:
-    """Poll ``check`` until it returns something other than None."""
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                value = await check()
-                if value is not None:
-                    return value
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    async def check() -> bool | None:
-        return True if condition() else None
-
-    await eventually(check, what, timeout)
 
 
 async def start(cluster: LocalCluster, count: int) -> list[Daemon]:

@@ -8,7 +8,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import anyio
@@ -17,6 +17,7 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd.testing.poll import eventually
 from meshd_client.connection import Connection
 from meshd_client.protocol.errors import ErrorKind, MeshError, NotFound
 
@@ -31,22 +32,6 @@ DOC_VALUE = {"color": "blue", "limits": {"cpu": 2, "tags": ["a", "b"]}, "hits": 
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0
-) -> T:
-    """Poll ``check`` until it returns something other than None (or fail naming ``what``)."""
-    last: T | None = None
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                last = await check()
-                if last is not None:
-                    return last
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
 
 async def lookup(daemon: Daemon, name: str) -> dict[str, Any] | None:

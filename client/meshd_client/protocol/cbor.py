@@ -66,6 +66,18 @@ _OPTIONS: Final[dict[str, Any]] = {
 }
 
 
+# What cbor2 raises on hostile input (deep nesting, huge lengths, truncation, bad types).
+_MALFORMED = (
+    cbor2.CBORError,
+    ValueError,
+    TypeError,
+    OverflowError,
+    RecursionError,
+    MemoryError,
+    EOFError,
+)
+
+
 def dumps(value: object) -> bytes:
     """Encode a plain value (no tags are ever produced for plain values)."""
     try:
@@ -84,41 +96,13 @@ def loads(data: bytes) -> Any:
         return value
     except CodecError:
         raise
-    except (
-        cbor2.CBORError,
-        ValueError,
-        TypeError,
-        OverflowError,
-        RecursionError,
-        MemoryError,
-        EOFError,
-    ) as exc:
+    except _MALFORMED as exc:
         raise CodecError(f"malformed CBOR: {exc}") from exc
 
 
 def loads_sequence(data: bytes, max_items: int) -> list[Any]:
     """Decode a CBOR sequence (RFC 8742): items concatenated back to back."""
-    items: list[Any] = []
-    stream = io.BytesIO(data)
-    try:
-        decoder = cbor2.CBORDecoder(stream, **_OPTIONS)
-        while stream.tell() < len(data):
-            if len(items) >= max_items:
-                raise CodecError(f"more than {max_items} items")
-            items.append(decoder.decode())
-    except CodecError:
-        raise
-    except (
-        cbor2.CBORError,
-        ValueError,
-        TypeError,
-        OverflowError,
-        RecursionError,
-        MemoryError,
-        EOFError,
-    ) as exc:
-        raise CodecError(f"malformed CBOR: {exc}") from exc
-    return items
+    return [value for value, _ in split_sequence(data, max_items)]
 
 
 def split_sequence(data: bytes, max_items: int) -> list[tuple[Any, bytes]]:
@@ -137,14 +121,6 @@ def split_sequence(data: bytes, max_items: int) -> list[tuple[Any, bytes]]:
             start = end
     except CodecError:
         raise
-    except (
-        cbor2.CBORError,
-        ValueError,
-        TypeError,
-        OverflowError,
-        RecursionError,
-        MemoryError,
-        EOFError,
-    ) as exc:
+    except _MALFORMED as exc:
         raise CodecError(f"malformed CBOR: {exc}") from exc
     return items
