@@ -21,6 +21,7 @@ import anyio
 import pytest
 
 from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd.testing.poll import eventually, until
 from meshd_client import (
     AgentContext,
     Conflict,
@@ -65,25 +66,6 @@ def run(backend: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10) -> T:
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                value = await check()
-                if value is not None:
-                    return value
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    async def check() -> bool | None:
-        return True if condition() else None
-
-    await eventually(check, what, timeout)
 
 
 async def gone(mesh: Mesh, name: str) -> None:
