@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 from meshd.placement import rendezvous
 from meshd.placement.service import PlacementTuning
@@ -457,6 +458,41 @@ async def test_keep_majority_agents_stop_on_a_minority_allow_duplicates_go_on(
 # ---------------------------------------------------------------------------- drain
 
 
+@dataclass
+class Load:
+    """At-least-once ``where`` requests to ``names``, in a loop per caller until stopped:
+    every answer (the host that handled it) and every failure is recorded."""
+
+    ms: dict[str, Mesh]
+    names: list[str]
+    answers: list[tuple[str, Any]] = field(default_factory=list)  # (caller, answer)
+    failures: list[str] = field(default_factory=list)
+    stop: anyio.Event = field(default_factory=anyio.Event)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def start(self, tg: TaskGroup, callers: Sequence[str]) -> None:
+        for i, node in enumerate(callers):
+            tg.start_soon(self._caller, node, i * 5)
+
+    async def _caller(self, node: str, offset: int) -> None:
+        i = offset
+        while not self.stop.is_set():
+            name = self.names[i % len(self.names)]
+            try:
+                answer = await self.ms[node].request(name, "where", at_least_once=True, timeout=30)
+                self.answers.append((node, answer))
+            except MeshError as exc:
+                self.failures.append(f"{name} via {node}: {exc}")
+            i += 1
+
+    async def more(self, count: int, what: str) -> None:
+        """Until ``count`` more requests were answered."""
+        mark = len(self)
+        await until(lambda: len(self) >= mark + count, what)
+
+
 async def test_a_graceful_leave_moves_its_agents_first_and_loses_no_request(
     cluster: LocalCluster,
 ) -> None:
@@ -470,39 +506,23 @@ async def test_a_graceful_leave_moves_its_agents_first_and_loses_no_request(
         leaver = max(sorted(ms), key=lambda h: sum(1 for n in names if home[n] == h))
         moving = sum(1 for n in names if home[n] == leaver)
         callers = [h for h in sorted(ms) if h != leaver]
-        answered: list[str] = []
-        failures: list[str] = []
-        stop = anyio.Event()
-
-        async def caller(node: str, offset: int) -> None:
-            i = offset
-            while not stop.is_set():
-                name = names[i % len(names)]
-                try:
-                    answered.append(
-                        await ms[node].request(name, "where", at_least_once=True, timeout=30)
-                    )
-                except MeshError as exc:
-                    failures.append(f"{name} via {node}: {exc}")
-                i += 1
-
+        load = Load(ms, names)
         with anyio.fail_after(90):
             async with anyio.create_task_group() as tg:
-                for i, node in enumerate(callers):
-                    tg.start_soon(caller, node, i * 5)
-                await until(lambda: len(answered) >= 50, "load before the leave")
+                load.start(tg, callers)
+                await load.more(50, "load before the leave")
                 cluster[leaver].signal(signal.SIGTERM)  # systemd stop: a graceful leave
                 code = await anyio.to_thread.run_sync(cluster[leaver].wait, 45.0)
                 assert code == 0
-                mark = len(answered)
-                await until(lambda: len(answered) >= mark + 50, "load after the leave")
-                stop.set()
-        assert failures == []
+                mark = len(load)
+                await load.more(50, "load after the leave")
+                load.stop.set()
+        assert load.failures == []
         log = cluster[leaver].log_text()
         assert "draining before leaving" in log and f"agents={moving}" in log
         placed = await registry(cluster[callers[0]], "work")
         assert set(placed) == set(names) and leaver not in placed.values()
-        assert set(answered[mark:]) <= set(callers)
+        assert {answer for _, answer in load.answers[mark:]} <= set(callers)
 
 
 async def test_drain_under_load_moves_every_agent_and_answers_every_request(
@@ -520,20 +540,7 @@ async def test_drain_under_load_moves_every_agent_and_answers_every_request(
         rest = [h for h in sorted(ms) if h != first]
         second = max(rest, key=lambda h: counts[h])
         assert counts[first] > 0 and counts[second] > 0
-        answered: dict[str, int] = {}
-        failures: list[str] = []
-        stop = anyio.Event()
-
-        async def caller(node: str, offset: int) -> None:
-            i = offset
-            while not stop.is_set():
-                name = names[i % len(names)]
-                try:
-                    await ms[node].request(name, "where", at_least_once=True, timeout=30)
-                    answered[node] = answered.get(node, 0) + 1
-                except MeshError as exc:
-                    failures.append(f"{name} via {node}: {exc}")
-                i += 1
+        load = Load(ms, names)
 
         async def drained(host: str, remaining: list[str]) -> None:
             async def check() -> bool | None:
@@ -552,28 +559,25 @@ async def test_drain_under_load_moves_every_agent_and_answers_every_request(
         with anyio.fail_after(90):
             async with anyio.create_task_group() as tg:
                 callers = [h for h in sorted(ms) if h not in (first, second)]
-                for i, node in enumerate(callers * 2):
-                    tg.start_soon(caller, node, i * 5)
-                await until(lambda: sum(answered.values()) >= 50, "load before the drain")
+                load.start(tg, callers * 2)
+                await load.more(50, "load before the drain")
                 # Drain the busiest host through the API op, asked on another daemon (the
                 # daemon forwards it to the host as a control message).
                 result = await ms[rest[0]].drain(first)
                 assert result == {"node": first, "draining": True, "moving": counts[first]}
                 await drained(first, rest)
-                mark = sum(answered.values())
-                await until(lambda: sum(answered.values()) >= mark + 50, "load after drain 1")
+                await load.more(50, "load after drain 1")
                 # Then another with meshctl, on the host itself.
                 code, out, err = await run(meshctl(cluster[second], "drain"))
                 assert code == 0, err
                 assert f"{second} is draining" in out
                 remaining = [h for h in rest if h != second]
                 await drained(second, remaining)
-                mark = sum(answered.values())
-                await until(lambda: sum(answered.values()) >= mark + 50, "load after drain 2")
-                stop.set()
-        assert failures == []
+                await load.more(50, "load after drain 2")
+                load.stop.set()
+        assert load.failures == []
         for node in callers:
-            assert answered.get(node, 0) > 0
+            assert any(caller == node for caller, _ in load.answers)
         # Draining hosts take no new agents; both advertise it.
         table = await daemons[0].call("kinds")
         assert table["work"][first]["draining"] and table["work"][second]["draining"]
