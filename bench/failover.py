@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -43,7 +42,6 @@ import random
 import shutil
 import signal
 import statistics
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -55,6 +53,7 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
+from bench import harness
 from bench.membership import (
     POLL_ERRORS,
     measure_detection,
@@ -63,8 +62,8 @@ from bench.membership import (
     wait_healthy,
 )
 from meshd import __version__ as meshd_version
+from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
-from meshd.placement.service import PlacementTuning
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd_client import AgentContext, Mesh, Message
 from meshd_client.connection import Connection
@@ -544,23 +543,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.nodes < 3:
         raise SystemExit("--nodes must be at least 3")
-    root = Path(tempfile.mkdtemp(prefix="meshd-bench-failover-"))
-    result: dict[str, Any] | None = None
-    try:
-        result = anyio.run(bench, args, root, backend="trio")
-    except KeyboardInterrupt:
-        err.print("interrupted; every process was ended by its pid")
-        return 130
-    finally:
-        if result is not None and not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            err.print(f"run directory kept: {root}")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    return 0
+    return harness.run(
+        "meshd-bench-failover-",
+        lambda root: anyio.run(bench, args, root, backend="trio"),
+        keep=args.keep,
+        as_json=args.json,
+        table=print_table,
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
 import math
 import os
 import platform
@@ -53,7 +52,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -66,6 +64,7 @@ import anyio.abc
 from rich.console import Console
 from rich.table import Table
 
+from bench import harness
 from chaos.netns import HostNet, unavailable_reason
 from meshd import __version__ as meshd_version
 from meshd.testing.localcluster import LocalCluster, free_port
@@ -1043,25 +1042,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _main(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    async with anyio.create_task_group() as tg:
-        result: dict[str, Any] = {}
-
-        async def on_sigterm() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    err.print("SIGTERM: stopping and cleaning up")
-                    tg.cancel_scope.cancel()
-
-        tg.start_soon(on_sigterm)
-        if args.loss is None:
-            result = await run_detection(args, root)
-        else:
-            result = await run_loss(args, root)
-        tg.cancel_scope.cancel()
-    if not result:
-        raise KeyboardInterrupt
-    return result
+async def _measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    if args.loss is None:
+        return await run_detection(args, root)
+    return await run_loss(args, root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1072,27 +1056,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--faults: choose from {', '.join(FAULTS)}")
     if args.loss is not None and not 0 <= args.loss <= 1:
         raise SystemExit("--loss is a fraction between 0 and 1")
-    root = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
-    result: dict[str, Any] | None = None
-    interrupted = False
-    try:
-        result = anyio.run(_main, args, root, backend="trio")
-    except* KeyboardInterrupt:
+    return harness.run(
+        "meshd-bench-",
+        lambda root: anyio.run(harness.until_sigterm, lambda: _measure(args, root), backend="trio"),
+        keep=args.keep,
+        as_json=args.json,
+        table=print_table,
         # Every process was already ended by pid on the way out (finally blocks, HostNet).
-        interrupted = True
-    finally:
-        if result is not None and not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        elif result is None:
-            err.print(f"run directory kept: {root}")
-    if interrupted or result is None:
-        err.print("interrupted; every process and namespace was cleaned up")
-        return 130
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    return 0
+        interrupted="interrupted; every process and namespace was cleaned up",
+    )
 
 
 if __name__ == "__main__":

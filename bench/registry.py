@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
 import random
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -51,6 +47,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
+from bench import harness
 from meshd import __version__ as meshd_version
 from meshd.testing.localcluster import Daemon, LocalCluster, free_port
 from meshd_client.connection import Connection
@@ -485,46 +482,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _main(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    async with anyio.create_task_group() as tg:
-
-        async def on_sigterm() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    err.print("SIGTERM: stopping and cleaning up")
-                    tg.cancel_scope.cancel()
-
-        tg.start_soon(on_sigterm)
-        result = await bench(args, root)
-        tg.cancel_scope.cancel()
-    if not result:
-        raise KeyboardInterrupt
-    return result
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.nodes < 2 or args.entries < 1 or args.samples < 1:
         raise SystemExit("--nodes >= 2, --entries >= 1 and --samples >= 1")
-    root = Path(tempfile.mkdtemp(prefix="meshd-bench-registry-"))
-    ok = False
-    try:
-        result = anyio.run(_main, args, root, backend="trio")
-        ok = True
-    except KeyboardInterrupt:
-        err.print(f"interrupted; logs in {root}")
-        return 130
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        elif not ok:
-            err.print(f"run directory kept: {root}")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_summary(result)
-    return 0
+    return harness.run(
+        "meshd-bench-registry-",
+        lambda root: anyio.run(harness.until_sigterm, lambda: bench(args, root), backend="trio"),
+        keep=args.keep,
+        as_json=args.json,
+        table=print_summary,
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
-from meshd.placement.service import PlacementTuning
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd.testing.poll import eventually, until
 from meshd_client import (

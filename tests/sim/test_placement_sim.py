@@ -18,11 +18,12 @@ from typing import Any
 import trio
 import trio.testing
 
+from meshd.config.model import PlacementTuning
 from meshd.config.profiles import profile_tuning
 from meshd.membership.events import EventKind, MemberEvent
 from meshd.placement import rendezvous
 from meshd.placement.kinds import KindInfo, Strategy
-from meshd.placement.service import Placement, PlacementTuning
+from meshd.placement.service import Placement
 from meshd.registry.model import Entry
 from meshd.sim import SimNetwork, SimNode
 from meshd.wire.membership import Status

@@ -26,10 +26,11 @@ import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
 from meshd.placement.kinds import KindInfo, Strategy
 from meshd.placement.quorum import Quorum
-from meshd.placement.service import Placement, PlacementTuning
+from meshd.placement.service import Placement
 from meshd.registry.model import Entry
 from meshd.wire.membership import Status
 from meshd_client.protocol import errors
