@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import signal
@@ -14,6 +15,8 @@ import anyio
 import pytest
 
 from meshd.testing.localcluster import LocalCluster, free_port
+from meshd_client.protocol import messages
+from meshd_client.protocol.framing import FrameDecoder, encode_frame
 
 
 def notify_socket(path: Path) -> socket.socket:
@@ -118,72 +121,83 @@ async def test_metrics_endpoint_serves_prometheus_text(cluster: LocalCluster) ->
         assert family in text, family
 
 
-def _meshctl_as_nobody(args: list[str]) -> tuple[int, str]:
-    """Run meshctl's main() in a forked child that dropped to uid/gid "nobody".
+def _call_as_nobody(directory: Path, socket_name: str, op: str) -> str:
+    """Speak the API protocol to ``directory/socket_name`` from a forked child that dropped to
+    uid/gid "nobody", and return what happened as one line: ``ok <node>``, ``error <kind>
+    <message>`` or ``oserror <errno name>``.
 
-    Forking (no exec) because "nobody" may not be able to execute this interpreter."""
+    Two things make this independent of where the checkout and the temporary directories
+    live. The child enters ``directory`` while it is still root and connects by a relative
+    name, so the permissions of the directories above it never matter. And it imports nothing
+    after dropping privileges (everything it runs is loaded here, before the fork), so the
+    virtual environment need not be readable by "nobody"."""
     nobody = pwd.getpwnam("nobody")
-    # The child cannot read this interpreter's files after dropping privileges: import
-    # everything meshctl needs first.
-    import pickle  # noqa: F401 - only to preload; nothing is unpickled
-
-    import anyio._backends._asyncio  # noqa: F401
-
-    from meshd.cli import meshctl  # noqa: F401
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
-        code = 99
+        line = "child failed"
         try:
-            os.dup2(write_end, 1)
-            os.dup2(write_end, 2)
-            # pytest replaced sys.stdout/err with capture objects; write to the pipe instead.
-            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.chdir(directory)
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            from meshd.cli.meshctl import main
-
-            code = main(args)
+            line = _exchange(socket_name, op)
         except BaseException as exc:
-            os.write(2, repr(exc).encode())
+            line = f"child raised {exc!r}"
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            os.write(write_end, line.encode())
+            os._exit(0)
     os.close(write_end)
     chunks = []
     while chunk := os.read(read_end, 65536):
         chunks.append(chunk)
     os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _exchange(socket_name: str, op: str) -> str:
+    """Hello, then one request, on a blocking socket (runs in the unprivileged child)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(socket_name)
+    except OSError as exc:
+        sock.close()
+        return f"oserror {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+    decoder = FrameDecoder()
+    with sock:
+        sock.sendall(encode_frame(messages.hello("nobody-test")))
+        sock.sendall(encode_frame(messages.request(1, op, {})))
+        while True:
+            frame = decoder.next_frame()
+            if frame is None:
+                data = sock.recv(65536)
+                if not data:
+                    return "closed"
+                decoder.feed(data)
+                continue
+            if frame.get("t") == "res" and frame.get("ok") is False:
+                error = frame.get("error") or {}
+                return f"error {error.get('kind')} {error.get('message')}"
+            if frame.get("t") == "res" and frame.get("id") == 1:
+                return f"ok {frame['value']['node']}"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 async def test_socket_permissions_and_peer_credentials(cluster: LocalCluster) -> None:
-    # Let "nobody" reach the socket directories (pytest's tmp dirs are 0700).
-    path = cluster.root
-    while path != path.parent:
-        os.chmod(path, os.stat(path).st_mode | 0o011)
-        path = path.parent
+    # Only the directory holding the sockets must let "nobody" in (it is this test's own);
+    # the directories above it are neither needed nor touched (see _call_as_nobody).
+    os.chmod(cluster.root, 0o711)
     closed = cluster.add("closed")  # default mode 0660: nobody cannot even connect
     open_mode = cluster.add("open", extra=["--set", "api.mode=0666"])
     await cluster.wait_ready()
     assert oct(os.stat(closed.socket_path).st_mode & 0o777) == "0o660"
-    code, out = await anyio.to_thread.run_sync(
-        _meshctl_as_nobody, ["--socket", closed.socket_path, "members"]
-    )
-    assert code == 1, out
-    assert "unauthorized" in out and "permission denied" in out
+    out = await anyio.to_thread.run_sync(_call_as_nobody, cluster.root, "closed.sock", "members")
+    assert out == "oserror EACCES", out
     # The socket is world-writable, but the daemon checks SO_PEERCRED against its allow list.
-    code, out = await anyio.to_thread.run_sync(
-        _meshctl_as_nobody, ["--socket", open_mode.socket_path, "members"]
-    )
-    assert code == 1, out
-    assert "unauthorized" in out and "uid" in out
+    out = await anyio.to_thread.run_sync(_call_as_nobody, cluster.root, "open.sock", "members")
+    assert out.startswith("error unauthorized ") and "uid" in out, out
     info = await open_mode.call("info")
     assert info["node"] == "open"
     allowed = cluster.add(
@@ -191,8 +205,12 @@ async def test_socket_permissions_and_peer_credentials(cluster: LocalCluster) ->
         extra=["--set", "api.mode=0666", f"--set=api.allow_uids={pwd.getpwnam('nobody').pw_uid}"],
     )
     await cluster.wait_ready([allowed])
-    code, out = await anyio.to_thread.run_sync(
-        _meshctl_as_nobody, ["--socket", allowed.socket_path, "info"]
+    out = await anyio.to_thread.run_sync(_call_as_nobody, cluster.root, "allowed.sock", "info")
+    assert out == "ok allowed", out
+    # What an operator sees from meshctl (as this user, who may use every socket).
+    done = await anyio.run_process(
+        [sys.executable, "-m", "meshd.cli.meshctl", "--socket", allowed.socket_path, "info"],
+        check=False,
     )
-    assert code == 0, out
-    assert "allowed" in out
+    assert done.returncode == 0, done.stderr
+    assert "allowed" in done.stdout.decode()
