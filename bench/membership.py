@@ -516,6 +516,8 @@ def meshd_netns(net: HostNet, root: Path, profile: str, port: int = 7946) -> Sys
                 f"{host.addr}:{port}",
                 "--socket",
                 sock,
+                "--data-dir",
+                str(root / f"{name}.data"),
                 "--profile",
                 profile,
                 "--log-format",

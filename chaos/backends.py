@@ -107,7 +107,13 @@ class Backend(Protocol):
 
 
 def meshd_argv(
-    spec: DaemonSpec, host: str, addr: str, sock: str, keyring: str, seeds: list[str]
+    spec: DaemonSpec,
+    host: str,
+    addr: str,
+    sock: str,
+    keyring: str,
+    seeds: list[str],
+    data_dir: str,
 ) -> list[str]:
     """The daemon's command line (shared by both backends; containers get it from compose)."""
     return [
@@ -130,6 +136,8 @@ def meshd_argv(
         f"--key={spec.key}",
         "--keyring-file",
         keyring,
+        "--data-dir",
+        data_dir,
         "--metrics-bind",
         f"{addr}:{spec.metrics_port}",
         *(f"--seed={s}" for s in seeds),
@@ -250,6 +258,7 @@ class NetnsBackend:
             self.socket_path(host),
             str(d / "keyring.json"),
             with_seeds[:3],
+            str(d / "data"),
         )
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)

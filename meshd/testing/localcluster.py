@@ -146,6 +146,8 @@ class LocalCluster:
             f"127.0.0.1:{port}",
             "--socket",
             sock,
+            "--data-dir",
+            str(self.root / f"{name}.data"),
             "--profile",
             self.profile,
             "--log-format",
