@@ -16,6 +16,7 @@ from meshd import __version__
 from meshd.config import add_run_arguments, build_config, overrides_from_args
 from meshd.config.model import Config, ConfigError
 from meshd.logs import configure_logging
+from meshd.storage.store import StoreCorrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("config", help="validate a configuration and print the result")
     add_run_arguments(check)
     sub.add_parser("keygen", help="print a new random 32-byte gossip key (base64)")
+    storage = sub.add_parser("storage", help="check or repair this node's store (daemon stopped)")
+    storage.add_argument("action", choices=("check", "repair"))
+    storage.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        default=os.environ.get("MESHD_NODE_DATA_DIR", "/var/lib/meshd"),
+        help="the node's data directory (default: $MESHD_NODE_DATA_DIR or /var/lib/meshd)",
+    )
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -57,6 +66,37 @@ def _raise_open_files_limit(wanted: int = 65536) -> None:
             pass  # keep the limit we have; accept errors are counted and logged
 
 
+def _storage(action: str, directory: str) -> int:
+    from meshd.storage import repair
+    from meshd.storage.files import OsFiles, StoreLocked
+
+    files = OsFiles()
+    if action == "check":
+        report = repair.check(files, directory)
+        print(json.dumps(asdict(report), indent=2))
+        if report.in_use:
+            print(
+                "note: a daemon is using this store; its unfinished writes may show",
+                file=sys.stderr,
+            )
+        return 0 if report.ok else 1
+    try:
+        done = repair.repair(files, directory)
+    except StoreLocked:
+        print("meshd: the store is in use: stop the daemon first", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meshd: repair failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(done), indent=2))
+    print(
+        f"repaired: {done.documents} documents kept; the original files are in "
+        f"{done.quarantine}. Start the daemon: it resyncs the rest from its peers.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     if ns.command == "version":
@@ -65,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "keygen":
         print(base64.b64encode(os.urandom(32)).decode())
         return 0
+    if ns.command == "storage":
+        return _storage(ns.action, os.path.join(ns.data_dir, "store"))
     try:
         config = _load(ns)
     except ConfigError as exc:
@@ -83,6 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshd: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StoreCorrupt as exc:
+        print(
+            f"meshd: the store cannot be read: {exc}\n"
+            f"  Check it with:   meshd storage check --data-dir {config.node.data_dir}\n"
+            f"  Way out:         meshd storage repair --data-dir {config.node.data_dir}\n"
+            "                   (moves the unreadable files aside; this node then starts from "
+            "what is left and resyncs the rest from its peers)",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:
         print(f"meshd: {exc}", file=sys.stderr)
         return 1

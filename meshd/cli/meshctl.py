@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     agents.add_argument("--node", help="only agents hosted on this node")
     agents.add_argument("--limit", type=int, default=1000, help="rows to show (1000)")
     sub.add_parser("events", help="stream registry events (registered, moved, conflict, ...)")
+    storage = sub.add_parser("storage", help="this node's store: size, health, last fsync")
+    storage.add_argument(
+        "action",
+        nargs="?",
+        choices=("status", "snapshot"),
+        default="status",
+        help="status (default), or write a snapshot now",
+    )
     state = sub.add_parser("state", help="shared state documents")
     state_sub = state.add_subparsers(dest="state_op", required=True)
     state_get = state_sub.add_parser("get", help="print a document's value (JSON)")
@@ -174,6 +182,14 @@ async def _state(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+async def _storage(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    op = "storage.snapshot" if ns.action == "snapshot" else "storage"
+    timeout = max(ns.timeout, 60.0) if ns.action == "snapshot" else ns.timeout
+    result = await conn.call(op, timeout=timeout)
+    _print_json(result) if ns.json else out.print(render.storage_table(result))
+    return 0 if result.get("healthy", True) else 1
+
+
 async def _keys(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     args = {"op": ns.keys_op}
     if ns.keys_op != "list":
@@ -298,6 +314,7 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[in
     "agents": _agents,
     "events": _events,
     "state": _state,
+    "storage": _storage,
     "keys": _keys,
 }
 

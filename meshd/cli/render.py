@@ -81,6 +81,52 @@ def info_table(info: dict[str, Any]) -> Table:
     return table
 
 
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def storage_table(status: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if not status.get("enabled"):
+        table.add_row("storage", Text("disabled: memory only, nothing survives a restart", "red"))
+        table.add_row("documents", str(status.get("documents", 0)))
+        return table
+    healthy = status.get("healthy")
+    table.add_row(
+        "health",
+        Text("ok", "green")
+        if healthy
+        else Text(f"FAILING ({status.get('failure')}): {status.get('failure_detail')}", "red"),
+    )
+    table.add_row("directory", str(status.get("directory")))
+    table.add_row("documents", str(status.get("documents")))
+    table.add_row("on disk", _size(int(status.get("disk_bytes", 0))))
+    table.add_row(
+        "snapshot",
+        f"{_size(int(status.get('snapshot_bytes', 0)))}, "
+        + (ago(status["last_snapshot"]) if status.get("last_snapshot") else "none this run"),
+    )
+    table.add_row("log since snapshot", _size(int(status.get("log_bytes", 0))))
+    table.add_row(
+        "last fsync", ago(status["last_sync"]) if status.get("last_sync") else "none this run"
+    )
+    mean = status.get("fsync_mean_ms")
+    table.add_row("fsync mean", f"{mean} ms" if mean is not None else "-")
+    table.add_row("waiting for disk", _size(int(status.get("pending_bytes", 0))))
+    failures = status.get("failures") or {}
+    table.add_row("errors", ", ".join(f"{k}={v}" for k, v in sorted(failures.items())) or "none")
+    if status.get("last_error"):
+        table.add_row("last error", str(status["last_error"]))
+    return table
+
+
 def keys_table(result: dict[str, Any]) -> Table:
     total = result.get("members", 0)
     table = Table(

@@ -40,6 +40,7 @@ from meshd.config.model import (
     NodeConfig,
     PlacementTuning,
     SecurityConfig,
+    StorageTuning,
 )
 from meshd.config.profiles import PROFILES, profile_tuning
 
@@ -479,6 +480,7 @@ def _settings() -> Mapping[str, _Parser]:
             "node.data_dir": _parse_path,
             **_tuning_parsers("membership", MembershipTuning),
             **_tuning_parsers("placement", PlacementTuning),
+            **_tuning_parsers("storage", StorageTuning),
             "security.keys": _list_of(_parse_key),
             "security.keyring_file": _optional(_parse_path),
             "security.label": _parse_label,
@@ -646,6 +648,8 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     membership.validate()
     placement = PlacementTuning(**_section(values, "placement"))
     placement.validate()
+    storage = StorageTuning(**_section(values, "storage"))
+    storage.validate()
     node = _section(values, "node")
     if "name" not in node:
         node["name"] = _default_node_name()
@@ -656,6 +660,7 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
         profile=profile,
         membership=membership,
         placement=placement,
+        storage=storage,
         security=security,
         api=ApiConfig(**_section(values, "api")),
         metrics=MetricsConfig(**_section(values, "metrics")),

@@ -122,6 +122,34 @@ class PlacementTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageTuning:
+    """The per-node store under ``node.data_dir`` (docs/replication.md#durability)."""
+
+    # False keeps everything in memory only: nothing survives a restart (benchmarks only).
+    enabled: bool = True
+    # Group commit: a ``local`` write reaches the disk at most this long after it returned.
+    # ``majority`` writes and ACKs do not wait for it: they ask for an fsync at once.
+    sync_interval: float = 0.01
+    # Bytes waiting for the disk before the store gives up on its log and recovers through a
+    # snapshot (a disk that stalls must not grow memory without bound).
+    max_pending: int = 64 << 20
+    # A snapshot is written once the logs since the last one exceed this many bytes and the
+    # last snapshot's size: restart time stays bounded by the size of the state.
+    snapshot_min_log: int = 16 << 20
+    snapshot_check: float = 1.0
+
+    def validate(self, prefix: str = "storage") -> None:
+        if not 0 <= self.sync_interval <= 10:
+            raise ConfigError(f"{prefix}.sync_interval", "must be between 0 and 10 seconds")
+        if not 1 << 20 <= self.max_pending <= 1 << 34:
+            raise ConfigError(f"{prefix}.max_pending", "must be between 1 MiB and 16 GiB")
+        if not 1 << 16 <= self.snapshot_min_log <= 1 << 36:
+            raise ConfigError(f"{prefix}.snapshot_min_log", "must be between 64 KiB and 64 GiB")
+        if not self.snapshot_check > 0:
+            raise ConfigError(f"{prefix}.snapshot_check", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     bind: Address = ("0.0.0.0", 7946)  # noqa: S104 (a cluster daemon listens on the LAN)
@@ -166,6 +194,7 @@ class Config:
     profile: str = "lan"
     membership: MembershipTuning = field(default_factory=MembershipTuning)
     placement: PlacementTuning = field(default_factory=PlacementTuning)
+    storage: StorageTuning = field(default_factory=StorageTuning)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -26,23 +26,27 @@ _LABEL_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 def render_text(samples: Iterable[Sample]) -> str:
     """Formats ``samples`` as one exposition document (empty string for no samples)."""
-    families: dict[str, dict[Labels, Sample]] = {}
+    families: dict[str, dict[tuple[str, Labels], Sample]] = {}
     kinds: dict[str, Kind] = {}
     helps: dict[str, str] = {}
     for sample in samples:
         labels = _normalized_labels(sample)
         if labels is None:
             continue
-        name = sample.name
+        name = _family_name(sample)
+        if name is None:
+            _log.warning("histogram sample %s lacks a histogram suffix; dropped", sample.name)
+            continue
         kind = kinds.setdefault(name, sample.kind)
         if kind != sample.kind:
             _log.warning("metric %s: %s sample in a %s family; dropped", name, sample.kind, kind)
             continue
         family = families.setdefault(name, {})
-        if labels in family:
-            _log.warning("metric %s%s: duplicate sample; dropped", name, dict(labels))
+        key = (sample.name, labels)
+        if key in family:
+            _log.warning("metric %s%s: duplicate sample; dropped", sample.name, dict(labels))
             continue
-        family[labels] = sample
+        family[key] = sample
         if sample.help and name not in helps:
             helps[name] = sample.help
 
@@ -51,10 +55,34 @@ def render_text(samples: Iterable[Sample]) -> str:
         lines.append(f"# HELP {name} {_escape_help(helps.get(name, ''))}")
         lines.append(f"# TYPE {name} {kinds[name]}")
         family = families[name]
-        for labels in sorted(family):
-            value = _format_value(family[labels].value)
-            lines.append(f"{name}{_format_labels(labels)} {value}")
+        for sample_name, labels in sorted(family, key=_histogram_order):
+            value = _format_value(family[(sample_name, labels)].value)
+            lines.append(f"{sample_name}{_format_labels(labels)} {value}")
     return "".join(line + "\n" for line in lines)
+
+
+_HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")
+
+
+def _family_name(sample: Sample) -> str | None:
+    if sample.kind != "histogram":
+        return sample.name
+    for suffix in _HISTOGRAM_SUFFIXES:
+        if sample.name.endswith(suffix):
+            return sample.name[: -len(suffix)]
+    return None
+
+
+def _histogram_order(key: tuple[str, Labels]) -> tuple[Labels, int, float, str]:
+    """Samples by their other labels, then buckets in ``le`` order, then sum and count."""
+    name, labels = key
+    others = tuple((k, v) for k, v in labels if k != "le")
+    try:
+        bound = float(dict(labels).get("le", "+Inf"))
+    except ValueError:
+        bound = math.inf
+    rank = next((i for i, s in enumerate(_HISTOGRAM_SUFFIXES) if name.endswith(s)), 0)
+    return (others, rank, bound, name)
 
 
 def _normalized_labels(sample: Sample) -> Labels | None:

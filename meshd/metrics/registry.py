@@ -13,7 +13,7 @@ from typing import Final, Literal
 
 _log: Final = logging.getLogger(__name__)
 
-Kind = Literal["counter", "gauge"]
+Kind = Literal["counter", "gauge", "histogram"]
 Labels = tuple[tuple[str, str], ...]
 COLLECTOR_ERRORS: Final = "meshd_metrics_collector_errors_total"
 
@@ -23,7 +23,9 @@ class Sample:
     """One value of one metric at scrape time.
 
     ``name`` is the full metric name (a counter carries its ``_total`` suffix itself).
-    Samples sharing a name form a family; ``kind`` and ``help`` are taken from the family.
+    Samples sharing a name form a family; ``kind`` and ``help`` are taken from the family. A
+    histogram's samples are named ``<family>_bucket`` (with an ``le`` label), ``_sum`` and
+    ``_count``, and form the family named without the suffix.
     """
 
     name: str

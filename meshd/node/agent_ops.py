@@ -64,7 +64,6 @@ def register(node: Node) -> None:
             capabilities=args.get("capabilities", ()),
             metadata=args.get("metadata"),
         )
-        node.replication.flush()
         notices = trio.Event()
         conflict: list[dict[str, Any]] = []
 
@@ -94,7 +93,6 @@ def register(node: Node) -> None:
             router.detach(entry.name, session)
             if node.registry.holds(entry.name) == entry:
                 node.registry.unregister(trio.current_time(), entry.name)
-                node.replication.flush()
 
     async def reply(_session: Session, req: messages.Request) -> Any:
         args = req.args
@@ -169,17 +167,14 @@ def register(node: Node) -> None:
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
         hosts = router.publish(_name(req.args, "topic"), event)
-        node.replication.flush()
         return {"hosts": hosts}
 
     async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
         cancel = router.subscribe(trio.current_time(), _name(req.args, "pattern"), stream)
-        node.replication.flush()
         try:
             await stream.until_failed()
         finally:
             cancel()
-            node.replication.flush()
 
     async def health(_session: Session, req: messages.Request) -> Any:
         return router.health(_name(req.args, "name"))

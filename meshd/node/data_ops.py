@@ -9,7 +9,7 @@ import trio
 from meshd.api.server import Session, Stream
 from meshd.registry.registry import RegistryEvent
 from meshd.replication.core import Durability
-from meshd.state.service import check_name
+from meshd.state.service import check_name, outcome
 from meshd_client.protocol import errors, messages
 
 if TYPE_CHECKING:
@@ -33,15 +33,7 @@ def _opt_str(args: dict[str, Any], key: str) -> str | None:
 
 
 async def _majority(node: Node, token: int | None) -> dict[str, Any]:
-    result = await node.replication.wait(token)
-    summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
-    if not result.ok:
-        raise errors.Timeout(
-            f"majority not reached: {len(result.acked)} of {result.total} live members hold "
-            f"the change, {result.needed} needed (it is applied here and will spread)",
-            detail=summary,
-        )
-    return summary
+    return outcome(await node.replication.wait(token))
 
 
 def register(node: Node) -> None:
@@ -52,7 +44,6 @@ def register(node: Node) -> None:
         node.registry.unregister_many(
             trio.current_time(), sorted(session.state.pop(SESSION_AGENTS, set()))
         )
-        node.replication.flush()
 
     async def register_agent(session: Session, req: messages.Request) -> Any:
         args = req.args
@@ -74,8 +65,6 @@ def register(node: Node) -> None:
         out = entry.to_dict()
         if durability == "majority":
             out["durability"] = await _majority(node, token)
-        else:
-            node.replication.flush()
         return out
 
     async def unregister_agent(session: Session, req: messages.Request) -> Any:
@@ -90,8 +79,6 @@ def register(node: Node) -> None:
         out: dict[str, Any] = {"removed": True}
         if durability == "majority":
             out["durability"] = await _majority(node, token)
-        else:
-            node.replication.flush()
         return out
 
     async def lookup(_session: Session, req: messages.Request) -> Any:
@@ -169,7 +156,7 @@ def register(node: Node) -> None:
         prefix = req.args.get("prefix", "")
         if not isinstance(prefix, str):
             raise errors.Invalid("prefix must be a string")
-        store = node.replicator.store
+        store = node.replication.store
         docs = {r.name: [r.epoch, f"{r.hash:016x}"] for r in store if r.name.startswith(prefix)}
         return {"digest": store.digest().hex(), "count": len(docs), "docs": docs}
 

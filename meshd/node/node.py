@@ -29,7 +29,7 @@ from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import EventKind, MemberEvent
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
-from meshd.node import agent_ops, control, data_ops, lifecycle_ops, telemetry
+from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.placement.reminders import Reminders
@@ -45,6 +45,9 @@ from meshd.security.keyring import Keyring, KeyringError, parse_key
 from meshd.state.compaction import CompactionTuning, Compactor, Rebase, rebase
 from meshd.state.service import DOC_PREFIX as STATE_PREFIX
 from meshd.state.service import StateService
+from meshd.storage.driver import StorageDriver
+from meshd.storage.files import OsFiles
+from meshd.storage.store import Store
 from meshd.systemd.notify import Notifier
 from meshd.transport.links import PeerLinks
 from meshd.transport.stats import TransportStats
@@ -176,6 +179,7 @@ class Node:
         self.api: ApiServer
         self.replicator: Replicator
         self.replication: ReplicationDriver
+        self.storage: StorageDriver | None = None
         self.links: PeerLinks
         self.registry: Registry
         self.state: StateService
@@ -185,6 +189,7 @@ class Node:
         self.placement: Placement
         self.reminders: Reminders
         self.port = 0
+        self._ever_joined = False
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
 
@@ -240,6 +245,7 @@ class Node:
             logging.getLogger("meshd.keys"),
         )
         self._build_data_layer()
+        await self._recover()
         streams = StreamServer(
             self.envelope, self.transport_stats, logging.getLogger("meshd.transport")
         )
@@ -259,6 +265,7 @@ class Node:
         data_ops.register(self)
         agent_ops.register(self)
         lifecycle_ops.register(self)
+        storage_ops.register(self)
         telemetry.register(self)
         log.info(
             "meshd starting",
@@ -277,6 +284,8 @@ class Node:
                     trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
                 await nursery.start(self.driver.run)
+                if self.storage is not None:
+                    await nursery.start(self.storage.run)
                 await nursery.start(self.links.run)
                 await nursery.start(self.replication.run)
                 await nursery.start(self.routing_links.run)
@@ -284,9 +293,9 @@ class Node:
                 await nursery.start(self.placement.run)
                 await nursery.start(self.reminders.run)
                 self.registry.open_own()
-                self.replication.flush()
                 self.core.start(trio.current_time(), seeds)
                 await self.driver.flush()
+                self._members_changed()
                 nursery.start_soon(self._registry_upkeep)
                 await nursery.start(self.api.serve)
                 if config.metrics.enabled:
@@ -307,10 +316,49 @@ class Node:
                 gc.set_threshold(5000, 20, 20)
                 await self._stop.wait()
                 await self._leave()
+                if self.storage is not None and not await self.storage.drain():
+                    log.error(
+                        "storage: not everything reached the disk before exit",
+                        extra=kv(error=self.storage.last_error or "timeout"),
+                    )
                 nursery.cancel_scope.cancel()
         finally:
             sockets.udp.close()
+            if self.storage is not None:
+                self.storage.store.close()
         return 0
+
+    async def _recover(self) -> None:
+        """Read this node's store back before anything is heard from a peer: a restarted
+        daemon serves what it held at once, and anti-entropy merges what it missed."""
+        if self.storage is None:
+            log.warning(
+                "STORAGE DISABLED (storage.enabled = false): state lives in memory only and "
+                "nothing survives a restart"
+            )
+            return
+        store = self.storage.store
+        started = time.perf_counter()
+        recovered = await trio.to_thread.run_sync(store.recover)
+        loaded = self.replication.load(
+            (name, history.epoch, history.updates) for name, history in recovered.docs.items()
+        )
+        if recovered.torn is not None:
+            log.warning(
+                "store: cut a torn tail (an unfinished write)", extra=kv(tail=recovered.torn)
+            )
+        log.info(
+            "store recovered",
+            extra=kv(
+                directory=store.directory,
+                documents=loaded,
+                refused=len(recovered.docs) - loaded,
+                snapshot=recovered.snapshot or "none",
+                logs=len(recovered.logs),
+                bytes=recovered.bytes_read,
+                seconds=round(time.perf_counter() - started, 3),
+            ),
+        )
 
     def _build_data_layer(self) -> None:
         """Replication, the registry and shared state, wired to membership."""
@@ -322,8 +370,23 @@ class Node:
             now=trio.current_time(),
             accept=self._accept_doc,
         )
+        tuning = self.config.storage
+        if tuning.enabled:
+            store = Store(
+                OsFiles(),
+                os.path.join(self.config.node.data_dir, "store"),
+                max_pending=tuning.max_pending,
+                snapshot_min_log=tuning.snapshot_min_log,
+            )
+            self.storage = StorageDriver(
+                store,
+                tuning,
+                logging.getLogger("meshd.storage"),
+                names=lambda: [r.name for r in self.replicator.store],
+                encode=self._encode_doc,
+            )
         self.replication = ReplicationDriver(
-            self.replicator, logging.getLogger("meshd.replication")
+            self.replicator, logging.getLogger("meshd.replication"), self.storage
         )
         self.links = PeerLinks(
             Channel.REPLICATION,
@@ -338,7 +401,7 @@ class Node:
         self.registry = Registry(
             node=name,
             epoch=self.epoch,
-            replicator=self.replicator,
+            docs=self.replication,
             liveness=MembershipLiveness(self.core),
             wall_ms=lambda: int(time.time() * 1000),
         )
@@ -347,7 +410,7 @@ class Node:
         self.registry.listeners.append(self._on_registry_event)
         self.state = StateService(self.replication)
         self.compactor = Compactor(
-            self.replicator, CompactionTuning(), self._coordinates, STATE_PREFIX
+            self.replication, CompactionTuning(), self._coordinates, STATE_PREFIX
         )
         self.replicator.on_replaced = self._on_replaced
         self.replication.doc_listeners.append(self._on_doc_event)
@@ -360,7 +423,7 @@ class Node:
         self.router = Router(
             node=name,
             registry=self.registry,
-            replicator=self.replicator,
+            docs=self.replication,
             membership=self.core,
             log=logging.getLogger("meshd.routing"),
         )
@@ -381,23 +444,25 @@ class Node:
             node=name,
             membership=self.core,
             registry=self.registry,
-            replicator=self.replicator,
+            docs=self.replication,
             tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
         )
         self.placement.router = self.router
-        self.placement.flush = self.replication.flush
         self.placement.catch_up = self.replication.catch_up
         self.router.placement = self.placement
         self.replication.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(
-            self.replicator,
+            self.replication,
             lambda: list(self.router.local),
             self.router.call,
-            self.replication.flush,
             logging.getLogger("meshd.reminders"),
         )
         self.driver.listeners.append(self._on_member_event)
+
+    def _encode_doc(self, name: str) -> tuple[int, bytes] | None:
+        replica = self.replicator.store.get(name)
+        return None if replica is None else (replica.epoch, replica.full_update())
 
     def _coordinates(self) -> bool:
         """The live member with the lowest name coordinates compaction."""
@@ -428,7 +493,7 @@ class Node:
                     counters=len(found.slots),
                 ),
             )
-            self.replicator.write(now, event.name, found.apply, epoch=epoch)
+            self.replication.write(now, event.name, found.apply, epoch=epoch)
 
     def _accept_doc(self, name: str, epoch: int) -> bool:
         if name.startswith(REGISTRY_PREFIX):
@@ -441,13 +506,24 @@ class Node:
             return None
         return member.addr
 
+    def _members_changed(self) -> None:
+        """Tell replication who is live and what the reference membership is. Until this
+        node has joined its cluster once, its table is not the cluster's: no majority can be
+        counted then (a restarted node alone must not call itself a majority)."""
+        members = self.core.members()
+        if self.core.joined:
+            self._ever_joined = True
+        live = [m.name for m in members if m.status in (Status.ALIVE, Status.SUSPECT)]
+        reference = (
+            [m.name for m in members if m.status is not Status.LEFT] if self._ever_joined else None
+        )
+        self.replication.set_members(live, reference)
+
     def _on_member_event(self, event: MemberEvent) -> None:
         member = event.member.name
         if member == self.config.node.name:
             return
-        self.replicator.set_peers(
-            m.name for m in self.core.members() if m.status in (Status.ALIVE, Status.SUSPECT)
-        )
+        self._members_changed()
         if event.kind in (EventKind.DEAD, EventKind.LEAVE):
             self.links.close(member)
             self.routing_links.close(member)
@@ -461,12 +537,11 @@ class Node:
             # every member at once (it pulls from one peer itself as it joins).
             peers = len(self.replicator.peers)
             if peers <= 2 or self._rng.random() < 2 / peers:
-                self.replicator.request_sync(trio.current_time(), member)
+                self.replication.request_sync(trio.current_time(), member)
         self.registry.node_changed(member)
         while self._dead_hosts:
             # After the registry stopped resolving its agents: re-place what it ran.
             self.placement.host_down(self._dead_hosts.pop())
-        self.replication.flush()
 
     def _on_registry_event(self, event: RegistryEvent) -> None:
         if event.kind != "conflict" or event.entry.node != self.config.node.name:
@@ -489,18 +564,18 @@ class Node:
             },
         )
         self.registry.unregister(trio.current_time(), event.name)
-        self.replication.flush()
 
     async def _registry_upkeep(self) -> None:
         while True:
             await trio.sleep(5)
             now = trio.current_time()
+            self._members_changed()  # joined, reaped: catch what no event announced
             self.registry.tick(now)
             self.compactor.tick(now)
-            self.replication.flush()
 
     async def _announce_ready(self) -> None:
         await self.driver.joined.wait()
+        self._members_changed()  # the table is the cluster's now: majorities can be counted
         members = self.core.alive_count
         self.notifier.ready(f"joined; {members} members alive")
         log.info("ready", extra=kv(members=members))

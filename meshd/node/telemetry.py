@@ -196,5 +196,49 @@ def register(node: Node) -> None:
             "Agents registered on this host.",
         )
 
-    for collector in (membership, transport, api, process, replication, agents):
+    def storage() -> Iterator[Sample]:
+        driver = node.storage
+        if driver is None:
+            return
+        store = driver.store
+        yield _gauge("meshd_storage_healthy", 1 if store.healthy else 0, "1 if the log is trusted.")
+        yield _gauge("meshd_storage_log_bytes", store.log_bytes, "Bytes logged since the snapshot.")
+        yield _gauge("meshd_storage_snapshot_bytes", store.snapshot_bytes, "Newest snapshot size.")
+        yield _gauge("meshd_storage_pending_bytes", store.pending_bytes, "Bytes waiting for disk.")
+        yield _gauge("meshd_storage_acks_held", node.replication.acks_held, "ACKs awaiting fsync.")
+        yield _counter("meshd_storage_commits_total", store.stats.commits, "Group commits.")
+        yield _counter("meshd_storage_snapshots_total", store.stats.snapshots, "Snapshots written.")
+        yield _counter(
+            "meshd_storage_appended_bytes_total", store.stats.appended_bytes, "Bytes appended."
+        )
+        yield _counter(
+            "meshd_storage_dropped_records_total",
+            store.stats.dropped_records,
+            "Changes not logged while the store was failing (the recovery snapshot covers them).",
+        )
+        for kind in ("disk_full", "io_error", "read_only", "permission", "backlog", "internal"):
+            yield _counter(
+                "meshd_storage_errors_total",
+                store.stats.failures.get(kind, 0),
+                "Storage write failures by kind.",
+                kind=kind,
+            )
+        fsync = driver.fsync
+        counts = fsync.counts or [0] * (len(fsync.bounds) + 1)
+        running = 0
+        help_text = "Latency of one group commit (write + fsync), seconds."
+        for bound, count in zip(fsync.bounds, counts, strict=False):
+            running += count
+            yield Sample(
+                "meshd_storage_fsync_seconds_bucket",
+                running,
+                (("le", repr(bound)),),
+                "histogram",
+                help_text,
+            )
+        yield Sample("meshd_storage_fsync_seconds_bucket", fsync.n, (("le", "+Inf"),), "histogram")
+        yield Sample("meshd_storage_fsync_seconds_sum", fsync.total, (), "histogram")
+        yield Sample("meshd_storage_fsync_seconds_count", fsync.n, (), "histogram")
+
+    for collector in (membership, transport, api, process, replication, agents, storage):
         node.metrics.register(collector)

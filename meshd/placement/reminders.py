@@ -1,11 +1,16 @@
-"""Reminders: messages an agent schedules to itself, durably.
+"""Reminders: messages an agent schedules to itself, durably and at least once.
 
 A reminder lives in the agent's replicated state document (root map ``reminders``: name →
-``[due_ms, every_ms, data]``, wall-clock milliseconds), so it survives the agent moving or
-failing over: the daemon where the agent is active at the time fires it. Firing sends the
-agent a message from ``meshd:reminders`` with body ``{"reminder": name, "data": data}``, then
-reschedules (periodic) or removes (one-shot) the reminder. Timers, by contrast, live in the
-client with the activation and die with it.
+``[due_ms, every_ms, data]``, wall-clock milliseconds), so it is on disk with the rest of
+the state and survives restarts, moves and failovers: the daemon where the agent is active
+at the time fires it. Firing sends the agent a message from ``meshd:reminders`` with body
+``{"reminder": name, "data": data, "id": id, "due_ms": due}`` at least once: the
+reminder is rescheduled (periodic) or removed (one-shot) only **after** the agent handled
+the message. If the agent, its runner or its host dies first, the reminder is still due and
+fires again — at the agent's next activation, wherever that is — with the same ``id``
+(``name@due_ms``), so that the agent can tell a repeat. A delivery that fails is retried with
+back-off (1 s doubling to 60 s). Timers, by contrast, live in the client with the
+activation and die with it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import trio
 from pycrdt import Doc, Map
 
 from meshd.placement.service import state_doc
-from meshd.replication.core import Replicator
+from meshd.replication.documents import Documents
 from meshd.routing.messages import DeliveryKind
 from meshd_client.protocol import cbor, errors
 
@@ -27,6 +32,8 @@ ROOT: Final = "reminders"
 SENDER: Final = "meshd:reminders"
 MIN_PERIOD_MS: Final = 100
 MAX_REMINDERS: Final = 1000
+RETRY_MIN: Final = 1.0
+RETRY_MAX: Final = 60.0
 
 
 def _decode(raw: Any) -> tuple[int, int, Any] | None:
@@ -39,21 +46,28 @@ def _decode(raw: Any) -> tuple[int, int, Any] | None:
     return due, every, data
 
 
+def reminder_id(name: str, due_ms: int) -> str:
+    """The id of one occurrence: the same for every attempt to deliver it."""
+    return f"{name}@{due_ms}"
+
+
 class Reminders:
     def __init__(
         self,
-        replicator: Replicator,
+        docs: Documents,
         local_agents: Callable[[], list[str]],
         deliver: Callable[..., Any],
-        flush: Callable[[], None],
         log: logging.Logger,
     ) -> None:
-        self.replicator = replicator
+        self.docs = docs
         self.local_agents = local_agents
         self.deliver = deliver  # router.call
-        self.flush = flush
         self.log = log
         self.fired = 0
+        self.retried = 0
+        # Occurrences being delivered from here, and when a failed one may be tried again.
+        self._in_flight: set[tuple[str, str, int]] = set()
+        self._retry: dict[tuple[str, str, int], tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ API side
 
@@ -72,14 +86,14 @@ class Reminders:
         self._write(now, agent, mutate)
 
     def forget(self, now: float, agent: str, name: str) -> bool:
-        replica = self.replicator.store.get(state_doc(agent))
+        replica = self.docs.store.get(state_doc(agent))
         if replica is None or name not in replica.doc.get(ROOT, type=Map):
             return False
         self._write(now, agent, lambda doc: doc.get(ROOT, type=Map).pop(name, None))
         return True
 
     def listing(self, agent: str) -> dict[str, dict[str, Any]]:
-        replica = self.replicator.store.get(state_doc(agent))
+        replica = self.docs.store.get(state_doc(agent))
         if replica is None:
             return {}
         out = {}
@@ -91,10 +105,9 @@ class Reminders:
 
     def _write(self, now: float, agent: str, mutate: Callable[[Doc[Any]], None]) -> None:
         doc = state_doc(agent)
-        replica = self.replicator.store.get(doc)
+        replica = self.docs.store.get(doc)
         epoch = replica.epoch if replica is not None else 0
-        self.replicator.write(now, doc, mutate, epoch=epoch)
-        self.flush()
+        self.docs.write(now, doc, mutate, epoch=epoch)
 
     # ------------------------------------------------------------------ firing
 
@@ -103,56 +116,93 @@ class Reminders:
             task_status.started()
             while True:
                 await trio.sleep(0.2)
-                for agent, name, data in self._due(trio.current_time()):
-                    nursery.start_soon(self._fire, agent, name, data)
+                for agent, name, due, data in self.due(trio.current_time()):
+                    nursery.start_soon(self._fire, agent, name, due, data)
 
-    def _due(self, now: float) -> list[tuple[str, str, Any]]:
+    def due(self, now: float) -> list[tuple[str, str, int, Any]]:
+        """Occurrences to deliver now (each is then in flight until :meth:`handled` or
+        :meth:`failed`)."""
         wall = int(time.time() * 1000)
-        fired: list[tuple[str, str, Any]] = []
+        out: list[tuple[str, str, int, Any]] = []
         for agent in self.local_agents():
-            replica = self.replicator.store.get(state_doc(agent))
+            replica = self.docs.store.get(state_doc(agent))
             if replica is None:
                 continue
-            reminders: Map[Any] = replica.doc.get(ROOT, type=Map)
-            due_now = []
-            for name, raw in reminders.items():
+            for name, raw in replica.doc.get(ROOT, type=Map).items():
                 decoded = _decode(raw)
-                if decoded is not None and decoded[0] <= wall:
-                    due_now.append((name, *decoded))
-            if not due_now:
-                continue
+                if decoded is None or decoded[0] > wall:
+                    continue
+                key = (agent, name, decoded[0])
+                if key in self._in_flight:
+                    continue
+                retry = self._retry.get(key)
+                if retry is not None and now < retry[0]:
+                    continue
+                self._in_flight.add(key)
+                out.append((agent, name, decoded[0], decoded[2]))
+        return out
 
-            def reschedule(
-                doc: Doc[Any],
-                items: list[tuple[str, int, int, Any]] = due_now,
-            ) -> None:
-                target: Map[Any] = doc.get(ROOT, type=Map)
-                for name, due, every, data in items:
-                    if every > 0:
-                        # Missed periods (the host was down) fire once, not n times.
-                        periods = (wall - due) // every + 1
-                        target[name] = cbor.dumps([due + periods * every, every, data])
-                    else:
-                        target.pop(name, None)
+    def handled(self, now: float, agent: str, name: str, due: int) -> None:
+        """The agent handled the occurrence due at ``due``: reschedule or remove the
+        reminder — unless it was changed meanwhile (set again, or forgotten)."""
+        key = (agent, name, due)
+        self._in_flight.discard(key)
+        self._retry.pop(key, None)
+        self.fired += 1
+        wall = int(time.time() * 1000)
 
-            self.replicator.write(now, replica.name, reschedule, epoch=replica.epoch)
-            fired.extend((agent, name, data) for name, _, _, data in due_now)
-        if fired:
-            self.flush()
-        return fired
+        def advance(doc: Doc[Any]) -> None:
+            target: Map[Any] = doc.get(ROOT, type=Map)
+            current = _decode(target.get(name)) if name in target else None
+            if current is None or current[0] != due:
+                return
+            every = current[1]
+            if every > 0:
+                # Missed periods (the host was down) fire once, not n times.
+                periods = (wall - due) // every + 1
+                target[name] = cbor.dumps([due + periods * every, every, current[2]])
+            else:
+                target.pop(name, None)
 
-    async def _fire(self, agent: str, name: str, data: Any) -> None:
+        if self.docs.store.get(state_doc(agent)) is not None:
+            self._write(now, agent, advance)
+
+    def failed(self, now: float, agent: str, name: str, due: int) -> float:
+        """Delivery failed: the reminder stays due; returns when it is tried again."""
+        key = (agent, name, due)
+        self._in_flight.discard(key)
+        self.retried += 1
+        _, delay = self._retry.get(key, (0.0, RETRY_MIN / 2))
+        delay = min(RETRY_MAX, delay * 2)
+        self._retry[key] = (now + delay, delay)
+        return delay
+
+    async def _fire(self, agent: str, name: str, due: int, data: Any) -> None:
+        occurrence = reminder_id(name, due)
         try:
             await self.deliver(
                 to=agent,
-                body={"reminder": name, "data": data},
+                body={"reminder": name, "data": data, "id": occurrence, "due_ms": due},
                 sender=SENDER,
                 kind=DeliveryKind.SEND,
+                # Acknowledged once handled. Each attempt is a new message (a receiver would
+                # answer a repeated message id with the first attempt's failure); the body's
+                # id is the same for every attempt, for the agent to tell repeats.
+                at_least_once=True,
                 timeout=10.0,
             )
-            self.fired += 1
         except errors.MeshError as exc:
+            delay = self.failed(trio.current_time(), agent, name, due)
             self.log.warning(
-                "reminder not delivered",
-                extra={"fields": {"agent": agent, "reminder": name, "error": exc.message}},
+                "reminder not delivered; it stays due",
+                extra={
+                    "fields": {
+                        "agent": agent,
+                        "reminder": occurrence,
+                        "error": exc.message,
+                        "retry_in": delay,
+                    }
+                },
             )
+            return
+        self.handled(trio.current_time(), agent, name, due)

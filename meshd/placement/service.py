@@ -40,7 +40,8 @@ from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
 from meshd.placement.quorum import Quorum
 from meshd.registry.model import Entry
 from meshd.registry.registry import DOC_PREFIX, Registry, RegistryEvent
-from meshd.replication.core import DocEvent, Replicator
+from meshd.replication.core import DocEvent
+from meshd.replication.documents import Documents
 from meshd.wire.membership import Status
 from meshd_client.protocol import errors
 
@@ -89,18 +90,17 @@ class Placement:
         node: str,
         membership: Membership,
         registry: Registry,
-        replicator: Replicator,
+        docs: Documents,
         tuning: PlacementTuning,
         log: logging.Logger,
     ) -> None:
         self.node = node
         self.membership = membership
         self.registry = registry
-        self.replicator = replicator
+        self.docs = docs
         self.tuning = tuning
         self.log = log
         self.router: Router | None = None
-        self.flush: Callable[[], None] = lambda: None
         self.catch_up: Callable[[str, list[str], float], Awaitable[bool]] = _caught_up
         self.table = KindTable()
         self.runners: dict[str, list[Runner]] = {}
@@ -135,7 +135,7 @@ class Placement:
         if not event.name.startswith(DOC_PREFIX):
             return
         host = event.name[len(DOC_PREFIX) :]
-        replica = self.replicator.store.get(event.name)
+        replica = self.docs.store.get(event.name)
         if event.kind == "dropped" or replica is None:
             self.table.drop_host(host)
             return
@@ -178,7 +178,6 @@ class Placement:
                 kinds[kind] = info.encode()
 
         self.registry.write_own(now, ROOT, mutate)
-        self.flush()
 
     # ------------------------------------------------------------------ owners
 
@@ -443,8 +442,7 @@ class Placement:
                 await trio.sleep(0.02)
         # Its state rode the fast path with each write; one repair round makes sure the
         # new owner holds all of it before the agent starts there.
-        self.replicator.sync_with(trio.current_time(), target)
-        self.flush()
+        self.docs.sync_with(trio.current_time(), target)
         deadline = trio.current_time() + ACTIVATION_TIMEOUT
         while True:
             try:

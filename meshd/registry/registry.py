@@ -1,9 +1,9 @@
 """The registry: local writes to this node's document, and an index over every node's.
 
-Sans IO: it sits on the :class:`~meshd.replication.core.Replicator` (which it writes through)
-and a liveness view (membership). Lookups never touch the network: they read the index,
-which follows the documents through pycrdt change events and follows membership through
-:meth:`Registry.node_changed`.
+Sans IO: it sits on the replicated documents (:class:`~meshd.replication.documents.Documents`,
+which it writes through) and a liveness view (membership). Lookups never touch the network:
+they read the index, which follows the documents through pycrdt change events and follows
+membership through :meth:`Registry.node_changed`.
 
 Events (:class:`RegistryEvent`):
 
@@ -36,7 +36,8 @@ from meshd.registry.model import (
     decode_entry,
 )
 from meshd.registry.resolve import winner
-from meshd.replication.core import Durability, Replicator
+from meshd.replication.core import Durability
+from meshd.replication.documents import Documents
 from meshd.replication.replica import Replica
 from meshd_client.protocol import errors
 
@@ -92,14 +93,14 @@ class Registry:
         *,
         node: str,
         epoch: int,
-        replicator: Replicator,
+        docs: Documents,
         liveness: Liveness,
         wall_ms: Callable[[], int],
         reclaim_after: float = 3600.0,
     ) -> None:
         self.node = node
         self.epoch = epoch
-        self.replicator = replicator
+        self.docs = docs
         self.liveness = liveness
         self.wall_ms = wall_ms
         self.reclaim_after = reclaim_after
@@ -254,7 +255,7 @@ class Registry:
                 known is not None and known > epoch
             ):
                 self.stats.docs_reclaimed += 1
-                self.replicator.drop(doc_name(node))
+                self.docs.drop(doc_name(node))
 
     # ------------------------------------------------------------------ local operations
 
@@ -264,7 +265,7 @@ class Registry:
         def apply(doc: Doc[Any]) -> None:
             mutate(doc.get(ROOT, type=Map))
 
-        return self.replicator.write(now, self._own, apply, epoch=self.epoch, durability=durability)
+        return self.docs.write(now, self._own, apply, epoch=self.epoch, durability=durability)
 
     def write_own(
         self,
@@ -278,10 +279,10 @@ class Registry:
         def apply(doc: Doc[Any]) -> None:
             mutate(doc.get(root, type=Map))
 
-        return self.replicator.write(now, self._own, apply, epoch=self.epoch, durability=durability)
+        return self.docs.write(now, self._own, apply, epoch=self.epoch, durability=durability)
 
     def open_own(self) -> None:
-        self.replicator.open(self._own, self.epoch)
+        self.docs.open(self._own, self.epoch)
 
     def register(
         self,

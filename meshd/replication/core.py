@@ -13,10 +13,20 @@ Fast path: a local write's delta is queued and, after a short coalescing delay, 
 so any divergence — a lost push, a partition, a fresh node — is repaired in one round with
 that peer, at the cost of one 2 KiB digest when nothing differs.
 
-``majority`` writes push the delta to every live peer asking for an ACK that carries the
-peer's state vector; a peer counts once its vector covers the write (otherwise it is sent
-the missing part), and the write completes when a majority of the live members (this node
-included) hold it, or fails at the deadline naming how many did.
+Every change a document integrates — a local write, a push, a repair, a new epoch — comes
+out as one :class:`Persist` output, in order, for the store's log; a dropped document as a
+``Persist`` without an update. An ACK a peer asked for (``majority`` writes) is marked
+``durable``: the driver sends it only once everything persisted before it is fsynced, so an
+ACK means "on disk here".
+
+``majority`` counts the **reference membership** (every member that has not left:
+alive, suspect and dead-but-not-reaped, see :mod:`meshd.membership.reference`), not the
+members that look alive: a side of a partition that declared the rest dead is still a
+minority. A write pushes the delta to the live peers asking for an ACK with the peer's state
+vector; a peer counts once its vector covers the write (otherwise it is sent the missing
+part). A member that comes back while the write waits is sent it too. The write completes
+when a majority of the reference (this node included) hold it, or fails at the deadline
+naming how many did.
 """
 
 from __future__ import annotations
@@ -77,6 +87,18 @@ class ReplicationTuning:
 class Send:
     peer: str
     message: Message
+    # Send only once everything persisted before it is on disk (an ACK: "I hold it").
+    durable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """A change to keep: ``update`` integrated into ``doc`` at ``epoch`` (an empty update
+    records a new epoch), or, with ``update`` None, the document was dropped."""
+
+    doc: str
+    epoch: int
+    update: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +126,7 @@ class WriteDone:
     total: int
 
 
-Output = Send | DocEvent | WriteDone | VectorReport
+Output = Send | DocEvent | WriteDone | VectorReport | Persist
 AcceptPolicy = Callable[[str, int], bool]
 
 
@@ -134,10 +156,14 @@ class ReplicationStats:
 @dataclass(slots=True)
 class _Majority:
     doc: str
+    epoch: int
+    update: bytes
     required: dict[int, int]
-    needed: int
+    needed: int  # acks needed from peers (this node holds the write)
     total: int
-    waiting: set[str]
+    members: set[str]  # the reference at the time of the write, this node excluded
+    possible: set[str]  # reference members that may still ack
+    waiting: set[str]  # those the write was sent to
     acked: set[str] = field(default_factory=set)
     repairs: dict[str, int] = field(default_factory=dict)
     done: bool = False
@@ -180,6 +206,11 @@ class Replicator:
         self.on_replaced: Callable[[Replica, Replica], None] = lambda _old, _new: None
         self._query_seq = 0
         self._peers: list[str] = []
+        # The reference membership majority writes count (this node included); None while
+        # the node does not know its cluster (majority writes then fail at once). Until an
+        # owner sets it, every member ever seen live counts.
+        self._reference: frozenset[str] | None = frozenset({node})
+        self._reference_set = False
         self._outputs: list[Output] = []
         self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
         self._timer_seq = 0
@@ -227,28 +258,106 @@ class Replicator:
     def set_peers(self, peers: Iterable[str]) -> None:
         """The live members (other than this node) to replicate with."""
         self._peers = sorted(p for p in set(peers) if p != self.node)
+        live = set(self._peers)
+        if not self._reference_set and self._reference is not None:
+            self._reference |= live
         for token, pending in list(self._majority.items()):
-            # A peer that died will never answer: stop waiting, so failure is reported early
-            # when the majority has become impossible.
-            pending.waiting &= set(self._peers)
-            if len(pending.acked) + len(pending.waiting) < pending.needed and not pending.done:
+            # A member that went down still counts (it may come back before the deadline);
+            # one of the reference that is back, or new, is sent the write.
+            pending.waiting &= live
+            for peer in self._peers:
+                if (
+                    peer in pending.possible
+                    and peer not in pending.waiting
+                    and peer not in pending.acked
+                ):
+                    pending.waiting.add(peer)
+                    self._push_majority(token, pending, peer)
+
+    @property
+    def reference(self) -> frozenset[str] | None:
+        return self._reference
+
+    def set_reference(self, members: Iterable[str] | None) -> None:
+        """The reference membership (every member that has not left, this node included),
+        or None while this node does not know its cluster. A member removed from it (reaped,
+        or removed by an operator) stops counting for writes that wait."""
+        self._reference_set = True
+        self._reference = None if members is None else frozenset(members) | {self.node}
+        if self._reference is None:
+            return
+        for token, pending in list(self._majority.items()):
+            # Members that joined meanwhile do not raise the bar; those that left lower it.
+            gone = pending.members - self._reference
+            if not gone:
+                continue
+            pending.members -= gone
+            pending.possible -= gone
+            pending.waiting -= gone
+            pending.acked -= gone
+            pending.total = len(pending.members) + 1
+            pending.needed = pending.total // 2
+            if len(pending.acked) >= pending.needed:
+                self._finish_majority(token, pending, ok=True)
+            elif len(pending.acked) + len(pending.possible - pending.acked) < pending.needed:
                 self._finish_majority(token, pending, ok=False)
+
+    def _new_replica(self, name: str, epoch: int, doc: Doc[Any] | None = None) -> Replica:
+        """A replica the store's log follows from its first change on. Its epoch (and any
+        content ``doc`` brings) is persisted first."""
+        replica = Replica(name, epoch, doc)
+        self.on_open(replica)
+        self._outputs.append(
+            Persist(name, epoch, replica.full_update() if doc is not None else b"")
+        )
+        replica.journal = self._journal
+        return replica
+
+    def _journal(self, replica: Replica, update: bytes) -> None:
+        self._outputs.append(Persist(replica.name, replica.epoch, update))
+
+    def load(self, name: str, epoch: int, updates: list[bytes]) -> Replica | None:
+        """Install a document read back from this node's store (at start, before any peer
+        is heard): not persisted again, not pushed. None if the updates do not decode."""
+        if not updates:
+            update = b""
+        elif len(updates) == 1:
+            update = updates[0]
+        else:
+            from pycrdt import merge_updates
+
+            try:
+                update = bytes(merge_updates(*updates))
+            except (ValueError, RuntimeError):
+                self.stats.reject("bad_stored_update")
+                return None
+        replica = Replica(name, epoch)
+        self.on_open(replica)
+        if update:
+            try:
+                replica.apply(update)
+            except UpdateRejected:
+                self.stats.reject("bad_stored_update")
+                replica.close()
+                return None
+        replica.journal = self._journal
+        self.store.add(replica)
+        self._outputs.append(DocEvent("opened", name))
+        return replica
 
     def open(self, name: str, epoch: int = 0) -> Replica:
         """This node's replica of ``name``, created empty if missing (or if older)."""
         replica = self.store.get(name)
         if replica is not None and replica.epoch >= epoch:
             return replica
-        replica = Replica(name, epoch)
-        self.on_open(replica)
+        replica = self._new_replica(name, epoch)
         replaced = self.store.add(replica)
         self._outputs.append(DocEvent("replaced" if replaced else "opened", name, local=True))
         return replica
 
     def replace(self, name: str, epoch: int, doc: Doc[Any]) -> Replica:
         """Install ``doc`` as a new epoch of ``name`` (compaction, a fresh node document)."""
-        replica = Replica(name, epoch, doc)
-        self.on_open(replica)
+        replica = self._new_replica(name, epoch, doc)
         replaced = self.store.add(replica)
         self._outputs.append(DocEvent("replaced" if replaced else "opened", name, local=True))
         self._queue_push(replica, replica.full_update())
@@ -257,6 +366,7 @@ class Replicator:
     def drop(self, name: str) -> None:
         if self.store.remove(name) is not None:
             self._pending_push.pop(name, None)
+            self._outputs.append(Persist(name, 0, None))
             self.on_drop(name)
             self._outputs.append(DocEvent("dropped", name))
 
@@ -324,22 +434,50 @@ class Replicator:
     def _start_majority(self, now: float, replica: Replica, delta: bytes | None) -> int:
         self._token += 1
         token = self._token
-        total = len(self._peers) + 1
+        update = delta if delta is not None else replica.full_update()
+        if self._reference is None:
+            # No cluster to count a majority of: fail now (total 0 says why).
+            pending = _Majority(replica.name, replica.epoch, update, {}, 0, 0, set(), set(), set())
+            self._majority[token] = pending
+            self._finish_majority(token, pending, ok=False)
+            if delta is not None:
+                self._queue_push(replica, delta, now)
+            return token
+        total = len(self._reference)
         needed = total // 2 + 1 - 1  # acks needed from peers; this node holds the write
-        pending = _Majority(replica.name, dict(replica.vector), needed, total, set(self._peers))
+        others = set(self._reference) - {self.node}
+        live = others & set(self._peers)
+        pending = _Majority(
+            replica.name,
+            replica.epoch,
+            update,
+            dict(replica.vector),
+            needed,
+            total,
+            set(others),
+            set(others),
+            live,
+        )
         self._majority[token] = pending
         if needed <= 0:
             self._finish_majority(token, pending, ok=True)
             if delta is not None:
                 self._queue_push(replica, delta, now)
             return token
-        update = delta if delta is not None else replica.full_update()
-        for peer in self._peers:
-            self.stats.pushes_sent += 1
-            self.stats.bytes_pushed += len(update)
-            self._send(peer, Push(replica.name, replica.epoch, update, token, 0))
+        for peer in sorted(live):
+            self._push_majority(token, pending, peer)
+        # Live peers outside the reference (not yet in it) hear of it as of any write.
+        if delta is not None:
+            for peer in self._peers:
+                if peer not in others:
+                    self._send(peer, Push(replica.name, replica.epoch, delta, 0, 0))
         self._at(now + self.tuning.majority_timeout, self._majority_deadline, token)
         return token
+
+    def _push_majority(self, token: int, pending: _Majority, peer: str) -> None:
+        self.stats.pushes_sent += 1
+        self.stats.bytes_pushed += len(pending.update)
+        self._send(peer, Push(pending.doc, pending.epoch, pending.update, token, 0))
 
     def _finish_majority(self, token: int, pending: _Majority, *, ok: bool) -> None:
         if pending.done:
@@ -395,8 +533,7 @@ class Replicator:
             if not check_update(update):  # before anything is created
                 self.stats.reject("bad_update")
                 return None, None, None
-            replica = Replica(name, epoch)
-            self.on_open(replica)
+            replica = self._new_replica(name, epoch)
             self.store.add(replica)
             return replica, "opened", None
         if epoch < replica.epoch:
@@ -411,8 +548,7 @@ class Replicator:
                 return None, None, None
             self.stats.docs_replaced += 1
             old = replica
-            replica = Replica(name, epoch)
-            self.on_open(replica)
+            replica = self._new_replica(name, epoch)
             self.store.add(replica)
             return replica, "replaced", old
         return replica, None, None
@@ -445,7 +581,8 @@ class Replicator:
         replica, changed = self._apply(msg.doc, msg.epoch, msg.update)
         if msg.ack:
             ok = replica is not None
-            self._send(peer, Ack(msg.ack, ok, replica.sv if replica is not None else b""))
+            ack = Ack(msg.ack, ok, replica.sv if replica is not None else b"")
+            self._outputs.append(Send(peer, ack, durable=ok))
         if changed and msg.hops > 0 and replica is not None:
             for target in self._sample(self._fanout(), {peer}):
                 self.stats.pushes_forwarded += 1
@@ -468,8 +605,11 @@ class Replicator:
         replica = self.store.get(pending.doc)
         attempts = pending.repairs.get(peer, 0)
         if their is None or replica is None or attempts >= self.tuning.majority_repairs:
+            # This peer cannot hold it (refused, or it keeps lacking what the write builds
+            # on): it no longer counts as possible.
             pending.waiting.discard(peer)
-            if len(pending.acked) + len(pending.waiting) < pending.needed:
+            pending.possible.discard(peer)
+            if len(pending.acked) + len(pending.possible - pending.acked) < pending.needed:
                 self._finish_majority(msg.ack, pending, ok=False)
             return
         # The peer lacks something the write depends on: send it what it misses.

@@ -1,10 +1,19 @@
-"""The trio driver of the replication core: peer links, chunking, timers, write waiters."""
+"""The trio driver of the replication core, and the one write path of the daemon.
+
+Every change to a replicated document — a local write, a push, a repair, a new epoch, a
+drop — leaves the core as outputs, and this driver acts on them in order, in one place: it
+persists each change to the store, hands frames to the peer links, tells listeners, and wakes
+writers. Components change documents only through it (:class:`~meshd.replication.documents.
+Documents`): each method runs the core and acts on its outputs before it returns, so nobody
+has a ``flush()`` to remember. An ACK a peer asked for leaves only once what it acknowledges
+is fsynced here.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +25,23 @@ from meshd.replication import messages, vectors
 from meshd.replication.core import (
     DocEvent,
     Durability,
+    Persist,
     Replicator,
     Send,
     VectorReport,
     WriteDone,
     covers,
 )
+from meshd.replication.durable import AckGate, persist
+from meshd.replication.replica import DocStore, Replica
+from meshd.storage.driver import StorageDriver
 from meshd.transport.deadlines import Deadlines
 from meshd.transport.links import PeerLinks
 from meshd.wire.validate import WireError
 
 CHUNK_FRAME = 1 << 20  # messages larger than this travel as 1 MiB chunks
+MAX_HELD_ACKS = 65536  # ACKs waiting for an fsync; beyond, the oldest are dropped (writers retry)
+MAX_DECIDED = 4096  # outcomes of majority writes decided before their writer waited
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +50,18 @@ class WriteResult:
     acked: tuple[str, ...]
     needed: int
     total: int
+    # Why it failed: "majority" (too few members hold it), "not_joined" (no cluster to count),
+    # "storage" (not on this node's disk in time).
+    reason: str = ""
 
 
 class ReplicationDriver:
-    def __init__(self, core: Replicator, log: logging.Logger) -> None:
+    def __init__(
+        self, core: Replicator, log: logging.Logger, storage: StorageDriver | None = None
+    ) -> None:
         self.core = core
         self.log = log
+        self.storage = storage
         self.ratelog = RateLimitedLog(log)
         self.links: PeerLinks | None = None
         self.deadlines = Deadlines(core)
@@ -50,6 +71,11 @@ class ReplicationDriver:
         self._waiters: dict[int, tuple[trio.Event, list[WriteDone]]] = {}
         self._reassemblers: dict[str, messages.Reassembler] = {}
         self._transfers = itertools.count(1)
+        self._flushing = False
+        self._decided: dict[int, WriteDone] = {}
+        self._acks = AckGate(MAX_HELD_ACKS)  # ACKs waiting for the disk
+        if storage is not None:
+            storage.on_durable.append(self._release)
 
     def attach(self, links: PeerLinks) -> None:
         self.links = links
@@ -62,29 +88,142 @@ class ReplicationDriver:
     async def _after_tick(self) -> None:
         self.flush()
 
+    # ------------------------------------------------------------------ the write path
+
+    @property
+    def store(self) -> DocStore:
+        """Every replica this node holds (read them; change them through this driver)."""
+        return self.core.store
+
+    @property
+    def peers(self) -> list[str]:
+        return self.core.peers
+
+    def write(
+        self,
+        now: float,
+        name: str,
+        mutate: Callable[[Doc[Any]], None],
+        *,
+        epoch: int | None = None,
+        durability: Durability = "local",
+    ) -> int | None:
+        """Change ``name`` (at its current epoch unless one is given), persist and push the
+        change. Returns a token to :meth:`wait` on for ``majority`` writes."""
+        if epoch is None:
+            replica = self.core.store.get(name)
+            epoch = replica.epoch if replica is not None else 0
+        token = self.core.write(now, name, mutate, epoch=epoch, durability=durability)
+        self.flush()
+        return token
+
+    def open(self, name: str, epoch: int = 0) -> Replica:
+        replica = self.core.open(name, epoch)
+        self.flush()
+        return replica
+
+    def replace(self, name: str, epoch: int, doc: Doc[Any]) -> Replica:
+        replica = self.core.replace(name, epoch, doc)
+        self.flush()
+        return replica
+
+    def drop(self, name: str) -> None:
+        self.core.drop(name)
+        self.flush()
+
+    def query(self, docs: Iterable[str], peers: Iterable[str]) -> int:
+        query = self.core.query(docs, peers)
+        self.flush()
+        return query
+
+    def sync_with(self, now: float, peer: str) -> None:
+        self.core.sync_with(now, peer)
+        self.flush()
+
+    def request_sync(self, now: float, peer: str) -> None:
+        self.core.request_sync(now, peer)
+        self.flush()
+
+    def set_members(self, live: Iterable[str], reference: Iterable[str] | None) -> None:
+        """The live peers to replicate with, and the reference membership majority writes
+        count (None: this node does not know its cluster yet)."""
+        self.core.set_reference(reference)
+        self.core.set_peers(live)
+        self.flush()
+
+    def load(self, docs: Iterable[tuple[str, int, list[bytes]]]) -> int:
+        """Install the documents read back from this node's store; returns how many."""
+        count = 0
+        for name, epoch, updates in docs:
+            if self.core.load(name, epoch, updates) is not None:
+                count += 1
+        self.flush()
+        return count
+
     # ------------------------------------------------------------------ outputs
 
     def flush(self) -> None:
-        """Act on the core's outputs. Synchronous: it only queues frames and calls listeners,
-        so callers can rely on listeners having seen every change before they next await."""
-        for out in self.core.take_outputs():
-            if isinstance(out, Send):
-                self._send(out)
-            elif isinstance(out, DocEvent):
-                for listener in list(self.doc_listeners):
-                    try:
-                        listener(out)
-                    except Exception:
-                        self.log.exception("document listener failed")
-            elif isinstance(out, VectorReport):
-                for report_listener in list(self.report_listeners):
-                    report_listener(out)
-            else:
-                waiter = self._waiters.pop(out.token, None)
-                if waiter is not None:
-                    waiter[1].append(out)
-                    waiter[0].set()
+        """Act on the core's outputs, in order. Synchronous: it only appends to the store's
+        buffer, queues frames and calls listeners, so a caller can rely on listeners having
+        seen every change before it next awaits. A listener that changes a document (through
+        this driver) has its outputs acted on by the same loop, after what came before."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while outputs := self.core.take_outputs():
+                for out in outputs:
+                    self._act(out)
+        finally:
+            self._flushing = False
         self.deadlines.rearm()
+
+    def _act(self, out: Any) -> None:
+        if isinstance(out, Persist):
+            if self.storage is not None:
+                persist(self.storage, out)
+        elif isinstance(out, Send):
+            if out.durable and self.storage is not None:
+                self._hold(out)
+            else:
+                self._send(out)
+        elif isinstance(out, DocEvent):
+            for listener in list(self.doc_listeners):
+                try:
+                    listener(out)
+                except Exception:
+                    self.log.exception("document listener failed")
+        elif isinstance(out, VectorReport):
+            for report_listener in list(self.report_listeners):
+                report_listener(out)
+        elif isinstance(out, WriteDone):
+            waiter = self._waiters.pop(out.token, None)
+            if waiter is not None:
+                waiter[1].append(out)
+                waiter[0].set()
+            else:
+                # Decided before anyone waited (a majority of one): kept for wait(), bounded.
+                self._decided[out.token] = out
+                while len(self._decided) > MAX_DECIDED:
+                    del self._decided[next(iter(self._decided))]
+
+    def _hold(self, out: Send) -> None:
+        assert self.storage is not None
+        lsn = self.storage.appended
+        if self.storage.durable >= lsn:
+            self._send(out)
+            return
+        self._acks.hold(lsn, out)
+        self.storage.sync_soon()
+
+    @property
+    def acks_held(self) -> int:
+        """ACKs waiting for this node's disk."""
+        return len(self._acks)
+
+    def _release(self, durable: int) -> None:
+        for out in self._acks.release(durable):
+            self._send(out)
 
     def _send(self, out: Send) -> None:
         if self.links is None:
@@ -185,28 +324,42 @@ class ReplicationDriver:
 
     # ------------------------------------------------------------------ writes
 
-    async def write(
+    async def update(
         self,
         name: str,
         mutate: Callable[[Doc[Any]], None],
         *,
-        epoch: int = 0,
+        epoch: int | None = None,
         durability: Durability = "local",
     ) -> WriteResult:
-        token = self.core.write(
-            trio.current_time(), name, mutate, epoch=epoch, durability=durability
-        )
+        """Write and wait for the durability asked for."""
+        token = self.write(trio.current_time(), name, mutate, epoch=epoch, durability=durability)
         return await self.wait(token)
 
     async def wait(self, token: int | None) -> WriteResult:
-        """Wait for a majority write's outcome (at once for local writes)."""
+        """Wait for a write's outcome: at once for ``local`` writes; for ``majority`` ones,
+        until a majority of the cluster holds the write *and* it is on this node's disk."""
         if token is None:
             self.flush()
             return WriteResult(True, (self.core.node,), 1, 1)
-        event = trio.Event()
-        box: list[WriteDone] = []
-        self._waiters[token] = (event, box)
-        self.flush()  # may already hold the outcome (no peers: majority of one)
-        await event.wait()
-        done = box[0]
-        return WriteResult(done.ok, done.acked, done.needed, done.total)
+        lsn = self.storage.appended if self.storage is not None else 0
+        deadline = trio.current_time() + self.core.tuning.majority_timeout
+        if self.storage is not None:
+            self.storage.sync_soon()
+        done = self._decided.pop(token, None)
+        if done is None:
+            event = trio.Event()
+            box: list[WriteDone] = []
+            self._waiters[token] = (event, box)
+            self.flush()
+            await event.wait()
+            done = box[0]
+        if not done.ok:
+            reason = "not_joined" if done.total == 0 else "majority"
+            return WriteResult(False, done.acked, done.needed, done.total, reason)
+        if self.storage is not None and not await self.storage.wait_durable(
+            lsn, max(deadline, trio.current_time() + 0.001)
+        ):
+            others = tuple(n for n in done.acked if n != self.core.node)
+            return WriteResult(False, others, done.needed, done.total, "storage")
+        return WriteResult(True, done.acked, done.needed, done.total)

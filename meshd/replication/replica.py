@@ -53,6 +53,9 @@ class Replica:
         self.bucket = bucket_of(name)
         self._captured: list[bytes] = []
         self._capturing = False
+        # Called with every change the document integrates, local or remote, in order: the
+        # store's log (set by the Replicator once the replica's initial content is in).
+        self.journal: Callable[[Replica, bytes], None] | None = None
         self._parked: list[bytes] = []
         self._subscription = self.doc.observe(self._on_transaction)
         self.sv = b""
@@ -63,6 +66,8 @@ class Replica:
     def _on_transaction(self, event: TransactionEvent) -> None:
         if self._capturing:
             self._captured.append(event.update)
+        if self.journal is not None:
+            self.journal(self, event.update)
 
     def refresh(self) -> bool:
         """Recompute the state vector and hash; True if they changed."""

@@ -41,7 +41,8 @@ from meshd.logs import RateLimitedLog
 from meshd.membership.core import Membership
 from meshd.registry.model import Entry
 from meshd.registry.registry import DOC_PREFIX, Registry
-from meshd.replication.core import DocEvent, Replicator
+from meshd.replication.core import DocEvent
+from meshd.replication.documents import Documents
 from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
@@ -173,13 +174,13 @@ class Router:
         *,
         node: str,
         registry: Registry,
-        replicator: Replicator,
+        docs: Documents,
         membership: Membership,
         log: logging.Logger,
     ) -> None:
         self.node = node
         self.registry = registry
-        self.replicator = replicator
+        self.docs = docs
         self.membership = membership
         self.log = log
         self.ratelog = RateLimitedLog(log)
@@ -823,7 +824,7 @@ class Router:
         if not event.name.startswith(DOC_PREFIX):
             return
         host = event.name[len(DOC_PREFIX) :]
-        replica = self.replicator.store.get(event.name)
+        replica = self.docs.store.get(event.name)
         if event.kind == "dropped" or replica is None:
             self._host_patterns.pop(host, None)
             return

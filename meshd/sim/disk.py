@@ -18,6 +18,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from meshd.storage.files import StoreLocked
+
 
 @dataclass(slots=True)
 class _Inode:
@@ -47,12 +49,22 @@ class _SimAppendFile:
         self._open = False
 
 
+class _SimLock:
+    def __init__(self, disk: SimDisk, key: str) -> None:
+        self._disk = disk
+        self._key = key
+
+    def close(self) -> None:
+        self._disk._locks.discard(self._key)
+
+
 class SimDisk:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self._names: dict[str, _Inode] = {}  # what listdir shows
         self._durable_names: dict[str, _Inode] = {}  # what survives a power loss
         self._dirs: set[str] = set()
+        self._locks: set[str] = set()  # held by a live process (a power loss frees them)
         self.fail_next: dict[str, int] = {}  # operation -> how many calls fail with EIO
         self.syncs = 0
 
@@ -92,11 +104,19 @@ class SimDisk:
             inode.data = bytearray(inode.synced + kept)
             inode.synced = bytes(inode.data)
         self._names = dict(self._durable_names)
+        self._locks.clear()
 
     # ------------------------------------------------------------------ FileSystem
 
     def makedirs(self, path: str) -> None:
         self._dirs.add(os.path.normpath(path))
+
+    def lock(self, path: str) -> _SimLock:
+        key = os.path.normpath(path)
+        if key in self._locks:
+            raise StoreLocked(errno.EWOULDBLOCK, "locked (simulated)", path)
+        self._locks.add(key)
+        return _SimLock(self, key)
 
     def listdir(self, path: str) -> list[str]:
         prefix = os.path.normpath(path) + os.sep
@@ -150,6 +170,10 @@ class SimDisk:
                 self._durable_names[name] = inode
 
     # ------------------------------------------------------------------ test helpers
+
+    def process_died(self) -> None:
+        """The process using the disk is gone (its locks go; its written data stays)."""
+        self._locks.clear()
 
     def corrupt(self, path: str, offset: int, data: bytes) -> None:
         """Overwrite bytes in place, durably (bit rot, a bad sector, an operator's editor)."""

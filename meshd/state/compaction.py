@@ -31,7 +31,8 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from meshd.replication import vectors
-from meshd.replication.core import DocEvent, Replicator, VectorReport
+from meshd.replication.core import DocEvent, VectorReport
+from meshd.replication.documents import Documents
 from meshd.replication.replica import Replica
 from meshd.state import values
 
@@ -244,12 +245,12 @@ def _newer(slot: str, have: dict[str, tuple[float, float]]) -> bool:
 class Compactor:
     def __init__(
         self,
-        replicator: Replicator,
+        docs: Documents,
         tuning: CompactionTuning,
         is_coordinator: Callable[[], bool],
         prefix: str,
     ) -> None:
-        self.replicator = replicator
+        self.docs = docs
         self.tuning = tuning
         self.is_coordinator = is_coordinator
         self.prefix = prefix
@@ -268,7 +269,7 @@ class Compactor:
     def candidates(self, now: float) -> list[Replica]:
         t = self.tuning
         out = []
-        for replica in self.replicator.store:
+        for replica in self.docs.store:
             if not replica.name.startswith(self.prefix):
                 continue
             if now - self.last_change.get(replica.name, 0.0) < t.quiet:
@@ -295,13 +296,13 @@ class Compactor:
         found = self.candidates(now)
         if not found:
             return
-        peers = self.replicator.peers
+        peers = self.docs.peers
         docs = {r.name: (r.epoch, r.sv) for r in found}
         self.stats.checks += 1
         if not peers:
             self._compact_agreed(now, set(docs))
             return
-        query = self.replicator.query(docs, peers)
+        query = self.docs.query(docs, peers)
         self._check = _Check(query, now, docs, set(peers))
 
     def on_report(self, report: VectorReport, now: float) -> None:
@@ -318,12 +319,12 @@ class Compactor:
 
     def _compact_agreed(self, now: float, names: set[str]) -> None:
         for name in sorted(names):
-            replica = self.replicator.store.get(name)
+            replica = self.docs.store.get(name)
             if replica is None or now - self.last_change.get(name, 0.0) < self.tuning.quiet:
                 continue
             before = replica.encoded_size()
             fresh = fresh_copy(replica)
-            new = self.replicator.replace(name, replica.epoch + 1, fresh)
+            new = self.docs.replace(name, replica.epoch + 1, fresh)
             self.stats.compactions += 1
             self.stats.bytes_before += before
             self.stats.bytes_after += new.encoded_size()

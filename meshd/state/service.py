@@ -14,7 +14,7 @@ from typing import Any, Final
 from pycrdt import Map
 
 from meshd.replication.core import DocEvent, Durability
-from meshd.replication.driver import ReplicationDriver
+from meshd.replication.driver import ReplicationDriver, WriteResult
 from meshd.state import values
 from meshd_client.protocol import errors
 
@@ -40,6 +40,45 @@ def check_name(name: Any) -> str:
     return name
 
 
+def outcome(result: WriteResult) -> dict[str, Any]:
+    """A write's summary for the client, or the typed error of a write that did not reach
+    the durability asked for (it is applied here all the same and spreads as usual)."""
+    summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
+    if result.ok:
+        return summary
+    if result.reason == "not_joined":
+        raise errors.Unreachable(
+            "no majority can be counted: this node has not joined its cluster yet (the "
+            "change is applied here and will spread)",
+            detail=summary,
+        )
+    if result.reason == "storage":
+        raise errors.Overloaded(
+            "the change is not on this node's disk: its storage is failing (see meshctl "
+            "storage); it is applied here and will spread",
+            detail={**summary, "storage": "failing"},
+        )
+    raise errors.Timeout(
+        f"majority not reached: {len(result.acked)} of {result.total} members hold the "
+        f"change, {result.needed} needed (a majority of the cluster: dead members count until "
+        "they are reaped or removed; the change is applied here and will spread)",
+        detail=summary,
+    )
+
+
+def check_writable(driver: ReplicationDriver) -> None:
+    """Refuse a state change while this node's store cannot take it (disk full, I/O
+    errors): nothing is changed, and the client can retry once storage recovered."""
+    storage = driver.storage
+    if storage is not None and not storage.writable:
+        kind = storage.store.failure or "io_error"
+        raise errors.Overloaded(
+            f"storage unavailable ({kind}): state changes are refused until it recovers "
+            f"({storage.store.failure_detail})",
+            detail={"storage": kind},
+        )
+
+
 class StateService:
     def __init__(self, driver: ReplicationDriver) -> None:
         self.driver = driver
@@ -47,7 +86,7 @@ class StateService:
         driver.doc_listeners.append(self._on_doc_event)
 
     def _replica_epoch(self, doc: str) -> int:
-        replica = self.driver.core.store.get(doc)
+        replica = self.driver.store.get(doc)
         return replica.epoch if replica is not None else 0
 
     async def update(
@@ -60,7 +99,7 @@ class StateService:
         if once is not None and (not isinstance(once, str) or not 0 < len(once) <= 128):
             raise errors.Invalid("once must be a string of 1..128 characters")
         doc = doc_name(name)
-        replica = self.driver.core.store.get(doc)
+        replica = self.driver.store.get(doc)
         if once is not None and replica is not None and values.applied_once(replica.doc, once):
             return {"duplicate": True, "acked": [], "needed": 0, "total": 0}
         current = (
@@ -75,27 +114,21 @@ class StateService:
             if once is not None:
                 values.record_once(d, once, int(time.time() * 1000))
 
-        result = await self.driver.write(
+        check_writable(self.driver)
+        result = await self.driver.update(
             doc, apply, epoch=self._replica_epoch(doc), durability=durability
         )
-        summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
-        if not result.ok:
-            raise errors.Timeout(
-                f"majority not reached: {len(result.acked)} of {result.total} live members hold "
-                f"the write, {result.needed} needed (it is applied here and will spread)",
-                detail=summary,
-            )
-        return summary
+        return outcome(result)
 
     def get(self, name: str, path: list[str | int] | None = None) -> Any:
-        replica = self.driver.core.store.get(doc_name(check_name(name)))
+        replica = self.driver.store.get(doc_name(check_name(name)))
         if replica is None:
             raise errors.NotFound(f"no state document {name!r}")
         return values.read(replica.doc, path)
 
     def names(self) -> list[dict[str, Any]]:
         replicas = sorted(
-            (r for r in self.driver.core.store if r.name.startswith(DOC_PREFIX)),
+            (r for r in self.driver.store if r.name.startswith(DOC_PREFIX)),
             key=lambda r: r.name,
         )
         return [
@@ -126,7 +159,7 @@ class StateService:
         if event.kind == "dropped":
             value: Any = None
         else:
-            replica = self.driver.core.store.get(event.name)
+            replica = self.driver.store.get(event.name)
             value = values.read(replica.doc) if replica is not None else None
         for watcher in list(watchers):
             watcher(event.kind, value)

@@ -8,6 +8,8 @@ raise :class:`OSError`, as the real ones do.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from typing import Protocol
 
@@ -24,8 +26,20 @@ class AppendFile(Protocol):
     def close(self) -> None: ...
 
 
+class Lock(Protocol):
+    def close(self) -> None: ...
+
+
+class StoreLocked(OSError):
+    """Another process holds the store (two daemons must never share a data directory)."""
+
+
 class FileSystem(Protocol):
     def makedirs(self, path: str) -> None: ...
+
+    def lock(self, path: str) -> Lock:
+        """Take an exclusive lock on ``path`` (created if missing) for this process's life;
+        raises StoreLocked if another process holds it."""
 
     def listdir(self, path: str) -> list[str]: ...
 
@@ -66,8 +80,29 @@ class _OsAppendFile:
             self._fd = -1
 
 
+class _OsLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class OsFiles:
     """The real file system."""
+
+    def lock(self, path: str) -> Lock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                errno.EWOULDBLOCK, "another process uses this store (is meshd running?)", path
+            ) from None
+        return _OsLock(fd)
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)

@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from meshd.storage import records
-from meshd.storage.files import AppendFile, FileSystem
+from meshd.storage.files import AppendFile, FileSystem, Lock
 
 LOG_SUFFIX: Final = ".mlog"
 SNAPSHOT_SUFFIX: Final = ".msnap"
 TMP_SUFFIX: Final = ".tmp"
+LOCK_NAME: Final = "LOCK"
 _NAME = re.compile(r"^(log|snapshot)-(\d{8})\.(mlog|msnap)$")
 
 
@@ -174,25 +175,31 @@ class Store:
         self._pending_end = 0
         self._in_flight: Batch | None = None
         self._rotating = False
+        self._lock: Lock | None = None
+        self._read_only = False
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
     # ------------------------------------------------------------------ recovery
 
-    def recover(self) -> Recovered:
+    def recover(self, *, read_only: bool = False) -> Recovered:
         """Read the store back, cut a torn tail off the last log, clean up leftovers, and
         open the last log for appending (creating the first one in an empty directory).
-        Raises StoreCorrupt if anything before the tail is unreadable."""
-        self.files.makedirs(self.directory)
+        Raises StoreCorrupt if anything before the tail is unreadable. ``read_only`` changes
+        nothing (``removed`` and ``torn`` then say what recovery would do)."""
+        self._read_only = read_only
+        if not read_only:
+            self.files.makedirs(self.directory)
+            if self._lock is None:
+                self._lock = self.files.lock(self.path(LOCK_NAME))
         names = sorted(self.files.listdir(self.directory))
         removed: list[str] = []
         logs: dict[int, str] = {}
         snapshots: dict[int, str] = {}
         for name in names:
             if name.endswith(TMP_SUFFIX):
-                self.files.remove(self.path(name))  # an unfinished snapshot
-                removed.append(name)
+                self._remove(name, removed)  # an unfinished snapshot
                 continue
             m = _NAME.match(name)
             if m is None:
@@ -267,7 +274,9 @@ class Store:
             self.files.size(self.path(snapshot_file)) if snapshot_file is not None else 0
         )
         # Append to the last log (cut to its last good record), or start the first one.
-        if scans:
+        if read_only:
+            self.generation = scans[-1][0] if scans else base or 1
+        elif scans:
             gen, scanned = scans[-1]
             path = self.path(logs[gen])
             if scanned.problem is not None:
@@ -277,7 +286,8 @@ class Store:
             self._log_good_end = scanned.end
         else:
             self._start_log(base or 1, prev_end=0)
-        self.files.sync_dir(self.directory)
+        if not read_only:
+            self.files.sync_dir(self.directory)
         return Recovered(
             docs=docs,
             generation=self.generation,
@@ -289,7 +299,8 @@ class Store:
         )
 
     def _remove(self, name: str, removed: list[str]) -> None:
-        self.files.remove(self.path(name))
+        if not self._read_only:
+            self.files.remove(self.path(name))
         removed.append(name)
 
     @staticmethod
@@ -596,3 +607,6 @@ class Store:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

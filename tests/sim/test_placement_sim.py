@@ -115,7 +115,7 @@ def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placemen
         node=sim.name,
         membership=sim.core,
         registry=RegistryView(sim.name, world, sim.core),  # type: ignore[arg-type]
-        replicator=ReplicatorStub(),  # type: ignore[arg-type]
+        docs=ReplicatorStub(),  # type: ignore[arg-type]
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
     )

@@ -78,7 +78,7 @@ class Cluster:
         reg = Registry(
             node=name,
             epoch=EPOCH,
-            replicator=core,
+            docs=core,
             liveness=view,
             wall_ms=lambda: int(self.now * 1000) + 1_000_000,
             reclaim_after=3600.0,

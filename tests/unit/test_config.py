@@ -30,6 +30,7 @@ from meshd.config.model import (
     NodeConfig,
     PlacementTuning,
     SecurityConfig,
+    StorageTuning,
 )
 from meshd.config.profiles import PROFILES
 
@@ -182,6 +183,7 @@ def test_every_model_field_is_a_setting() -> None:
         "node": NodeConfig,
         "membership": MembershipTuning,
         "placement": PlacementTuning,
+        "storage": StorageTuning,
         "security": SecurityConfig,
         "api": ApiConfig,
         "metrics": MetricsConfig,
@@ -194,6 +196,21 @@ def test_every_model_field_is_a_setting() -> None:
     }
     assert set(SETTING_NAMES) == expected
     assert env_name("node.data_dir") == "MESHD_NODE_DATA_DIR"
+
+
+def test_storage_is_configurable_and_checked(tmp_path: Path) -> None:
+    config = build(
+        '[storage]\nsync_interval = "5ms"\nsnapshot_min_log = 1048576\n', tmp_path=tmp_path
+    )
+    assert config.storage.sync_interval == 0.005
+    assert config.storage.snapshot_min_log == 1 << 20
+    assert config.storage.enabled
+    assert build().storage == StorageTuning()
+    err = error_for(overrides={**INSECURE, "storage.sync_interval": "1m"})
+    assert err.key == "storage.sync_interval"
+    err = error_for(overrides={**INSECURE, "storage.max_pending": "10"})
+    assert err.key == "storage.max_pending"
+    assert not build_config(None, {"MESHD_STORAGE_ENABLED": "false"}, INSECURE).storage.enabled
 
 
 def test_every_membership_field_round_trips_through_set() -> None:

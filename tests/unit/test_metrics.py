@@ -398,3 +398,27 @@ async def test_many_concurrent_scrapes(port: int) -> None:
         for _ in range(20):
             nursery.start_soon(scrape)
     assert results == [200] * 20
+
+
+def test_a_histogram_is_one_family_with_buckets_in_order() -> None:
+    from meshd.metrics.exposition import render_text
+    from meshd.metrics.registry import Sample
+
+    name = "meshd_storage_fsync_seconds"
+    samples = [
+        Sample(f"{name}_count", 3, (), "histogram", "Fsync latency."),
+        Sample(f"{name}_bucket", 3, (("le", "+Inf"),), "histogram"),
+        Sample(f"{name}_bucket", 1, (("le", "0.001"),), "histogram"),
+        Sample(f"{name}_bucket", 2, (("le", "0.01"),), "histogram"),
+        Sample(f"{name}_sum", 0.02, (), "histogram"),
+        Sample("meshd_storage_fsync_oops", 1, (), "histogram"),  # no suffix: dropped
+    ]
+    assert render_text(samples).splitlines() == [
+        f"# HELP {name} Fsync latency.",
+        f"# TYPE {name} histogram",
+        f'{name}_bucket{{le="0.001"}} 1',
+        f'{name}_bucket{{le="0.01"}} 2',
+        f'{name}_bucket{{le="+Inf"}} 3',
+        f"{name}_sum 0.02",
+        f"{name}_count 3",
+    ]

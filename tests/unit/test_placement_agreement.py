@@ -138,7 +138,7 @@ def daemon(
         node=node,
         membership=MembershipStub(dict(statuses)),  # type: ignore[arg-type]
         registry=registry or RegistryStub(),  # type: ignore[arg-type]
-        replicator=None,  # type: ignore[arg-type]
+        docs=None,  # type: ignore[arg-type]
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
     )

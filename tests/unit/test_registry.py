@@ -67,7 +67,7 @@ class World:
         reg = Registry(
             node=name,
             epoch=epoch,
-            replicator=core,
+            docs=core,
             liveness=self.liveness,
             wall_ms=lambda: self.wall,
             reclaim_after=3600.0,

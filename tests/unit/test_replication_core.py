@@ -584,18 +584,61 @@ def test_majority_write_fails_at_the_deadline_naming_who_holds_it() -> None:
     assert content(net["a"].store.get(DOC)) == {"k": 1}
 
 
-def test_majority_write_fails_early_when_peers_die() -> None:
+def test_dead_members_still_count_and_one_that_comes_back_completes_the_write() -> None:
     net = net_of("a", "b", "c", "d", "e")
+    net["a"].set_reference(["a", "b", "c", "d", "e"])
     token = change(net["a"], 0.0, DOC, setk("k", 1), durability="majority")
-    net.hold()  # nothing answers yet
-    net["a"].set_peers(["b", "c", "d"])  # e died: a majority is still possible
+    held = net.hold()  # nothing answers yet
+    net["a"].set_peers(["b"])  # c, d and e look dead: still 3 of 5 needed, nothing fails
     net.collect()
     assert net.done("a") == []
-    net["a"].set_peers(["b"])  # c and d died too: at most a and b, 3 needed
+    net.in_flight = [d for d in held if d[1] == "b"]
+    net.deliver()
+    assert net.done("a") == []  # a and b: two of five
+    net["a"].set_peers(["b", "c"])  # c is back before the deadline: it is sent the write
+    net.deliver()
+    assert net.done("a") == [WriteDone(token or -1, True, ("a", "b", "c"), 3, 5)]
+
+
+def test_a_minority_that_declared_the_rest_dead_acknowledges_nothing() -> None:
+    net = net_of("a", "b", "c", majority_timeout=5.0)
+    net["c"].set_reference(["a", "b", "c"])
+    net["c"].set_peers([])  # to c, a and b are dead (a partition, or SIGSTOP)
+    token = change(net["c"], 0.0, DOC, setk("k", 1), durability="majority")
+    net.run_until(5.1)
+    assert net.done("c") == [WriteDone(token or -1, False, ("c",), 2, 3)]
+    assert content(net["c"].store.get(DOC)) == {"k": 1}  # applied here; spreads on heal
+
+
+def test_a_member_removed_from_the_reference_stops_counting() -> None:
+    net = net_of("a", "b", "c", "d", "e")
+    net["a"].set_reference(["a", "b", "c", "d", "e"])
+    net["a"].set_peers(["b"])
+    net.drop = lambda _s, dst, _m: dst in ("c", "d", "e")
+    token = change(net["a"], 0.0, DOC, setk("k", 1), durability="majority")
+    net.deliver()
+    assert net.done("a") == []  # a and b of five
+    # d and e are reaped, or removed by an operator: a and b are a majority of three.
+    net["a"].set_reference(["a", "b", "c"])
     net.collect()
-    assert net.done("a") == [WriteDone(token or -1, False, ("a",), 3, 5)]
-    net.run(10.0)
-    assert len(net.done("a")) == 1  # the deadline does not report it again
+    assert net.done("a") == [WriteDone(token or -1, True, ("a", "b"), 2, 3)]
+    # Members that join while a write waits do not raise the bar.
+    token = change(net["a"], net.now, DOC, setk("k", 2), durability="majority")
+    held = net.hold()
+    net["a"].set_reference(["a", "b", "c", "x", "y", "z"])
+    net.in_flight = held
+    net.deliver()
+    assert net.done("a")[-1] == WriteDone(token or -1, True, ("a", "b"), 2, 3)
+
+
+def test_majority_write_without_a_known_cluster_fails_at_once() -> None:
+    net = net_of("a", "b")
+    net["a"].set_reference(None)
+    token = change(net["a"], 0.0, DOC, setk("k", 1), durability="majority")
+    net.collect()
+    assert net.done("a") == [WriteDone(token or -1, False, ("a",), 1, 0)]
+    net.run(0.1)
+    assert content(net["b"].store.get(DOC)) == {"k": 1}  # still pushed as a local write
 
 
 def test_majority_write_refused_by_peers_fails_early() -> None:

@@ -11,7 +11,7 @@ from pycrdt import Doc, Map
 
 from meshd.sim.disk import SimDisk
 from meshd.storage import records
-from meshd.storage.files import OsFiles
+from meshd.storage.files import OsFiles, StoreLocked
 from meshd.storage.store import DocHistory, Store, StoreCorrupt, log_name, replay, snapshot_name
 
 DIR = "/data/store"
@@ -32,8 +32,14 @@ def content(history: DocHistory) -> dict[str, int]:
     return {k: int(v) for k, v in doc.get("root", type=Map).items()}
 
 
+def fresh(disk: SimDisk, **kwargs: int) -> Store:
+    """A store for a new process (the previous one died)."""
+    disk.process_died()
+    return Store(disk, DIR, **kwargs)
+
+
 def opened(disk: SimDisk) -> tuple[Store, dict[str, DocHistory]]:
-    store = Store(disk, DIR)
+    store = fresh(disk)
     return store, store.recover().docs
 
 
@@ -76,7 +82,7 @@ def test_a_torn_tail_is_cut_at_the_last_good_record(seed: int) -> None:
     assert batch is not None
     batch.log.write(batch.data)  # written, never fsynced: the power goes
     disk.power_loss(random.Random(seed))
-    store2 = Store(disk, DIR)
+    store2 = fresh(disk)
     found = store2.recover()
     got = content(found.docs["state/a"])
     # Every fsynced change is there; of the rest, a prefix at most.
@@ -85,14 +91,14 @@ def test_a_torn_tail_is_cut_at_the_last_good_record(seed: int) -> None:
     # Appending after the cut works, and the next recovery is clean.
     store2.append_update("state/a", 0, change(doc, "after", 1))
     assert store2.commit_now()
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert found.torn is None
     assert "after" in content(found.docs["state/a"])
 
 
 def test_garbage_far_beyond_one_batch_is_corruption_not_a_torn_tail() -> None:
     disk = SimDisk()
-    store = Store(disk, DIR, max_pending=1024)
+    store = fresh(disk, max_pending=1024)
     store.recover()
     doc: Doc[Map[int]] = Doc()
     store.append_update("state/a", 0, change(doc, "x", 1))
@@ -103,7 +109,7 @@ def test_garbage_far_beyond_one_batch_is_corruption_not_a_torn_tail() -> None:
     handle.write(b"\x00\x00\x00\x05junk!" + b"x" * 4096)
     handle.sync()
     with pytest.raises(StoreCorrupt) as info:
-        Store(disk, DIR, max_pending=1024).recover()
+        fresh(disk, max_pending=1024).recover()
     assert info.value.path == path
     assert f"byte {size}" in str(info.value)
 
@@ -118,7 +124,7 @@ def test_a_corrupt_snapshot_names_the_file() -> None:
     path = f"{DIR}/{snapshot_name(2)}"
     disk.corrupt(path, 30, b"\xff\xff\xff")
     with pytest.raises(StoreCorrupt) as info:
-        Store(disk, DIR).recover()
+        fresh(disk).recover()
     assert info.value.path == path
     assert "checksum" in info.value.problem or "length" in info.value.problem
 
@@ -137,7 +143,7 @@ def test_a_corrupt_header_names_the_file() -> None:
     handle.sync()
     disk.sync_dir(DIR)
     with pytest.raises(StoreCorrupt, match="snapshot"):
-        Store(disk, DIR).recover()
+        fresh(disk).recover()
 
 
 def test_snapshot_plus_log_recovery_and_cleanup() -> None:
@@ -156,7 +162,7 @@ def test_snapshot_plus_log_recovery_and_cleanup() -> None:
     store.append_update("state/a", 0, change(a, "late", 7))
     store.append_drop("state/b")
     store.commit_now()
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert found.snapshot == snapshot_name(2)
     assert set(found.docs) == {"state/a"}
     assert content(found.docs["state/a"])["late"] == 7
@@ -179,7 +185,7 @@ def test_power_loss_during_a_snapshot_keeps_the_previous_state() -> None:
     store.append_update("state/a", 0, change(doc, "y", 2))
     store.commit_now()
     disk.power_loss()  # before the snapshot was sealed
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert found.snapshot is None
     assert found.removed == [snapshot_name(2) + ".tmp"] or snapshot_name(2) + ".tmp" not in (
         disk.listdir(DIR)
@@ -196,7 +202,7 @@ def test_files_a_snapshot_superseded_are_removed_on_recovery() -> None:
     store.commit_now()
     disk.fail_next["remove"] = 1  # the clean-up after the rename fails
     assert not store.snapshot_now(lambda: [("state/a", 0, doc.get_update())])
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert found.snapshot == snapshot_name(2)
     assert log_name(1) in found.removed
     assert disk.listdir(DIR) == [log_name(2), snapshot_name(2)]
@@ -265,14 +271,14 @@ def test_an_abandoned_log_followed_by_a_new_one_is_read_up_to_its_recorded_end()
     handle = disk.append(f"{DIR}/{log_name(1)}")
     handle.write(b"\x01\x02\x03")
     handle.sync()
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert found.logs == [log_name(1), log_name(2)]
     assert content(found.docs["state/a"]) == {"synced": 1}
     assert disk.size(f"{DIR}/{log_name(1)}") > good_end
     # But damage before that end is.
     disk.corrupt(f"{DIR}/{log_name(1)}", good_end - 3, b"\xee")
     with pytest.raises(StoreCorrupt) as info:
-        Store(disk, DIR).recover()
+        fresh(disk).recover()
     assert info.value.path == f"{DIR}/{log_name(1)}"
 
 
@@ -285,7 +291,7 @@ def test_a_log_whose_creation_was_torn_never_existed() -> None:
     handle.write(records.encode(records.FileHeader("log", records.VERSION, 2))[:7])
     handle.sync()
     disk.sync_dir(DIR)
-    found = Store(disk, DIR).recover()
+    found = fresh(disk).recover()
     assert log_name(2) in found.removed
     assert found.generation == 1
 
@@ -299,7 +305,7 @@ def test_missing_logs_are_corruption() -> None:
     assert store.snapshot_now(list)
     disk.remove(f"{DIR}/{log_name(3)}")
     with pytest.raises(StoreCorrupt, match="missing"):
-        Store(disk, DIR).recover()
+        fresh(disk).recover()
 
 
 def test_replay_follows_the_epoch_rule() -> None:
@@ -336,8 +342,13 @@ def test_the_real_file_system(tmp_path: pytest.TempPathFactory) -> None:
     assert store.commit_now()
     assert store.snapshot_now(list)
     store.close()
-    found = Store(OsFiles(), directory).recover()
+    again = Store(OsFiles(), directory)
+    found = again.recover()
     assert found.snapshot == snapshot_name(2)
+    # Two processes never share a store.
+    with pytest.raises(StoreLocked):
+        Store(OsFiles(), directory).recover()
+    again.close()
     # A truncated last log on a real disk is cut back too.
     with open(f"{directory}/{log_name(2)}", "ab") as f:
         f.write(b"\x00\x00\x01")
@@ -350,3 +361,53 @@ def test_disk_full_on_a_real_error_number() -> None:
 
     assert failure_kind(OSError(errno.ENOSPC, "full")) == "disk_full"
     assert failure_kind(OSError(errno.EIO, "io")) == "io_error"
+
+
+# ---------------------------------------------------------------------- check and repair
+
+
+def test_check_reports_without_changing_anything() -> None:
+    from meshd.storage import repair
+
+    disk = SimDisk()
+    store, _ = opened(disk)
+    doc: Doc[Map[int]] = Doc()
+    store.append_update("state/a", 0, change(doc, "x", 1))
+    store.commit_now()
+    store.close()
+    handle = disk.append(f"{DIR}/{log_name(1)}")
+    handle.write(b"\x00\x00")  # a torn tail
+    handle.sync()
+    before = disk.read(f"{DIR}/{log_name(1)}")
+    report = repair.check(disk, DIR)
+    assert report.ok and report.documents == 1 and report.torn is not None
+    assert disk.read(f"{DIR}/{log_name(1)}") == before  # nothing cut
+
+
+def test_repair_salvages_what_checks_out_and_quarantines_the_rest() -> None:
+    from meshd.storage import repair
+
+    disk = SimDisk()
+    store, _ = opened(disk)
+    a: Doc[Map[int]] = Doc()
+    b: Doc[Map[int]] = Doc()
+    store.append_update("state/a", 0, change(a, "x", 1))
+    store.append_update("state/b", 0, change(b, "y", 2))
+    store.commit_now()
+    assert store.snapshot_now(
+        lambda: [("state/a", 0, a.get_update()), ("state/b", 0, b.get_update())]
+    )
+    store.append_update("state/a", 0, change(a, "z", 3))
+    store.commit_now()
+    store.close()
+    snap = f"{DIR}/{snapshot_name(2)}"
+    size = disk.size(snap)
+    disk.corrupt(snap, size - 20, b"\xff\xff\xff\xff")  # the end record and b's tail
+    report = repair.check(disk, DIR)
+    assert not report.ok and snapshot_name(2) in report.problem
+    done = repair.repair(disk, DIR)
+    assert snapshot_name(2) in disk.listdir(done.quarantine)
+    assert "stopped" in done.files[snapshot_name(2)]
+    _, docs = opened(disk)
+    assert content(docs["state/a"]) == {"x": 1, "z": 3}  # from the snapshot and the log
+    assert repair.check(disk, DIR).ok
