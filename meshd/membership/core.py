@@ -19,6 +19,8 @@ Rules, after SWIM, Lifeguard and memberlist:
   first, each item at most mult · ⌈log10(n + 1)⌉ times.
 * Push-pull exchanges full state over TCP with a random member; reconnect attempts to dead
   members and seeds make two sides of a healed partition merge without operator action.
+* Members dead longer than ``reconnect_timeout`` (left longer than ``left_reclaim``) are
+  reaped: forgotten, with a ``reap`` event.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class MembershipStats:
     deaths: int = 0
     deaths_by_refusal: int = 0
     conflicts: int = 0
+    reaped: int = 0  # members forgotten (dead or left for long enough)
     push_pulls: int = 0
     join_attempts: int = 0
     reconnect_attempts: int = 0
@@ -973,15 +976,18 @@ class Membership:
                 )
 
     def _reap(self, now: float) -> None:
-        """Forget members that have been dead or gone long enough."""
+        """Forget members that have been dead or gone long enough, each with a REAP event:
+        a reaped dead member stops counting in majorities (see :mod:`.reference`)."""
         t = self.tuning
-        for name in [
-            n
-            for n, m in self._members.items()
+        for m in [
+            m
+            for m in self._members.values()
             if m is not self._self
             and (
                 (m.status is Status.DEAD and now - m.status_since > t.reconnect_timeout)
                 or (m.status is Status.LEFT and now - m.status_since > t.left_reclaim)
             )
         ]:
-            del self._members[name]
+            del self._members[m.name]
+            self.stats.reaped += 1
+            self._emit(EventKind.REAP, m, now)

@@ -97,16 +97,24 @@ class MembershipDriver:
 
     def _deliver(self, event: MemberEvent) -> None:
         member = event.member
-        level = logging.WARNING if event.kind is EventKind.DEAD else logging.INFO
-        self.log.log(
-            level,
-            f"member {event.kind.value}",
-            extra=kv(
-                member=member.name,
-                addr=f"{member.addr[0]}:{member.addr[1]}",
-                incarnation=member.incarnation,
-            ),
-        )
+        addr = f"{member.addr[0]}:{member.addr[1]}"
+        if event.kind is EventKind.REAP:
+            self.log.info(
+                "member reaped",
+                extra=kv(
+                    member=member.name,
+                    addr=addr,
+                    status=member.status.name.lower(),
+                    gone_s=round(event.at - member.status_since, 1),
+                ),
+            )
+        else:
+            level = logging.WARNING if event.kind is EventKind.DEAD else logging.INFO
+            self.log.log(
+                level,
+                f"member {event.kind.value}",
+                extra=kv(member=member.name, addr=addr, incarnation=member.incarnation),
+            )
         for listener in list(self.listeners):
             try:
                 listener(event)

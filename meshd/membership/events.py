@@ -19,6 +19,7 @@ class EventKind(enum.Enum):
     ALIVE = "alive"  # a suspect refuted the suspicion
     DEAD = "dead"
     LEAVE = "leave"
+    REAP = "reap"  # forgotten: dead longer than reconnect_timeout, or left than left_reclaim
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ def register(node: Node) -> None:
                 "refutations": stats.refutations,
                 "deaths": stats.deaths,
                 "deaths_by_refusal": stats.deaths_by_refusal,
+                "reaped": stats.reaped,
                 "packets_in": stats.packets_in,
                 "packets_out": stats.packets_out,
                 "rejected": {**stats.rejected, **node.transport_stats.rejected},

@@ -443,7 +443,9 @@ class Node:
 
     def _on_member_event(self, event: MemberEvent) -> None:
         member = event.member.name
-        if member == self.config.node.name:
+        if member == self.config.node.name or event.kind is EventKind.REAP:
+            # A reaped member was down already: links, routing, the registry and placement
+            # let go of it at its DEAD or LEAVE event.
             return
         self.replicator.set_peers(
             m.name for m in self.core.members() if m.status in (Status.ALIVE, Status.SUSPECT)

@@ -123,3 +123,18 @@ def test_running_without_a_key_needs_insecure() -> None:
     )
     assert result.returncode == 2
     assert "security.keys" in result.stderr and "insecure" in result.stderr
+
+
+async def test_a_dead_member_is_reaped_after_the_reconnect_timeout(cluster: LocalCluster) -> None:
+    short = ["--set", "membership.reconnect_timeout=1s"]
+    first = cluster.add("n1", extra=short)
+    cluster.add("n2", seeds=[first.addr], extra=short)
+    await cluster.wait_ready()
+    await cluster.wait_converged({"n1", "n2"})
+    cluster["n2"].kill()
+    await cluster.wait_status(["n1"], "n2", "dead", timeout=30)
+    with anyio.fail_after(30):
+        while "n2" in await first.statuses():
+            await anyio.sleep(0.2)
+    assert "member reaped" in first.log_text()
+    assert (await first.call("info"))["stats"]["reaped"] == 1

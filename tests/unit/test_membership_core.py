@@ -26,6 +26,7 @@ from membership_helpers import (
 
 from meshd.membership.broadcast import retransmit_limit
 from meshd.membership.events import EventKind, SendPacket
+from meshd.membership.reference import reference_members
 from meshd.wire import membership as wire
 from meshd.wire import packet
 from meshd.wire.membership import (
@@ -1062,15 +1063,47 @@ def test_dead_members_are_forgotten_after_the_reconnect_timeout() -> None:
     assert node.push_pulls(since=41.0 + 15.0) == []
 
 
-def test_alone_node_tries_its_seeds_again() -> None:
-    node = joining(tune=tuning(push_pull_interval=1000.0))
-    (_, first, _), _ = node.push_pulls()
-    node.result(0.1, first.token, PushPull(False, "s1", ()))
-    assert node.core.joined
-    assert node.core.alive_count == 1
-    node.run(3 * LAN.reconnect_interval)
-    later = node.push_pulls(since=1.0, join=True)
-    assert {req.addr for _, req, _ in later} == {SEED1, SEED2}
+# ---------------------------------------------------------------------------- reaping
+
+
+def reference(node: Node) -> frozenset[str]:
+    return reference_members(node.core.members())
+
+
+def test_a_dead_member_is_reaped_after_the_reconnect_timeout_with_one_event() -> None:
+    tune = tuning(reconnect_interval=10.0, reconnect_timeout=40.0, push_pull_interval=1000.0)
+    node = cluster(["b", "c"], tune=tune, answering=True)
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True))
+    node.run(41.0)
+    # Dead for the whole reconnect timeout: still known, still counted in majorities.
+    assert node.status("b") is Status.DEAD
+    assert reference(node) == {"a", "b", "c"}
+    assert node.events(EventKind.REAP) == []
+    node.run(60.0)  # at least one reconnect round (every 7.5 to 12.5 s) reaps it
+    [reap] = node.events(EventKind.REAP)
+    assert (reap.member.name, reap.member.status, reap.member.status_since) == (
+        "b",
+        Status.DEAD,
+        1.0,
+    )
+    assert reap.at - reap.member.status_since > tune.reconnect_timeout
+    assert node.core.member("b") is None
+    assert reference(node) == {"a", "c"}
+    assert node.core.stats.reaped == 1
+    node.run(200.0)
+    assert len(node.events(EventKind.REAP)) == 1
+
+
+def test_a_left_member_is_reaped_after_left_reclaim() -> None:
+    tune = tuning(reconnect_interval=10.0, left_reclaim=30.0, push_pull_interval=1000.0)
+    node = cluster(["b", "c"], tune=tune, answering=True)
+    node.send(1.0, B, Left("b", 0))
+    assert reference(node) == {"a", "c"}
+    node.run(100.0)
+    [reap] = node.events(EventKind.REAP)
+    assert (reap.member.name, reap.member.status) == ("b", Status.LEFT)
+    assert node.core.member("b") is None
+    assert node.core.stats.reaped == 1
 
 
 # ---------------------------------------------------------------------------- gossip
