@@ -175,6 +175,15 @@ class MembershipDriver:
             return True
         return False
 
+    async def remove(self, name: str) -> bool:
+        """An operator removes a dead member (:meth:`Membership.remove`); True if it was
+        removed now, False if it had already left. Raises the core's typed errors."""
+        removed = self.core.remove(trio.current_time(), name)
+        if removed:
+            self.log.warning("member removed by an operator", extra=kv(member=name))
+        await self.flush()
+        return removed
+
     async def set_tags(self, tags: dict[str, str]) -> None:
         self.core.set_tags(trio.current_time(), tags)
         await self.flush()

@@ -125,6 +125,36 @@ def test_running_without_a_key_needs_insecure() -> None:
     assert "security.keys" in result.stderr and "insecure" in result.stderr
 
 
+async def test_meshctl_remove_takes_a_dead_member_out_of_the_cluster(
+    cluster: LocalCluster,
+) -> None:
+    cluster.start_many(3)
+    await cluster.wait_ready()
+    await cluster.wait_converged({"n1", "n2", "n3"})
+    sock = cluster["n1"].socket_path
+    refused = await anyio.to_thread.run_sync(meshctl, sock, "remove", "n2")
+    assert refused.returncode == 1
+    assert "conflict" in refused.stderr
+    assert "only a dead member can be removed" in refused.stderr
+    itself = await anyio.to_thread.run_sync(meshctl, sock, "remove", "n1")
+    assert itself.returncode == 1 and "invalid" in itself.stderr
+    unknown = await anyio.to_thread.run_sync(meshctl, sock, "remove", "nobody")
+    assert unknown.returncode == 1 and "not_found" in unknown.stderr
+    assert (await cluster["n2"].statuses())["n2"] == "alive"
+
+    cluster["n3"].kill()
+    await cluster.wait_status(["n1", "n2"], "n3", "dead", timeout=30)
+    removed = await anyio.to_thread.run_sync(meshctl, sock, "--json", "remove", "n3")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout) == {"node": "n3", "status": "left", "removed": True}
+    await cluster.wait_status(["n1", "n2"], "n3", "left", timeout=15)
+    again = await anyio.to_thread.run_sync(meshctl, sock, "remove", "n3")
+    assert again.returncode == 0 and "already left" in again.stdout
+    info = await cluster["n1"].call("info")
+    assert info["stats"]["removed"] == 1
+    assert "member removed by an operator" in cluster["n1"].log_text()
+
+
 async def test_a_dead_member_is_reaped_after_the_reconnect_timeout(cluster: LocalCluster) -> None:
     short = ["--set", "membership.reconnect_timeout=1s"]
     first = cluster.add("n1", extra=short)
