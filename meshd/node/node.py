@@ -128,6 +128,30 @@ def advertise_address(config: Config, bound_port: int, seeds: list[Address]) -> 
         return ("127.0.0.1", bound_port)
 
 
+def make_data_dir(path: str) -> None:
+    """Create the data directory, and any missing parent, with mode 0700 (whatever the
+    umask); an existing directory is left as it is. Raises ConfigError naming the key."""
+    missing: list[str] = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise ConfigError("node.data_dir", f"{directory} is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(
+                "node.data_dir", f"cannot create {directory}: {exc.strerror or exc}"
+            ) from None
+
+
 async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list[str]]:
     """Resolve seed host names; returns (addresses, names that did not resolve)."""
     out: list[Address] = []
@@ -203,6 +227,7 @@ class Node:
                 "RUNNING WITHOUT ENCRYPTION: gossip is neither encrypted nor authenticated "
                 "(--insecure); anyone who can reach this port can join and inject state"
             )
+        make_data_dir(config.node.data_dir)
         sockets = await bind_sockets(*config.node.bind)
         self.port = sockets.port
         seeds, unresolved = await resolve_seeds(config.node.seeds)
@@ -581,6 +606,7 @@ class Node:
                 ("node.name", old.node.name, new.node.name),
                 ("node.bind", old.node.bind, new.node.bind),
                 ("node.advertise", old.node.advertise, new.node.advertise),
+                ("node.data_dir", old.node.data_dir, new.node.data_dir),
                 ("membership", old.membership, new.membership),
                 ("security", old.security, new.security),
                 ("api", old.api, new.api),
