@@ -27,6 +27,14 @@ from meshd.logs import configure_logging, kv
 from meshd.membership.core import Membership
 from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import EventKind, MemberEvent
+from meshd.membership.snapshot import (
+    PEERS_FILE,
+    Peer,
+    PeersSnapshot,
+    SnapshotError,
+    read_peers,
+    rejoin_seeds,
+)
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
 from meshd.node import agent_ops, control, data_ops, lifecycle_ops, telemetry
@@ -152,6 +160,18 @@ def make_data_dir(path: str) -> None:
             ) from None
 
 
+def remembered_peers(path: str, me: str) -> list[Peer]:
+    """The peers snapshot at ``path``, this node left out. A missing file means none; one
+    that cannot be read or parsed is logged and ignored: it must never stop the daemon."""
+    try:
+        peers = read_peers(path)
+    except (OSError, SnapshotError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning("ignoring the peers snapshot", extra=kv(file=path, error=reason))
+        return []
+    return [p for p in peers or () if p.name != me]
+
+
 async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list[str]]:
     """Resolve seed host names; returns (addresses, names that did not resolve)."""
     out: list[Address] = []
@@ -208,6 +228,8 @@ class Node:
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
+        self.peers: PeersSnapshot
+        self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
         self.port = 0
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
@@ -228,9 +250,13 @@ class Node:
                 "(--insecure); anyone who can reach this port can join and inject state"
             )
         make_data_dir(config.node.data_dir)
+        peers_file = os.path.join(config.node.data_dir, PEERS_FILE)
+        remembered = remembered_peers(peers_file, config.node.name) if config.node.rejoin else []
+        self.rejoin = rejoin_seeds(remembered, random.Random())
         sockets = await bind_sockets(*config.node.bind)
         self.port = sockets.port
         seeds, unresolved = await resolve_seeds(config.node.seeds)
+        seeds += self.rejoin
         addr = advertise_address(config, sockets.port, seeds)
         packets = PacketEndpoint(
             sockets.udp,
@@ -255,6 +281,15 @@ class Node:
             self.transport_stats,
             logging.getLogger("meshd.membership"),
         )
+        self.peers = PeersSnapshot(
+            peers_file,
+            self.core.members,
+            config.node.name,
+            logging.getLogger("meshd.membership"),
+            remembered=remembered,
+            forget_after=config.membership.reconnect_timeout,
+        )
+        self.driver.listeners.append(self.peers.on_member_event)
         self.keys = KeyService(
             self.keyring,
             config.security.keyring_file,
@@ -296,12 +331,18 @@ class Node:
                 socket=config.api.socket,
             ),
         )
+        if self.rejoin:
+            log.info(
+                "rejoining through the peers snapshot",
+                extra=kv(file=peers_file, remembered=len(remembered), tried=len(self.rejoin)),
+            )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
                 await nursery.start(self.driver.run)
+                await nursery.start(self.peers.run)
                 await nursery.start(self.links.run)
                 await nursery.start(self.replication.run)
                 await nursery.start(self.routing_links.run)
@@ -540,6 +581,9 @@ class Node:
 
     async def _leave(self) -> None:
         self.notifier.stopping()
+        # Before anything else: members that leave from now on (a whole cluster stopping)
+        # stay in the snapshot, so that they find each other again when they come back.
+        await self.peers.close()
         # Hand the placed agents over first, one by one with their state, as `meshctl
         # drain` does (bounded: whatever has not moved fails over once the leave is heard).
         moving = self.placement.start_drain()
@@ -571,7 +615,7 @@ class Node:
             await trio.sleep(self.config.membership.join_retry_max)
             resolved, failed = await resolve_seeds(seeds)
             if resolved:
-                self.core.set_seeds(resolved)
+                self.core.set_seeds(resolved + self.rejoin)
                 self.core.join(trio.current_time())
                 await self.driver.flush()
             if not failed:
@@ -598,7 +642,7 @@ class Node:
             applied.append("node.tags")
         if new.node.seeds != old.node.seeds:
             seeds, _ = await resolve_seeds(new.node.seeds)
-            self.core.set_seeds(seeds)
+            self.core.set_seeds(seeds + self.rejoin)
             applied.append("node.seeds")
         needs_restart = [
             name
@@ -607,6 +651,7 @@ class Node:
                 ("node.bind", old.node.bind, new.node.bind),
                 ("node.advertise", old.node.advertise, new.node.advertise),
                 ("node.data_dir", old.node.data_dir, new.node.data_dir),
+                ("node.rejoin", old.node.rejoin, new.node.rejoin),
                 ("membership", old.membership, new.membership),
                 ("security", old.security, new.security),
                 ("api", old.api, new.api),
