@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     members.add_argument("--watch", action="store_true", help="stream membership events")
     sub.add_parser("info", help="this daemon's identity and counters")
     sub.add_parser("leave", help="leave the cluster gracefully; the daemon then exits")
+    remove = sub.add_parser(
+        "remove", help="take a dead member out of the cluster (marked left on every member)"
+    )
+    remove.add_argument("node", help="the dead member's name")
     agents = sub.add_parser("agents", help="the agent registry (as this node resolves it)")
     agents.add_argument("--kind", help="only agents of this kind")
     agents.add_argument("--capability", help="only agents with this capability")
@@ -141,6 +145,17 @@ async def _info(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
 async def _leave(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("leave", timeout=ns.timeout)
     _print_json(result) if ns.json else out.print(f"{conn.node} is leaving the cluster")
+    return 0
+
+
+async def _remove(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    result = await conn.call("members.remove", {"node": ns.node}, timeout=ns.timeout)
+    if ns.json:
+        _print_json(result)
+    elif result["removed"]:
+        out.print(f"{ns.node} removed: every member will show it as left")
+    else:
+        out.print(f"{ns.node} had already left")
     return 0
 
 
@@ -311,6 +326,7 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[in
     "members": _members,
     "info": _info,
     "leave": _leave,
+    "remove": _remove,
     "agents": _agents,
     "events": _events,
     "state": _state,

@@ -478,6 +478,7 @@ def _settings() -> Mapping[str, _Parser]:
             ),
             "node.tags": _parse_tags,
             "node.data_dir": _parse_path,
+            "node.rejoin": _parse_bool,
             **_tuning_parsers("membership", MembershipTuning),
             **_tuning_parsers("placement", PlacementTuning),
             **_tuning_parsers("storage", StorageTuning),
@@ -706,6 +707,7 @@ _FLAG_SETTINGS: Final = (
     ("seeds", "node.seeds"),
     ("tags", "node.tags"),
     ("data_dir", "node.data_dir"),
+    ("rejoin", "node.rejoin"),
     ("keys", "security.keys"),
     ("keyring_file", "security.keyring_file"),
     ("label", "security.label"),
@@ -750,6 +752,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--tag", dest="tags", action="append", metavar="K=V", help="node tag (repeatable)"
     )
     node.add_argument("--data-dir", metavar="PATH", help="state directory")
+    node.add_argument(
+        "--rejoin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rejoin the peers remembered in the data directory (default: yes)",
+    )
     security = parser.add_argument_group("security")
     security.add_argument(
         "--key",

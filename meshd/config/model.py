@@ -157,6 +157,9 @@ class NodeConfig:
     seeds: tuple[Address, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
     data_dir: str = "/var/lib/meshd"
+    # Rejoin through the peers snapshot (<data_dir>/peers.json) written by the last run: its
+    # addresses are tried as seeds, after the configured ones.
+    rejoin: bool = True
 
 
 @dataclass(frozen=True, slots=True)

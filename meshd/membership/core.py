@@ -19,6 +19,9 @@ Rules, after SWIM, Lifeguard and memberlist:
   first, each item at most mult · ⌈log10(n + 1)⌉ times.
 * Push-pull exchanges full state over TCP with a random member; reconnect attempts to dead
   members and seeds make two sides of a healed partition merge without operator action.
+* Members dead longer than ``reconnect_timeout`` (left longer than ``left_reclaim``) are
+  reaped: forgotten, with a ``reap`` event. An operator may remove a dead member at once
+  (:meth:`Membership.remove`): it is marked left here and a ``left`` message tells the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from meshd.wire.membership import (
     Suspect,
 )
 from meshd.wire.validate import Address, WireError
+from meshd_client.protocol import errors
 
 _SEQ_MASK = 2**32 - 1
 _MAX_CONFIRMATION_PROBES = 3
@@ -89,6 +93,8 @@ class MembershipStats:
     deaths: int = 0
     deaths_by_refusal: int = 0
     conflicts: int = 0
+    reaped: int = 0  # members forgotten (dead or left for long enough)
+    removed: int = 0  # dead members removed by an operator (marked left)
     push_pulls: int = 0
     join_attempts: int = 0
     reconnect_attempts: int = 0
@@ -245,6 +251,42 @@ class Membership:
     def leave_done(self) -> bool:
         """True once the leave announcement used up its transmits (or nobody is left to tell)."""
         return not self._queue.pending(self.name) or self._alive_count <= 1
+
+    def remove(self, now: float, name: str) -> bool:
+        """An operator takes a dead member out of the cluster (Serf's ``force-leave``).
+
+        The member is marked left here and a ``left`` message at its incarnation tells every
+        other member to do the same, so it leaves every majority's reference at once instead
+        of after ``reconnect_timeout``. Only a dead member may be removed: removing one that
+        answers would drop a working member from majorities (and it would refute anyway). Were
+        it alive after all, behind a partition, it refutes when it hears, and comes back.
+
+        Returns True if the member was removed now, False if it had already left. Raises
+        NotFound (no such member), Invalid (this node) or Conflict (alive or suspect).
+        """
+        m = self._members.get(name)
+        if m is None:
+            raise errors.NotFound(f"no member named {name!r}")
+        if m is self._self:
+            raise errors.Invalid(
+                f"{name} is this node; to take it out of the cluster, make it leave "
+                "(meshctl leave, or stop the daemon)"
+            )
+        if m.status is Status.LEFT:
+            return False
+        if m.status is not Status.DEAD:
+            raise errors.Conflict(
+                f"{name} is {m.status.name.lower()}: only a dead member can be removed; "
+                "stop it first or wait until it is declared dead",
+                detail={"node": name, "status": m.status.name.lower()},
+            )
+        self._set_status(m, Status.LEFT, now)
+        self.stats.removed += 1
+        self._broadcast(name, Left(name, m.incarnation))
+        self._emit(EventKind.LEAVE, m, now)
+        # Spread it right away instead of waiting for the next gossip round.
+        self._gossip_tick(now, None, reschedule=False)
+        return True
 
     def set_tags(self, now: float, tags: dict[str, str]) -> None:
         """Change this node's tags: a new incarnation so the update wins everywhere."""
@@ -973,15 +1015,18 @@ class Membership:
                 )
 
     def _reap(self, now: float) -> None:
-        """Forget members that have been dead or gone long enough."""
+        """Forget members that have been dead or gone long enough, each with a REAP event:
+        a reaped dead member stops counting in majorities (see :mod:`.reference`)."""
         t = self.tuning
-        for name in [
-            n
-            for n, m in self._members.items()
+        for m in [
+            m
+            for m in self._members.values()
             if m is not self._self
             and (
                 (m.status is Status.DEAD and now - m.status_since > t.reconnect_timeout)
                 or (m.status is Status.LEFT and now - m.status_since > t.left_reclaim)
             )
         ]:
-            del self._members[name]
+            del self._members[m.name]
+            self.stats.reaped += 1
+            self._emit(EventKind.REAP, m, now)

@@ -97,16 +97,24 @@ class MembershipDriver:
 
     def _deliver(self, event: MemberEvent) -> None:
         member = event.member
-        level = logging.WARNING if event.kind is EventKind.DEAD else logging.INFO
-        self.log.log(
-            level,
-            f"member {event.kind.value}",
-            extra=kv(
-                member=member.name,
-                addr=f"{member.addr[0]}:{member.addr[1]}",
-                incarnation=member.incarnation,
-            ),
-        )
+        addr = f"{member.addr[0]}:{member.addr[1]}"
+        if event.kind is EventKind.REAP:
+            self.log.info(
+                "member reaped",
+                extra=kv(
+                    member=member.name,
+                    addr=addr,
+                    status=member.status.name.lower(),
+                    gone_s=round(event.at - member.status_since, 1),
+                ),
+            )
+        else:
+            level = logging.WARNING if event.kind is EventKind.DEAD else logging.INFO
+            self.log.log(
+                level,
+                f"member {event.kind.value}",
+                extra=kv(member=member.name, addr=addr, incarnation=member.incarnation),
+            )
         for listener in list(self.listeners):
             try:
                 listener(event)
@@ -166,6 +174,15 @@ class MembershipDriver:
                 await trio.sleep(self.core.tuning.gossip_interval / 2)
             return True
         return False
+
+    async def remove(self, name: str) -> bool:
+        """An operator removes a dead member (:meth:`Membership.remove`); True if it was
+        removed now, False if it had already left. Raises the core's typed errors."""
+        removed = self.core.remove(trio.current_time(), name)
+        if removed:
+            self.log.warning("member removed by an operator", extra=kv(member=name))
+        await self.flush()
+        return removed
 
     async def set_tags(self, tags: dict[str, str]) -> None:
         self.core.set_tags(trio.current_time(), tags)

@@ -18,7 +18,8 @@ class EventKind(enum.Enum):
     SUSPECT = "suspect"
     ALIVE = "alive"  # a suspect refuted the suspicion
     DEAD = "dead"
-    LEAVE = "leave"
+    LEAVE = "leave"  # left gracefully, or removed by an operator while dead
+    REAP = "reap"  # forgotten: dead longer than reconnect_timeout, or left than left_reclaim
 
 
 @dataclass(frozen=True, slots=True)

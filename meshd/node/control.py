@@ -1,4 +1,4 @@
-"""API ops for the daemon itself: info, members (and a watch stream), leave, keys."""
+"""API ops for the daemon itself: info, members (a watch stream, remove), leave, keys."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def register(node: Node) -> None:
                 "refutations": stats.refutations,
                 "deaths": stats.deaths,
                 "deaths_by_refusal": stats.deaths_by_refusal,
+                "reaped": stats.reaped,
+                "removed": stats.removed,
                 "packets_in": stats.packets_in,
                 "packets_out": stats.packets_out,
                 "rejected": {**stats.rejected, **node.transport_stats.rejected},
@@ -84,6 +86,13 @@ def register(node: Node) -> None:
             await stream.until_failed()
         finally:
             node.driver.listeners.remove(on_event)
+
+    async def remove(_session: Session, req: messages.Request) -> Any:
+        name = req.args.get("node")
+        if not isinstance(name, str) or not name:
+            raise errors.Invalid("node must be the name of a member")
+        removed = await node.driver.remove(name)
+        return {"node": name, "status": "left", "removed": removed}
 
     async def leave(_session: Session, _req: messages.Request) -> Any:
         node.request_leave()
@@ -112,5 +121,10 @@ def register(node: Node) -> None:
         inline=True,
     )
     api.add_stream_op("members.watch", watch, "membership events as they happen")
+    api.add_op(
+        "members.remove",
+        remove,
+        "take a dead member out of the cluster and every majority (marked left everywhere)",
+    )
     api.add_op("leave", leave, "leave the cluster gracefully and stop the daemon")
     api.add_op("keys", keys, "list/install/use/remove gossip keys on every member")

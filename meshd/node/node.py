@@ -27,6 +27,15 @@ from meshd.logs import configure_logging, kv
 from meshd.membership.core import Membership
 from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import EventKind, MemberEvent
+from meshd.membership.reference import reference_members
+from meshd.membership.snapshot import (
+    PEERS_FILE,
+    Peer,
+    PeersSnapshot,
+    SnapshotError,
+    read_peers,
+    rejoin_seeds,
+)
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
 from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
@@ -131,6 +140,42 @@ def advertise_address(config: Config, bound_port: int, seeds: list[Address]) -> 
         return ("127.0.0.1", bound_port)
 
 
+def make_data_dir(path: str) -> None:
+    """Create the data directory, and any missing parent, with mode 0700 (whatever the
+    umask); an existing directory is left as it is. Raises ConfigError naming the key."""
+    missing: list[str] = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise ConfigError("node.data_dir", f"{directory} is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(
+                "node.data_dir", f"cannot create {directory}: {exc.strerror or exc}"
+            ) from None
+
+
+def remembered_peers(path: str, me: str) -> list[Peer]:
+    """The peers snapshot at ``path``, this node left out. A missing file means none; one
+    that cannot be read or parsed is logged and ignored: it must never stop the daemon."""
+    try:
+        peers = read_peers(path)
+    except (OSError, SnapshotError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning("ignoring the peers snapshot", extra=kv(file=path, error=reason))
+        return []
+    return [p for p in peers or () if p.name != me]
+
+
 async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list[str]]:
     """Resolve seed host names; returns (addresses, names that did not resolve)."""
     out: list[Address] = []
@@ -188,6 +233,8 @@ class Node:
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
+        self.peers: PeersSnapshot
+        self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
         self.port = 0
         self._ever_joined = False
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
@@ -208,9 +255,14 @@ class Node:
                 "RUNNING WITHOUT ENCRYPTION: gossip is neither encrypted nor authenticated "
                 "(--insecure); anyone who can reach this port can join and inject state"
             )
+        make_data_dir(config.node.data_dir)
+        peers_file = os.path.join(config.node.data_dir, PEERS_FILE)
+        remembered = remembered_peers(peers_file, config.node.name) if config.node.rejoin else []
+        self.rejoin = rejoin_seeds(remembered, random.Random())
         sockets = await bind_sockets(*config.node.bind)
         self.port = sockets.port
         seeds, unresolved = await resolve_seeds(config.node.seeds)
+        seeds += self.rejoin
         addr = advertise_address(config, sockets.port, seeds)
         packets = PacketEndpoint(
             sockets.udp,
@@ -235,6 +287,15 @@ class Node:
             self.transport_stats,
             logging.getLogger("meshd.membership"),
         )
+        self.peers = PeersSnapshot(
+            peers_file,
+            self.core.members,
+            config.node.name,
+            logging.getLogger("meshd.membership"),
+            remembered=remembered,
+            forget_after=config.membership.reconnect_timeout,
+        )
+        self.driver.listeners.append(self.peers.on_member_event)
         self.keys = KeyService(
             self.keyring,
             config.security.keyring_file,
@@ -278,12 +339,18 @@ class Node:
                 socket=config.api.socket,
             ),
         )
+        if self.rejoin:
+            log.info(
+                "rejoining through the peers snapshot",
+                extra=kv(file=peers_file, remembered=len(remembered), tried=len(self.rejoin)),
+            )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
                 await nursery.start(self.driver.run)
+                await nursery.start(self.peers.run)
                 if self.storage is not None:
                     await nursery.start(self.storage.run)
                 await nursery.start(self.links.run)
@@ -514,13 +581,16 @@ class Node:
         if self.core.joined:
             self._ever_joined = True
         live = [m.name for m in members if m.status in (Status.ALIVE, Status.SUSPECT)]
-        reference = (
-            [m.name for m in members if m.status is not Status.LEFT] if self._ever_joined else None
-        )
+        reference = reference_members(members) if self._ever_joined else None
         self.replication.set_members(live, reference)
 
     def _on_member_event(self, event: MemberEvent) -> None:
         member = event.member.name
+        if event.kind is EventKind.REAP:
+            # A reaped member was down already: links, routing, the registry and placement
+            # let go of it at its DEAD or LEAVE event. It leaves every majority now.
+            self._members_changed()
+            return
         if member == self.config.node.name:
             return
         self._members_changed()
@@ -588,6 +658,9 @@ class Node:
 
     async def _leave(self) -> None:
         self.notifier.stopping()
+        # Before anything else: members that leave from now on (a whole cluster stopping)
+        # stay in the snapshot, so that they find each other again when they come back.
+        await self.peers.close()
         # Hand the placed agents over first, one by one with their state, as `meshctl
         # drain` does (bounded: whatever has not moved fails over once the leave is heard).
         moving = self.placement.start_drain()
@@ -619,7 +692,7 @@ class Node:
             await trio.sleep(self.config.membership.join_retry_max)
             resolved, failed = await resolve_seeds(seeds)
             if resolved:
-                self.core.set_seeds(resolved)
+                self.core.set_seeds(resolved + self.rejoin)
                 self.core.join(trio.current_time())
                 await self.driver.flush()
             if not failed:
@@ -646,7 +719,7 @@ class Node:
             applied.append("node.tags")
         if new.node.seeds != old.node.seeds:
             seeds, _ = await resolve_seeds(new.node.seeds)
-            self.core.set_seeds(seeds)
+            self.core.set_seeds(seeds + self.rejoin)
             applied.append("node.seeds")
         needs_restart = [
             name
@@ -654,6 +727,8 @@ class Node:
                 ("node.name", old.node.name, new.node.name),
                 ("node.bind", old.node.bind, new.node.bind),
                 ("node.advertise", old.node.advertise, new.node.advertise),
+                ("node.data_dir", old.node.data_dir, new.node.data_dir),
+                ("node.rejoin", old.node.rejoin, new.node.rejoin),
                 ("membership", old.membership, new.membership),
                 ("security", old.security, new.security),
                 ("api", old.api, new.api),

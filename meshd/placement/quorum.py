@@ -1,12 +1,13 @@
 """The partition strategy's view of membership: does this side hold a strict majority?
 
 ``keep_majority`` agents may run only on a side of a partition that holds a strict majority
-of the **reference membership**: every member this node knows that has not left — alive,
-suspect, or dead but not yet forgotten. A crashed member keeps counting until it is reaped
-(``reconnect_timeout``) or leaves gracefully, because from here a crashed member and a
-partitioned one look the same. Every node that shares the membership table computes the
-same reference: there is no locally remembered "last view" that could go stale, and a fresh
-daemon joining a minority learns the dead majority from its seed's table.
+of the **reference membership** (:func:`meshd.membership.reference.reference_members`): every
+member this node knows that has not left — alive, suspect, or dead but not yet forgotten. A
+crashed member keeps counting until it is reaped (``reconnect_timeout``), leaves gracefully
+or is removed by an operator, because from here a crashed member and a partitioned one look
+the same. Every node that shares the membership table computes the same reference: there is
+no locally remembered "last view" that could go stale, and a fresh daemon joining a minority
+learns the dead majority from its seed's table.
 
 Decisions are asymmetric:
 

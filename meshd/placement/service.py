@@ -35,6 +35,7 @@ from meshd.api.server import Session, Stream
 from meshd.config.model import PlacementTuning
 from meshd.logs import kv
 from meshd.membership.core import Membership
+from meshd.membership.reference import reference_members
 from meshd.placement import rendezvous
 from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
 from meshd.placement.quorum import Quorum
@@ -495,7 +496,7 @@ class Placement:
             # Only members known alive count: a suspect is not confirmed reachable. On a
             # small side, suspicions gather few confirmations and take long to become
             # verdicts; waiting for them would let the majority take over first.
-            known = frozenset(m.name for m in members if m.status is not Status.LEFT)
+            known = reference_members(members)
             self.quorum.observe(now, up, known)
             before = self.quorum.has_majority
             self.quorum.tick(now)

@@ -123,6 +123,12 @@ class Node:
         self.core.leave(now)
         self.collect(now)
 
+    def remove(self, now: float, name: str) -> bool:
+        self.now = now
+        removed = self.core.remove(now, name)
+        self.collect(now)
+        return removed
+
     def set_tags(self, now: float, tags: dict[str, str]) -> None:
         self.now = now
         self.core.set_tags(now, tags)
@@ -153,6 +159,18 @@ class Node:
         data = wire.encode(reply) if reply is not None and not isinstance(reply, bytes) else reply
         self.core.stream_result(now, token, data, failure)
         self.collect(now)
+
+    def forward(self, now: float, to: Node, since: float = float("-inf")) -> int:
+        """Deliver to ``to`` every datagram this node sent to ``to``'s address at or after
+        ``since`` (two cores talking over a perfect network); returns how many."""
+        datagrams = [
+            out
+            for at, out in self.log
+            if isinstance(out, SendPacket) and at >= since and out.addr == to.core.addr
+        ]
+        for out in datagrams:
+            to.deliver(now, self.core.addr, out.data)
+        return len(datagrams)
 
     def learn(self, now: float, names: Iterable[str]) -> None:
         """Tell the core about alive members (255 per packet at most)."""

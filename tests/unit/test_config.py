@@ -636,6 +636,7 @@ def test_flags_become_overrides(tmp_path: Path) -> None:
             "--log-level", "debug",
             "--log-format", "json",
             "--data-dir", "/tmp/d",
+            "--no-rejoin",
             "--set", "membership.probe_interval=6s",
             "--set", "api.mode=0600",
         ]
@@ -650,6 +651,7 @@ def test_flags_become_overrides(tmp_path: Path) -> None:
         seeds=(("a.example", 7946), ("::1", 9)),
         tags={"role": "web", "dc": "x"},
         data_dir="/tmp/d",
+        rejoin=False,
     )
     assert config.membership == dataclasses.replace(PROFILES["wan"], probe_interval=6.0)
     assert config.security == SecurityConfig(keys=(KEY16,), label="prod")
@@ -657,6 +659,16 @@ def test_flags_become_overrides(tmp_path: Path) -> None:
     assert config.api.mode == 0o600
     assert config.metrics == MetricsConfig(enabled=True, bind=("127.0.0.1", 0))
     assert config.log == LogConfig(level="debug", format="json")
+
+
+def test_rejoin_is_on_by_default_and_can_be_turned_off_in_every_layer(tmp_path: Path) -> None:
+    assert build().node.rejoin is True
+    assert build("[node]\nrejoin = false\n", tmp_path=tmp_path).node.rejoin is False
+    assert build(env={"MESHD_NODE_REJOIN": "no"}).node.rejoin is False
+    assert overrides_from_args(parse(["--no-rejoin"])) == {"node.rejoin": False}
+    assert overrides_from_args(parse(["--rejoin"])) == {"node.rejoin": True}
+    err = error_for(overrides={**INSECURE, "node.rejoin": "maybe"})
+    assert err.key == "node.rejoin" and "true or false" in err.problem
 
 
 def test_insecure_and_keyring_flags() -> None:

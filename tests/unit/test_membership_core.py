@@ -26,6 +26,7 @@ from membership_helpers import (
 
 from meshd.membership.broadcast import retransmit_limit
 from meshd.membership.events import EventKind, SendPacket
+from meshd.membership.reference import reference_members
 from meshd.wire import membership as wire
 from meshd.wire import packet
 from meshd.wire.membership import (
@@ -41,7 +42,7 @@ from meshd.wire.membership import (
     Status,
     Suspect,
 )
-from meshd_client.protocol import cbor
+from meshd_client.protocol import cbor, errors
 
 B, C, D, E = (addr_for(n) for n in "bcde")
 STRANGER = ("192.0.2.77", 4000)
@@ -1060,6 +1061,138 @@ def test_dead_members_are_forgotten_after_the_reconnect_timeout() -> None:
     node.run(60.0)
     assert node.core.member("b") is None
     assert node.push_pulls(since=41.0 + 15.0) == []
+
+
+# ---------------------------------------------------------------------------- reaping
+
+
+def reference(node: Node) -> frozenset[str]:
+    return reference_members(node.core.members())
+
+
+def test_a_dead_member_is_reaped_after_the_reconnect_timeout_with_one_event() -> None:
+    tune = tuning(reconnect_interval=10.0, reconnect_timeout=40.0, push_pull_interval=1000.0)
+    node = cluster(["b", "c"], tune=tune, answering=True)
+    node.send(1.0, STRANGER, Dead("b", 0, "c", True))
+    node.run(41.0)
+    # Dead for the whole reconnect timeout: still known, still counted in majorities.
+    assert node.status("b") is Status.DEAD
+    assert reference(node) == {"a", "b", "c"}
+    assert node.events(EventKind.REAP) == []
+    node.run(60.0)  # at least one reconnect round (every 7.5 to 12.5 s) reaps it
+    [reap] = node.events(EventKind.REAP)
+    assert (reap.member.name, reap.member.status, reap.member.status_since) == (
+        "b",
+        Status.DEAD,
+        1.0,
+    )
+    assert reap.at - reap.member.status_since > tune.reconnect_timeout
+    assert node.core.member("b") is None
+    assert reference(node) == {"a", "c"}
+    assert node.core.stats.reaped == 1
+    node.run(200.0)
+    assert len(node.events(EventKind.REAP)) == 1
+
+
+def test_a_left_member_is_reaped_after_left_reclaim() -> None:
+    tune = tuning(reconnect_interval=10.0, left_reclaim=30.0, push_pull_interval=1000.0)
+    node = cluster(["b", "c"], tune=tune, answering=True)
+    node.send(1.0, B, Left("b", 0))
+    assert reference(node) == {"a", "c"}
+    node.run(100.0)
+    [reap] = node.events(EventKind.REAP)
+    assert (reap.member.name, reap.member.status) == ("b", Status.LEFT)
+    assert node.core.member("b") is None
+    assert node.core.stats.reaped == 1
+
+
+# ---------------------------------------------------------------------------- operator removal
+
+
+def test_remove_refuses_unknown_names_and_this_node() -> None:
+    node = cluster(["b"])
+    with pytest.raises(errors.NotFound):
+        node.remove(1.0, "zed")
+    with pytest.raises(errors.Invalid, match="this node"):
+        node.remove(1.0, "a")
+    assert node.status("a") is Status.ALIVE
+    assert node.core.stats.removed == 0
+
+
+@pytest.mark.parametrize("status", [Status.ALIVE, Status.SUSPECT])
+def test_remove_refuses_a_member_that_is_not_dead(status: Status) -> None:
+    node = cluster(["b", "c"], answering=True)
+    if status is Status.SUSPECT:
+        node.send(1.0, C, Suspect("b", 0, "c"))
+    with pytest.raises(errors.Conflict, match="only a dead member can be removed") as info:
+        node.remove(2.0, "b")
+    assert info.value.detail == {"node": "b", "status": status.name.lower()}
+    assert node.status("b") is status
+    assert node.find(Left) == []
+    assert node.events(EventKind.LEAVE) == []
+    assert reference(node) == {"a", "b", "c"}
+    assert node.core.stats.removed == 0
+
+
+def test_removing_a_dead_member_marks_it_left_and_tells_everyone_at_once() -> None:
+    node = cluster(["b", "c", "d"], answering=True)
+    node.send(1.0, C, Dead("b", 2, "c", True))
+    assert reference(node) == {"a", "b", "c", "d"}
+    assert node.remove(5.0, "b") is True
+    assert node.status("b") is Status.LEFT
+    [leave] = node.events(EventKind.LEAVE)
+    assert (leave.member.name, leave.member.incarnation, leave.at) == ("b", 2, 5.0)
+    # Gossiped at once (not at the next round), at the incarnation it died with.
+    assert Left("b", 2) in [m for at, _, m in node.find(Left) if at == 5.0]
+    assert reference(node) == {"a", "c", "d"}
+    assert node.core.stats.removed == 1
+
+
+def test_removing_a_member_that_already_left_changes_nothing() -> None:
+    node = cluster(["b", "c"], answering=True)
+    node.send(1.0, B, Left("b", 0))
+    log = len(node.log)
+    assert node.remove(2.0, "b") is False
+    assert len(node.log) == log  # no event, no packet
+    node.send(3.0, C, Dead("c", 0, "b", True))
+    assert node.remove(4.0, "c") is True
+    assert node.remove(5.0, "c") is False  # twice is once
+    assert [e.member.name for e in node.events(EventKind.LEAVE)] == ["b", "c"]
+    assert node.core.stats.removed == 1
+
+
+def test_a_removed_member_leaves_the_reference_of_the_other_members_too() -> None:
+    a = cluster(["b", "c"], answering=True)
+    c = Node(make_core("c"))
+    c.learn(0.0, ["a", "b"])
+    c.answering = {"a", "b"}
+    for node in (a, c):
+        node.send(1.0, STRANGER, Dead("b", 0, "x", True))
+        assert reference(node) == {"a", "b", "c"}
+    a.remove(2.0, "b")
+    assert a.forward(2.0, c, since=2.0) >= 1  # c is a's only live peer: the gossip goes there
+    assert c.status("b") is Status.LEFT
+    assert [e.at for e in c.events(EventKind.LEAVE, "b")] == [2.0]
+    assert reference(c) == reference(a) == {"a", "c"}
+
+
+def test_a_member_removed_while_alive_refutes_and_comes_back() -> None:
+    a = cluster(["b", "c"], answering=True)
+    b = Node(make_core("b"))
+    b.learn(0.0, ["a", "c"])
+    b.answering = {"a", "c"}
+    a.send(1.0, C, Dead("b", 0, "c", True))  # wrongly: b is only cut off from a and c
+    a.remove(2.0, "b")
+    assert "b" not in reference(a)
+    # The partition heals; b hears that it was removed (gossip to the dead, or a push-pull).
+    b.send(3.0, ADDR_A, Left("b", 0))
+    assert b.core.incarnation == 1
+    assert b.status("b") is Status.ALIVE
+    b.run(3.5)
+    assert b.forward(3.5, a, since=3.0) >= 1
+    assert a.status("b") is Status.ALIVE
+    assert a.events(EventKind.JOIN, "b")[-1].member.incarnation == 1
+    assert reference(a) == {"a", "b", "c"}
 
 
 def test_alone_node_tries_its_seeds_again() -> None:
