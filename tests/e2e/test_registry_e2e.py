@@ -463,3 +463,14 @@ async def test_majority_counts_dead_members_until_they_are_reaped(cluster: Local
     assert error.kind is ErrorKind.TIMEOUT
     assert sorted(error.detail["acked"]) == ["n1", "n2"]
     assert error.detail["needed"] == 3 and error.detail["total"] == 5
+    # An operator removes the dead (meshctl remove): the cluster is n1 and n2 now.
+    for daemon in daemons[2:]:
+        await n1.call("members.remove", {"node": daemon.name})
+        await cluster.wait_status(["n1", "n2"], daemon.name, "left", timeout=15)
+    result = await n1.call(
+        "state.update",
+        {"doc": "ledger", "ops": SET_DOC, "durability": "majority"},
+        timeout=15,
+    )
+    assert sorted(result["acked"]) == ["n1", "n2"]
+    assert result["needed"] == 2 and result["total"] == 2
