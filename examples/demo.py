@@ -8,7 +8,9 @@ by clients of different daemons, and tables printed by the real `meshctl`.
    sink on n4 (subscribed to `orders.**`); a driver on n1 sends requests, at-least-once
    increments and signals. A live table shows the traffic; n5 reads the counter's state.
 3. n3 is killed with SIGKILL: the others notice, and calls to the counter say `unreachable`.
-4. n5 leaves gracefully.
+4. n3 is started again on the same data directory: it serves its state from its own disk at
+   once, before it has heard from any peer (`meshctl storage` shows the store).
+5. n5 leaves gracefully.
 """
 
 from __future__ import annotations
@@ -114,6 +116,21 @@ async def kill_counter_host(cluster: LocalCluster, n1: Mesh) -> None:
     console.print(f"  its replicated state lives on: n1 reads count = {count}")
 
 
+async def restart_counter_host(cluster: LocalCluster) -> None:
+    victim = cluster["n3"]
+    console.print(Rule("[bold green]n3 started again on the same data directory"))
+    started = time.monotonic()
+    victim.spawn()
+    info = await cluster.wait_answering(victim)
+    state = await victim.call("state.get", {"doc": "agent:counter"})
+    console.print(
+        f"  answering after {time.monotonic() - started:.2f} s (joined: {info['joined']}); "
+        f"from its own disk it reads count = {state.get('count', 0)}"
+    )
+    await anyio.to_thread.run_sync(meshctl, victim.socket_path, "storage")
+    await cluster.wait_ready([victim])
+
+
 async def agents_on_the_mesh(cluster: LocalCluster) -> None:
     d = cluster.daemons
     stats = Stats()
@@ -164,6 +181,7 @@ async def main() -> None:
 
         console.print(Rule("[bold]agents on different hosts: requests, state and signals"))
         await agents_on_the_mesh(cluster)
+        await restart_counter_host(cluster)
         meshctl(daemons[0].socket_path, "members")
 
         console.print(Rule("[bold]graceful leave of n5 (meshctl leave)"))

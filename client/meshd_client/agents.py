@@ -73,8 +73,10 @@ class AgentContext:
         every: float | None = None,
     ) -> None:
         """A durable reminder: this agent gets a message from ``meshd:reminders`` with body
-        ``{"reminder": name, "data": body}`` after ``after`` seconds (or at Unix time ``at``),
-        then every ``every`` seconds if given — on whichever host runs it then."""
+        ``{"reminder": name, "data": body, "id": ..., "due_ms": ...}`` after ``after``
+        seconds (or at Unix time ``at``), then every ``every`` seconds if given — on whichever
+        host runs it then. At least once: a repeat (the handler failed, or its host died)
+        carries the same ``id``."""
         args: dict[str, Any] = {"agent": self.name, "name": name, "data": body}
         if at is not None:
             args["at_ms"] = int(at * 1000)

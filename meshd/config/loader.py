@@ -643,6 +643,9 @@ def _check_security(security: SecurityConfig) -> None:
         )
 
 
+LOCAL_DATA_DIR: Final = ".meshd"  # the local profile's data directories: ./.meshd/<name>
+
+
 def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     profile: str = values.get("profile", _default_profile())
     membership = replace(profile_tuning(profile), **_section(values, "membership"))
@@ -654,6 +657,9 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     node = _section(values, "node")
     if "name" not in node:
         node["name"] = _default_node_name()
+    if "data_dir" not in node and profile == "local":
+        # Several daemons on one machine: each keeps its store under the run directory.
+        node["data_dir"] = os.path.abspath(os.path.join(LOCAL_DATA_DIR, node["name"]))
     security = SecurityConfig(**_section(values, "security"))
     _check_security(security)
     return Config(

@@ -335,7 +335,8 @@ class Replicator:
         self.on_open(replica)
         if update:
             try:
-                replica.apply(update)
+                # Checksummed on our own disk and validated when it first arrived.
+                replica.apply(update, checked=True)
             except UpdateRejected:
                 self.stats.reject("bad_stored_update")
                 replica.close()

@@ -700,3 +700,17 @@ def test_bad_flag_value_names_the_setting() -> None:
     err = error_for(overrides=overrides_from_args(ns))
     assert err.key == "node.bind"
     assert "command line" in err.problem
+
+
+def test_the_local_profile_keeps_each_daemon_store_under_the_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    local = build_config(None, {}, {**INSECURE, "profile": "local", "node.name": "a"})
+    assert local.node.data_dir == str(tmp_path / ".meshd" / "a")
+    lan = build_config(None, {}, {**INSECURE, "node.name": "a"})
+    assert lan.node.data_dir == "/var/lib/meshd"
+    given = build_config(
+        None, {}, {**INSECURE, "profile": "local", "node.data_dir": str(tmp_path / "x")}
+    )
+    assert given.node.data_dir == str(tmp_path / "x")
