@@ -293,7 +293,7 @@ class Membership:
         if tags == self._self.tags:
             return
         self._self.tags = dict(tags)
-        self._self.incarnation += 1
+        self._self.incarnation = min(wire.MAX_INCARNATION, self._self.incarnation + 1)
         self._queue.push(self.name, wire.encode(self._alive_msg()))
         self._emit(EventKind.UPDATE, self._self, now)
 
@@ -869,7 +869,8 @@ class Membership:
     def _refute(self, now: float, accused: int) -> None:
         """Someone thinks we are suspect/dead at ``accused``: outbid it."""
         me = self._self
-        me.incarnation = max(me.incarnation, accused) + 1
+        # Accusations are below the bound (the wire refuses others), so this outbids them.
+        me.incarnation = min(wire.MAX_INCARNATION, max(me.incarnation, accused) + 1)
         self.stats.refutations += 1
         self.awareness.apply(1)  # being suspected hints that we are the slow one
         self._broadcast(self.name, self._alive_msg())

@@ -26,6 +26,11 @@ from meshd.wire.validate import (
 from meshd_client.protocol import cbor
 
 MAX_PUSH_PULL_MEMBERS: Final = 100_000
+# Incarnations are bounded (as memberlist's uint32): a node outbids an accusation by one, so
+# an accusation is accepted only below the bound and an alive message up to it. One forged
+# or buggy packet can then never push a node to a number it cannot outbid, or one that no
+# longer encodes as a plain CBOR integer.
+MAX_INCARNATION: Final = (1 << 32) - 1
 
 
 class MsgType(enum.IntEnum):
@@ -183,10 +188,12 @@ def encode(msg: Message) -> bytes:
 def _member_state(value: Any) -> MemberState:
     items = expect_list(value, 5, 5, "member")
     status = expect_uint(items[3], "member.status", 3)
+    # A member said to be anything but alive is an accusation: it must be one it can outbid.
+    limit = MAX_INCARNATION if status == Status.ALIVE else MAX_INCARNATION - 1
     return MemberState(
         name=expect_name(items[0]),
         addr=expect_addr(items[1]),
-        incarnation=expect_uint(items[2], "member.incarnation"),
+        incarnation=expect_uint(items[2], "member.incarnation", limit),
         status=Status(status),
         tags=expect_tags(items[4]),
     )
@@ -221,20 +228,28 @@ def _nack(v: list[Any]) -> Message:
 def _alive(v: list[Any]) -> Message:
     expect_list(v, 5, 5, "alive")
     return Alive(
-        expect_name(v[1]), expect_uint(v[2], "incarnation"), expect_addr(v[3]), expect_tags(v[4])
+        expect_name(v[1]),
+        expect_uint(v[2], "incarnation", MAX_INCARNATION),
+        expect_addr(v[3]),
+        expect_tags(v[4]),
     )
+
+
+def _accused(value: Any) -> int:
+    """The incarnation of an accusation (suspect, dead, left): one the accused can outbid."""
+    return expect_uint(value, "incarnation", MAX_INCARNATION - 1)
 
 
 def _suspect(v: list[Any]) -> Message:
     expect_list(v, 4, 4, "suspect")
-    return Suspect(expect_name(v[1]), expect_uint(v[2], "incarnation"), expect_name(v[3]))
+    return Suspect(expect_name(v[1]), _accused(v[2]), expect_name(v[3]))
 
 
 def _dead(v: list[Any]) -> Message:
     expect_list(v, 5, 5, "dead")
     return Dead(
         expect_name(v[1]),
-        expect_uint(v[2], "incarnation"),
+        _accused(v[2]),
         expect_name(v[3]),
         expect_bool(v[4], "refused"),
     )
@@ -242,7 +257,7 @@ def _dead(v: list[Any]) -> Message:
 
 def _left(v: list[Any]) -> Message:
     expect_list(v, 3, 3, "left")
-    return Left(expect_name(v[1]), expect_uint(v[2], "incarnation"))
+    return Left(expect_name(v[1]), _accused(v[2]))
 
 
 def _push_pull(v: list[Any]) -> Message:

@@ -42,6 +42,7 @@ from meshd.wire.membership import (
     Status,
     Suspect,
 )
+from meshd.wire.validate import WireError
 from meshd_client.protocol import cbor, errors
 
 B, C, D, E = (addr_for(n) for n in "bcde")
@@ -627,6 +628,34 @@ def test_accusation_with_a_higher_incarnation_is_outbid() -> None:
     node = cluster(["b"])
     node.send(1.0, B, Dead("a", 41, "b"))
     assert node.core.incarnation == 42
+
+
+def test_an_accusation_at_the_bound_is_refused_and_every_accepted_one_can_be_outbid() -> None:
+    top = wire.MAX_INCARNATION
+    # The largest accusation the wire accepts is outbid, and the answer still encodes.
+    node = cluster(["b"])
+    node.send(1.0, B, Dead("a", top - 1, "b"))
+    assert node.core.incarnation == top
+    decoded = wire.decode(wire.encode(Alive("a", top, ADDR_A, {})))
+    assert isinstance(decoded, Alive) and decoded.incarnation == top
+    # Above it: refused on the wire (one sealed packet must not isolate a node for good).
+    for accusation in (
+        Suspect("a", top, "b"),
+        Dead("a", 2**64 - 1, "b", False),
+        Left("a", top),
+    ):
+        with pytest.raises(WireError):
+            wire.decode(wire.encode(accusation))
+    with pytest.raises(WireError):
+        wire.decode(wire.encode(Alive("a", top + 1, ADDR_A, {})))
+    fresh = cluster(["b"])
+    before = sum(fresh.core.stats.rejected.values())
+    fresh.send(1.0, B, Suspect("a", 2**64 - 1, "b"))
+    assert fresh.core.incarnation == 0
+    assert sum(fresh.core.stats.rejected.values()) > before
+    # Tags changed at the bound stay at the bound.
+    node.core.set_tags(2.0, {"t": "1"})
+    assert node.core.incarnation == top
 
 
 def test_stale_accusations_about_self_are_ignored() -> None:

@@ -42,7 +42,7 @@ MESSAGES: list[Message] = [
     Ack(MAX_UINT64),
     Nack(2),
     Alive("a", 0, V4, {}),
-    Alive("a", MAX_UINT64, V6, {"role": "db", "zone": "eu-1", "": ""}),
+    Alive("a", wire.MAX_INCARNATION, V6, {"role": "db", "zone": "eu-1", "": ""}),
     Suspect("a", 3, "b"),
     Dead("a", 4, "b"),
     Left("a", 5),
