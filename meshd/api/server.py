@@ -23,6 +23,7 @@ import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -671,6 +672,7 @@ class ApiServer:
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.path = path
+        self._inode = -1  # of the socket this server bound (removed at shutdown)
         self.node_name = node_name
         self.log = log
         self.ratelog = RateLimitedLog(log)
@@ -711,14 +713,32 @@ class ApiServer:
 
     async def _bind(self) -> socket.socket:
         path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot create the API socket's directory {path.parent}: {exc.strerror}"
+            ) from None
+        try:
+            existing = os.lstat(path)
+        except FileNotFoundError:
+            existing = None
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot use {path} as the API socket: {exc.strerror}"
+            ) from None
+        if existing is not None:
+            if not stat.S_ISSOCK(existing.st_mode):
+                # Never remove what is not ours: only a stale socket may be replaced.
+                raise OSError(
+                    errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it"
+                )
             probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await probe.connect(self.path)
             except OSError as exc:
                 if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                    raise
+                    raise OSError(exc.errno, f"cannot use {path}: {exc.strerror}") from None
                 path.unlink(missing_ok=True)  # a stale socket from a daemon that died
             else:
                 raise OSError(errno.EADDRINUSE, f"another daemon is serving {self.path}")
@@ -734,10 +754,23 @@ class ApiServer:
             os.chmod(self.path, self.mode)
             sock.setblocking(False)
             sock.listen(128)
+            self._inode = os.lstat(self.path).st_ino
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot serve the API on {path}: {exc.strerror}") from None
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _remove_socket(self) -> None:
+        """At shutdown: remove our socket, and only ours (not one a successor made)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:
+            Path(self.path).unlink(missing_ok=True)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()
@@ -762,7 +795,7 @@ class ApiServer:
                     await trio.lowlevel.checkpoint()
         finally:
             _close(sock)
-            Path(self.path).unlink(missing_ok=True)
+            self._remove_socket()
 
     async def _session(self, sock: socket.socket) -> None:
         self.stats.connections += 1

@@ -66,6 +66,23 @@ def _raise_open_files_limit(wanted: int = 65536) -> None:
             pass  # keep the limit we have; accept errors are counted and logged
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: an OSError without its errno prefix (its message names what failed)."""
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc)
+
+
 def _storage(action: str, directory: str) -> int:
     from meshd.storage import repair
     from meshd.storage.files import OsFiles, StoreLocked
@@ -122,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         node = Node(config, reload=lambda: _load(ns))
         return trio.run(node.run)
+    except BaseExceptionGroup as group:
+        # Raised inside the daemon's nursery: report what went wrong, one line each.
+        leaves = _leaves(group)
+        if not all(isinstance(e, ConfigError | OSError | StoreCorrupt) for e in leaves):
+            raise
+        for leaf in leaves:
+            print(f"meshd: {_describe(leaf)}", file=sys.stderr)
+        return 1 if any(isinstance(e, StoreCorrupt) for e in leaves) else 2
     except ConfigError as exc:
         print(f"meshd: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -136,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except OSError as exc:
-        print(f"meshd: {exc}", file=sys.stderr)
-        return 1
+        print(f"meshd: {_describe(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -46,7 +46,13 @@ async def serve_metrics(
     time again to take the response. Connections beyond ``max_connections`` are refused with
     503 rather than queued, so idle clients cannot exhaust file descriptors.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot bind the metrics endpoint {host}:{port} (metrics.bind): {exc.strerror}",
+        ) from None
     bound_port: int = listeners[0].socket.getsockname()[1]
     server = _MetricsHTTP(registry, head_timeout, max_head_bytes, max_connections)
     task_status.started(bound_port)

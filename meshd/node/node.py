@@ -113,7 +113,7 @@ async def bind_sockets(host: str, port: int, attempts: int = 20) -> Sockets:
             tcp.close()
             last = exc
     assert last is not None
-    raise last
+    raise OSError(last.errno, f"cannot bind {host}:{port} (node.bind): {last.strerror}")
 
 
 def advertise_address(config: Config, bound_port: int, seeds: list[Address]) -> Address:

@@ -7,6 +7,7 @@ import os
 import pwd
 import signal
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -214,3 +215,69 @@ async def test_socket_permissions_and_peer_credentials(cluster: LocalCluster) ->
     )
     assert done.returncode == 0, done.stderr
     assert "allowed" in done.stdout.decode()
+
+
+def _run_daemon(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Start a daemon that is expected to refuse to start; returns how it exited."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshd",
+            "run",
+            "--insecure",
+            "--name",
+            "x",
+            "--profile",
+            "local",
+            "--data-dir",
+            str(tmp_path / "x.data"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_start_up_errors_are_one_line_and_exit_2(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    running = cluster.add("running", extra=[f"--metrics-bind=127.0.0.1:{metrics_port}"])
+    await cluster.wait_ready()
+    regular = tmp_path / "file"
+    regular.write_text("precious")
+    cases = [
+        # A socket under a regular file, and one under /proc.
+        (["--bind", "127.0.0.1:0", "--socket", str(regular / "x.sock")], str(regular)),
+        (["--bind", "127.0.0.1:0", "--socket", "/proc/meshd/x.sock"], "/proc/meshd"),
+        # A second daemon on the same socket.
+        (["--bind", "127.0.0.1:0", "--socket", running.socket_path], "another daemon"),
+        # The gossip port in use, and the metrics port in use: named.
+        (
+            ["--bind", f"127.0.0.1:{running.port}", "--socket", str(tmp_path / "a.sock")],
+            f"127.0.0.1:{running.port}",
+        ),
+        (
+            [
+                "--bind",
+                "127.0.0.1:0",
+                "--socket",
+                str(tmp_path / "b.sock"),
+                f"--metrics-bind=127.0.0.1:{metrics_port}",
+            ],
+            f"127.0.0.1:{metrics_port}",
+        ),
+        # A regular file where the socket goes: refused, and the file is kept.
+        (["--bind", "127.0.0.1:0", "--socket", str(regular)], "not a socket"),
+    ]
+    for args, named in cases:
+        done = await anyio.to_thread.run_sync(lambda a=args: _run_daemon(tmp_path, *a))
+        lines = [line for line in done.stderr.splitlines() if line.startswith("meshd:")]
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert len(lines) == 1 and named in lines[0], (args, done.stderr[-2000:])
+    assert regular.read_text() == "precious"
+    assert running.running()

@@ -162,7 +162,7 @@ async def test_one_daemon_per_data_directory(cluster: LocalCluster) -> None:
     (n1,) = cluster.start_many(1)
     await cluster.wait_ready()
     twin = cluster.add("twin", extra=["--data-dir", str(data_dir(cluster, "n1"))])
-    assert twin.wait(30) == 1
+    assert twin.wait(30) == 2
     assert "another process uses this store" in twin.log_text()
     assert n1.running()
 
