@@ -706,6 +706,13 @@ class ApiServer:
     def add_stream_op(self, name: str, handler: StreamHandler, description: str = "") -> None:
         self.ops[name] = _Op(stream=handler, description=description)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Every op: its name, whether it is a stream, and what it does."""
+        return [
+            {"name": name, "stream": op.stream is not None, "description": op.description}
+            for name, op in sorted(self.ops.items())
+        ]
+
     def allowed(self, creds: PeerCredentials) -> bool:
         if creds.uid in self.allow_uids:
             return True

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from meshd.api import args as args_
 from meshd.api.server import BEGIN_IN_TASK, Deferred, Session, Stream
+from meshd.registry.model import MAX_CAPABILITIES
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.router import LocalAgent
 from meshd.state.service import agent_state
@@ -19,31 +21,8 @@ MAX_TIMEOUT = 3600.0
 MAX_MSG_ID = 128
 
 
-def _name(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise errors.Invalid(f"{key} must be a non-empty string")
-    return value
-
-
-def _timeout(args: dict[str, Any], default: float = 10.0) -> float:
-    value = args.get("timeout", default)
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not 0 < value <= MAX_TIMEOUT
-    ):
-        raise errors.Invalid(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT}]")
-    return float(value)
-
-
 def _msg_id(args: dict[str, Any]) -> str | None:
-    value = args.get("id")
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_MSG_ID:
-        raise errors.Invalid(f"id must be a string of 1..{MAX_MSG_ID} characters")
-    return value
+    return args_.opt_text(args, "id", max_len=MAX_MSG_ID) or None
 
 
 def register(node: Node) -> None:
@@ -53,16 +32,16 @@ def register(node: Node) -> None:
     async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
         """Register an agent and stream its deliveries until the client stops it."""
         args = req.args
-        name = _name(args, "name")
+        name = args_.text(args, "name")
         # An activation by placement pulls the agent's state while the runner starts it:
         # register (and so take messages, and read state) only once that state is here.
         await node.placement.state_ready(name)
         entry, _ = node.registry.register(
             trio.current_time(),
             name,
-            kind=args.get("kind", ""),
-            capabilities=args.get("capabilities", ()),
-            metadata=args.get("metadata"),
+            kind=args_.opt_text(args, "kind", "") or "",
+            capabilities=args_.text_list(args, "capabilities", max_items=MAX_CAPABILITIES),
+            metadata=args_.mapping(args, "metadata"),
         )
         notices = trio.Event()
         conflict: list[dict[str, Any]] = []
@@ -96,13 +75,11 @@ def register(node: Node) -> None:
 
     async def reply(_session: Session, req: messages.Request) -> Any:
         args = req.args
-        agent = _name(args, "agent")
+        agent = args_.text(args, "agent")
         msg_id = _msg_id(args)
         if msg_id is None:
             raise errors.Invalid("id is required")
-        ok = args.get("ok", True)
-        if not isinstance(ok, bool):
-            raise errors.Invalid("ok must be a boolean")
+        ok = args_.flag(args, "ok", True)
         payload = args.get("body") if ok else args.get("error")
         if not ok and not isinstance(payload, dict):
             payload = errors.Internal("the agent failed").to_wire()
@@ -112,19 +89,13 @@ def register(node: Node) -> None:
 
     def call_args(req: messages.Request, kind: DeliveryKind) -> dict[str, Any]:
         args = req.args
-        at_least_once = args.get("at_least_once", False)
-        if not isinstance(at_least_once, bool):
-            raise errors.Invalid("at_least_once must be a boolean")
-        sender = args.get("from", "")
-        if not isinstance(sender, str):
-            raise errors.Invalid("from must be a string")
         return {
-            "to": _name(args, "to"),
+            "to": args_.text(args, "to"),
             "body": args.get("body"),
-            "sender": sender,
+            "sender": args_.opt_text(args, "from", "") or "",
             "kind": kind,
-            "at_least_once": at_least_once,
-            "timeout": _timeout(args),
+            "at_least_once": args_.flag(args, "at_least_once", False),
+            "timeout": args_.seconds(args, "timeout", 10.0, MAX_TIMEOUT),
             "msg_id": _msg_id(args),
         }
 
@@ -166,18 +137,18 @@ def register(node: Node) -> None:
         for key in ("id", "source", "type"):
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
-        hosts = router.publish(_name(req.args, "topic"), event)
+        hosts = router.publish(args_.text(req.args, "topic"), event)
         return {"hosts": hosts}
 
     async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
-        cancel = router.subscribe(trio.current_time(), _name(req.args, "pattern"), stream)
+        cancel = router.subscribe(trio.current_time(), args_.text(req.args, "pattern"), stream)
         try:
             await stream.until_failed()
         finally:
             cancel()
 
     async def health(_session: Session, req: messages.Request) -> Any:
-        return router.health(_name(req.args, "name"))
+        return router.health(args_.text(req.args, "name"))
 
     api.add_stream_op("agent.serve", serve, "register an agent and receive its messages")
     api.add_op(

@@ -113,6 +113,10 @@ def register(node: Node) -> None:
                 raise errors.Invalid("key is not valid base64") from None
         return await node.keys.cluster_op(op, key)
 
+    async def ops(_session: Session, _req: messages.Request) -> Any:
+        return api.describe()
+
+    api.add_op("ops", ops, "every API op: name, stream or not, description", inline=True)
     api.add_op("info", info, "this daemon: identity, membership counts, counters", inline=True)
     api.add_op(
         "members",

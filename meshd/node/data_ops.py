@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from meshd.api import args as args_
 from meshd.api.server import Session, Stream
+from meshd.registry.model import MAX_CAPABILITIES
 from meshd.registry.registry import RegistryEvent
 from meshd.replication.core import Durability
 from meshd.state.service import check_name, outcome
@@ -21,15 +23,10 @@ SESSION_AGENTS = "registered_agents"
 def durability_of(args: dict[str, Any]) -> Durability:
     value = args.get("durability", "local")
     if value not in ("local", "majority"):
-        raise errors.Invalid("durability must be 'local' or 'majority'")
+        raise errors.Invalid(
+            "durability must be 'local' or 'majority'", detail={"field": "durability"}
+        )
     return "majority" if value == "majority" else "local"
-
-
-def _opt_str(args: dict[str, Any], key: str) -> str | None:
-    value = args.get(key)
-    if value is not None and not isinstance(value, str):
-        raise errors.Invalid(f"{key} must be a string")
-    return value
 
 
 async def _majority(node: Node, token: int | None) -> dict[str, Any]:
@@ -48,14 +45,12 @@ def register(node: Node) -> None:
     async def register_agent(session: Session, req: messages.Request) -> Any:
         args = req.args
         durability = durability_of(args)
-        if not isinstance(args.get("name"), str):
-            raise errors.Invalid("name must be a string")
         entry, token = node.registry.register(
             trio.current_time(),
-            args.get("name", ""),
-            kind=args.get("kind", ""),
-            capabilities=args.get("capabilities", ()),
-            metadata=args.get("metadata"),
+            args_.text(args, "name"),
+            kind=args_.opt_text(args, "kind", "") or "",
+            capabilities=args_.text_list(args, "capabilities", max_items=MAX_CAPABILITIES),
+            metadata=args_.mapping(args, "metadata"),
             durability=durability,
         )
         agents: set[str] = session.state.setdefault(SESSION_AGENTS, set())
@@ -68,9 +63,7 @@ def register(node: Node) -> None:
         return out
 
     async def unregister_agent(session: Session, req: messages.Request) -> Any:
-        name = req.args.get("name")
-        if not isinstance(name, str):
-            raise errors.Invalid("name must be a string")
+        name = args_.text(req.args, "name")
         durability = durability_of(req.args)
         removed, token = node.registry.unregister(trio.current_time(), name, durability=durability)
         if not removed:
@@ -82,9 +75,7 @@ def register(node: Node) -> None:
         return out
 
     async def lookup(_session: Session, req: messages.Request) -> Any:
-        name = req.args.get("name")
-        if not isinstance(name, str):
-            raise errors.Invalid("name must be a string")
+        name = args_.text(req.args, "name")
         entry = node.registry.lookup(name)
         if entry is None:
             raise errors.NotFound(f"no live agent named {name!r}")
@@ -92,21 +83,19 @@ def register(node: Node) -> None:
 
     async def agents(_session: Session, req: messages.Request) -> Any:
         args = req.args
-        if args.get("limit") == 0:
+        limit = args_.integer(args, "limit", 10_000, 0, 1 << 31)
+        if limit == 0:
             count = node.registry.count(
-                kind=_opt_str(args, "kind"),
-                capability=_opt_str(args, "capability"),
-                node=_opt_str(args, "node"),
+                kind=args_.opt_text(args, "kind"),
+                capability=args_.opt_text(args, "capability"),
+                node=args_.opt_text(args, "node"),
             )
             return {"count": count, "agents": []}
         found = node.registry.entries(
-            kind=_opt_str(args, "kind"),
-            capability=_opt_str(args, "capability"),
-            node=_opt_str(args, "node"),
+            kind=args_.opt_text(args, "kind"),
+            capability=args_.opt_text(args, "capability"),
+            node=args_.opt_text(args, "node"),
         )
-        limit = args.get("limit", 10_000)
-        if type(limit) is not int or limit < 0:
-            raise errors.Invalid("limit must be a non-negative integer")
         return {"count": len(found), "agents": [e.to_dict() for e in found[:limit]]}
 
     async def registry_watch(_session: Session, _req: messages.Request, stream: Stream) -> None:
@@ -120,17 +109,15 @@ def register(node: Node) -> None:
             node.registry.listeners.remove(listener)
 
     async def state_get(_session: Session, req: messages.Request) -> Any:
-        path = req.args.get("path")
-        if path is not None and not isinstance(path, list):
-            raise errors.Invalid("path must be a list")
-        return node.state.get(req.args.get("doc"), path)  # type: ignore[arg-type]
+        path = args_.listing(req.args, "path")
+        return node.state.get(check_name(req.args.get("doc")), path)
 
     async def state_update(_session: Session, req: messages.Request) -> Any:
         return await node.state.update(
-            req.args.get("doc"),  # type: ignore[arg-type]
-            req.args.get("ops"),
+            check_name(req.args.get("doc")),
+            args_.listing(req.args, "ops"),
             durability_of(req.args),
-            once=req.args.get("once"),
+            once=args_.opt_text(req.args, "once", max_len=128),
         )
 
     async def state_list(_session: Session, _req: messages.Request) -> Any:
@@ -153,9 +140,7 @@ def register(node: Node) -> None:
     async def digest(_session: Session, req: messages.Request) -> Any:
         """Every document this node holds with its epoch and state-vector hash (equal on
         every node once replication converged) and the store's overall digest."""
-        prefix = req.args.get("prefix", "")
-        if not isinstance(prefix, str):
-            raise errors.Invalid("prefix must be a string")
+        prefix = args_.opt_text(req.args, "prefix", "") or ""
         store = node.replication.store
         docs = {r.name: [r.epoch, f"{r.hash:016x}"] for r in store if r.name.startswith(prefix)}
         return {"digest": store.digest().hex(), "count": len(docs), "docs": docs}

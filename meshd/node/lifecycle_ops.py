@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from meshd.api import args as args_
 from meshd.api.server import Session, Stream
 from meshd.placement.kinds import Strategy, check_kind
 from meshd.placement.service import Runner
@@ -18,20 +19,6 @@ if TYPE_CHECKING:
 MAX_CAPACITY = 1_000_000
 
 
-def _str(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise errors.Invalid(f"{key} must be a non-empty string")
-    return value
-
-
-def _int(args: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = args.get(key, default)
-    if type(value) is not int or not lo <= value <= hi:
-        raise errors.Invalid(f"{key} must be an integer in {lo}..{hi}")
-    return value
-
-
 def register(node: Node) -> None:
     api = node.api
     placement = node.placement
@@ -41,11 +28,11 @@ def register(node: Node) -> None:
         args = req.args
         kind = check_kind(args.get("kind"))
         try:
-            strategy = Strategy(args.get("strategy", Strategy.KEEP_MAJORITY.value))
+            strategy = Strategy(args_.opt_text(args, "strategy") or Strategy.KEEP_MAJORITY.value)
         except ValueError:
             raise errors.Invalid("strategy must be keep_majority or allow_duplicates") from None
         runner = Runner(
-            kind, _int(args, "capacity", 1000, 1, MAX_CAPACITY), strategy, session, stream
+            kind, args_.integer(args, "capacity", 1000, 1, MAX_CAPACITY), strategy, session, stream
         )
         placement.attach_runner(runner)
         try:
@@ -56,21 +43,23 @@ def register(node: Node) -> None:
 
     async def spawn(_session: Session, req: messages.Request) -> Any:
         kind = check_kind(req.args.get("kind"))
-        name = _str(req.args, "name")
-        timeout = float(_int(req.args, "timeout", 10, 1, 600))
+        name = args_.text(req.args, "name")
+        timeout = float(args_.integer(req.args, "timeout", 10, 1, 600))
         entry = await placement.ensure_active(name, kind, trio.current_time() + timeout)
         return entry.to_dict()
 
     async def drain(_session: Session, req: messages.Request) -> Any:
-        target = req.args.get("node") or node.config.node.name
+        target = args_.opt_text(req.args, "node") or node.config.node.name
         if target != node.config.node.name:
+            if node.core.member(target) is None:
+                raise errors.NotFound(f"no member named {target!r}", detail={"node": target})
             return await node.router.control(target, "drain", {})
         moving = placement.start_drain()
         return {"node": target, "draining": True, "moving": moving}
 
     async def where(_session: Session, req: messages.Request) -> Any:
         kind = check_kind(req.args.get("kind"))
-        name = _str(req.args, "name")
+        name = args_.text(req.args, "name")
         return {
             "kind": kind,
             "name": name,
@@ -105,26 +94,26 @@ def register(node: Node) -> None:
 
     async def remind(_session: Session, req: messages.Request) -> Any:
         args = req.args
-        agent = _str(args, "agent")
-        name = _str(args, "name")
-        every = _int(args, "every_ms", 0, 0, 365 * 86400_000)
+        agent = args_.text(args, "agent")
+        name = args_.text(args, "name")
+        every = args_.integer(args, "every_ms", 0, 0, 365 * 86400_000)
         if "at_ms" in args:
-            due = _int(args, "at_ms", 0, 0, 2**62)
+            due = args_.integer(args, "at_ms", 0, 0, 2**62)
         else:
-            due = int(time.time() * 1000) + _int(args, "after_ms", 0, 0, 365 * 86400_000)
+            due = int(time.time() * 1000) + args_.integer(args, "after_ms", 0, 0, 365 * 86400_000)
         node.reminders.set(trio.current_time(), agent, name, due, every, args.get("data"))
         return {"agent": agent, "name": name, "due_ms": due, "every_ms": every}
 
     async def forget(_session: Session, req: messages.Request) -> Any:
         removed = node.reminders.forget(
-            trio.current_time(), _str(req.args, "agent"), _str(req.args, "name")
+            trio.current_time(), args_.text(req.args, "agent"), args_.text(req.args, "name")
         )
         if not removed:
             raise errors.NotFound("no such reminder")
         return {"removed": True}
 
     async def reminders(_session: Session, req: messages.Request) -> Any:
-        return node.reminders.listing(_str(req.args, "agent"))
+        return node.reminders.listing(args_.text(req.args, "agent"))
 
     async def drain_here(_args: dict[str, Any]) -> Any:
         return {"node": node.config.node.name, "draining": True, "moving": placement.start_drain()}

@@ -300,7 +300,7 @@ class Registry:
                 name=check_name(name),
                 node=self.node,
                 kind=check_kind(kind),
-                capabilities=check_capabilities(list(capabilities)),
+                capabilities=check_capabilities(capabilities),
                 metadata=check_metadata(metadata or {}),
                 registered_at=self.wall_ms(),
                 entry_id=f"{self.node}/{self.epoch}/{next(self._counter)}",
