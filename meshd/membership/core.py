@@ -98,6 +98,7 @@ class MembershipStats:
     push_pulls: int = 0
     join_attempts: int = 0
     reconnect_attempts: int = 0
+    join_failures: int = 0  # join rounds in which no seed answered
     gossip_packets: int = 0
 
     def reject(self, reason: str) -> None:
@@ -974,6 +975,7 @@ class Membership:
             return
         # Every seed failed: retry with exponential backoff and jitter.
         self._join_failures += 1
+        self.stats.join_failures += 1
         t = self.tuning
         # Grows by half each time (1, 1.5, 2.25 … s): a whole cluster starting at once finds
         # its seeds quickly, a long outage still backs off to join_retry_max.

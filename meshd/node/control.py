@@ -60,6 +60,7 @@ def register(node: Node) -> None:
                 "refutations": stats.refutations,
                 "deaths": stats.deaths,
                 "deaths_by_refusal": stats.deaths_by_refusal,
+                "join_failures": stats.join_failures,
                 "reaped": stats.reaped,
                 "removed": stats.removed,
                 "packets_in": stats.packets_in,

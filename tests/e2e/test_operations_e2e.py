@@ -16,8 +16,13 @@ import anyio
 import pytest
 
 from meshd.testing.localcluster import LocalCluster, free_port
+from meshd.testing.poll import eventually
 from meshd_client.protocol import messages
 from meshd_client.protocol.framing import FrameDecoder, encode_frame
+
+
+async def _true_if(condition: bool) -> bool | None:
+    return True if condition else None
 
 
 def notify_socket(path: Path) -> socket.socket:
@@ -44,10 +49,14 @@ async def test_sd_notify_ready_watchdog_and_stopping(cluster: LocalCluster, tmp_
         daemon.env["WATCHDOG_USEC"] = "400000"  # 0.4 s: pings every 0.2 s
         daemon.spawn()
         await cluster.wait_ready([daemon])
-        await anyio.sleep(1.0)
-        messages = drain(sock)
+        messages: list[str] = []
+
+        async def pinged() -> bool | None:
+            messages.extend(drain(sock))
+            return True if sum(m == "WATCHDOG=1" for m in messages) >= 3 else None
+
+        await eventually(pinged, "three watchdog pings", 10)
         assert any(m.startswith("READY=1") for m in messages), messages
-        assert sum(m == "WATCHDOG=1" for m in messages) >= 3, messages
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(15) == 0
         assert "STOPPING=1" in drain(sock)
@@ -60,12 +69,24 @@ async def test_ready_waits_for_the_join(cluster: LocalCluster, tmp_path: Path) -
         late = cluster.add("late", seeds=[seed.addr], start=False)
         late.env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
         late.spawn()
-        await anyio.sleep(1.5)
+        # It runs and answers, has tried its seed and failed: still not ready.
+        await cluster.wait_answering(late)
+
+        async def tried() -> bool | None:
+            return True if (await late.call("info"))["stats"]["join_failures"] >= 1 else None
+
+        await eventually(tried, "a first join attempt that found no seed", 10)
+        assert (await late.call("info"))["joined"] is False
         assert not any(m.startswith("READY=1") for m in drain(sock))
         seed.spawn()
         await cluster.wait_ready([late])
-        await anyio.sleep(0.3)
-        assert any(m.startswith("READY=1") for m in drain(sock))
+        seen: list[str] = []
+
+        async def ready() -> bool | None:
+            seen.extend(drain(sock))
+            return True if any(m.startswith("READY=1") for m in seen) else None
+
+        await eventually(ready, "READY=1 after the join", 10)
 
 
 async def test_sighup_reloads_tags_and_others_see_the_update(
@@ -90,9 +111,10 @@ async def test_sighup_reloads_tags_and_others_see_the_update(
     # A broken file on reload keeps the running configuration.
     conf.write_text("[node]\nnonsense = 1\n")
     b.signal(signal.SIGHUP)
-    await anyio.sleep(0.5)
+    await eventually(
+        lambda: _true_if("reload failed" in b.log_text()), "the failed reload logged", 10
+    )
     assert b.running()
-    assert "reload failed" in b.log_text()
 
 
 async def test_metrics_endpoint_serves_prometheus_text(cluster: LocalCluster) -> None:

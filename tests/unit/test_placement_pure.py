@@ -604,9 +604,19 @@ def test_invalid_kinds(kind: Any) -> None:
 
 
 @given(name=st.text(max_size=60))
-def test_kind_of_is_a_prefix_that_check_kind_mostly_accepts(name: str) -> None:
+def test_kind_of_is_the_prefix_and_check_kind_decides_on_it_alone(name: str) -> None:
     kind = kind_of(name)
-    if kind is not None:
-        assert name.startswith(kind + "/")
-        assert "/" not in kind
-        assert len(name) > len(kind) + 1
+    head, sep, tail = name.partition("/")
+    # A kind exactly when the name is <head>/<something> with a non-empty head.
+    assert (kind is not None) == bool(sep and head and tail)
+    if kind is None:
+        return
+    assert name == f"{kind}/{tail}" and "/" not in kind
+    # check_kind accepts it exactly when it is short and printable (it never has a '/').
+    acceptable = len(kind) <= MAX_KIND and kind.isprintable()
+    try:
+        assert check_kind(kind) == kind
+        accepted = True
+    except errors.Invalid:
+        accepted = False
+    assert accepted == acceptable
