@@ -486,8 +486,8 @@ class Membership:
     # ------------------------------------------------------------------ status bookkeeping
 
     def _set_status(self, m: _Member, status: Status, now: float) -> None:
-        was_up = m.status in (Status.ALIVE, Status.SUSPECT)
-        is_up = status in (Status.ALIVE, Status.SUSPECT)
+        was_up = m.status.up
+        is_up = status.up
         if was_up != is_up:
             self._alive_count += 1 if is_up else -1
             if m is not self._self:
@@ -566,12 +566,10 @@ class Membership:
                 name = self._probe_order[self._probe_index]
                 self._probe_index += 1
                 m = self._members.get(name)
-                if m is not None and m.status in (Status.ALIVE, Status.SUSPECT):
+                if m is not None and m.status.up:
                     return m
             self._probe_order = [
-                n
-                for n, m in self._members.items()
-                if n != self.name and m.status in (Status.ALIVE, Status.SUSPECT)
+                n for n, m in self._members.items() if n != self.name and m.status.up
             ]
             self.rng.shuffle(self._probe_order)
             self._probe_index = 0
@@ -599,7 +597,7 @@ class Membership:
         if probe is None or probe.acked:
             return
         target = self._members.get(probe.target)
-        if target is None or target.status not in (Status.ALIVE, Status.SUSPECT):
+        if target is None or not target.status.up:
             return
         relays = [
             m
@@ -652,7 +650,7 @@ class Membership:
         else:
             self.awareness.apply(1)
         target = self._members.get(probe.target)
-        if target is None or target.status not in (Status.ALIVE, Status.SUSPECT):
+        if target is None or not target.status.up:
             return
         self.stats.probe_failures += 1
         if probe.refused and self.tuning.refused_is_dead:

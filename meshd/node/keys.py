@@ -24,7 +24,6 @@ from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, key_id
 from meshd.transport.stats import TransportStats
 from meshd.transport.streams import Channel, FramedStream, StreamError, request
-from meshd.wire.membership import Status
 from meshd_client.protocol import cbor, errors
 
 OPS = ("list", "install", "use", "remove")
@@ -109,11 +108,7 @@ class KeyService:
                 Keyring([key])  # validate size before telling anyone
             except KeyringError as exc:
                 raise errors.Invalid(str(exc)) from None
-        peers = [
-            m
-            for m in self.members()
-            if m.name != self.self_name and m.status in (Status.ALIVE, Status.SUSPECT)
-        ]
+        peers = [m for m in self.members() if m.name != self.self_name and m.status.up]
         results: dict[str, dict[str, Any]] = {}
         payload = cbor.dumps({"op": op, "key": key})
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Final
 
 from meshd.membership.core import Membership
-from meshd.wire.membership import Status
 
 EPOCH_TAG: Final = "meshd.epoch"
-_UP: Final = (Status.ALIVE, Status.SUSPECT)
 
 
 class MembershipLiveness:
@@ -17,7 +15,7 @@ class MembershipLiveness:
 
     def up(self, node: str) -> bool:
         state = self.core.peek(node)
-        return state is not None and state[0] in _UP
+        return state is not None and state[0].up
 
     def epoch(self, node: str) -> int | None:
         state = self.core.peek(node)
@@ -28,6 +26,6 @@ class MembershipLiveness:
 
     def gone_for(self, node: str, now: float) -> float | None:
         state = self.core.peek(node)
-        if state is None or state[0] in _UP:
+        if state is None or state[0].up:
             return None
         return now - state[2]

@@ -62,7 +62,6 @@ from meshd.transport.links import PeerLinks
 from meshd.transport.stats import TransportStats
 from meshd.transport.streams import Channel, StreamServer
 from meshd.transport.udp import PacketEndpoint
-from meshd.wire.membership import Status
 from meshd.wire.validate import Address
 
 LEAVE_DRAIN_TIMEOUT = 15.0  # seconds a graceful leave spends moving agents away first
@@ -533,7 +532,7 @@ class Node:
 
     def _coordinates(self) -> bool:
         """The live member with the lowest name coordinates compaction."""
-        up = [m.name for m in self.core.members() if m.status in (Status.ALIVE, Status.SUSPECT)]
+        up = [m.name for m in self.core.members() if m.status.up]
         return min(up) == self.config.node.name
 
     def _on_replaced(self, old: Replica, new: Replica) -> None:
@@ -569,7 +568,7 @@ class Node:
 
     def _peer_address(self, peer: str) -> Address | None:
         member = self.core.member(peer)
-        if member is None or member.status not in (Status.ALIVE, Status.SUSPECT):
+        if member is None or not member.status.up:
             return None
         return member.addr
 
@@ -580,7 +579,7 @@ class Node:
         members = self.core.members()
         if self.core.joined:
             self._ever_joined = True
-        live = [m.name for m in members if m.status in (Status.ALIVE, Status.SUSPECT)]
+        live = [m.name for m in members if m.status.up]
         reference = reference_members(members) if self._ever_joined else None
         self.replication.set_members(live, reference)
 

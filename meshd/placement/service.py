@@ -49,7 +49,6 @@ from meshd_client.protocol import errors
 if TYPE_CHECKING:
     from meshd.routing.router import Router
 
-_UP: Final = (Status.ALIVE, Status.SUSPECT)
 ACTIVATION_TIMEOUT: Final = 10.0
 
 
@@ -188,7 +187,7 @@ class Placement:
 
     def _up(self, host: str) -> bool:
         state = self.membership.peek(host)
-        return host == self.node or (state is not None and state[0] in _UP)
+        return host == self.node or (state is not None and state[0].up)
 
     def candidates(self, kind: str, *, exclude: str | None = None) -> dict[str, float]:
         return {
@@ -296,9 +295,7 @@ class Placement:
             if self._activating.get(name) is pending:
                 del self._activating[name]
             return
-        peers = [
-            m.name for m in self.membership.members() if m.status in _UP and m.name != self.node
-        ]
+        peers = [m.name for m in self.membership.members() if m.status.up and m.name != self.node]
         try:
             await self.catch_up(state_doc(name), peers, 2.0)
         finally:

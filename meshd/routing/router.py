@@ -59,7 +59,6 @@ from meshd_client.protocol.errors import MeshError
 SUBSCRIPTIONS: Final = "subscriptions"
 MAX_BODY: Final = 512 * 1024
 MAX_PENDING_PER_AGENT: Final = 1024
-_UP: Final = (Status.ALIVE, Status.SUSPECT)
 
 
 _log = logging.getLogger("meshd.routing")
@@ -313,7 +312,7 @@ class Router:
         state = self.membership.peek(entry.node)
         breaker = self.breaker(entry.node)
         out["breaker"] = breaker.state.value
-        if state is None or state[0] not in _UP or breaker.state is BreakerState.OPEN:
+        if state is None or not state[0].up or breaker.state is BreakerState.OPEN:
             out["health"] = "unreachable"
         elif state[0] is Status.SUSPECT or breaker.state is BreakerState.HALF_OPEN:
             out["health"] = "degraded"
@@ -462,7 +461,7 @@ class Router:
         now = trio.current_time()
         breaker = self.breaker(host)
         state = self.membership.peek(host)
-        if state is None or state[0] not in _UP:
+        if state is None or not state[0].up:
             breaker.trip(now)
             self.stats.unreachable += 1
             raise errors.Unreachable(f"{what!r} is on {host}, which is down", detail={"host": host})
@@ -854,7 +853,7 @@ class Router:
                 hosts += 1
                 continue
             state = self.membership.peek(host)
-            if state is None or state[0] not in _UP or self.links is None:
+            if state is None or not state[0].up or self.links is None:
                 continue
             if self.links.send(host, frame):
                 hosts += 1

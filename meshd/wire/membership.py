@@ -53,6 +53,12 @@ class Status(enum.IntEnum):
     DEAD = 2
     LEFT = 3
 
+    @property
+    def up(self) -> bool:
+        """Alive or suspect: believed reachable (a suspect may still refute). The one
+        definition every component uses."""
+        return self is Status.ALIVE or self is Status.SUSPECT
+
 
 @dataclass(frozen=True, slots=True)
 class Ping:
