@@ -1,14 +1,15 @@
 """Storage engines for meshd's durable store, measured side by side in one process.
 
     python -m bench.storage_engines [--json] [--engines meshd-log,sqlite-full,...]
-                                    [--batches 1,10,100] [--seconds 2] [--readback 100000]
+                                    [--batches 1,10,100] [--seconds 3] [--readback 100000]
 
 The same workload on every candidate: real pycrdt deltas of about 200 bytes (a 5-key map per
 document, 100 documents, one key set per change), committed in batches of 1, 10 and 100
 changes per commit, each commit durable when it returns (fsync or the engine's equivalent),
-for ``--seconds`` per configuration; then ``--readback`` records written in batches of 1,000
-and read back in full by a fresh handle (the page cache is warm: this is the parsing and
-lookup cost of a restart, not the disk's read speed).
+for ``--seconds`` per configuration (in ``--rounds`` slices, the engines taking turns); then
+``--readback`` records written in batches of 1,000 and read back in full by a fresh handle
+(the page cache is warm: this is the parsing and lookup cost of a restart, not the disk's
+read speed).
 
 Candidates (each in its own directory under the run directory, removed afterwards):
 
@@ -378,40 +379,45 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def throughput(
+def commit_for(
     factory: Callable[[], Engine],
     directory: Path,
     records: Sequence[Record],
     batch: int,
     seconds: float,
-) -> dict[str, Any]:
-    """Commits of ``batch`` records for ``seconds``, each durable when it returns."""
+) -> list[float]:
+    """Commits of ``batch`` records for ``seconds`` (appending to what ``directory`` holds),
+    each durable when it returns; the latency of each commit."""
     engine = factory()
     if isinstance(engine, PycrdtStore):
-        latencies = engine.timed(directory, records, batch, seconds)
-    else:
-        latencies = []
-        engine.open(directory)
-        try:
-            deadline = time.perf_counter() + seconds
-            i = 0
-            while time.perf_counter() < deadline:
-                chunk = [records[(i + k) % len(records)] for k in range(batch)]
-                i += batch
-                started = time.perf_counter()
-                engine.commit(chunk)
-                latencies.append(time.perf_counter() - started)
-        finally:
-            engine.close()
-    span = sum(latencies)  # time spent committing (not opening, not building batches)
+        return engine.timed(directory, records, batch, seconds)
+    latencies: list[float] = []
+    engine.open(directory)
+    try:
+        deadline = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < deadline:
+            chunk = [records[(i + k) % len(records)] for k in range(batch)]
+            i += batch
+            started = time.perf_counter()
+            engine.commit(chunk)
+            latencies.append(time.perf_counter() - started)
+    finally:
+        engine.close()
+    return latencies
+
+
+def summarize(rounds: Sequence[list[float]], batch: int, directory: Path) -> dict[str, Any]:
+    """Records/s over the time spent committing (not opening, not building batches)."""
+    latencies = [x for r in rounds for x in r]
     done = len(latencies) * batch
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {
         "batch": batch,
         "commits": len(latencies),
         "records": done,
-        "records_per_s": round(done / span, 1),
-        "commits_per_s": round(len(latencies) / span, 1),
+        "records_per_s": round(done / sum(latencies), 1),
+        "records_per_s_rounds": [round(len(r) * batch / sum(r), 1) for r in rounds if r],
         "commit_ms": _dist(latencies, 1e3),
         "disk_bytes_per_record": round(size / max(1, done), 1),
     }
@@ -553,19 +559,28 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "skipped": skipped,
         "record_bytes_mean": round(statistics.mean(sizes), 1),
     }
-    for name, factory in factories.items():
-        out: dict[str, Any] = {"throughput": {}}
-        for batch in batches:
+    # Engines take turns, ``--rounds`` slices each per batch size: the disk of a shared
+    # machine drifts, and every engine then sees the same drift.
+    for batch in batches:
+        slices: dict[str, list[list[float]]] = {name: [] for name in factories}
+        for _ in range(args.rounds):
+            for name, factory in factories.items():
+                directory = root / f"{name}-b{batch}"
+                slices[name].append(
+                    commit_for(factory, directory, records, batch, args.seconds / args.rounds)
+                )
+        for name in factories:
             directory = root / f"{name}-b{batch}"
-            out["throughput"][str(batch)] = throughput(
-                factory, directory, records, batch, args.seconds
-            )
+            tp = summarize(slices[name], batch, directory)
             shutil.rmtree(directory, ignore_errors=True)
-            tp = out["throughput"][str(batch)]
+            result["engines"].setdefault(name, {"throughput": {}})["throughput"][str(batch)] = tp
             err.print(
-                f"[dim]{name} batch {batch}: {tp['records_per_s']} records/s, commit "
-                f"p50 {tp['commit_ms']['p50']} ms p99 {tp['commit_ms']['p99']} ms[/dim]"
+                f"[dim]{name} batch {batch}: {tp['records_per_s']} records/s "
+                f"{tp['records_per_s_rounds']}, commit p50 {tp['commit_ms']['p50']} ms "
+                f"p99 {tp['commit_ms']['p99']} ms[/dim]"
             )
+    for name, factory in factories.items():
+        out = result["engines"].setdefault(name, {"throughput": {}})
         directory = root / f"{name}-readback"
         out["readback"] = readback(factory, directory, records[: args.readback])
         shutil.rmtree(directory, ignore_errors=True)
@@ -585,7 +600,8 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "directory": "the run directory (same file system for every engine)",
         "workload": f"real pycrdt deltas (mean {result['record_bytes_mean']} B), {DOCS} "
-        f"documents; batches {batches} per commit for {args.seconds} s each, every commit "
+        f"documents; batches {batches} per commit for {args.seconds} s per engine and batch "
+        f"size, in {args.rounds} slices taking turns with the other engines; every commit "
         "durable when it returns, in the calling thread",
         "readback": f"{args.readback} records written in batches of 1000, then read in full by "
         "a fresh handle, median of 3 (page cache warm)",
@@ -623,7 +639,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     p.add_argument("--batches", default="1,10,100", help="changes per commit")
-    p.add_argument("--seconds", type=float, default=2.0, help="per engine and batch size")
+    p.add_argument("--seconds", type=float, default=3.0, help="per engine and batch size")
+    p.add_argument("--rounds", type=int, default=3, help="slices per engine, taking turns")
     p.add_argument("--readback", type=int, default=100_000, help="records read back")
     p.add_argument("--no-full-check", dest="full_check", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -634,8 +651,8 @@ def check_args(args: argparse.Namespace) -> None:
     unknown = set(args.engines.split(",")) - set(ENGINES)
     if unknown:
         raise SystemExit(f"--engines: unknown {', '.join(sorted(unknown))}; choose from {ENGINES}")
-    if any(int(b) < 1 for b in args.batches.split(",")) or args.readback < 1:
-        raise SystemExit("--batches and --readback must be positive")
+    if any(int(b) < 1 for b in args.batches.split(",")) or min(args.readback, args.rounds) < 1:
+        raise SystemExit("--batches, --readback and --rounds must be positive")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
