@@ -57,7 +57,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import anyio
@@ -904,16 +903,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    unknown = set(args.phases.split(",")) - set(PHASES)
-    if unknown:
-        raise SystemExit(f"--phases: unknown {', '.join(sorted(unknown))}; choose from {PHASES}")
-    signal.signal(signal.SIGTERM, _on_sigterm)  # (several event loops run in turn here)
+    args.phases = ",".join(harness.subset("--phases", args.phases, PHASES))
+    harness.interrupt_on_sigterm()  # (several event loops run in turn here)
     return harness.run(
         "meshd-bench-storage-",
         lambda root: bench(args, root),
