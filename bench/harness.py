@@ -12,8 +12,9 @@ import json
 import shutil
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -72,3 +73,24 @@ def run(
     else:
         table(result)
     return 0
+
+
+def subset(option: str, value: str, allowed: Sequence[str]) -> list[str]:
+    """A comma-separated subset of ``allowed`` (``--phases``, ``--engines``); exits naming
+    the names it does not know."""
+    chosen = [v for v in value.split(",") if v]
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(allowed)}")  # fmt: skip
+    return chosen
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C, for benchmarks that run several event loops in turn
+    (``until_sigterm`` covers one)."""
+    signal.signal(signal.SIGTERM, _interrupt)
