@@ -450,6 +450,7 @@ class Node:
                 logging.getLogger("meshd.storage"),
                 names=lambda: [r.name for r in self.replicator.store],
                 encode=self._encode_doc,
+                count=lambda: len(self.replicator.store),
             )
         self.replication = ReplicationDriver(
             self.replicator, logging.getLogger("meshd.replication"), self.storage

@@ -61,12 +61,14 @@ class StorageDriver:
         *,
         names: DocumentSource,
         encode: Encoder,
+        count: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.tuning = tuning
         self.log = log
         self.names = names  # the documents to snapshot
         self.encode = encode  # a document's (epoch, whole encoding) now, or None if gone
+        self.count = count  # how many documents there are (cheap)
         self.fsync = FsyncHistogram()
         self.on_durable: list[Callable[[int], None]] = []
         self.last_sync_wall = 0.0
@@ -184,7 +186,8 @@ class StorageDriver:
     async def _snapshots(self) -> None:
         while True:
             await trio.sleep(self.tuning.snapshot_check)
-            if not self.store.snapshot_due() or trio.current_time() < self._retry_at:
+            due = self.store.snapshot_due(self.count())
+            if not due or trio.current_time() < self._retry_at:
                 continue
             await self.snapshot()
 

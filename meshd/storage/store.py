@@ -43,6 +43,7 @@ LOG_SUFFIX: Final = ".mlog"
 SNAPSHOT_SUFFIX: Final = ".msnap"
 TMP_SUFFIX: Final = ".tmp"
 LOCK_NAME: Final = "LOCK"
+SNAPSHOT_MIN_RECORDS: Final = 50_000
 _NAME = re.compile(r"^(log|snapshot)-(\d{8})\.(mlog|msnap)$")
 
 
@@ -169,6 +170,7 @@ class Store:
         self.failure_detail = ""
         self.snapshot_bytes = 0  # size of the newest snapshot
         self.log_bytes = 0  # bytes logged since the newest snapshot
+        self.log_records = 0  # changes logged since the newest snapshot
         self._log: AppendFile | None = None
         self._log_good_end = 0  # bytes of the current log known written and fsynced
         self._pending = bytearray()
@@ -241,6 +243,7 @@ class Store:
             raise StoreCorrupt(self.path(snapshot_file), f"log generation {base} is missing")
         torn: str | None = None
         log_bytes = 0
+        log_records = 0
         for i, (gen, scanned) in enumerate(scans):
             path = self.path(logs[gen])
             if self._header(scanned, gen, "log") is None:
@@ -266,10 +269,11 @@ class Store:
                             path, f"{scanned.problem}, with {size - end} bytes after it"
                         )
                     torn = f"{logs[gen]}: {scanned.problem}; cut at byte {end}"
-            replay(docs, kept[2:])
+            log_records += replay(docs, kept[2:])
             read += end
             log_bytes += end
         self.log_bytes = log_bytes
+        self.log_records = log_records
         self.snapshot_bytes = (
             self.files.size(self.path(snapshot_file)) if snapshot_file is not None else 0
         )
@@ -373,6 +377,7 @@ class Store:
 
     def _append(self, data: bytes) -> int:
         self.appended += len(data)
+        self.log_records += 1
         self.stats.appended_records += 1
         self.stats.appended_bytes += len(data)
         if self.failure is not None:
@@ -437,9 +442,14 @@ class Store:
 
     # ------------------------------------------------------------------ snapshots
 
-    def snapshot_due(self) -> bool:
-        return self.failure is not None or self.log_bytes >= max(
-            self.snapshot_min_log, self.snapshot_bytes
+    def snapshot_due(self, documents: int = 0) -> bool:
+        """After a failure; once the logs outgrow the last snapshot; or once they hold many
+        more changes than there are documents (replaying many small changes costs more at
+        start than reading each document once)."""
+        return (
+            self.failure is not None
+            or self.log_bytes >= max(self.snapshot_min_log, self.snapshot_bytes)
+            or self.log_records >= max(SNAPSHOT_MIN_RECORDS, 4 * documents)
         )
 
     def start_snapshot(self) -> SnapshotPlan | None:
@@ -507,6 +517,7 @@ class Store:
         self._log = plan.new_log
         self._log_good_end = plan.new_log_size
         self.log_bytes = 0
+        self.log_records = 0
         self._rotating = False
 
     @staticmethod

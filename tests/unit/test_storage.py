@@ -411,3 +411,27 @@ def test_repair_salvages_what_checks_out_and_quarantines_the_rest() -> None:
     _, docs = opened(disk)
     assert content(docs["state/a"]) == {"x": 1, "z": 3}  # from the snapshot and the log
     assert repair.check(disk, DIR).ok
+
+
+def test_many_small_changes_make_a_snapshot_due_before_the_bytes_do() -> None:
+    from meshd.storage.store import SNAPSHOT_MIN_RECORDS
+
+    disk = SimDisk()
+    store, _ = opened(disk)
+    doc: Doc[Map[int]] = Doc()
+    update = change(doc, "k", 1)
+    for _ in range(SNAPSHOT_MIN_RECORDS - 1):
+        store.append_update("state/a", 0, update)
+    assert not store.snapshot_due(documents=1)
+    store.append_update("state/a", 0, update)
+    assert store.snapshot_due(documents=1)
+    assert not store.snapshot_due(documents=SNAPSHOT_MIN_RECORDS)  # one change per document
+    store.commit_now()
+    assert store.snapshot_now(lambda: [("state/a", 0, doc.get_update())])
+    assert not store.snapshot_due(documents=1)
+    # Recovery counts what the logs hold.
+    store.append_update("state/a", 0, update)
+    store.commit_now()
+    again = fresh(disk)
+    again.recover()
+    assert again.log_records == 1
