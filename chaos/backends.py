@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from chaos import disks
 from chaos.faults import Faults
 from chaos.netns import ChaosError, HostNet
 
@@ -99,7 +100,15 @@ class Backend(Protocol):
     def signal_daemon(self, host: str, sig: int) -> bool: ...
     def stop_daemon(self, host: str, grace: float = 10.0) -> int | None: ...
     def kill_daemon(self, host: str) -> int | None: ...
+    def kill_daemons(self, hosts: Sequence[str]) -> dict[str, int | None]: ...
     def poll_exits(self) -> list[Exit]: ...
+
+    # disks
+    def mount_disk(self, host: str, size: int) -> None: ...
+    def small_disks(self) -> dict[str, int]: ...
+    def fill_disk(self, host: str) -> int: ...
+    def free_disk(self, host: str) -> int: ...
+    def disk_filled(self, host: str) -> bool: ...
 
     # lifecycle
     def detach(self) -> None: ...
@@ -210,6 +219,9 @@ class NetnsBackend:
     def log_path(self, host: str) -> Path:
         return self.host_dir(host) / "meshd.log"
 
+    def data_dir(self, host: str) -> Path:
+        return self.host_dir(host) / "data"
+
     def log_text(self, host: str) -> str:
         try:
             return self.log_path(host).read_text(errors="replace")
@@ -258,7 +270,7 @@ class NetnsBackend:
             self.socket_path(host),
             str(d / "keyring.json"),
             with_seeds[:3],
-            str(d / "data"),
+            str(self.data_dir(host)),
         )
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
@@ -297,17 +309,27 @@ class NetnsBackend:
 
     def kill_daemon(self, host: str) -> int | None:
         """SIGKILL, like a power cut of the process; waits until it is gone."""
-        pid = self.daemon_pid(host)
-        if pid is None:
-            return None
-        self._ended.add(pid)
-        self.net.signal_pid(pid, signal.SIGKILL)
+        return self.kill_daemons([host])[host]
+
+    def kill_daemons(self, hosts: Sequence[str]) -> dict[str, int | None]:
+        """SIGKILL every daemon of ``hosts`` in one pass — none outlives another by more than
+        the time a signal takes — then wait until all are gone (a power cut of them all)."""
+        pids = {h: self.daemon_pid(h) for h in hosts}
+        for pid in pids.values():
+            if pid is not None:
+                self._ended.add(pid)
+                self.net.signal_pid(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while self.net.running(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        code = self.net.forget_pid(pid) if not self.net.running(pid) else None
-        self.exits.append(Exit(host, pid, code, "kill"))
-        return code
+        codes: dict[str, int | None] = {}
+        for host, pid in pids.items():
+            if pid is None:
+                codes[host] = None
+                continue
+            while self.net.running(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            codes[host] = self.net.forget_pid(pid) if not self.net.running(pid) else None
+            self.exits.append(Exit(host, pid, codes[host], "kill"))
+        return codes
 
     def _reap(self, host: str) -> None:
         """Forget exited daemons of ``host``; an exit nobody asked for is a crash."""
@@ -323,6 +345,41 @@ class NetnsBackend:
         for host in self.hosts:
             self._reap(host)
         return list(self.exits)
+
+    # ------------------------------------------------------------------ disks
+
+    def mount_disk(self, host: str, size: int) -> None:
+        """A tmpfs of ``size`` bytes as ``host``'s data directory (before its daemon starts:
+        see :mod:`chaos.disks`)."""
+        if self.daemon_running(host):
+            raise ChaosError(f"meshd on {host} is running: a small disk is mounted before start")
+        self.net.mount_tmpfs(host, self.data_dir(host), size)
+
+    def small_disks(self) -> dict[str, int]:
+        return {m["host"]: int(m["size"]) for m in self.net.mounts()}
+
+    def _small_disk(self, host: str) -> Path:
+        if host not in self.small_disks():
+            raise ChaosError(
+                f"{host} has no small disk to fill (give it one when the cluster is made: "
+                f"`chaos up --small-disk {host}=16m`, or `[disks]` in a scenario)"
+            )
+        return self.data_dir(host)
+
+    def fill_disk(self, host: str) -> int:
+        try:
+            return disks.fill(self._small_disk(host))
+        except OSError as exc:
+            raise ChaosError(f"filling the disk of {host}: {exc}") from None
+
+    def free_disk(self, host: str) -> int:
+        try:
+            return disks.free(self._small_disk(host))
+        except OSError as exc:
+            raise ChaosError(f"freeing the disk of {host}: {exc}") from None
+
+    def disk_filled(self, host: str) -> bool:
+        return host in self.small_disks() and disks.filled(self.data_dir(host))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -35,16 +35,18 @@ The invariants:
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chaos.faults import partition_groups
 from chaos.history import FAIL, OK, Event, observation, of_type
 
 KILL_CODES = (-9, 137, None)  # SIGKILL: Popen reports -9, Docker 128 + 9
 STOP_CODES = (0, None)  # a graceful leave exits 0 (None: not our child, unknowable)
-PROCESS_ENDS = ("kill", "stop", "restart", "rolling_restart")
+PROCESS_ENDS = ("kill", "stop", "restart", "rolling_restart", "kill_all")
 UDP_REASONS = frozenset(
     {
         "empty",
@@ -63,7 +65,8 @@ UDP_REASONS = frozenset(
 # rejects that is not listed here (or in the scenario's ``expect.rejections``) fails the
 # ``rejections`` invariant: it means a peer sent something broken, not that a link failed.
 NETWORK_FAULTS = frozenset({"partition", "one_way", "bridge", "isolate", "loss"})
-PROCESS_FAULTS = frozenset({"kill", "pause", "stop", "restart"})
+PROCESS_FAULTS = frozenset({"kill", "pause", "stop", "restart", "kill_all"})
+DISK_FAULTS = frozenset({"fill_disk"})
 EXPLAINED: dict[str, frozenset[str]] = {
     # An anti-entropy answer that arrives after the initiator gave up on the round (it was
     # delayed by a cut link, lost packets or a stopped peer) or for a round the restarted
@@ -82,6 +85,22 @@ EXPLAINED: dict[str, frozenset[str]] = {
     # A registry document of a restarted node's previous boot epoch, pushed by a peer that
     # had not yet learned the new epoch (docs/replication.md: refused by policy).
     "replication/doc_refused": PROCESS_FAULTS,
+}
+
+
+# The error kinds a write (or increment) may fail with, and the faults that explain each.
+# Any other kind, or one of these without its fault, fails ``write_errors``.
+WRITE_ERRORS: dict[str, frozenset[str]] = {
+    # No majority in time: members cut off, or dead (they count until reaped or removed).
+    "timeout": NETWORK_FAULTS | PROCESS_FAULTS,
+    # The daemon went away under the client (killed, stopped, restarting), or had not
+    # joined its cluster again yet.
+    "unreachable": PROCESS_FAULTS,
+    "closed": PROCESS_FAULTS,
+    # No answer within the harness's bound: the daemon was paused.
+    "harness_timeout": frozenset({"pause"}),
+    # The store refused the change: its disk was full.
+    "overloaded": DISK_FAULTS,
 }
 
 
@@ -112,6 +131,18 @@ class Verdict:
     converge_s: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     duration_s: float | None = None
+    writes: dict[str, WriteTally] = field(default_factory=dict)  # per durability
+
+    @property
+    def lost_majority(self) -> int:
+        tally = self.writes.get("majority")
+        return tally.lost + tally.applied_lost if tally else 0
+
+    @property
+    def lost_local(self) -> int:
+        """Acknowledged ``local`` writes gone, allowed (their daemon was ended) or not."""
+        tally = self.writes.get("local")
+        return tally.lost + tally.lost_excused if tally else 0
 
     @property
     def ok(self) -> bool:
@@ -123,9 +154,12 @@ class Verdict:
             "seed": self.seed,
             "passed": self.ok,
             "lost_writes": self.lost_writes,
+            "lost_majority_writes": self.lost_majority,
+            "lost_local_writes": self.lost_local,
             "duplicate_deliveries": self.duplicate_deliveries,
             "converge_s": self.converge_s,
             "duration_s": self.duration_s,
+            "writes": {d: t.to_json() for d, t in self.writes.items()},
             "stats": self.stats,
             "checks": [c.to_json() for c in self.checks],
         }
@@ -260,39 +294,167 @@ def _process_ends(events: list[Event]) -> dict[str, list[float]]:
     return ends
 
 
-def check_writes(events: list[Event], durability: str) -> tuple[Check, int]:
-    """Acknowledged writes of ``durability`` present on every daemon; returns lost count."""
+@dataclass(slots=True)
+class WriteTally:
+    """What happened to the writes of one durability (the verdict's ``writes``)."""
+
+    attempted: int = 0
+    acknowledged: int = 0
+    lost: int = 0  # acknowledged, and gone from some daemon: a failure
+    lost_excused: int = 0  # ``local`` only: gone, but its daemon was ended after the write
+    applied_lost: int = 0  # answered "applied here, majority not reached", and gone
+    errors: dict[str, int] = field(default_factory=dict)  # unacknowledged, by error kind
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempted": self.attempted,
+            "acknowledged": self.acknowledged,
+            "lost": self.lost,
+            "lost_excused": self.lost_excused,
+            "applied_lost": self.applied_lost,
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+def _applied(e: Event) -> bool:
+    """A write the daemon answered with its own majority verdict (``timeout`` carrying
+    acked/needed/total): the change is applied on that daemon and spreads from there."""
+    return e.get("error") == "timeout" and "needed" in (e.get("detail") or {})
+
+
+def _window_events(events: list[Event]) -> list[Event]:
+    return sorted(
+        (e for e in events if e.get("type") in ("fault", "heal")),
+        key=lambda e: float(e.get("t", 0.0)),
+    )
+
+
+def minority_windows(events: list[Event]) -> dict[str, list[tuple[float, float]]]:
+    """When each host was cut off from a majority of the cluster by a partition (``isolate``,
+    ``partition``, ``bridge``): (from, to) in history seconds. A window opens when the fault
+    is in place and closes when its removal began, so a write that lies inside it could not
+    have reached a majority by any network path."""
+    hosts: list[str] = _meta(events).get("hosts", [])
+    need = len(hosts) // 2 + 1
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    since: dict[str, float] = {}
+    for e in _window_events(events):
+        action = e.get("action") if e.get("type") == "fault" else "heal"
+        args = e.get("args", {})
+        if action in ("partition", "isolate", "bridge"):
+            if action == "isolate":
+                named, via = [[args.get("host")]], []
+            elif action == "bridge":
+                named, via = [args.get("a", []), args.get("b", [])], list(args.get("via", []))
+            else:
+                named, via = list(args.get("groups", [])), []
+            try:
+                groups = partition_groups(hosts, named, via) or []
+            except ValueError:
+                continue
+            cut = {h for g in groups for h in g if h not in via and len(g) + len(via) < need}
+        elif action in ("heal_network", "heal"):
+            cut = set()
+        else:
+            continue
+        began = float(e.get("began", e.get("t", 0.0)))
+        for host in [h for h in since if h not in cut]:
+            out[host].append((since.pop(host), began))
+        for host in cut - set(since):
+            since[host] = float(e.get("t", 0.0))
+    for host, t in since.items():
+        out[host].append((t, math.inf))
+    return out
+
+
+def _inside(e: Event, windows: list[tuple[float, float]]) -> bool:
+    return any(a <= e.get("t0", -1.0) and e.get("t1", math.inf) <= b for a, b in windows)
+
+
+def _disk_faults(events: list[Event]) -> set[str]:
+    return {
+        e.get("args", {}).get("host")
+        for e in of_type(events, "fault")
+        if e.get("action") in DISK_FAULTS
+    }
+
+
+def check_writes(events: list[Event], durability: str) -> tuple[Check, WriteTally]:
+    """Acknowledged writes of ``durability`` present on every daemon (for ``local`` ones
+    whose daemon was ended afterwards, a loss is counted but allowed); for ``majority``:
+    none acknowledged through a host cut off from a majority, and every write the daemon
+    reported applied (a majority ``timeout``) present everywhere too."""
     name = f"{durability}_writes"
     state = _state(events)
     writes = [e for e in _ops(events, "write") if e.get("durability") == durability]
     incrs = [e for e in _ops(events, "incr") if e.get("durability") == durability]
+    tally = WriteTally(attempted=len(writes) + len(incrs))
+    for e in writes + incrs:
+        if e.get("outcome") != OK:
+            kind = str(e.get("error"))
+            tally.errors[kind] = tally.errors.get(kind, 0) + 1
     if not writes and not incrs:
-        return Check(name, False, f"no {durability} writes were attempted: nothing tested"), 0
+        return Check(name, False, f"no {durability} writes were attempted: nothing tested"), tally
     if not state:
-        return _missing(name, "state"), 0
+        return _missing(name, "state"), tally
     ends = _process_ends(events)
+    disks = _disk_faults(events)
     lost: list[str] = []
+    excused_lost: list[str] = []
+    applied_lost: list[str] = []
+    cut_off: list[Event] = []
     excused = 0
     problems: list[str] = []
     acked = [e for e in writes if e.get("outcome") == OK]
+    tally.acknowledged = len(acked) + sum(1 for e in incrs if e.get("outcome") == OK)
     if not acked and writes:
         problems.append(f"none of {len(writes)} {durability} writes was acknowledged")
     attempted: dict[str, set[str]] = defaultdict(set)
     for e in writes:
         attempted[e["doc"]].add(e["key"])
-    for e in acked:
-        if durability == "local" and any(t > e["t1"] for t in ends.get(e["host"], [])):
-            excused += 1  # its host lost its memory before the write (maybe) spread
-            continue
+
+    def missing_on(e: Event) -> str | None:
         per_host = state.get(e["doc"], {})
         if not per_host:
-            lost.append(f"{e['doc']}/{e['key']} (document not read)")
-            continue
+            return "document not read"
         for host, value in per_host.items():
             if not isinstance(value, dict) or value.get(e["key"]) != e["value"]:
                 got = value.get(e["key"]) if isinstance(value, dict) else value
-                lost.append(f"{e['key']} (acked via {e['host']} at {e['t1']} s) on {host}: {got}")
-                break
+                return f"on {host}: {got}"
+        return None
+
+    for e in acked:
+        ended = any(t > e["t1"] for t in ends.get(e["host"], []))
+        excuse = durability == "local" and ended
+        excused += excuse
+        where = missing_on(e)
+        if where is not None:
+            line = f"{e['key']} (acked via {e['host']} at {e['t1']} s) {where}"
+            (excused_lost if excuse else lost).append(line)
+    if durability == "majority":
+        for e in writes:
+            if not _applied(e):
+                continue
+            ended = any(t > e["t1"] for t in ends.get(e["host"], []))
+            where = missing_on(e)
+            if where is not None and not (e["host"] in disks and ended):
+                applied_lost.append(f"{e['key']} (applied on {e['host']} at {e['t1']} s) {where}")
+        windows = minority_windows(events)
+        n_hosts = len(_meta(events).get("hosts", []))
+        cut_off = [e for e in writes + incrs if _inside(e, windows.get(e["host"], []))]
+        cut_acked = [
+            f"{e['key']} via {e['host']} at {e['t0']}–{e['t1']} s, acked by "
+            f"{(e.get('result') or {}).get('acked')}"
+            for e in cut_off
+            if e.get("outcome") == OK
+            # unless members were reaped or removed meanwhile (a smaller cluster)
+            and int((e.get("result") or {}).get("total") or n_hosts) >= n_hosts
+        ]
+        if cut_acked:
+            problems.append(
+                f"{len(cut_acked)} majority writes acknowledged through a host cut off from "
+                f"a majority: {cut_acked[0]}"
+            )
     for e in writes:
         if e.get("outcome") == FAIL:
             for host, value in state.get(e["doc"], {}).items():
@@ -313,6 +475,7 @@ def check_writes(events: list[Event], durability: str) -> tuple[Check, int]:
     if incrs:
         doc, key = incrs[0]["doc"], incrs[0]["key"]
         ok_n = sum(1 for e in incrs if e.get("outcome") == OK)
+        applied_n = sum(1 for e in incrs if _applied(e))
         maybe_n = sum(1 for e in incrs if e.get("outcome") != FAIL)
         if ok_n == 0:
             problems.append(f"none of {len(incrs)} increments was acknowledged")
@@ -323,26 +486,201 @@ def check_writes(events: list[Event], durability: str) -> tuple[Check, int]:
             elif got < ok_n:
                 lost_incr = max(lost_incr, ok_n - got)
                 lost.append(f"{doc}/{key} on {host} is {got}, {ok_n} increments acknowledged")
+            elif got < ok_n + applied_n:
+                applied_lost.append(
+                    f"{doc}/{key} on {host} is {got}: {ok_n} increments acknowledged and "
+                    f"{applied_n} reported applied"
+                )
             elif got > maybe_n:
                 problems.append(f"{doc}/{key} on {host} is {got}, only {maybe_n} attempted")
     lost_count = len([x for x in lost if "increments acknowledged" not in x]) + lost_incr
+    tally.lost = lost_count
+    tally.lost_excused = len(excused_lost)
+    tally.applied_lost = len(applied_lost)
     details = {
         "acknowledged": len(acked),
         "attempted": len(writes),
         "increments_acknowledged": sum(1 for e in incrs if e.get("outcome") == OK),
         "excused": excused,
         "lost": _limit(lost, 20),
+        "lost_excused": _limit(excused_lost, 20),
+        "applied_lost": _limit(applied_lost, 20),
+        "errors": dict(sorted(tally.errors.items())),
+        "cut_off": len(cut_off),
     }
+    if applied_lost:
+        problems.insert(
+            0,
+            f"{len(applied_lost)} writes the daemon reported applied (majority timeout) are "
+            f"gone: {applied_lost[0]}",
+        )
     if lost:
         problems.insert(0, f"{lost_count} acknowledged {durability} writes lost: {lost[0]}")
     if problems:
-        return Check(name, False, "; ".join(problems), details), lost_count
+        return Check(name, False, "; ".join(problems), details), tally
     summary = f"{len(acked)}/{len(writes)} writes acknowledged, all present everywhere"
     if incrs:
         summary += f"; counter ≥ {details['increments_acknowledged']} acknowledged increments"
     if excused:
-        summary += f" ({excused} excused: host restarted)"
-    return Check(name, True, summary, details), lost_count
+        summary = (
+            f"{len(acked)}/{len(writes)} writes acknowledged; {excused} of them excused (host "
+            f"ended afterwards), of which {len(excused_lost)} lost (allowed); every other one "
+            "present everywhere"
+        )
+    applied = sum(1 for e in writes if _applied(e))
+    if applied:
+        summary += f"; {applied} reported applied (timeout), all present"
+    if cut_off:
+        summary += f"; {len(cut_off)} through a host cut off from a majority, none acknowledged"
+    return Check(name, True, summary, details), tally
+
+
+def check_write_errors(events: list[Event]) -> Check | None:
+    """Every write that was not acknowledged failed with an error kind the scenario's faults
+    explain (WRITE_ERRORS): ``overloaded`` only with a full disk, ``timeout`` only with a
+    partition or a dead member, ``unreachable`` only when a daemon went away, ..."""
+    name = "write_errors"
+    ops = [e for e in of_type(events, "op") if e.get("op") in ("write", "incr")]
+    if not ops:
+        return None
+    actions = {e.get("action") for e in of_type(events, "fault")}
+    kinds: dict[str, Counter[str]] = defaultdict(Counter)
+    for e in ops:
+        if e.get("outcome") != OK:
+            kinds[str(e.get("durability"))][str(e.get("error"))] += 1
+    seen = Counter[str]()
+    for per in kinds.values():
+        seen.update(per)
+    unexplained = sorted(k for k in seen if not actions & WRITE_ERRORS.get(k, frozenset()))
+    details = {"errors": {d: dict(sorted(c.items())) for d, c in sorted(kinds.items())}}
+    if unexplained:
+        first = {
+            k: next(e for e in ops if e.get("outcome") != OK and str(e.get("error")) == k)
+            for k in unexplained
+        }
+        return Check(
+            name,
+            False,
+            "errors no fault explains: "
+            + ", ".join(
+                f"{k}={seen[k]} (first: {first[k].get('id')} via {first[k].get('host')})"
+                for k in unexplained
+            ),
+            details,
+        )
+    if not seen:
+        return Check(name, True, "every write acknowledged", details)
+    text = "; ".join(
+        f"{d}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items()))
+        for d, c in sorted(kinds.items())
+    )
+    return Check(name, True, f"every error explained by a fault ({text})", details)
+
+
+def check_storage(events: list[Event]) -> Check:
+    """Every store healthy at the end; for every filled disk: the daemon noticed, refused
+    every write while full (``overloaded``), kept answering reads and membership calls,
+    and trusted its disk again within the bound once the space came back."""
+    name = "storage"
+    final = observation(events, "storage")
+    if final is None:
+        return _missing(name, "storage")
+    problems: list[str] = []
+    facts: list[str] = []
+    hosts: dict[str, Any] = final.get("hosts", {})
+    sick = {
+        h: v.get("error") or v.get("failure")
+        for h, v in sorted(hosts.items())
+        if "error" in v or (v.get("enabled", True) and not v.get("healthy"))
+    }
+    if sick:
+        problems.append(f"stores not healthy at the end: {sick}")
+    elif hosts:
+        facts.append(f"{len(hosts)} stores healthy at the end")
+    else:
+        problems.append("no store was asked")
+    disks = {
+        e["host"]: e
+        for e in of_type(events, "observe")
+        if e.get("what") == "disk" and e.get("host")
+    }
+    frees = defaultdict(list)
+    for e in of_type(events, "fault"):
+        if e.get("action") == "free_disk":
+            frees[e["args"]["host"]].append(float(e["t"]))
+    writes = [e for e in of_type(events, "op") if e.get("op") in ("write", "incr")]
+    details: dict[str, Any] = {"final": hosts, "disks": {}}
+    for host in sorted(h for h in _disk_faults(events) if h):
+        obs = disks.get(host)
+        if obs is None:
+            # Filled by hand (`chaos fill-disk`): only `chaos run` watches a full disk; the
+            # store's health at the end is all there is to judge.
+            facts.append(f"{host}: disk filled by hand, not watched")
+            continue
+        noticed, freed, recovered = obs.get("noticed"), obs.get("freed"), obs.get("recovered")
+        free_t = min(
+            (t for t in frees.get(host, []) if noticed is None or t >= noticed), default=None
+        )
+        reads = dict(obs.get("reads", {}))
+        calls = dict(obs.get("members", {}))
+        full = [
+            e
+            for e in writes
+            if e.get("host") == host
+            and noticed is not None
+            and e.get("t0", -1.0) >= noticed
+            and e.get("t1", math.inf) <= (free_t if free_t is not None else math.inf)
+        ]
+        refused = sum(
+            1 for e in full if e.get("outcome") == FAIL and e.get("error") == "overloaded"
+        )
+        details["disks"][host] = {
+            "noticed": noticed,
+            "freed": freed,
+            "recovered": recovered,
+            "recovery_s": round(recovered - freed, 3) if recovered and freed else None,
+            "failures": obs.get("failures"),
+            "reads": reads,
+            "members": calls,
+            "writes_while_full": len(full),
+            "refused": refused,
+        }
+        if noticed is None:
+            problems.append(f"{host}: its disk was filled, but its store never reported a failure")
+            continue
+        if "disk_full" not in obs.get("failures", {}):
+            problems.append(f"{host}: the store failed with {obs.get('failures')}, not disk_full")
+        if set(reads) - {"ok", "not_found"}:
+            problems.append(f"{host}: reads failed while its disk was full: {reads}")
+        if set(calls) - {"ok"}:
+            problems.append(f"{host}: membership calls failed while its disk was full: {calls}")
+        if recovered is None:
+            problems.append(
+                f"{host}: its store was not healthy again within {obs.get('bound')} s of the "
+                "space coming back"
+            )
+        acked = [e for e in full if e.get("outcome") == OK]
+        if acked:
+            problems.append(
+                f"{host}: {len(acked)} writes acknowledged while its disk was full: "
+                f"{acked[0].get('id')} at {acked[0].get('t1')} s"
+            )
+        other = Counter(str(e.get("error")) for e in full if e.get("outcome") != OK)
+        other.pop("overloaded", None)
+        if other:
+            problems.append(f"{host}: writes failed with {dict(other)} instead of overloaded")
+        if _meta(events).get("workload", True) and not full:
+            problems.append(f"{host}: no write went through it while its disk was full")
+        if recovered is not None and freed is not None:
+            facts.append(
+                f"{host}: full after {round(noticed - obs.get('since', noticed), 2)} s, "
+                f"{refused}/{len(full)} writes refused (overloaded), "
+                f"{reads.get('ok', 0) + reads.get('not_found', 0)} reads answered, healthy "
+                f"{round(recovered - freed, 1)} s after the space came back"
+            )
+    if problems:
+        return Check(name, False, "; ".join(_limit(problems, 4)), details)
+    return Check(name, True, "; ".join(facts), details)
 
 
 def check_exactly_once(events: list[Event]) -> tuple[Check, int, int]:
@@ -693,13 +1031,16 @@ def check(events: list[Event], *, allowed_rejections: Iterable[str] | None = Non
     lost = 0
     dups = 0
     workload = meta.get("workload", True)
+    tallies: dict[str, WriteTally] = {}
     if workload:
-        majority, n = check_writes(events, "majority")
-        checks.append(majority)
-        lost += n
-        local, n = check_writes(events, "local")
-        checks.append(local)
-        lost += n
+        for durability in ("majority", "local"):
+            writes, tally = check_writes(events, durability)
+            checks.append(writes)
+            tallies[durability] = tally
+            lost += tally.lost + tally.applied_lost
+        errors = check_write_errors(events)
+        if errors is not None:
+            checks.append(errors)
         once, n_lost, n_dup = check_exactly_once(events)
         checks.append(once)
         lost += n_lost
@@ -708,6 +1049,7 @@ def check(events: list[Event], *, allowed_rejections: Iterable[str] | None = Non
     if names is not None:
         checks.append(names)
     checks.append(check_no_crash(events))
+    checks.append(check_storage(events))
     checks.append(check_rejections(events, allowed))
     signals, n_sig = check_signals(events)
     if signals is not None:
@@ -724,4 +1066,5 @@ def check(events: list[Event], *, allowed_rejections: Iterable[str] | None = Non
         duplicate_deliveries=dups,
         converge_s=converge_s,
         stats=op_stats(events),
+        writes=tallies,
     )

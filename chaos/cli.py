@@ -6,6 +6,8 @@
     chaos bridge --via h3 h1,h2 '|' h4,h5
     chaos isolate h4 ; chaos loss h2 20% ; chaos loss all 5%
     chaos kill h5 ; chaos pause h4 ; chaos resume h4 ; chaos restart h2
+    chaos kill-all                      # kill -9 of every daemon at once (a power cut)
+    chaos up 5 --small-disk h3=16m ; chaos fill-disk h3 ; chaos free-disk h3
     chaos heal [--all]                  # network faults (--all: also resume and restart)
     chaos rotate-key
     chaos workload --duration 60        # real client traffic, recorded in the run's history
@@ -39,6 +41,7 @@ from rich.table import Table
 from chaos.backends import DaemonSpec
 from chaos.checker import check
 from chaos.cluster import Cluster, call, default_run_dir, new_key, wait_majority
+from chaos.disks import parse_size
 from chaos.faults import parse_groups, percent_of
 from chaos.history import load as load_history
 from chaos.netns import DEFAULT_PREFIX, DEFAULT_SUBNET, ChaosError, HostNet
@@ -112,8 +115,23 @@ def _trio(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 # ---------------------------------------------------------------------------- commands
 
 
+def _small_disks(specs: Sequence[str]) -> dict[str, int]:
+    """``["h3=16m"]`` -> ``{"h3": 16777216}``."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        host, sep, size = spec.partition("=")
+        if not sep or not host.strip():
+            raise ChaosError(f"--small-disk {spec!r}: write HOST=SIZE, e.g. h3=16m")
+        out[host.strip()] = parse_size(size)
+    return out
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     spec = DaemonSpec(profile=args.profile, key=new_key(), log_level=args.log_level)
+    disks = _small_disks(args.small_disk)
+    unknown = sorted(set(disks) - {f"h{i}" for i in range(1, args.hosts + 1)})
+    if unknown:
+        raise ChaosError(f"--small-disk names unknown hosts {unknown}")
     cluster = Cluster.create(
         args.hosts,
         backend=args.backend,
@@ -123,6 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec=spec,
         docker_net=args.docker_net,
         build=not args.no_build,
+        disks=disks,
     )
     try:
         if not args.no_wait:
@@ -193,6 +212,9 @@ def _print_status(cluster: Cluster) -> None:
         table.add_row(host, cluster.backend.addr(host), state, seen, cluster.socket(host))
     out.print(table)
     faults = cluster.backend.faults.describe()
+    faults += [
+        f"disk {h} full" for h in cluster.backend.small_disks() if cluster.backend.disk_filled(h)
+    ]
     out.print("faults: " + ("; ".join(faults) if faults else "none"))
 
 
@@ -213,6 +235,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                     for h in c.hosts
                 },
                 "faults": c.backend.faults.to_json(),
+                "disks": {
+                    h: {"size": size, "full": c.backend.disk_filled(h)}
+                    for h, size in c.backend.small_disks().items()
+                },
             }
 
         print(json.dumps(_with_cluster(args, status), indent=2))
@@ -273,10 +299,28 @@ def _process_cmd(action: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def cmd_kill_all(args: argparse.Namespace) -> int:
+    codes = _with_cluster(args, lambda c: c.kill_all(_hosts(c, args.hosts)))
+    err.print("killed at once: " + ", ".join(f"{h} ({code})" for h, code in codes.items()))
+    return 0
+
+
+def cmd_fill_disk(args: argparse.Namespace) -> int:
+    written = _with_cluster(args, lambda c: c.fill_disk(_hosts(c, args.host)[0]))
+    err.print(f"{args.host}: disk full ({written} bytes of filler)")
+    return 0
+
+
+def cmd_free_disk(args: argparse.Namespace) -> int:
+    freed = _with_cluster(args, lambda c: c.free_disk(_hosts(c, args.host)[0]))
+    err.print(f"{args.host}: {freed} bytes freed (the daemon must recover by itself)")
+    return 0
+
+
 def cmd_heal(args: argparse.Namespace) -> int:
     if args.all:
         _with_cluster(args, lambda c: c.heal())
-        err.print("healed: no network faults, every daemon running")
+        err.print("healed: no network faults, no full disk, every daemon running")
     else:
         _with_cluster(args, lambda c: c.heal_network())
         err.print("network healed (paused or killed daemons stay so; `chaos heal --all`)")
@@ -468,6 +512,13 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-build", action="store_true", help="docker: do not build the image")
     up.add_argument("--no-wait", action="store_true", help="return before the view converged")
     up.add_argument("--timeout", type=float, default=60.0)
+    up.add_argument(
+        "--small-disk",
+        action="append",
+        default=[],
+        metavar="HOST=SIZE",
+        help="a tmpfs of SIZE (e.g. 16m) as HOST's data directory, for fill-disk (netns)",
+    )
     up.set_defaults(fn=cmd_up)
 
     down = add("down", help="stop every daemon, remove every namespace/link/rule")
@@ -513,8 +564,21 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("hosts", help="a host, h1,h2, or all")
         cmd.set_defaults(fn=_process_cmd(action))
 
+    kill_all = add("kill-all", help="SIGKILL every daemon at once (a power cut)")
+    kill_all.add_argument("hosts", nargs="?", default="all", help="all (default) or h1,h2")
+    kill_all.set_defaults(fn=cmd_kill_all)
+
+    fill = add("fill-disk", help="fill a host's small disk (up --small-disk) until ENOSPC")
+    fill.add_argument("host")
+    fill.set_defaults(fn=cmd_fill_disk)
+    free = add("free-disk", help="delete what fill-disk wrote")
+    free.add_argument("host")
+    free.set_defaults(fn=cmd_free_disk)
+
     heal = add("heal", help="remove every network fault")
-    heal.add_argument("--all", action="store_true", help="also resume and restart daemons")
+    heal.add_argument(
+        "--all", action="store_true", help="also free full disks, resume and restart daemons"
+    )
     heal.set_defaults(fn=cmd_heal)
 
     add("rotate-key", help="install, use a new gossip key; remove the old").set_defaults(

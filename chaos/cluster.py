@@ -77,10 +77,14 @@ class Cluster:
         history: History | None = None,
         docker_net: str | None = None,
         build: bool = True,
+        disks: dict[str, int] | None = None,
     ) -> Cluster:
-        """Create the hosts and start one daemon per host (not waiting for them)."""
+        """Create the hosts and start one daemon per host (not waiting for them). ``disks``
+        gives hosts a small data disk (bytes) that the ``fill_disk`` fault can fill."""
         if hosts < 1:
             raise ValueError("at least one host")
+        if disks and backend != "netns":
+            raise ChaosError("small disks (the disk-full fault) need the netns backend")
         run_dir = run_dir or default_run_dir(prefix)
         spec = spec or DaemonSpec(key=new_key())
         if not spec.key:
@@ -108,9 +112,15 @@ class Cluster:
                 assert isinstance(be, DockerBackend)
                 be.up(build=build)
             else:
+                for host, size in sorted((disks or {}).items()):
+                    be.mount_disk(host, size)
                 for host in be.hosts:
                     be.start_daemon(host)
-            cluster.history.add("fault", action="up", args={"hosts": be.hosts, "backend": be.kind})
+            cluster.history.add(
+                "fault",
+                action="up",
+                args={"hosts": be.hosts, "backend": be.kind, "disks": dict(disks or {})},
+            )
         except BaseException:
             cluster.close()
             raise
@@ -191,8 +201,11 @@ class Cluster:
 
     # ------------------------------------------------------------------ faults
 
-    def _record(self, action: str, **args: Any) -> None:
-        self.history.add("fault", action=action, args=args)
+    def _record(self, action: str, began: float | None = None, **args: Any) -> None:
+        """A fault record, at the time it took effect (``t``); ``began`` is when applying it
+        started, for faults whose rules reach the hosts one after another."""
+        extra = {"began": began} if began is not None else {}
+        self.history.add("fault", action=action, args=args, **extra)
 
     def _drain_counters(self, hosts: Sequence[str] | None = None) -> None:
         for host in hosts if hosts is not None else self.hosts:
@@ -212,9 +225,10 @@ class Cluster:
 
     def partition(self, groups: Sequence[Sequence[str]]) -> None:
         """Two-way partition into ``groups`` (hosts named nowhere form one more group)."""
+        began = self.history.now()
         self._drain_counters()
         self.backend.partition(groups)
-        self._record("partition", groups=[list(g) for g in groups])
+        self._record("partition", began, groups=[list(g) for g in groups])
 
     def one_way(self, src: Sequence[str], dst: Sequence[str]) -> None:
         """Every host of ``src`` can no longer reach any host of ``dst`` (the reverse works)."""
@@ -233,14 +247,16 @@ class Cluster:
 
     def bridge(self, a: Sequence[str], b: Sequence[str], via: Sequence[str]) -> None:
         """``a`` and ``b`` cannot reach each other; the ``via`` hosts reach both sides."""
+        began = self.history.now()
         self._drain_counters()
         self.backend.partition([list(a), list(b)], bridges=list(via))
-        self._record("bridge", a=list(a), b=list(b), via=list(via))
+        self._record("bridge", began, a=list(a), b=list(b), via=list(via))
 
     def isolate(self, host: str) -> None:
+        began = self.history.now()
         self._drain_counters()
         self.backend.partition([[host]])
-        self._record("isolate", host=host)
+        self._record("isolate", began, host=host)
 
     def loss(self, hosts: Sequence[str], p: float) -> None:
         self._drain_counters(hosts)
@@ -249,9 +265,10 @@ class Cluster:
         self._record("loss", hosts=list(hosts), p=p)
 
     def heal_network(self) -> None:
+        began = self.history.now()
         self._drain_counters()
         self.backend.heal()
-        self._record("heal_network")
+        self._record("heal_network", began)
 
     # ------------------------------------------------------------------ processes
 
@@ -261,6 +278,28 @@ class Cluster:
         self._save()
         self._record("kill", host=host, code=code)
         return code
+
+    def kill_all(self, hosts: Sequence[str] | None = None) -> dict[str, int | None]:
+        """kill -9 every daemon (or those of ``hosts``) at once: no survivor sees another
+        die, nothing shuts down in order — a power cut of the whole cluster."""
+        targets = list(hosts) if hosts else self.hosts
+        codes = self.backend.kill_daemons(targets)
+        self.paused.difference_update(targets)
+        self._save()
+        self._record("kill_all", hosts=targets, codes=codes)
+        return codes
+
+    def fill_disk(self, host: str) -> int:
+        """Fill ``host``'s small disk (see :mod:`chaos.disks`) until the kernel says ENOSPC."""
+        written = self.backend.fill_disk(host)
+        self._record("fill_disk", host=host, bytes=written)
+        return written
+
+    def free_disk(self, host: str) -> int:
+        """Delete what :meth:`fill_disk` wrote; the daemon must recover by itself."""
+        freed = self.backend.free_disk(host)
+        self._record("free_disk", host=host, bytes=freed)
+        return freed
 
     def pause(self, host: str) -> None:
         if not self.backend.signal_daemon(host, signal.SIGSTOP):
@@ -298,9 +337,14 @@ class Cluster:
         return pid
 
     def heal(self) -> None:
-        """Remove every network fault, resume paused daemons, start stopped ones."""
+        """Remove every network fault, free filled disks, resume paused daemons, start
+        stopped ones."""
+        began = self.history.now()
         self._drain_counters()
         self.backend.heal()
+        for host in self.backend.small_disks():
+            if self.backend.disk_filled(host):
+                self.free_disk(host)
         for host in self.hosts:
             if self.backend.daemon_running(host):
                 self.backend.signal_daemon(host, signal.SIGCONT)
@@ -308,7 +352,7 @@ class Cluster:
                 self.backend.start_daemon(host)
         self.paused.clear()
         self._save()
-        self.history.add("heal")
+        self.history.add("heal", began=began)
 
     def rotate_key(self, new: str | None = None) -> dict[str, Any]:
         """install, use, remove — the documented rotation, through one daemon's API."""

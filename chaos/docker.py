@@ -409,17 +409,41 @@ class DockerBackend:
         return code
 
     def kill_daemon(self, host: str) -> int | None:
-        pid = self.daemon_pid(host)
-        if pid is None:
-            return None
-        self._ended.add(host)
-        self._run([self.docker, "kill", "--signal", "SIGKILL", self.container(host)])
+        return self.kill_daemons([host])[host]
+
+    def kill_daemons(self, hosts: Sequence[str]) -> dict[str, int | None]:
+        """SIGKILL every listed container's daemon with one ``docker kill``, then wait."""
+        pids = {h: self.daemon_pid(h) for h in hosts}
+        running = [h for h, pid in pids.items() if pid is not None]
+        if running:
+            self._ended.update(running)
+            names = [self.container(h) for h in running]
+            self._run([self.docker, "kill", "--signal", "SIGKILL", *names])
         deadline = time.monotonic() + 10
-        while self.daemon_running(host) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        code = int(self._state(host).get("ExitCode", -1))
-        self.exits.append(Exit(host, pid, code, "kill"))
-        return code
+        codes: dict[str, int | None] = dict.fromkeys(hosts)
+        for host in running:
+            while self.daemon_running(host) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            codes[host] = int(self._state(host).get("ExitCode", -1))
+            self.exits.append(Exit(host, int(pids[host] or 0), codes[host], "kill"))
+        return codes
+
+    # Disk faults need a tmpfs mounted at the daemon's data directory before it starts, on
+    # the machine the harness runs on; a container's data directory is inside the container.
+    def mount_disk(self, host: str, size: int) -> None:
+        raise ChaosError("small disks (the disk-full fault) need the netns backend")
+
+    def small_disks(self) -> dict[str, int]:
+        return {}
+
+    def fill_disk(self, host: str) -> int:
+        raise ChaosError("disk faults need the netns backend")
+
+    def free_disk(self, host: str) -> int:
+        raise ChaosError("disk faults need the netns backend")
+
+    def disk_filled(self, host: str) -> bool:
+        return False
 
     def poll_exits(self) -> list[Exit]:
         for host in self._hosts:

@@ -24,12 +24,13 @@ Dropping on the receiver's input is silent for the sender. Consequences:
   ``b`` still reaches ``a`` (a TCP connect from ``b`` to ``a`` still fails, since the SYN-ACK
   is dropped: that is what a one-way fault does to TCP).
 
-Cleanliness: everything created (bridge, veths, namespaces, nft tables, processes) is listed in
-a state file under the run directory *before* it is created, and :meth:`HostNet.close`
-removes it all, also when the caller raised. After a crash (the state file is left behind,
-its lock is free) :meth:`HostNet.cleanup` from a new process removes what is listed, and
-:meth:`HostNet.start` does the same before refusing anything that is not ours. Processes are
-only ever signalled by pid, and a pid from a crashed run only if its start time still matches.
+Cleanliness: everything created (bridge, veths, namespaces, nft tables, processes, the tmpfs
+of a small disk) is listed in a state file under the run directory *before* it is created,
+and :meth:`HostNet.close` removes it all, also when the caller raised. After a crash (the
+state file is left behind, its lock is free) :meth:`HostNet.cleanup` from a new process
+removes what is listed, and :meth:`HostNet.start` does the same before refusing anything
+that is not ours. Processes are only ever signalled by pid, and a pid from a crashed run only
+if its start time still matches.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from chaos.disks import mount_fstype
 from chaos.faults import (
     TABLE,
     Faults,
@@ -362,6 +364,7 @@ class HostNet:
                 "namespaces": [],
                 "tables": [],
                 "processes": [],
+                "mounts": [],
                 "faults": self.faults.to_json(),
             }
             self._started = True
@@ -406,6 +409,9 @@ class HostNet:
         try:
             state = self._read_state()
             removed += self._kill_listed(state.get("processes", []))
+            for mount in state.get("mounts", []):
+                if self._unmount(mount["path"], errors):
+                    removed.append(f"tmpfs {mount['path']}")
             namespaces = existing_namespaces()
             for netns, table in state.get("tables", []):
                 if netns in namespaces:
@@ -609,6 +615,51 @@ class HostNet:
         """The command line that runs ``argv`` inside ``host``."""
         return ["ip", "netns", "exec", self.host(host).netns, *argv]
 
+    # ------------------------------------------------------------------ mounts
+
+    def mount_tmpfs(self, host: HostRef, path: str | os.PathLike[str], size: int) -> str:
+        """Mount a tmpfs of ``size`` bytes at ``path`` (made if missing, mode 0700) for
+        ``host``'s use; listed in the state file first, unmounted by close and cleanup.
+        Processes started afterwards (``ip netns exec`` inherits the root's mounts) see it."""
+        self._require_started()
+        h = self.host(host)
+        target = os.path.realpath(path)
+        if any(m["path"] == target for m in self.mounts()):
+            raise ChaosError(f"{target} is already mounted by this run")
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        self._record("mounts", {"path": target, "host": h.name, "size": size})
+        _run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", f"chaos-{self.prefix}", target]
+        )
+        return target
+
+    def mounts(self) -> list[dict[str, Any]]:
+        """The mounts this run made (from the state file): path, host, size."""
+        return [dict(m) for m in self._state.get("mounts", [])]
+
+    def unmount(self, path: str | os.PathLike[str]) -> None:
+        target = os.path.realpath(path)
+        errors: list[str] = []
+        self._unmount(target, errors)
+        if errors:
+            raise ChaosError("; ".join(errors))
+        self._state["mounts"] = [m for m in self._state.get("mounts", []) if m["path"] != target]
+        self._save_state()
+
+    @staticmethod
+    def _unmount(path: str, errors: list[str]) -> bool:
+        """Unmount our tmpfs at ``path`` if it is still there (lazily if something holds
+        it); True if it was mounted."""
+        if mount_fstype(path) != "tmpfs":
+            return False
+        res = _run(["umount", path], check=False)
+        if res.returncode != 0:
+            res = _run(["umount", "--lazy", path], check=False)
+        if res.returncode != 0:
+            errors.append(f"umount {path}: {res.stderr.strip()}")
+            return False
+        return True
+
     # ------------------------------------------------------------------ faults
 
     def set_loss(self, host: HostRef, p: float) -> None:
@@ -743,7 +794,7 @@ class HostNet:
     def _record(self, key: str, item: Any) -> None:
         """Write down what we are about to create *before* creating it, so that a crash in
         between still leaves it listed for cleanup()."""
-        self._state[key].append(item)
+        self._state.setdefault(key, []).append(item)
         self._save_state()
 
     def _save_state(self) -> None:

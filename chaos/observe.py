@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -38,6 +39,12 @@ JUNK: dict[str, Callable[[], bytes]] = {
     "plaintext_refused": lambda: b"\x00\x05chaos" + os.urandom(16),
 }
 JUNK_PER_REASON = 5
+# How long a daemon may take, after the space came back, to trust its disk again: it retries
+# a snapshot with back-off (0.5 s doubling up to 30 s, meshd/storage/driver.py), so up to
+# 30 s plus one snapshot.
+DISK_RECOVERY_BOUND = 45.0
+DISK_POLL = 0.25
+DISK_MAX_FULL = 600.0  # a watcher gives up on a disk nobody frees (the final heal does)
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -161,6 +168,82 @@ async def watch_convergence(
         )
 
 
+async def storage_status(cluster: Cluster, host: str) -> dict[str, Any]:
+    """The ``storage`` op of one daemon: what the checker needs of it."""
+    try:
+        s = await call(cluster, host, "storage", timeout=2.0)
+    except MeshError as exc:
+        return {"error": exc.kind.value}
+    keys = ("enabled", "healthy", "failure", "failures", "dropped_records", "snapshots")
+    return {k: s.get(k) for k in keys}
+
+
+async def watch_disk(
+    cluster: Cluster, history: History, host: str, bound: float = DISK_RECOVERY_BOUND
+) -> None:
+    """From a ``fill_disk`` until ``host``'s store is healthy again after the space came
+    back (at most ``bound`` s after that): every 0.25 s its ``storage`` status, a read of
+    the majority document and its membership view, each through its own API. One
+    ``observe`` record (``what="disk"``) at the end, whatever happens: when the store first
+    reported a failure, when the filler was gone, when it was healthy again, and how every
+    read and membership call answered meanwhile."""
+    start = history.now()
+    noticed: float | None = None
+    freed: float | None = None
+    recovered: float | None = None
+    failures: Counter[str] = Counter()
+    reads: Counter[str] = Counter()
+    members: Counter[str] = Counter()
+    polls = 0
+    last: dict[str, Any] = {}
+    try:
+        while True:
+            now = history.now()
+            if freed is None and not cluster.backend.disk_filled(host):
+                freed = now
+            last = await storage_status(cluster, host)
+            polls += 1
+            if "error" in last:
+                failures[f"storage op: {last['error']}"] += 1
+            elif not last.get("healthy"):
+                failures[str(last.get("failure"))] += 1
+                if noticed is None:
+                    noticed = now
+            elif freed is not None:
+                recovered = now
+                break
+            for counter, op, args in (
+                (reads, "state.get", {"doc": MAJORITY_DOC}),
+                (members, "members", None),
+            ):
+                try:
+                    await call(cluster, host, op, args, timeout=2.0)
+                    counter["ok"] += 1
+                except MeshError as exc:
+                    counter[exc.kind.value] += 1
+            if freed is not None and now - freed > bound:
+                break
+            if freed is None and now - start > DISK_MAX_FULL:
+                break
+            await anyio.sleep(DISK_POLL)
+    finally:
+        history.add(
+            "observe",
+            what="disk",
+            host=host,
+            since=start,
+            noticed=noticed,
+            freed=freed,
+            recovered=recovered,
+            bound=bound,
+            polls=polls,
+            failures=dict(failures),
+            reads=dict(reads),
+            members=dict(members),
+            last=last,
+        )
+
+
 async def digests(cluster: Cluster) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for host in _running(cluster):
@@ -257,6 +340,16 @@ async def collect(
         except MeshError as exc:
             keys = {"error": exc.kind.value}
         history.add("observe", what="keys", members=keys)
+
+    # Storage: every store trusts its disk again (a failed one recovers by itself, with
+    # back-off: wait for that, as for the other observations).
+    async def poll_storage() -> tuple[bool, Any]:
+        found = {host: await storage_status(cluster, host) for host in alive}
+        healthy = all(v.get("healthy") or v.get("enabled") is False for v in found.values())
+        return healthy, found
+
+    done, elapsed, found = await poll_until(poll_storage, DISK_RECOVERY_BOUND, interval=0.5)
+    history.add("observe", what="storage", healthy=done, elapsed=round(elapsed, 3), hosts=found)
 
     await rejections(cluster, history, alive)
 

@@ -28,7 +28,8 @@ def verdict_table(verdict: Verdict) -> Table:
 
 def suite_table(result: dict[str, Any]) -> Table:
     table = Table(title="chaos suite", title_justify="left")
-    for col in ("scenario", "verdict", "ops ok/all", "lost", "dup", "converge", "took", "seed"):
+    cols = ("scenario", "verdict", "ops ok/all", "lost", "local lost", "dup", "converge", "took")
+    for col in (*cols, "seed"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
     for s in result["scenarios"]:
         ops = [v for k, v in s["stats"].items() if isinstance(v, dict)]
@@ -40,6 +41,7 @@ def suite_table(result: dict[str, Any]) -> Table:
             PASS if s["passed"] else f"{FAIL} {', '.join(failed)}",
             f"{ok}/{total}",
             str(s["lost_writes"]),
+            str(s.get("lost_local_writes", 0)),
             str(s["duplicate_deliveries"]),
             "—" if s["converge_s"] is None else f"{s['converge_s']:.1f} s",
             "—" if s["duration_s"] is None else f"{s['duration_s']:.0f} s",
@@ -61,6 +63,8 @@ def print_suite(result: dict[str, Any], console: Console | None = None) -> None:
     console.print(suite_table(result))
     console.print(
         f"passed {result['passed']}, failed {result['failed']}, "
-        f"lost writes {result['lost_writes']}, duplicate deliveries "
+        f"lost writes {result['lost_writes']} (acknowledged majority writes lost: "
+        f"{result.get('lost_majority_writes', 0)}; local writes lost, allowed after a kill: "
+        f"{result.get('lost_local_writes', 0)}), duplicate deliveries "
         f"{result['duplicate_deliveries']}, slowest convergence {result['max_converge_s']} s"
     )

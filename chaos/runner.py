@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from chaos.backends import DaemonSpec
 from chaos.checker import Check, Verdict, check
@@ -28,7 +29,7 @@ from chaos.cluster import (
 )
 from chaos.history import History
 from chaos.netns import DEFAULT_SUBNET
-from chaos.observe import collect, watch_convergence
+from chaos.observe import collect, watch_convergence, watch_disk
 from chaos.scenario import Scenario, Step
 from chaos.workload import Workload, open_workload
 
@@ -56,8 +57,15 @@ async def _sync(fn: Any, *args: Any) -> Any:
     return await anyio.to_thread.run_sync(lambda: fn(*args))
 
 
-async def play(step: Step, cluster: Cluster, workload: Workload, bound: float = 30.0) -> None:
-    """Carry out one step of a fault schedule."""
+async def play(
+    step: Step,
+    cluster: Cluster,
+    workload: Workload,
+    bound: float = 30.0,
+    background: TaskGroup | None = None,
+) -> None:
+    """Carry out one step of a fault schedule. Watchers that must outlive the schedule (a
+    filled disk's, until its daemon recovered) start in ``background``."""
     a = step.args
     match step.action:
         case "partition":
@@ -77,6 +85,16 @@ async def play(step: Step, cluster: Cluster, workload: Workload, bound: float = 
         case "kill" | "pause" | "resume" | "restart" | "stop" | "start":
             for host in _hosts(a):
                 await _sync(getattr(cluster, step.action), host)
+        case "kill_all":
+            await _sync(cluster.kill_all, _hosts(a) or cluster.hosts)
+        case "fill_disk":
+            await _sync(cluster.fill_disk, a["host"])
+            if background is not None:
+                background.start_soon(watch_disk, cluster, workload.history, a["host"])
+        case "free_disk":
+            await _sync(cluster.free_disk, a["host"])
+        case "write_burst":
+            workload.write_burst(list(a["hosts"]), str(a["kind"]), int(a["count"]))
         case "flap":
             half = float(a["period"]) / 2
             for _ in range(int(a["times"])):
@@ -138,6 +156,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> Verdict:
                 run_dir=default_run_dir(options.prefix),
                 spec=DaemonSpec(profile=scenario.profile, key=new_key()),
                 history=history,
+                disks=scenario.disk_sizes(),
             )
             await _exercise(scenario, cluster, history, rng)
         except Exception as exc:
@@ -168,38 +187,47 @@ async def _exercise(
     await anyio.sleep(scenario.settle)
     bound = scenario.converge_bound
     async with open_workload(cluster, history, scenario.workload, rng) as workload:
-        workload.start_drivers()
-        t0 = time.monotonic()
-        recovering: list[anyio.CancelScope] = []
-        async with anyio.create_task_group() as watchers:
-            for step in scenario.steps:
-                await anyio.sleep(max(0.0, t0 + step.at - time.monotonic()))
-                for scope in recovering:  # a new fault: stop timing the last recovery
-                    scope.cancel()
-                recovering.clear()
-                history.add("step", at=step.at, action=step.action, args=step.args)
-                await play(step, cluster, workload, bound)
-                if step.action in RECOVERIES:
-                    # Time the recovery this step starts (a heal, a resume, a start).
-                    scope = anyio.CancelScope()
-                    recovering.append(scope)
-
-                    async def watch(
-                        scope: anyio.CancelScope = scope, after: str = step.action
-                    ) -> None:
-                        with scope:
-                            await watch_convergence(cluster, history, bound, after=after)
-
-                    watchers.start_soon(watch)
-            await anyio.sleep(max(0.0, t0 + scenario.duration - time.monotonic()))
-            for scope in recovering:
-                scope.cancel()
-        history.add("observe", what="nft", hosts=await _sync(cluster.counted))
-        await _sync(cluster.heal)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_convergence, cluster, history, bound)
-            await workload.stop_drivers()
+        # Disk watchers run until every filled disk's daemon recovered, past the heal.
+        async with anyio.create_task_group() as disks:
+            workload.start_drivers()
+            await _schedule(scenario, cluster, workload, disks)
+            history.add("observe", what="nft", hosts=await _sync(cluster.counted))
+            await _sync(cluster.heal)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_convergence, cluster, history, bound)
+                await workload.stop_drivers()
         await collect(cluster, history, workload, bound=scenario.converge_bound)
+
+
+async def _schedule(
+    scenario: Scenario, cluster: Cluster, workload: Workload, background: TaskGroup
+) -> None:
+    """Play the fault schedule over the scenario's duration, timing each recovery."""
+    history = workload.history
+    bound = scenario.converge_bound
+    t0 = time.monotonic()
+    recovering: list[anyio.CancelScope] = []
+    async with anyio.create_task_group() as watchers:
+        for step in scenario.steps:
+            await anyio.sleep(max(0.0, t0 + step.at - time.monotonic()))
+            for scope in recovering:  # a new fault: stop timing the last recovery
+                scope.cancel()
+            recovering.clear()
+            history.add("step", at=step.at, action=step.action, args=step.args)
+            await play(step, cluster, workload, bound, background)
+            if step.action in RECOVERIES:
+                # Time the recovery this step starts (a heal, a resume, a start).
+                scope = anyio.CancelScope()
+                recovering.append(scope)
+
+                async def watch(scope: anyio.CancelScope = scope, after: str = step.action) -> None:
+                    with scope:
+                        await watch_convergence(cluster, history, bound, after=after)
+
+                watchers.start_soon(watch)
+        await anyio.sleep(max(0.0, t0 + scenario.duration - time.monotonic()))
+        for scope in recovering:
+            scope.cancel()
 
 
 def summary(verdicts: list[Verdict]) -> dict[str, Any]:
@@ -210,6 +238,8 @@ def summary(verdicts: list[Verdict]) -> dict[str, Any]:
         "passed": sum(1 for v in verdicts if v.ok),
         "failed": sum(1 for v in verdicts if not v.ok),
         "lost_writes": sum(v.lost_writes for v in verdicts),
+        "lost_majority_writes": sum(v.lost_majority for v in verdicts),
+        "lost_local_writes": sum(v.lost_local for v in verdicts),
         "duplicate_deliveries": sum(v.duplicate_deliveries for v in verdicts),
         "max_converge_s": max(converge) if converge else None,
         "duration_s": round(sum(v.duration_s or 0 for v in verdicts), 1),

@@ -11,6 +11,9 @@ write out. TOML::
     converge_bound = 30      # seconds allowed, after the heal, to reach one view
     ci = true                # part of the short suite `make test` runs
 
+    [disks]                  # hosts whose data directory is a small tmpfs (fill_disk)
+    h3 = "16m"
+
     [workload]               # chaos.workload.WorkloadConfig fields
     writers = 2
 
@@ -31,8 +34,11 @@ Actions and their arguments: ``partition`` (groups), ``one_way`` (src, dst: list
 ``heal_network``, ``kill`` / ``pause`` / ``resume`` / ``restart`` / ``stop`` / ``start``
 (hosts), ``flap`` (a, b, period, times: the link between a and b goes down and up),
 ``rolling_restart`` (hosts, settle: one at a time, each after the previous rejoined),
-``rotate_key``, ``register_duplicate`` (name, hosts), ``wait``. After the last step and the
-duration, the runner heals everything (network, paused and dead daemons) and checks.
+``rotate_key``, ``register_duplicate`` (name, hosts), ``kill_all`` (hosts, optional: kill -9
+of every daemon at once), ``fill_disk`` / ``free_disk`` (host, which needs a ``[disks]``
+entry), ``write_burst`` (hosts, kind: majority or local, count: that many writes through each
+host at once), ``wait``. After the last step and the duration, the runner heals everything
+(network, filled disks, paused and dead daemons) and checks.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos.disks import parse_size
 from chaos.workload import WorkloadConfig
 
 SHIPPED = Path(__file__).resolve().parent / "scenarios"
@@ -67,9 +74,13 @@ ACTIONS: dict[str, set[str]] = {
     "rolling_restart": {"hosts", "settle"},
     "rotate_key": set(),
     "register_duplicate": {"name", "hosts"},
+    "kill_all": {"hosts"},
+    "fill_disk": {"host"},
+    "free_disk": {"host"},
+    "write_burst": {"hosts", "kind", "count"},
     "wait": set(),
 }
-OPTIONAL = {"rolling_restart": {"hosts", "settle"}, "loss": set()}
+OPTIONAL = {"rolling_restart": {"hosts", "settle"}, "loss": set(), "kill_all": {"hosts"}}
 
 
 @dataclass(slots=True)
@@ -113,6 +124,7 @@ class Scenario:
     converge_bound: float = 30.0
     settle: float = 2.0  # seconds after the cluster is up before the workload starts
     ci: bool = False
+    disks: dict[str, str] = field(default_factory=dict)  # host -> small data disk ("16m")
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     expect: Expect = field(default_factory=Expect)
     steps: list[Step] = field(default_factory=list)
@@ -144,6 +156,21 @@ class Scenario:
         for member in self.expect.dead + [m for m in self.expect.never_dead if m != "*"]:
             if member not in hosts:
                 raise ValueError(f"{self.name}: expect names unknown host {member}")
+        for host, size in self.disks.items():
+            if host not in hosts:
+                raise ValueError(f"{self.name}: [disks] names unknown host {host}")
+            parse_size(size)
+        for step in self.steps:
+            if step.action in ("fill_disk", "free_disk") and step.args["host"] not in self.disks:
+                raise ValueError(
+                    f"{self.name}: {step.action} at {step.at}s: {step.args['host']} has no small "
+                    "disk (add it under [disks])"
+                )
+            if step.action == "write_burst" and step.args["kind"] not in ("majority", "local"):
+                raise ValueError(f"{self.name}: write_burst kind is majority or local")
+
+    def disk_sizes(self) -> dict[str, int]:
+        return {host: parse_size(size) for host, size in self.disks.items()}
 
     def describe(self) -> list[str]:
         return [s.describe() for s in self.steps]
@@ -168,6 +195,7 @@ def from_dict(data: dict[str, Any], source: str = "") -> Scenario:
         for s in (dict(x) for x in data.pop("step", []))
     ]
     workload = WorkloadConfig.from_dict(data.pop("workload", {}))
+    disks = {str(h): str(size) for h, size in dict(data.pop("disks", {})).items()}
     expect = Expect(**data.pop("expect", {}))
     known = set(Scenario.__dataclass_fields__) - {"workload", "expect", "steps", "source"}
     unknown = sorted(set(data) - known)
@@ -175,6 +203,7 @@ def from_dict(data: dict[str, Any], source: str = "") -> Scenario:
         raise ValueError(f"{source}: unknown scenario settings: {', '.join(unknown)}")
     scenario = Scenario(
         **data,
+        disks=disks,
         workload=workload,
         expect=expect,
         steps=sorted(steps, key=lambda s: s.at),

@@ -54,6 +54,7 @@ COUNTER_KIND = "counter"
 TOPIC = "chaos.sig"
 PATTERN = "chaos.**"
 HANDLED_LOG = "handled"
+WRITE_OPS = frozenset({"write", "incr"})
 
 
 @dataclass(slots=True)
@@ -88,11 +89,17 @@ def counter_agent(k: int) -> str:
     return f"{COUNTER_KIND}/c{k}"
 
 
-def classify(exc: BaseException) -> tuple[str, str]:
+def classify(exc: BaseException, op: str = "") -> tuple[str, str]:
     """(outcome, error kind) of a failed operation. Only an invalid request is known not
     to have happened; a timeout, an unreachable daemon or a lost connection may hide an
-    operation that did happen (Mesh reports a connection lost mid-call as unreachable)."""
+    operation that did happen (Mesh reports a connection lost mid-call as unreachable).
+
+    A state write refused with ``overloaded`` (storage failing, or too many requests) did
+    not happen either — unless the error carries the write's outcome (``needed``): then it
+    was applied in memory and only missed the disk, so it may well survive."""
     if isinstance(exc, errors.Invalid | errors.NotFound | errors.Conflict):
+        return FAIL, exc.kind.value
+    if op in WRITE_OPS and isinstance(exc, errors.Overloaded) and "needed" not in exc.detail:
         return FAIL, exc.kind.value
     if isinstance(exc, MeshError):
         return UNKNOWN, exc.kind.value
@@ -116,6 +123,7 @@ class Workload:
         self._seq = itertools.count(1)
         self._stop = anyio.Event()
         self._drivers_done = anyio.Event()
+        self._bursts: list[anyio.Event] = []
         self._tg: TaskGroup | None = None
 
     @property
@@ -130,6 +138,7 @@ class Workload:
         t0 = self.history.now()
         result: Any = None
         error: str | None = None
+        detail: dict[str, Any] | None = None
         limit = (
             self.config.op_timeout if op in ("request", "register") else self.config.write_timeout
         )
@@ -138,7 +147,9 @@ class Workload:
                 result = await fn()
             outcome = OK
         except (MeshError, TimeoutError) as exc:
-            outcome, error = classify(exc)
+            outcome, error = classify(exc, op)
+            if isinstance(exc, MeshError) and exc.detail:
+                detail = exc.detail
         self.history.add(
             "op",
             op=op,
@@ -149,6 +160,7 @@ class Workload:
             outcome=outcome,
             error=error,
             result=result,
+            **({"detail": detail} if detail else {}),
             **fields,
         )
         return outcome, result
@@ -241,42 +253,71 @@ class Workload:
         """Stop starting operations; wait for those in flight (each is bounded in time)."""
         self._stop.set()
         await self._drivers_done.wait()
+        for done in self._bursts:
+            await done.wait()
 
     async def _pause(self, seconds: float) -> None:
         with anyio.move_on_after(seconds * self.rng.uniform(0.5, 1.5)):
             await self._stop.wait()
+
+    async def write(self, host: str, kind: str, writer: str) -> None:
+        """One recorded write through ``host``: a fresh key (``majority`` or ``local``) or
+        an increment of the majority counter (``incr``)."""
+        seq = next(self._seq)
+        doc = self.meshes[host].state(LOCAL_DOC if kind == "local" else MAJORITY_DOC)
+        if kind == "incr":
+            key = INCR_KEY
+            ops = [{"op": "incr", "path": [INCR_KEY], "by": 1}]
+        else:
+            key = f"{kind[0]}{seq}"
+            ops = [{"op": "set", "path": [key], "value": {"seq": seq, "host": host}}]
+        durability = "local" if kind == "local" else "majority"
+
+        async def write() -> Any:
+            res = await doc.update(ops, durability)
+            if not isinstance(res, dict):
+                return None
+            return {k: res.get(k) for k in ("acked", "needed", "total")}
+
+        await self._op(
+            "incr" if kind == "incr" else "write",
+            host,
+            f"{writer}-{seq}",
+            write,
+            doc=doc.name,
+            key=key,
+            value={"seq": seq, "host": host} if kind != "incr" else 1,
+            durability=durability,
+        )
 
     async def _writer(self, index: int) -> None:
         kinds = list(self.config.mix)
         weights = [self.config.mix[k] for k in kinds]
         while not self._stop.is_set():
             host = self.rng.choice(self.hosts)
-            kind = self.rng.choices(kinds, weights)[0]
-            seq = next(self._seq)
-            doc = self.meshes[host].state(LOCAL_DOC if kind == "local" else MAJORITY_DOC)
-            if kind == "incr":
-                key = INCR_KEY
-                ops = [{"op": "incr", "path": [INCR_KEY], "by": 1}]
-            else:
-                key = f"{kind[0]}{seq}"
-                ops = [{"op": "set", "path": [key], "value": {"seq": seq, "host": host}}]
-            durability = "local" if kind == "local" else "majority"
-
-            async def write(doc: Any = doc, ops: Any = ops, durability: str = durability) -> Any:
-                res = await doc.update(ops, durability)
-                return {"acked": res.get("acked")} if isinstance(res, dict) else None
-
-            await self._op(
-                "incr" if kind == "incr" else "write",
-                host,
-                f"w{index}-{seq}",
-                write,
-                doc=doc.name,
-                key=key,
-                value={"seq": seq, "host": host} if kind != "incr" else 1,
-                durability=durability,
-            )
+            await self.write(host, self.rng.choices(kinds, weights)[0], f"w{index}")
             await self._pause(self.config.write_interval)
+
+    def write_burst(self, hosts: list[str], kind: str, count: int) -> None:
+        """Start ``count`` writes of ``kind`` through each of ``hosts`` at once, in the
+        background (the schedule goes on; a majority write to a cut-off host takes up to
+        the daemon's majority timeout to fail)."""
+        assert self._tg is not None
+        if kind not in ("majority", "local", "incr"):
+            raise ValueError(f"write_burst: kind is majority, local or incr, not {kind!r}")
+        done = anyio.Event()
+        self._bursts.append(done)
+
+        async def burst() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for host in hosts:
+                        for _ in range(count):
+                            tg.start_soon(self.write, host, kind, "b")
+            finally:
+                done.set()
+
+        self._tg.start_soon(burst)
 
     async def _requester(self, index: int) -> None:
         cfg = self.config

@@ -7,7 +7,8 @@ one at a time in arrival order unless ``concurrency`` allows more.
 
 At-least-once messages are de-duplicated here too, by message id: if the daemon restarts and
 the sender retries, this process remembers the outcome and answers without running the
-handler again.
+handler again — unless the handler failed with an error that asks for a retry (its daemon
+went away under it, a majority timed out): then the retry runs it again.
 """
 
 from __future__ import annotations
@@ -326,17 +327,22 @@ class Agent:
         if msg.at_least_once and msg.id in self._running:
             return  # the first delivery is still running; it will answer
         self._running.add(msg.id)
+        remember = msg.at_least_once
         try:
             try:
                 result = await self._handle(self.ctx, msg)
                 outcome: tuple[bool, Any] = (True, result)
             except MeshError as exc:
                 outcome = (False, exc.to_wire())
+                # "Not now" (its daemon went away mid-handler, a majority timed out) is no
+                # outcome: the sender retries on it, and must find the handler run again
+                # rather than be told the same until it gives up.
+                remember = remember and not isinstance(exc, errors.RETRYABLE)
             except Exception as exc:
                 log.exception("agent %s: handler failed on message %s", self.name, msg.id)
                 outcome = (False, errors.Internal(f"{type(exc).__name__}: {exc}").to_wire())
             self.handled += 1
-            if msg.at_least_once:
+            if remember:
                 self._done[msg.id] = outcome
                 while len(self._done) > _REMEMBER:
                     self._done.popitem(last=False)

@@ -28,7 +28,6 @@ from meshd_client.runners import Factory, Runner, Strategy
 from meshd_client.state import StateDoc
 from meshd_client.types import AgentInfo, RegistryEvent, Signal
 
-_RETRYABLE = (errors.Unreachable, errors.Timeout, errors.Closed, errors.Overloaded)
 _NOT_FOUND_GRACE = 3.0
 
 
@@ -252,7 +251,7 @@ class Mesh:
                 conn = await self.wait_connected(remaining)
                 attempt = min(remaining, max(1.0, timeout / 4))
                 return await conn.call(op, {**args, "timeout": attempt}, timeout=attempt + 1)
-            except _RETRYABLE:
+            except errors.RETRYABLE:
                 pass
             except errors.NotFound:
                 # An agent re-registering after its daemon restarted, or moving, is briefly

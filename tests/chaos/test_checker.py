@@ -63,7 +63,7 @@ def good() -> Events:
             "type": "fault",
             "t": 1.0,
             "action": "partition",
-            "args": {"groups": [["h1"], ["h2", "h3"]]},
+            "args": {"groups": [["h1", "h2"], ["h3"]]},
         },
         {"type": "fault", "t": 5.0, "action": "heal_network", "args": {}},
     ]
@@ -234,6 +234,14 @@ def good() -> Events:
         },
         {
             "type": "observe",
+            "what": "storage",
+            "hosts": {
+                h: {"enabled": True, "healthy": True, "failure": None, "failures": {}}
+                for h in HOSTS
+            },
+        },
+        {
+            "type": "observe",
             "what": "processes",
             "running": dict.fromkeys(HOSTS, True),
             "exits": [],
@@ -264,9 +272,11 @@ def test_the_baseline_history_passes_every_invariant() -> None:
         "documents",
         "majority_writes",
         "local_writes",
+        "write_errors",
         "exactly_once",
         "duplicate_names",
         "no_crash",
+        "storage",
         "rejections",
         "signals",
         "expectations",
@@ -511,3 +521,249 @@ def test_histories_round_trip_through_the_file(tmp_path: Any) -> None:
     with open(path, "a") as f:
         f.write('{"type": "op", "torn')  # a crash mid-line
     assert check(load(path)).ok
+
+
+# ---------------------------------------------------------------------------- durability
+
+
+def add_write(e: Events, id_: str, host: str, t0: float, t1: float, **fields: Any) -> Events:
+    """Append a write op (recorded like the workload's) to ``e``; returns ``e``."""
+    fields.setdefault("durability", "majority")
+    fields.setdefault("outcome", "ok")
+    doc = "chaos-majority" if fields["durability"] == "majority" else "chaos-local"
+    e.append(
+        {
+            "type": "op",
+            "op": "write",
+            "host": host,
+            "id": id_,
+            "t0": t0,
+            "t1": t1,
+            "doc": doc,
+            "key": id_,
+            "value": {"seq": 0, "host": host},
+            **fields,
+        }
+    )
+    return e
+
+
+def holds(e: Events, doc: str, key: str, value: Any, hosts: list[str] = HOSTS) -> None:
+    for h in hosts:
+        obs(e, "state")["docs"][doc][h][key] = value
+
+
+def kill_all(e: Events, t: float = 5.5) -> None:
+    e.append({"type": "fault", "t": t, "action": "kill_all", "args": {"hosts": HOSTS}})
+    obs(e, "processes")["exits"] = [
+        {"host": h, "pid": 40 + i, "code": -9, "cause": "kill"} for i, h in enumerate(HOSTS)
+    ]
+
+
+def check_named(verdict: Verdict, name: str) -> Any:
+    return next(c for c in verdict.checks if c.name == name)
+
+
+def test_a_lost_majority_write_fails_even_after_every_daemon_was_killed() -> None:
+    events = good()
+    kill_all(events)
+    lose_majority_write(events)
+    verdict = check(events)
+    assert failing(verdict) == ["majority_writes"]
+    assert verdict.lost_majority == 1 and verdict.to_json()["lost_majority_writes"] == 1
+    assert verdict.writes["majority"].lost == 1
+
+
+def test_a_lost_local_write_after_a_power_loss_is_reported_not_failed() -> None:
+    events = good()
+    kill_all(events)  # after both local writes were acknowledged
+    lose_local_write(events)
+    verdict = check(events)
+    assert verdict.ok, failing(verdict)
+    local = check_named(verdict, "local_writes")
+    assert local.details["excused"] == 2 and len(local.details["lost_excused"]) == 1
+    assert verdict.writes["local"].lost == 0 and verdict.writes["local"].lost_excused == 1
+    data = verdict.to_json()
+    assert data["lost_local_writes"] == 1 and data["lost_writes"] == 0
+    assert data["writes"]["local"]["lost_excused"] == 1
+
+
+def test_a_lost_local_write_whose_daemon_never_died_still_fails() -> None:
+    events = good()
+    kill_all(events, t=1.5)  # before the writes: they had every chance to spread
+    lose_local_write(events)
+    verdict = check(events)
+    assert failing(verdict) == ["local_writes"]
+    assert verdict.writes["local"].lost == 1
+
+
+def isolate_h3(e: Events, at: float = 6.2, heal_began: float = 8.0) -> None:
+    e.append(
+        {"type": "fault", "t": at, "began": at - 0.1, "action": "isolate", "args": {"host": "h3"}}
+    )
+    e.append(
+        {
+            "type": "fault",
+            "t": heal_began + 0.1,
+            "began": heal_began,
+            "action": "heal_network",
+            "args": {},
+        }
+    )
+
+
+def test_an_acknowledged_majority_write_on_an_isolated_minority_fails() -> None:
+    events = good()
+    isolate_h3(events)
+    add_write(
+        events, "m9", "h3", 6.5, 6.6, result={"acked": ["h3", "h1", "h2"], "needed": 2, "total": 3}
+    )
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h3"})
+    verdict = check(events)
+    assert failing(verdict) == ["majority_writes"]
+    assert "cut off from a majority" in check_named(verdict, "majority_writes").summary
+
+
+def test_writes_on_the_majority_side_or_across_the_heal_are_fine() -> None:
+    events = good()
+    isolate_h3(events)
+    for id_, host, t0, t1 in (
+        ("m9", "h1", 6.5, 6.6),  # the majority side
+        ("m10", "h3", 5.0, 6.3),  # started before the cut was in place
+        ("m11", "h3", 7.9, 8.2),  # answered after the heal began
+        ("m12", "h3", 8.5, 8.6),  # after the heal
+    ):
+        add_write(events, id_, host, t0, t1)
+        holds(events, "chaos-majority", id_, {"seq": 0, "host": host})
+    assert check(events).ok
+
+
+def test_a_smaller_cluster_after_a_removal_may_acknowledge_on_its_own() -> None:
+    events = good()
+    isolate_h3(events)
+    add_write(events, "m9", "h3", 6.5, 6.6, result={"acked": ["h3"], "needed": 1, "total": 1})
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h3"})
+    assert check(events).ok
+
+
+def timed_out(e: Events, id_: str = "m9", host: str = "h3") -> None:
+    """A majority write the daemon answered with ``timeout``: applied there, not acked."""
+    add_write(
+        e,
+        id_,
+        host,
+        6.5,
+        11.5,
+        outcome="unknown",
+        error="timeout",
+        detail={"acked": [host], "needed": 2, "total": 3},
+    )
+
+
+def test_a_write_the_daemon_reported_applied_must_reach_everyone() -> None:
+    events = good()
+    isolate_h3(events)
+    timed_out(events)
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h3"}, hosts=["h3"])
+    verdict = check(events)
+    assert failing(verdict) == ["majority_writes"]
+    assert verdict.writes["majority"].applied_lost == 1 and verdict.lost_majority == 1
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h3"})
+    verdict = check(events)
+    assert verdict.ok and "1 reported applied" in check_named(verdict, "majority_writes").summary
+
+
+def test_write_errors_need_a_fault_that_explains_them() -> None:
+    events = good()
+    timed_out(events, host="h1")
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h1"})
+    assert check(events).ok  # the partition explains a majority timeout
+    without = [e for e in events if e.get("type") != "fault"]
+    assert "write_errors" in failing(check(without))
+    events = good()
+    add_write(events, "m9", "h1", 6.5, 6.6, outcome="fail", error="invalid")
+    assert failing(check(events)) == ["write_errors"]
+
+
+def disk_full(e: Events, *, host: str = "h2", noticed: float | None = 6.3) -> None:
+    """h2's disk filled at 6.2 s and freed at 9 s; the watcher's record; two writes through
+    h2 refused meanwhile."""
+    e.append({"type": "fault", "t": 6.2, "action": "fill_disk", "args": {"host": host}})
+    e.append({"type": "fault", "t": 9.0, "action": "free_disk", "args": {"host": host}})
+    e.append(
+        {
+            "type": "observe",
+            "what": "disk",
+            "host": host,
+            "since": 6.2,
+            "noticed": noticed,
+            "freed": 9.1,
+            "recovered": 12.0,
+            "bound": 45.0,
+            "polls": 24,
+            "failures": {"disk_full": 23} if noticed is not None else {},
+            "reads": {"ok": 23},
+            "members": {"ok": 23},
+        }
+    )
+    for id_, durability in (("m9", "majority"), ("l9", "local")):
+        add_write(
+            e, id_, host, 7.0, 7.01, durability=durability, outcome="fail", error="overloaded"
+        )
+
+
+def test_a_full_disk_refuses_writes_keeps_serving_and_recovers() -> None:
+    events = good()
+    disk_full(events)
+    verdict = check(events)
+    assert verdict.ok, [c.summary for c in verdict.checks if not c.ok]
+    storage = check_named(verdict, "storage")
+    assert storage.details["disks"]["h2"]["refused"] == 2
+    assert verdict.writes["majority"].errors == {"overloaded": 1, "timeout": 2}  # + incr
+
+
+def test_overloaded_errors_are_explained_by_a_disk_fault_only() -> None:
+    events = good()
+    add_write(events, "m9", "h2", 7.0, 7.01, outcome="fail", error="overloaded")
+    verdict = check(events)
+    assert failing(verdict) == ["write_errors"]
+    assert "overloaded=1" in check_named(verdict, "write_errors").summary
+
+
+@pytest.mark.parametrize(
+    ("defect", "found"),
+    [
+        (lambda e: op(e, "m9").update(outcome="ok", error=None), "acknowledged while"),
+        (lambda e: op(e, "m9").update(outcome="unknown", error="timeout"), "instead of"),
+        (lambda e: obs(e, "disk").update(reads={"ok": 3, "timeout": 1}), "reads failed"),
+        (lambda e: obs(e, "disk").update(members={"ok": 3, "closed": 1}), "membership calls"),
+        (lambda e: obs(e, "disk").update(recovered=None), "not healthy again"),
+        (lambda e: obs(e, "disk").update(failures={"io_error": 3}), "not disk_full"),
+        (
+            lambda e: obs(e, "storage")["hosts"]["h2"].update(healthy=False, failure="disk_full"),
+            "not healthy at the end",
+        ),
+    ],
+)
+def test_each_disk_full_defect_fails_storage(defect: Callable[[Events], None], found: str) -> None:
+    events = good()
+    disk_full(events)
+    if found == "acknowledged while":
+        holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h2"})
+    defect(events)
+    verdict = check(events)
+    assert "storage" in failing(verdict)
+    assert found in check_named(verdict, "storage").summary
+
+
+def test_a_disk_that_never_failed_tested_nothing() -> None:
+    events = good()
+    disk_full(events, noticed=None)
+    assert failing(check(events)) == ["storage"]
+
+
+def test_a_refused_write_must_not_appear() -> None:
+    events = good()
+    disk_full(events)
+    holds(events, "chaos-majority", "m9", {"seq": 0, "host": "h2"})
+    assert failing(check(events)) == ["majority_writes"]

@@ -16,10 +16,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
+from chaos.disks import mount_fstype
 from chaos.netns import existing_links, existing_namespaces
+from meshd_client import Mesh, Overloaded
+from meshd_client.connection import Connection
+from meshd_client.protocol.errors import MeshError
 
 
 class Chaos:
@@ -178,3 +184,54 @@ def test_refuses_a_subnet_the_machine_uses(chaos: Chaos) -> None:
     assert out.returncode == 1
     assert "overlaps" in out.stderr
     assert chaos.leftovers() == set()
+
+
+async def _write_until_refused(socket: str, tries: int = 200) -> MeshError:
+    """Local writes through one daemon until its store refuses one (it notices a full disk
+    at its next commit); the refusal."""
+    async with Mesh.connect(socket, client="test") as mesh:
+        doc = mesh.state("by-hand")
+        for i in range(tries):
+            try:
+                await doc.update([{"op": "set", "path": [f"k{i}"], "value": i}], "local")
+            except Overloaded as exc:
+                return exc
+            await anyio.sleep(0.05)
+    raise AssertionError(f"{tries} writes accepted on a full disk")
+
+
+async def _storage(socket: str) -> dict[str, Any]:
+    async with Connection.open(socket, client="test", timeout=5) as conn:
+        result: dict[str, Any] = await conn.call("storage", timeout=5)
+        return result
+
+
+@pytest.mark.root
+def test_small_disk_fill_free_and_kill_all_by_hand(chaos: Chaos) -> None:
+    chaos("up", "3", "--subnet", chaos.subnet, "--small-disk", "h2=8m")
+    data = chaos.run_dir / "h2" / "data"
+    assert mount_fstype(data) == "tmpfs"
+    assert status(chaos)["disks"] == {"h2": {"size": 8 << 20, "full": False}}
+    chaos("fill-disk", "h2")
+    assert status(chaos)["disks"]["h2"]["full"]
+    socket = str(chaos.run_dir / "h2" / "meshd.sock")
+    refused = anyio.run(_write_until_refused, socket, backend="trio")
+    assert refused.detail == {"storage": "disk_full"}
+    assert anyio.run(_storage, socket, backend="trio")["failure"] == "disk_full"
+    chaos("free-disk", "h2")
+    assert not status(chaos)["disks"]["h2"]["full"]
+    deadline = time.monotonic() + 60  # the daemon retries with back-off up to 30 s
+    while not anyio.run(_storage, socket, backend="trio")["healthy"]:
+        assert time.monotonic() < deadline, "the store did not recover by itself"
+        time.sleep(0.5)
+    chaos("kill-all")
+    assert all(h["pid"] is None for h in status(chaos)["hosts"].values())
+    chaos("heal", "--all")
+    assert all(h["pid"] for h in status(chaos)["hosts"].values())
+    verdict = json.loads(chaos("check", "--json"))
+    failed = {c["name"]: c["summary"] for c in verdict["checks"] if not c["ok"]}
+    assert verdict["passed"], failed
+    storage = next(c for c in verdict["checks"] if c["name"] == "storage")
+    assert "filled by hand" in storage["summary"]
+    chaos("down")
+    assert mount_fstype(data) is None

@@ -8,6 +8,7 @@ silent skip.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from chaos import disks
 from chaos.netns import (
     ChaosError,
     Conflict,
@@ -206,6 +208,7 @@ from chaos.netns import HostNet
 net = HostNet(2, prefix={net.prefix!r}, subnet={str(net.subnet)!r}, run_dir={str(net.run_dir)!r})
 net.start()
 net.set_loss("h1", 0.2)
+net.mount_tmpfs("h1", {str(tmp_path / "disk")!r}, 1 << 20)
 p = net.popen("h1", ["sleep", "60"])
 print(json.dumps({{"pid": p.pid}}), flush=True)
 time.sleep(60)
@@ -223,13 +226,39 @@ time.sleep(60)
         crashed.send_signal(signal.SIGKILL)
         crashed.wait()
     assert net.state_path.exists()
+    assert disks.mount_fstype(tmp_path / "disk") == "tmpfs"
     removed = net.cleanup()
     assert f"pid {sleeper}" in removed
+    assert f"tmpfs {tmp_path / 'disk'}" in removed
+    assert disks.mount_fstype(tmp_path / "disk") is None
     assert leftovers(net) == []
     deadline = time.monotonic() + 5
     while Path(f"/proc/{sleeper}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{sleeper}").exists()
+
+
+@pytest.mark.root
+def test_a_small_disk_fills_frees_and_goes_away(make_net: Callable[..., HostNet]) -> None:
+    net = make_net(2)
+    net.start()
+    path = net.run_dir / "h1" / "data"
+    net.mount_tmpfs("h1", path, 2 << 20)
+    assert [m["host"] for m in net.mounts()] == ["h1"]
+    # A process in the host (ip netns exec: its own mount namespace) sees the same disk.
+    seen = net.run("h1", ["stat", "-f", "-c", "%T", str(path)], text=True)
+    assert seen.stdout.strip() == "tmpfs"
+    assert disks.fill(path) > 1 << 20
+    assert disks.filled(path)
+    with pytest.raises(OSError) as full:
+        (path / "more").write_bytes(bytes(8192))
+    assert full.value.errno == errno.ENOSPC
+    assert disks.free(path) > 1 << 20
+    (path / "more").write_bytes(bytes(8192))  # room again
+    assert disks.free(path) == 0  # nothing left to free
+    net.close()
+    assert disks.mount_fstype(path) is None
+    assert leftovers(net) == []
 
 
 @pytest.mark.root

@@ -19,6 +19,9 @@ ISSUE = {
     "pause-short",
     "rolling-restart",
     "key-rotation",
+    "power-loss",
+    "minority-writer",
+    "disk-full",
 }
 
 
@@ -33,10 +36,16 @@ def test_every_shipped_scenario_loads() -> None:
         assert all(step.action in ACTIONS for step in s.steps)
 
 
-def test_the_ci_subset_is_short_and_covers_partition_kill_pause_loss() -> None:
+def test_the_ci_subset_is_short_and_covers_partition_kill_pause_loss_power() -> None:
     ci = [s for s in shipped() if s.ci]
-    assert {s.name for s in ci} == {"partition-heal", "kill-minority", "pause-long", "loss-20"}
-    assert sum(s.duration for s in ci) <= 120  # + ~6 s per run for up, heal, check, down
+    assert {s.name for s in ci} == {
+        "partition-heal",
+        "kill-minority",
+        "pause-long",
+        "loss-20",
+        "power-loss",
+    }
+    assert sum(s.duration for s in ci) <= 130  # + ~8 s per run for up, heal, check, down
 
 
 def test_pause_scenarios_straddle_the_suspicion_timeout() -> None:
@@ -59,11 +68,37 @@ def test_pause_scenarios_straddle_the_suspicion_timeout() -> None:
         ({"at": 1, "action": "partition"}, "missing"),
         ({"at": 1, "action": "kill", "hosts": ["h9"]}, "unknown hosts"),
         ({"at": 99, "action": "heal_network"}, "outside"),
+        ({"at": 1, "action": "fill_disk", "host": "h2"}, "no small disk"),
+        ({"at": 1, "action": "write_burst", "hosts": ["h1"], "kind": "x", "count": 1}, "kind"),
     ],
 )
 def test_mistakes_are_reported_when_loading(step: dict[str, object], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         from_dict({"name": "bad", "duration": 10, "step": [step]})
+
+
+def test_durability_scenarios_use_what_they_test() -> None:
+    power = find("power-loss")
+    assert [s.action for s in power.steps] == ["kill_all", "start"]
+    assert power.ci
+    minority = find("minority-writer")
+    isolated = next(s.args["host"] for s in minority.steps if s.action == "isolate")
+    bursts = [s for s in minority.steps if s.action == "write_burst"]
+    assert bursts and all(s.args["hosts"] == [isolated] for s in bursts)
+    assert any(s.args["kind"] == "majority" for s in bursts)
+    disk = find("disk-full")
+    assert disk.disk_sizes() == {"h3": 16 << 20}
+    assert [s.action for s in disk.steps if "disk" in s.action] == ["fill_disk", "free_disk"]
+    assert disk.expect.never_dead == ["h3"]
+
+
+def test_small_disks_are_validated() -> None:
+    with pytest.raises(ValueError, match="unknown host"):
+        from_dict({"name": "bad", "disks": {"h9": "16m"}})
+    with pytest.raises(ValueError, match="disk size"):
+        from_dict({"name": "bad", "disks": {"h1": "16 parsecs"}})
+    with pytest.raises(ValueError, match="between 1m and 1g"):
+        from_dict({"name": "bad", "disks": {"h1": "4k"}})
 
 
 def test_unknown_settings_are_refused() -> None:

@@ -1,4 +1,5 @@
-"""The short chaos suite `make test` runs: partition-heal, kill, pause and loss, for real.
+"""The short chaos suite `make test` runs: partition-heal, kill, pause, loss and a power loss
+of the whole cluster, for real.
 
 Each scenario runs on a fresh cluster of five meshd daemons in network namespaces, with the
 recorded workload and the checker, exactly as ``python -m chaos run`` does. A failure

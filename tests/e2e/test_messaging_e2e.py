@@ -300,6 +300,51 @@ async def test_at_least_once_through_a_daemon_crash(cluster: LocalCluster, victi
     )
 
 
+async def test_a_handler_its_daemon_crash_interrupted_runs_again_on_retry(
+    cluster: LocalCluster,
+) -> None:
+    """An at-least-once handler whose own call to its daemon failed because that daemon was
+    killed (``unreachable``) has no outcome worth remembering: the sender's retry after the
+    restart must run it again (its effect is made idempotent with ``once``) and be
+    acknowledged — not be answered the remembered ``unreachable`` until the sender gives up.
+    (Found by the chaos scenario power-loss: one request per run could hang for its whole
+    timeout.)"""
+    _n1, n2, n3 = await start(cluster, 3)
+    runs: list[str] = []
+    proceed = anyio.Event()
+
+    async def worker(ctx: AgentContext, msg: Message) -> str:
+        runs.append(msg.id)
+        if len(runs) == 1:
+            await proceed.wait()  # its daemon is killed meanwhile
+        await ctx.state.update([{"op": "incr", "path": ["n"], "by": 1}], "majority", once=msg.id)
+        return "done"
+
+    got: dict[str, Any] = {}
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n3.socket_path) as caller:
+        await host.serve("interrupted", worker)
+        await resolves(caller, "interrupted", "n2")
+
+        async def call() -> None:
+            got["reply"] = await caller.request(
+                "interrupted", 1, at_least_once=True, id="m-1", timeout=30
+            )
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await until(lambda: bool(runs), "the handler to start")
+                n2.kill()
+                assert await anyio.to_thread.run_sync(n2.wait, 10) is not None
+                await until(lambda: not host.connected, "the client to notice")
+                proceed.set()  # the handler's state update now fails: unreachable
+                n2.spawn()
+                await cluster.wait_ready([n2])
+        assert got["reply"] == "done"
+        assert runs == ["m-1", "m-1"]
+        assert await host.state("agent:interrupted").get() == {"n": 1}
+
+
 # ---------------------------------------------------------------------------- signals
 
 

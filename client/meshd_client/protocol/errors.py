@@ -75,6 +75,10 @@ class Internal(MeshError):
     kind = ErrorKind.INTERNAL
 
 
+# Failures that say "not now" rather than "no": the operation may be tried again as it is
+# (an at-least-once sender does, with the same id).
+RETRYABLE: tuple[type[MeshError], ...] = (Unreachable, Timeout, Closed, Overloaded)
+
 _BY_KIND: dict[ErrorKind, type[MeshError]] = {
     cls.kind: cls
     for cls in (
