@@ -23,6 +23,12 @@ from meshd.logs import kv
 from meshd.storage.store import Batch, SnapshotPlan, Store, failure_kind
 
 SNAPSHOT_CHUNK_BYTES = 4 << 20  # documents encoded per step, so a snapshot never stalls the loop
+# A small batch on a fast disk is written and fsynced on the event loop itself: a worker
+# thread costs several GIL hand-offs per commit, which a busy loop makes milliseconds each.
+# One commit slower than INLINE_MAX_SECONDS sends commits to the thread for INLINE_BACKOFF.
+INLINE_MAX_BYTES = 256 << 10
+INLINE_MAX_SECONDS = 0.002
+INLINE_BACKOFF = 30.0
 RETRY_MIN = 0.5
 RETRY_MAX = 30.0
 
@@ -79,6 +85,7 @@ class StorageDriver:
         self._durable_changed = trio.Event()
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
+        self._threaded_until = 0.0  # commits go to a worker thread until then
 
     # ------------------------------------------------------------------ on the loop
 
@@ -173,13 +180,22 @@ class StorageDriver:
 
     async def _commit(self, batch: Batch) -> None:
         started = time.perf_counter()
+        inline = (
+            len(batch.data) <= INLINE_MAX_BYTES and trio.current_time() >= self._threaded_until
+        )
         try:
-            await trio.to_thread.run_sync(Store.write_batch, batch)
+            if inline:
+                Store.write_batch(batch)
+            else:
+                await trio.to_thread.run_sync(Store.write_batch, batch)
         except OSError as exc:
             self.store.batch_failed(batch, exc)
             self._failed("log write", exc)
             return
-        self.fsync.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        if inline and took > INLINE_MAX_SECONDS:
+            self._threaded_until = trio.current_time() + INLINE_BACKOFF
+        self.fsync.observe(took)
         self.store.batch_done(batch)
         self._advanced()
 

@@ -128,3 +128,24 @@ async def test_a_listener_that_writes_is_handled_after_what_came_before() -> Non
     driver.write(0.0, DOC, setter("k", 1))
     # The echo's events come after every event of the first write, never in between.
     assert order == [f"{DOC}:opened", f"{DOC}:updated", "state/echo:opened", "state/echo:updated"]
+
+
+async def test_a_large_batch_is_committed_off_the_event_loop() -> None:
+    disk = SimDisk()
+    driver, _ = build(disk, sync_interval=5.0)
+    assert driver.storage is not None
+    big = "x" * (400 << 10)  # above what is written inline
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.storage.run)
+        await nursery.start(driver.run)
+        with trio.fail_after(5):
+            result = await driver.update(
+                DOC,
+                lambda doc: doc.get("root", type=Map).__setitem__("big", big),
+                durability="majority",
+            )
+        assert result.ok and driver.storage.durable == driver.storage.appended
+        assert driver.storage.fsync.n >= 1
+        nursery.cancel_scope.cancel()
+    found = Store(disk, "/data/store").recover()
+    assert sum(len(u) for u in found.docs[DOC].updates) > 400 << 10
