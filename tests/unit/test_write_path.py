@@ -147,5 +147,6 @@ async def test_a_large_batch_is_committed_off_the_event_loop() -> None:
         assert result.ok and driver.storage.durable == driver.storage.appended
         assert driver.storage.fsync.n >= 1
         nursery.cancel_scope.cancel()
+    disk.process_died()
     found = Store(disk, "/data/store").recover()
     assert sum(len(u) for u in found.docs[DOC].updates) > 400 << 10
