@@ -180,9 +180,7 @@ class StorageDriver:
 
     async def _commit(self, batch: Batch) -> None:
         started = time.perf_counter()
-        inline = (
-            len(batch.data) <= INLINE_MAX_BYTES and trio.current_time() >= self._threaded_until
-        )
+        inline = len(batch.data) <= INLINE_MAX_BYTES and trio.current_time() >= self._threaded_until
         try:
             if inline:
                 Store.write_batch(batch)
