@@ -65,6 +65,7 @@ from meshd.transport.udp import PacketEndpoint
 from meshd.wire.validate import Address
 
 LEAVE_DRAIN_TIMEOUT = 15.0  # seconds a graceful leave spends moving agents away first
+SNAPSHOT_AT_EXIT_TIMEOUT = 10.0  # seconds a graceful stop may spend on a snapshot
 
 log = logging.getLogger("meshd.node")
 
@@ -382,6 +383,8 @@ class Node:
                 gc.set_threshold(5000, 20, 20)
                 await self._stop.wait()
                 await self._leave()
+                if self.storage is not None:
+                    await self._snapshot_before_exit(self.storage)
                 if self.storage is not None and not await self.storage.drain():
                     log.error(
                         "storage: not everything reached the disk before exit",
@@ -393,6 +396,14 @@ class Node:
             if self.storage is not None:
                 self.storage.store.close()
         return 0
+
+    async def _snapshot_before_exit(self, storage: StorageDriver) -> None:
+        """A graceful stop whose logs hold more changes than there are documents writes a
+        snapshot first (bounded), so the next start reads each document once."""
+        if storage.store.log_records <= len(self.replicator.store) or not storage.writable:
+            return
+        with trio.move_on_after(SNAPSHOT_AT_EXIT_TIMEOUT):
+            await storage.snapshot()
 
     async def _recover(self) -> None:
         """Read this node's store back before anything is heard from a peer: a restarted

@@ -213,11 +213,17 @@ class StorageDriver:
             plan = self.store.start_snapshot()
         started = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(self.store.rotate, plan)
-            self.store.rotated(plan)
+            # Never left half rotated: appends would have no log to go to.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.rotate, plan)
+                self.store.rotated(plan)
             self._wake.set()  # what was appended meanwhile goes to the new log
-            await self._write_documents(plan)
-            size = await trio.to_thread.run_sync(self.store.finish_snapshot, plan)
+            try:
+                await self._write_documents(plan)
+                size = await trio.to_thread.run_sync(self.store.finish_snapshot, plan)
+            except trio.Cancelled:
+                self.store.abandon_snapshot(plan)  # the logs still hold everything
+                raise
         except OSError as exc:
             self.store.snapshot_failed(plan, exc)
             self._failed("snapshot", exc)

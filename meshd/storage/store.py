@@ -567,13 +567,9 @@ class Store:
             self.failure = None
             self.failure_detail = ""
 
-    def snapshot_failed(self, plan: SnapshotPlan, exc: BaseException) -> None:
-        """On the loop, after a failed step: the store stays (or becomes) untrusted until a
-        later snapshot succeeds. Best effort: the temporary file is removed."""
-        if self._rotating:  # the rotation itself failed: no log to append to
-            self._rotating = False
-            self._log = None
-        self._fail(failure_kind(exc), f"snapshot failed: {exc}")
+    def abandon_snapshot(self, plan: SnapshotPlan) -> None:
+        """A snapshot given up after the rotation (the daemon stops): the logs hold
+        everything, so only the temporary file goes (best effort; recovery removes it too)."""
         try:
             if plan.tmp_path and os.path.basename(plan.tmp_path) in self.files.listdir(
                 self.directory
@@ -581,6 +577,15 @@ class Store:
                 self.files.remove(plan.tmp_path)
         except OSError:
             pass
+
+    def snapshot_failed(self, plan: SnapshotPlan, exc: BaseException) -> None:
+        """On the loop, after a failed step: the store stays (or becomes) untrusted until a
+        later snapshot succeeds. Best effort: the temporary file is removed."""
+        if self._rotating:  # the rotation itself failed: no log to append to
+            self._rotating = False
+            self._log = None
+        self._fail(failure_kind(exc), f"snapshot failed: {exc}")
+        self.abandon_snapshot(plan)
 
     # ------------------------------------------------------------------ all at once
 

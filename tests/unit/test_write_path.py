@@ -150,3 +150,26 @@ async def test_a_large_batch_is_committed_off_the_event_loop() -> None:
     disk.process_died()
     found = Store(disk, "/data/store").recover()
     assert sum(len(u) for u in found.docs[DOC].updates) > 400 << 10
+
+
+async def test_a_snapshot_cancelled_midway_leaves_a_working_store() -> None:
+    disk = SimDisk()
+    driver, _ = build(disk, sync_interval=0.001)
+    storage = driver.storage
+    assert storage is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        await nursery.start(driver.run)
+        for i in range(50):
+            driver.write(trio.current_time(), f"state/d{i}", setter("k", i))
+        with trio.move_on_after(0):  # cancelled at its first checkpoint
+            await storage.snapshot()
+        # The store took the new log: writes go on, and reach the disk.
+        with trio.fail_after(5):
+            result = await driver.update("state/after", setter("k", 1), durability="majority")
+        assert result.ok and storage.durable == storage.appended
+        assert not any(n.endswith(".tmp") for n in disk.listdir("/data/store"))
+        nursery.cancel_scope.cancel()
+    disk.power_loss()
+    found = Store(disk, "/data/store").recover()
+    assert {f"state/d{i}" for i in range(50)} | {"state/after"} <= set(found.docs)
