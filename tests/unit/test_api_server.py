@@ -945,3 +945,18 @@ async def test_a_client_that_never_reads_pins_a_bounded_number_of_bytes(
     # At most the bound was queued (and one frame over it).
     assert peak <= (4 << 20) + (257 << 10)
 
+
+def test_fanout_listeners_come_and_go_in_any_order() -> None:
+    from meshd.api.fanout import Fanout
+
+    fanout: Fanout[int] = Fanout()
+    seen: list[tuple[int, int]] = []
+    removers = [fanout.add(lambda e, i=i: seen.append((i, e))) for i in range(5)]
+    removers[2]()
+    removers[2]()  # idempotent
+    fanout(7)
+    assert seen == [(0, 7), (1, 7), (3, 7), (4, 7)]
+    for remove in removers:
+        remove()
+    fanout(8)
+    assert len(fanout) == 0 and len(seen) == 4
