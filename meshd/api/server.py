@@ -37,16 +37,33 @@ from meshd import __version__
 from meshd.logs import RateLimitedLog, kv
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
-from meshd_client.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
+from meshd_client.protocol.framing import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+)
 
 _MAX_IN_FLIGHT = 128  # plain requests awaiting their answer, per session
-_MAX_STREAMS = 65_536  # open streams per session (a runner holds one per agent it serves)
 _OUTGOING_FRAMES = 1024
+# Bytes queued for a client that does not read: past the first, streams end ``overloaded``
+# and replies wait; past the second (replies to requests already in flight), the session is
+# closed — a client that never reads holds at most this much of the daemon's memory.
+_OUTGOING_BYTES = 4 << 20
+_OUTGOING_HARD = 16 << 20
 _HELLO_TIMEOUT = 10.0
+_HELLO_MAX_FRAME = 4096  # the hello is a few dozen bytes; more is refused before buffered
+DEFAULT_MAX_SESSIONS: Final = 1024
+DEFAULT_MAX_STREAMS: Final = 16384  # per session (a runner holds one per agent it serves)
+DEFAULT_MAX_STREAMS_TOTAL: Final = 65536
+DEFAULT_PARTIAL_FRAME_TIMEOUT: Final = 30.0
+DEFAULT_MAX_BUFFERED: Final = 64 << 20
 _DRAIN_TIMEOUT = 5.0
 _READ_SIZE = 256 * 1024
 _READS_PER_YIELD = 16  # a client that always has more to read still lets others run
 _CORK_FRAMES = 256  # answers of one read gathered into one write, at most
+_WAKES_PER_YIELD = 32  # tasks the read loop starts or cancels before it lets them run
 # accept() errors that concern only the connection being accepted (as trio ignores them)
 _ACCEPT_IGNORED = frozenset(
     getattr(errno, name)
@@ -210,6 +227,7 @@ class Session:
         # rest) or the read loop is answering the frames of one read (``_corked``: it writes
         # them all at once when done).
         self._out: deque[bytes] = deque()
+        self._out_bytes = 0  # bytes in ``_out``
         self._blocked = False
         self._corked = False
         self._broken = False  # the socket failed: nothing more can be written
@@ -218,6 +236,11 @@ class Session:
         self._requests: dict[int, trio.CancelScope] = {}
         self._deferred: dict[int, Deferred] = {}
         self._open_streams = 0
+        self._woken = 0  # tasks started or cancelled since the read loop last yielded
+        # A frame that has not arrived whole: when it must have, and the bytes it holds
+        # against the server's budget (``ApiServer.buffered``).
+        self._partial_deadline: float | None = None
+        self._reserved = 0
         self._notes = 0  # notes (one-way requests) running in tasks
         self._closed = False
 
@@ -226,9 +249,12 @@ class Session:
     def send_nowait(self, frame: dict[str, Any]) -> None:
         if self._closed or self._broken:
             raise errors.Closed("session closed")
-        if len(self._out) >= _OUTGOING_FRAMES:
+        if self._backlogged():
             raise errors.Overloaded("client is not reading fast enough")
         self._push(encode_frame(frame, self.server.max_frame))
+
+    def _backlogged(self) -> bool:
+        return len(self._out) >= _OUTGOING_FRAMES or self._out_bytes >= _OUTGOING_BYTES
 
     def _encode_reply(self, frame: dict[str, Any]) -> bytes:
         """The frame's bytes; a reply too large to send becomes an ``invalid`` error."""
@@ -243,9 +269,9 @@ class Session:
     async def send(self, frame: dict[str, Any]) -> None:
         """Send a frame; waits only while the client lets its queue fill up."""
         data = self._encode_reply(frame)
-        while len(self._out) >= _OUTGOING_FRAMES and not (self._closed or self._broken):
+        while self._backlogged() and not (self._closed or self._broken):
             self._flush()  # even while corked: what was gathered goes out first
-            if len(self._out) >= _OUTGOING_FRAMES:
+            if self._backlogged():
                 await self._room.wait()
         if not (self._closed or self._broken):
             self._push(data)
@@ -253,6 +279,7 @@ class Session:
     def _push(self, data: bytes) -> None:
         out = self._out
         out.append(data)
+        self._out_bytes += len(data)
         if not self._blocked and (not self._corked or len(out) >= _CORK_FRAMES):
             self._flush()
 
@@ -270,6 +297,7 @@ class Session:
             self._break()  # the client went away; the reader sees it too
             return
         out.clear()
+        self._out_bytes = len(data) - sent
         if sent < len(data):
             out.append(data[sent:])
             self._blocked = True
@@ -281,6 +309,7 @@ class Session:
     def _break(self) -> None:
         self._broken = True
         self._out.clear()
+        self._out_bytes = 0
         self._room.set()
 
     async def _writer(self) -> None:
@@ -310,7 +339,7 @@ class Session:
     # ------------------------------------------------------------------ the session
 
     async def run(self) -> None:
-        decoder = FrameDecoder(self.server.max_frame)
+        decoder = FrameDecoder(_HELLO_MAX_FRAME)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -327,6 +356,7 @@ class Session:
         finally:
             self._closed = True
             self._room.set()
+            self._reserve(0)
             for deferred in self._deferred.values():
                 deferred.cancelled = True
             self._deferred.clear()
@@ -385,6 +415,7 @@ class Session:
                 )
             self.version = version
             self.client = hello.client
+            decoder.max_frame = self.server.max_frame
             await self.send(
                 messages.hello_reply(version, self.server.node_name, f"meshd/{__version__}")
             )
@@ -392,11 +423,56 @@ class Session:
         return await self._fatal(errors.Timeout("no hello received"))
 
     async def _fatal(self, error: MeshError) -> bool:
-        """Queue a final error frame telling the client why the session ends."""
+        """Queue a final error frame telling the client why the session ends (without
+        waiting for room: a client that does not read must not hold the session open)."""
         self.server.stats.reject(f"session_{error.kind.value}")
         self.server.stats.error(error.kind.value)
-        await self.send(messages.failed(None, error))
+        self._push_reply(messages.failed(None, error))
+        await trio.lowlevel.checkpoint()
         return False
+
+    def _reserve(self, size: int) -> bool:
+        """Hold ``size`` bytes of the server's budget for this session's partial frame
+        (0 releases it); False if that would exceed the budget."""
+        server = self.server
+        grow = size - self._reserved
+        if grow > 0 and server.buffered + grow > server.max_buffered:
+            return False
+        server.buffered += grow
+        self._reserved = size
+        return True
+
+    async def _receive_partial(self, decoder: FrameDecoder) -> bytes | None:
+        """More bytes of a frame that has not arrived whole: within its deadline, and while
+        the bytes it announced fit the server's budget. None if it ran out of either (the
+        client is told why)."""
+        if self._partial_deadline is None:
+            self._partial_deadline = trio.current_time() + self.server.partial_frame_timeout
+        head = decoder.head_size
+        if not self._reserve(decoder.buffered if head is None else HEADER.size + head):
+            self.server.ratelog.warning(
+                "buffer_budget", "closing an API session: frames in transit exceed the budget"
+            )
+            self.server.stats.reject("buffer_budget")
+            await self._fatal(
+                errors.Overloaded(
+                    "the daemon holds too many partial frames; retry",
+                    detail={"max_buffered": self.server.max_buffered},
+                )
+            )
+            return None
+        with trio.move_on_at(self._partial_deadline):
+            return await self._receive()
+        self.server.ratelog.warning(
+            "partial_frame", "closing an API session: a frame did not arrive whole in time"
+        )
+        self.server.stats.reject("partial_frame_timeout")
+        await self._fatal(
+            errors.Timeout(
+                f"a frame did not arrive whole within {self.server.partial_frame_timeout:g} s"
+            )
+        )
+        return None
 
     async def _read_loop(self, decoder: FrameDecoder, nursery: trio.Nursery) -> None:
         reads = 0
@@ -412,7 +488,15 @@ class Session:
                         reads = 0
                         await trio.lowlevel.checkpoint()
                     try:
-                        data = await self._receive()
+                        if decoder.buffered:
+                            partial = await self._receive_partial(decoder)
+                            if partial is None:
+                                return
+                            data = partial
+                        else:
+                            if self._reserved:
+                                self._reserve(0)
+                            data = await self._receive()
                     except trio.ClosedResourceError:
                         return
                     if not data:
@@ -427,17 +511,18 @@ class Session:
                 )
                 await self._fatal(errors.Invalid(f"bad frame: {exc}"))
                 return
+            self._partial_deadline = None  # the next frame has its own time to arrive
             try:
                 parsed = messages.parse_client_frame(frame)
             except MeshError as exc:
                 self.server.stats.reject("bad_message")
-                rid = frame.get("id")
-                await self.send(messages.failed(rid if type(rid) is int else None, exc))
+                await self.send(messages.failed(messages.usable_id(frame), exc))
                 continue
             if isinstance(parsed, messages.Cancel):
                 scope = self._requests.get(parsed.id)
                 if scope is not None:
                     scope.cancel()
+                    await self._pace()
                 deferred = self._deferred.pop(parsed.id, None)
                 if deferred is not None:
                     deferred.cancelled = True
@@ -459,24 +544,51 @@ class Session:
                 )
                 continue
             is_stream = op is not None and op.stream is not None
-            if (
-                (self._open_streams >= _MAX_STREAMS)
+            refusal = (
+                self._stream_refusal()
                 if is_stream
                 else (
-                    len(self._requests) - self._open_streams + len(self._deferred) >= _MAX_IN_FLIGHT
+                    "too many requests in flight"
+                    if len(self._requests) - self._open_streams + len(self._deferred)
+                    >= _MAX_IN_FLIGHT
+                    else None
                 )
-            ):
+            )
+            if refusal is not None:
                 self.server.stats.error("overloaded")
-                what = "streams open" if is_stream else "requests in flight"
-                await self.send(messages.failed(parsed.id, errors.Overloaded(f"too many {what}")))
+                await self.send(messages.failed(parsed.id, errors.Overloaded(refusal)))
+                await self._pace()
                 continue
             if op is not None and op.begin is not None and self._begin(op.begin, parsed):
                 continue
             if is_stream:
                 self._open_streams += 1
+                self.server.open_streams += 1
             scope = trio.CancelScope()
             self._requests[parsed.id] = scope
             nursery.start_soon(self._serve, parsed, scope)
+            await self._pace()
+
+    async def _pace(self) -> None:
+        """After every so many tasks started or cancelled, let them (and everyone else) run
+        before reading on: a client pipelining thousands of stream opens or cancels would
+        otherwise wake them all in one scheduling round, and stall every other session
+        (and the daemon's failure detector) for as long as they take together."""
+        self._woken += 1
+        if self._woken >= _WAKES_PER_YIELD:
+            self._woken = 0
+            # Still corked: the answers those tasks give (``ok`` when a stream is set up,
+            # ``end`` when one is cancelled) go out together when this loop writes next.
+            await trio.lowlevel.checkpoint()
+
+    def _stream_refusal(self) -> str | None:
+        """Why another stream may not open now, or None."""
+        server = self.server
+        if self._open_streams >= server.max_streams:
+            return f"too many streams open in this session (at most {server.max_streams})"
+        if server.open_streams >= server.max_streams_total:
+            return f"too many streams open on this daemon (at most {server.max_streams_total})"
+        return None
 
     def _begin(self, begin: BeginHandler, req: messages.Request) -> bool:
         """Start ``req`` with its op's ``begin``; False if it needs a task after all."""
@@ -517,6 +629,14 @@ class Session:
         if self._closed or self._broken:
             return
         data = self._encode_reply(reply)
+        if self._out_bytes + len(data) > _OUTGOING_HARD:
+            # The client lets its replies pile up without reading them: it is gone or stuck.
+            self.server.stats.reject("slow_reader")
+            self.server.ratelog.warning(
+                "slow_reader", "closing an API session that does not read its replies"
+            )
+            self.close_connection()
+            return
         self._push(data)
 
     async def _serve_inline(self, op: _Op, req: messages.Request) -> None:
@@ -598,6 +718,7 @@ class Session:
             self._requests.pop(req.id, None)
             if op is not None and op.stream is not None:
                 self._open_streams -= 1
+                self.server.open_streams -= 1
 
     def _op_error(self, req: messages.Request, exc: Exception) -> MeshError:
         """What to tell the client about an op's failure. A MeshError raised inside a
@@ -670,6 +791,11 @@ class ApiServer:
         allow_uids: tuple[int, ...] = (),
         allow_gids: tuple[int, ...] = (),
         max_frame: int = DEFAULT_MAX_FRAME,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_streams_total: int = DEFAULT_MAX_STREAMS_TOTAL,
+        partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
         self.path = path
         self._inode = -1  # of the socket this server bound (removed at shutdown)
@@ -680,6 +806,13 @@ class ApiServer:
         self.allow_uids = frozenset((0, os.getuid(), *allow_uids))
         self.allow_gids = frozenset(allow_gids)
         self.max_frame = max_frame
+        self.max_sessions = max_sessions
+        self.max_streams = max_streams  # per session
+        self.max_streams_total = max_streams_total
+        self.partial_frame_timeout = partial_frame_timeout
+        self.max_buffered = max_buffered
+        self.open_streams = 0  # in every session
+        self.buffered = 0  # bytes reserved by partial frames, in every session
         self.ops: dict[str, _Op] = {}
         self.stats = ApiStats()
         self.sessions: dict[int, Session] = {}
@@ -823,6 +956,20 @@ class ApiServer:
                 error = errors.Unauthorized(f"uid {creds.uid} may not use this daemon")
                 with contextlib.suppress(OSError):
                     sock.send(encode_frame(messages.failed(None, error)))  # a fresh socket: room
+                    await _linger_until_peer_closes(sock)
+                return
+            if len(self.sessions) >= self.max_sessions:
+                self.stats.reject("session_limit")
+                self.stats.error("overloaded")
+                self.ratelog.warning(
+                    "session_limit", "refused API connection: too many sessions", pid=creds.pid
+                )
+                busy = errors.Overloaded(
+                    f"too many sessions (at most {self.max_sessions}); retry later",
+                    detail={"max_sessions": self.max_sessions},
+                )
+                with contextlib.suppress(OSError):
+                    sock.send(encode_frame(messages.failed(None, busy)))
                     await _linger_until_peer_closes(sock)
                 return
             self._next_session += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import trio
 from meshd import __version__
 from meshd.config import add_run_arguments, build_config, overrides_from_args
 from meshd.config.model import Config, ConfigError
-from meshd.logs import configure_logging
+from meshd.logs import configure_logging, kv
 from meshd.storage.store import StoreCorrupt
 
 
@@ -64,6 +65,28 @@ def _raise_open_files_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass  # keep the limit we have; accept errors are counted and logged
+
+
+def _return_large_buffers(threshold: int = 256 << 10) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping,
+    given back to the system when freed. By default the threshold rises to the largest
+    block freed so far (up to 32 MiB): after a burst of large frames (a peer's 8 MiB sync, a
+    client's 1 MiB requests), later buffers of that size come from the heap, and the heap,
+    fragmented by the small objects in between, keeps its size after the burst is over.
+    Setting the threshold fixes it. Elsewhere than glibc this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(threshold))
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -133,7 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_config_dict(config), indent=2, default=str))
         return 0
     configure_logging(config.log.level, config.log.format)
+    if config.overridden:
+        logging.getLogger("meshd").info(
+            "configuration: settings given in more than one place (the last one named won)",
+            extra=kv(overridden="; ".join(config.overridden)),
+        )
     _raise_open_files_limit()
+    _return_large_buffers()
     from meshd.node.node import Node
 
     try:

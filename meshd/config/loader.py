@@ -41,6 +41,7 @@ from meshd.config.model import (
     PlacementTuning,
     SecurityConfig,
     StorageTuning,
+    TransportTuning,
 )
 from meshd.config.profiles import PROFILES, profile_tuning
 
@@ -482,6 +483,7 @@ def _settings() -> Mapping[str, _Parser]:
             **_tuning_parsers("membership", MembershipTuning),
             **_tuning_parsers("placement", PlacementTuning),
             **_tuning_parsers("storage", StorageTuning),
+            **_tuning_parsers("transport", TransportTuning),
             "security.keys": _list_of(_parse_key),
             "security.keyring_file": _optional(_parse_path),
             "security.label": _parse_label,
@@ -490,6 +492,11 @@ def _settings() -> Mapping[str, _Parser]:
             "api.mode": _parse_mode,
             "api.allow_uids": _list_of(_parse_id),
             "api.allow_gids": _list_of(_parse_id),
+            "api.max_sessions": _parse_int,
+            "api.max_streams": _parse_int,
+            "api.max_streams_total": _parse_int,
+            "api.partial_frame_timeout": _parse_duration,
+            "api.max_buffered": _parse_int,
             "metrics.enabled": _parse_bool,
             "metrics.bind": _address_parser(ip_only=False, allow_zero_port=True, default_port=None),
             "log.level": _choice(LOG_LEVELS),
@@ -654,6 +661,8 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     placement.validate()
     storage = StorageTuning(**_section(values, "storage"))
     storage.validate()
+    transport = TransportTuning(**_section(values, "transport"))
+    transport.validate()
     node = _section(values, "node")
     if "name" not in node:
         node["name"] = _default_node_name()
@@ -662,14 +671,17 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
         node["data_dir"] = os.path.abspath(os.path.join(LOCAL_DATA_DIR, node["name"]))
     security = SecurityConfig(**_section(values, "security"))
     _check_security(security)
+    api = ApiConfig(**_section(values, "api"))
+    api.validate()
     return Config(
         node=NodeConfig(**node),
         profile=profile,
         membership=membership,
         placement=placement,
         storage=storage,
+        transport=transport,
         security=security,
-        api=ApiConfig(**_section(values, "api")),
+        api=api,
         metrics=MetricsConfig(**_section(values, "metrics")),
         log=LogConfig(**_section(values, "log")),
         source=source,
@@ -698,8 +710,25 @@ def build_config(
     unknown ``MESHD_*`` variable, or ``config`` when the file cannot be read).
     """
     path = file if file is not None else (env.get(CONFIG_ENV) or None)
-    merged = {**_file_layer(path), **_env_layer(env), **_override_layer(overrides)}
-    return _assemble(_parse_settings(merged), source=path)
+    layers = (_file_layer(path), _env_layer(env), _override_layer(overrides))
+    merged = {name: raw for layer in layers for name, raw in layer.items()}
+    config = _assemble(_parse_settings(merged), source=path)
+    return replace(config, overridden=_overridden(layers))
+
+
+def _overridden(layers: Iterable[Mapping[str, _Raw]]) -> tuple[str, ...]:
+    """Settings given in more than one layer, each as "name: <winner> (over <losers>)"
+    in table order: a value silently ignored because a flag sets the same key is the
+    kind of surprise an operator should find in the start-up log."""
+    given: dict[str, list[str]] = {}
+    for layer in layers:
+        for name, raw in layer.items():
+            given.setdefault(name, []).append(raw.origin)
+    return tuple(
+        f"{name}: {origins[-1]} (over {', '.join(origins[:-1])})"
+        for name in _SETTINGS
+        if len(origins := given.get(name, [])) > 1
+    )
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -150,6 +150,39 @@ class StorageTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class TransportTuning:
+    """Bounds on the TCP listener (docs/protocol.md#tcp-streams)."""
+
+    # Connections served at once; each peer holds up to four (two persistent links each way).
+    max_connections: int = 8192
+    # Of those, one-exchange connections (membership probes and push-pulls, key rotation).
+    max_exchanges: int = 512
+    # Connections whose header frame has not authenticated yet (anyone can open one).
+    max_unauthenticated: int = 256
+    # Bytes all unauthenticated connections together may have announced for their header.
+    max_preauth_bytes: int = 64 << 10
+    # How long an accepted connection has to send its header frame.
+    header_timeout: float = 5.0
+
+    def validate(self, prefix: str = "transport") -> None:
+        if not 16 <= self.max_connections <= 1_000_000:
+            raise ConfigError(f"{prefix}.max_connections", "must be between 16 and 1000000")
+        if not 1 <= self.max_exchanges <= self.max_connections:
+            raise ConfigError(
+                f"{prefix}.max_exchanges", "must be between 1 and transport.max_connections"
+            )
+        if not 1 <= self.max_unauthenticated <= self.max_connections:
+            raise ConfigError(
+                f"{prefix}.max_unauthenticated",
+                "must be between 1 and transport.max_connections",
+            )
+        if not 1024 <= self.max_preauth_bytes <= 1 << 30:
+            raise ConfigError(f"{prefix}.max_preauth_bytes", "must be between 1 KiB and 1 GiB")
+        if not 0 < self.header_timeout <= 600:
+            raise ConfigError(f"{prefix}.header_timeout", "must be between 0 and 10 minutes")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     bind: Address = ("0.0.0.0", 7946)  # noqa: S104 (a cluster daemon listens on the LAN)
@@ -177,6 +210,29 @@ class ApiConfig:
     mode: int = 0o660
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
+    # Sessions at once (connections past it get ``overloaded`` and are closed).
+    max_sessions: int = 1024
+    # Open streams (subscriptions, served agents, watches) per session and per daemon.
+    max_streams: int = 16384
+    max_streams_total: int = 65536
+    # How long a frame whose length arrived may take to arrive whole.
+    partial_frame_timeout: float = 30.0
+    # Bytes all sessions together may hold of frames that have not arrived whole.
+    max_buffered: int = 64 << 20
+
+    def validate(self, prefix: str = "api") -> None:
+        if not 1 <= self.max_sessions <= 1_000_000:
+            raise ConfigError(f"{prefix}.max_sessions", "must be between 1 and 1000000")
+        if not 1 <= self.max_streams <= 10_000_000:
+            raise ConfigError(f"{prefix}.max_streams", "must be between 1 and 10000000")
+        if not self.max_streams <= self.max_streams_total <= 10_000_000:
+            raise ConfigError(
+                f"{prefix}.max_streams_total", "must be between api.max_streams and 10000000"
+            )
+        if not 0 < self.partial_frame_timeout <= 3600:
+            raise ConfigError(f"{prefix}.partial_frame_timeout", "must be between 0 and 1 hour")
+        if not 1 << 20 <= self.max_buffered <= 1 << 36:
+            raise ConfigError(f"{prefix}.max_buffered", "must be between 1 MiB and 64 GiB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +254,11 @@ class Config:
     membership: MembershipTuning = field(default_factory=MembershipTuning)
     placement: PlacementTuning = field(default_factory=PlacementTuning)
     storage: StorageTuning = field(default_factory=StorageTuning)
+    transport: TransportTuning = field(default_factory=TransportTuning)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None  # path of the TOML file it came from, for SIGHUP reloads
+    # Settings a higher layer (environment, flags) overrode, with where each value came from.
+    overridden: tuple[str, ...] = ()

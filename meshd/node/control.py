@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshd import __version__
+from meshd.api.fanout import Fanout
 from meshd.api.server import Session, Stream
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
@@ -32,6 +33,8 @@ def member_dict(node: Node, m: MemberView) -> dict[str, Any]:
 
 def register(node: Node) -> None:
     api = node.api
+    member_watchers: Fanout[MemberEvent] = Fanout()
+    node.driver.listeners.append(member_watchers)
 
     async def info(_session: Session, _req: messages.Request) -> Any:
         core = node.core
@@ -39,6 +42,7 @@ def register(node: Node) -> None:
         for m in core.members():
             counts[m.status.name.lower()] += 1
         stats = core.stats
+        transport = node.transport_stats
         return {
             "node": node.config.node.name,
             "version": __version__,
@@ -67,6 +71,17 @@ def register(node: Node) -> None:
                 "packets_out": stats.packets_out,
                 "rejected": {**stats.rejected, **node.transport_stats.rejected},
             },
+            "transport": {
+                "accepted": transport.tcp_accepted,
+                "refused_busy": transport.tcp_refused_busy,
+                "resets": transport.tcp_resets,
+            },
+            "api": {
+                "sessions": api.stats.active_sessions,
+                "streams": api.open_streams,
+                "buffered": api.buffered,
+                "rejected": dict(api.stats.rejected),
+            },
         }
 
     async def members(_session: Session, req: messages.Request) -> Any:
@@ -82,11 +97,11 @@ def register(node: Node) -> None:
         def on_event(event: MemberEvent) -> None:
             stream.offer({"kind": event.kind.value, "member": member_dict(node, event.member)})
 
-        node.driver.listeners.append(on_event)
+        remove = member_watchers.add(on_event)
         try:
             await stream.until_failed()
         finally:
-            node.driver.listeners.remove(on_event)
+            remove()
 
     async def remove(_session: Session, req: messages.Request) -> Any:
         name = req.args.get("node")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshd.api import args as args_
+from meshd.api.fanout import Fanout
 from meshd.api.server import Session, Stream
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.registry.registry import RegistryEvent
@@ -35,6 +36,8 @@ async def _majority(node: Node, token: int | None) -> dict[str, Any]:
 
 def register(node: Node) -> None:
     api = node.api
+    registry_watchers: Fanout[RegistryEvent] = Fanout()
+    node.registry.listeners.append(registry_watchers)
 
     def release(session: Session) -> None:
         """A client went away: its agents are unregistered cluster-wide."""
@@ -102,11 +105,11 @@ def register(node: Node) -> None:
         def listener(event: RegistryEvent) -> None:
             stream.offer(event.to_dict())
 
-        node.registry.listeners.append(listener)
+        remove = registry_watchers.add(listener)
         try:
             await stream.until_failed()
         finally:
-            node.registry.listeners.remove(listener)
+            remove()
 
     async def state_get(_session: Session, req: messages.Request) -> Any:
         path = args_.listing(req.args, "path")

@@ -307,8 +307,16 @@ class Node:
         )
         self._build_data_layer()
         await self._recover()
+        transport = config.transport
         streams = StreamServer(
-            self.envelope, self.transport_stats, logging.getLogger("meshd.transport")
+            self.envelope,
+            self.transport_stats,
+            logging.getLogger("meshd.transport"),
+            header_timeout=transport.header_timeout,
+            max_connections=transport.max_connections,
+            max_exchanges=transport.max_exchanges,
+            max_unauthenticated=transport.max_unauthenticated,
+            max_preauth_bytes=transport.max_preauth_bytes,
         )
         streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
         streams.register(Channel.KEYRING, self.keys.serve_stream)
@@ -321,6 +329,11 @@ class Node:
             mode=config.api.mode,
             allow_uids=config.api.allow_uids,
             allow_gids=config.api.allow_gids,
+            max_sessions=config.api.max_sessions,
+            max_streams=config.api.max_streams,
+            max_streams_total=config.api.max_streams_total,
+            partial_frame_timeout=config.api.partial_frame_timeout,
+            max_buffered=config.api.max_buffered,
         )
         control.register(self)
         data_ops.register(self)
@@ -743,6 +756,7 @@ class Node:
                 ("membership", old.membership, new.membership),
                 ("security", old.security, new.security),
                 ("api", old.api, new.api),
+                ("transport", old.transport, new.transport),
                 ("metrics", old.metrics, new.metrics),
             )
             if a != b

@@ -59,6 +59,7 @@ from meshd_client.protocol.errors import MeshError
 SUBSCRIPTIONS: Final = "subscriptions"
 MAX_BODY: Final = 512 * 1024
 MAX_PENDING_PER_AGENT: Final = 1024
+_ADVERTISE_EVERY: Final = 0.02  # seconds between writes of this node's subscription patterns
 
 
 _log = logging.getLogger("meshd.routing")
@@ -193,8 +194,18 @@ class Router:
         self.dedup = DedupWindow()
         self._outbound: dict[str, _Waiter] = {}
         self._dedup_waiters: dict[str, list[_Waiter]] = {}
-        self._subscribers: list[tuple[str, Stream]] = []
+        # Local subscriptions: pattern -> {token: stream}, and the patterns as an index.
+        self._subscribers: dict[str, dict[int, Stream]] = {}
+        self._local_index = topics.PatternIndex()
+        self._tokens = itertools.count()
+        # Patterns that gained their first or lost their last local subscriber since this
+        # node's registry document last said so (written in batches by ``_advertiser``).
+        self._unadvertised: set[str] = set()
+        self._advertise_wake = trio.Event()
+        # Other hosts' subscription patterns: per host, and pattern -> hosts, indexed.
         self._host_patterns: dict[str, frozenset[str]] = {}
+        self._pattern_hosts: dict[str, set[str]] = {}
+        self._host_index = topics.PatternIndex()
         self._nursery: trio.Nursery | None = None
         self.leaving = False  # set when this daemon announces its leave: deliver nothing more
         # Deadlines of calls nobody waits for in a task: (deadline, seq, timer), a heap.
@@ -209,6 +220,7 @@ class Router:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire)
+            nursery.start_soon(self._advertiser)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
@@ -793,48 +805,100 @@ class Router:
     # ------------------------------------------------------------------ signals
 
     def subscribe(self, now: float, pattern: str, stream: Stream) -> Callable[[], None]:
+        """Deliver signals matching ``pattern`` to ``stream`` until the returned function is
+        called. Both cost the same whatever the number of subscriptions held (the first and
+        last subscriber of a pattern also mark it for this node's registry document)."""
         pattern = topics.check_pattern(pattern)
-        entry = (pattern, stream)
-        self._subscribers.append(entry)
-        self._advertise(now, pattern, +1)
+        token = next(self._tokens)
+        streams = self._subscribers.get(pattern)
+        if streams is None:
+            streams = self._subscribers[pattern] = {}
+            self._local_index.add(pattern)
+            self._advertise(now, pattern)
+        streams[token] = stream
 
         def cancel() -> None:
-            if entry in self._subscribers:
-                self._subscribers.remove(entry)
-                self._advertise(trio.current_time(), pattern, -1)
+            held = self._subscribers.get(pattern)
+            if held is None or held.pop(token, None) is None:
+                return
+            if not held:
+                del self._subscribers[pattern]
+                self._local_index.discard(pattern)
+                self._advertise(trio.current_time(), pattern)
 
         return cancel
 
-    def _advertise(self, now: float, pattern: str, delta: int) -> None:
-        """Keep this node's subscription patterns in its registry document, so publishers
-        anywhere know to send this host one copy of each matching signal."""
-        count = sum(1 for p, _ in self._subscribers if p == pattern)
+    def _advertise(self, now: float, pattern: str) -> None:
+        """Mark ``pattern`` for this node's registry document, so that publishers anywhere
+        know to send this host one copy of each matching signal. Written in batches (one
+        document write for every pattern that changed meanwhile): a client opening or
+        closing thousands of subscriptions costs a few writes, not one each."""
+        self._unadvertised.add(pattern)
+        if self._nursery is None:
+            self._write_adverts(now)
+        else:
+            self._advertise_wake.set()
+
+    async def _advertiser(self) -> None:
+        while True:
+            await self._advertise_wake.wait()
+            self._advertise_wake = trio.Event()
+            self._write_adverts(trio.current_time())
+            # At most so many writes a second, however fast patterns come and go.
+            await trio.sleep(_ADVERTISE_EVERY)
+
+    def _write_adverts(self, now: float) -> None:
+        changed, self._unadvertised = self._unadvertised, set()
+        if not changed:
+            return
 
         def mutate(subs: Map[Any]) -> None:
-            if count <= 0:
-                subs.pop(pattern, None)
-            elif subs.get(pattern) != count:
-                subs[pattern] = count
+            for pattern in changed:
+                if pattern in self._subscribers:
+                    if subs.get(pattern) is None:
+                        subs[pattern] = 1
+                elif subs.get(pattern) is not None:
+                    subs.pop(pattern, None)
 
-        if (delta > 0 and count == 1) or (delta < 0 and count == 0):
-            self.registry.write_own(now, SUBSCRIPTIONS, mutate)
+        self.registry.write_own(now, SUBSCRIPTIONS, mutate)
 
     def on_doc_event(self, event: DocEvent) -> None:
         if not event.name.startswith(DOC_PREFIX):
             return
         host = event.name[len(DOC_PREFIX) :]
+        if host == self.node:
+            return  # this host's own subscriptions are known first-hand
         replica = self.docs.store.get(event.name)
-        if event.kind == "dropped" or replica is None:
-            self._host_patterns.pop(host, None)
+        patterns: frozenset[str] = frozenset()
+        if event.kind != "dropped" and replica is not None:
+            subs: Map[Any] = replica.doc.get(SUBSCRIPTIONS, type=Map)
+            found = []
+            for pattern in subs.keys():  # noqa: SIM118 (pycrdt Map)
+                try:
+                    found.append(topics.check_pattern(pattern))
+                except MeshError:
+                    continue
+            patterns = frozenset(found)
+        before = self._host_patterns.get(host, frozenset())
+        if patterns == before:
             return
-        subs: Map[Any] = replica.doc.get(SUBSCRIPTIONS, type=Map)
-        patterns = []
-        for pattern in subs.keys():  # noqa: SIM118 (pycrdt Map)
-            try:
-                patterns.append(topics.check_pattern(pattern))
-            except MeshError:
-                continue
-        self._host_patterns[host] = frozenset(patterns)
+        for pattern in before - patterns:
+            hosts = self._pattern_hosts.get(pattern)
+            if hosts is not None:
+                hosts.discard(host)
+                if not hosts:
+                    del self._pattern_hosts[pattern]
+                    self._host_index.discard(pattern)
+        for pattern in patterns - before:
+            hosts = self._pattern_hosts.get(pattern)
+            if hosts is None:
+                hosts = self._pattern_hosts[pattern] = set()
+                self._host_index.add(pattern)
+            hosts.add(host)
+        if patterns:
+            self._host_patterns[host] = patterns
+        else:
+            self._host_patterns.pop(host, None)
 
     def publish(self, topic: str, event: dict[str, Any]) -> int:
         """Send a signal once to every host with a matching subscriber; returns the number
@@ -845,13 +909,13 @@ class Router:
         self.stats.signals_published += 1
         hosts = 0
         frame = messages.encode(Signal(topic, event))
-        for host, patterns in self._host_patterns.items():
-            if not any(topics.matches(p, topic) for p in patterns):
-                continue
-            if host == self.node:
-                self._deliver_signal(topic, event)
-                hosts += 1
-                continue
+        if self._local_index.match(topic):
+            self._deliver_signal(topic, event)
+            hosts += 1
+        remote: set[str] = set()
+        for pattern in self._host_index.match(topic):
+            remote |= self._pattern_hosts[pattern]
+        for host in remote:
             state = self.membership.peek(host)
             if state is None or not state[0].up or self.links is None:
                 continue
@@ -861,7 +925,12 @@ class Router:
         return hosts
 
     def _deliver_signal(self, topic: str, event: dict[str, Any]) -> None:
-        for pattern, stream in list(self._subscribers):
-            if topics.matches(pattern, topic):
-                self.stats.signals_delivered += 1
-                stream.offer({"topic": topic, "event": event})
+        receivers = [
+            stream
+            for pattern in self._local_index.match(topic)
+            for stream in self._subscribers[pattern].values()
+        ]
+        payload = {"topic": topic, "event": event}
+        for stream in receivers:
+            self.stats.signals_delivered += 1
+            stream.offer(payload)

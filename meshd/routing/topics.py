@@ -58,3 +58,87 @@ def matches(pattern: str, topic: str) -> bool:
     elif len(segments) != len(prefix):
         return False
     return all(p in ("*", s) for p, s in zip(prefix, segments, strict=False))
+
+
+class _Node:
+    __slots__ = ("children", "deep", "ends")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.ends: str | None = None  # the pattern whose segments end here
+        self.deep: str | None = None  # the pattern whose segments end here, then ``**``
+
+
+class PatternIndex:
+    """A set of (valid) patterns, matched against a topic by walking a tree of segments:
+    adding and removing cost the pattern's length, matching the topic's length and the
+    patterns it touches — never the number of patterns held."""
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, pattern: str) -> None:
+        parts = pattern.split(".")
+        deep = parts[-1] == "**"
+        node = self._root
+        for part in parts[:-1] if deep else parts:
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+        if deep:
+            self._size += node.deep is None
+            node.deep = pattern
+        else:
+            self._size += node.ends is None
+            node.ends = pattern
+
+    def discard(self, pattern: str) -> None:
+        parts = pattern.split(".")
+        deep = parts[-1] == "**"
+        path = [self._root]
+        for part in parts[:-1] if deep else parts:
+            child = path[-1].children.get(part)
+            if child is None:
+                return
+            path.append(child)
+        node = path[-1]
+        if deep and node.deep == pattern:
+            node.deep = None
+            self._size -= 1
+        elif not deep and node.ends == pattern:
+            node.ends = None
+            self._size -= 1
+        # Prune the branch that no pattern uses any more.
+        keys = parts[:-1] if deep else parts
+        for depth in range(len(path) - 1, 0, -1):
+            node = path[depth]
+            if node.children or node.ends is not None or node.deep is not None:
+                break
+            del path[depth - 1].children[keys[depth - 1]]
+
+    def match(self, topic: str) -> list[str]:
+        """The patterns that match ``topic`` (each once)."""
+        found: list[str] = []
+        frontier = [self._root]
+        for segment in topic.split("."):
+            following: list[_Node] = []
+            for node in frontier:
+                if node.deep is not None:
+                    found.append(node.deep)  # ``**`` takes this segment and any after it
+                child = node.children.get(segment)
+                if child is not None:
+                    following.append(child)
+                if segment != "*":
+                    child = node.children.get("*")
+                    if child is not None:
+                        following.append(child)
+            frontier = following
+            if not frontier:
+                return found
+        found.extend(node.ends for node in frontier if node.ends is not None)
+        return found

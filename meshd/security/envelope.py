@@ -97,7 +97,7 @@ class Envelope:
         header = bytes([MODE_AESGCM]) + kid + os.urandom(NONCE_SIZE)
         return header + cipher.encrypt(header[1 + KEY_ID_SIZE :], payload, self._aad_base + header)
 
-    def open(self, data: bytes) -> bytes:
+    def open(self, data: bytes | bytearray) -> bytes:
         if not data:
             raise SealError("empty")
         mode = data[0]
@@ -109,7 +109,7 @@ class Envelope:
             size = data[1]
             if data[2 : 2 + size] != self.label or len(data) < 2 + size:
                 raise SealError("label_mismatch")
-            return data[2 + size :]
+            return bytes(data[2 + size :])
         if mode != MODE_AESGCM:
             raise SealError("unknown_mode")
         if self.keyring is None:
@@ -117,15 +117,16 @@ class Envelope:
         if len(data) < HEADER_SIZE + TAG_SIZE:
             raise SealError("malformed")
         self._refresh(self.keyring)
-        header = data[:HEADER_SIZE]
+        header = bytes(data[:HEADER_SIZE])
         candidates = self._ciphers.get(header[1 : 1 + KEY_ID_SIZE])
         if not candidates:
             raise SealError("unknown_key")
         nonce = header[1 + KEY_ID_SIZE :]
         aad = self._aad_base + header
+        body = memoryview(data)[HEADER_SIZE:]  # no copy of a large frame
         for cipher in candidates:
             try:
-                return cipher.decrypt(nonce, data[HEADER_SIZE:], aad)
+                return cipher.decrypt(nonce, body, aad)
             except InvalidTag:
                 continue
         raise SealError("auth_failed")

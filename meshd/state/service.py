@@ -7,6 +7,7 @@ applied in one transaction, so a batch is all or nothing.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -82,7 +83,8 @@ def check_writable(driver: ReplicationDriver) -> None:
 class StateService:
     def __init__(self, driver: ReplicationDriver) -> None:
         self.driver = driver
-        self.watchers: dict[str, list[Watcher]] = {}
+        self.watchers: dict[str, dict[int, Watcher]] = {}  # doc -> {key: watcher}
+        self._watch_keys = itertools.count()
         driver.doc_listeners.append(self._on_doc_event)
 
     def _replica_epoch(self, doc: str) -> int:
@@ -138,14 +140,13 @@ class StateService:
 
     def watch(self, name: str, watcher: Watcher) -> Callable[[], None]:
         name = check_name(name)
-        self.watchers.setdefault(name, []).append(watcher)
+        key = next(self._watch_keys)
+        self.watchers.setdefault(name, {})[key] = watcher
 
         def cancel() -> None:
             listeners = self.watchers.get(name)
-            if listeners and watcher in listeners:
-                listeners.remove(watcher)
-                if not listeners:
-                    del self.watchers[name]
+            if listeners and listeners.pop(key, None) is not None and not listeners:
+                del self.watchers[name]
 
         return cancel
 
@@ -161,5 +162,5 @@ class StateService:
         else:
             replica = self.driver.store.get(event.name)
             value = values.read(replica.doc) if replica is not None else None
-        for watcher in list(watchers):
+        for watcher in list(watchers.values()):
             watcher(event.kind, value)

@@ -19,6 +19,7 @@ class TransportStats:
     tcp_bytes_in: int = 0
     tcp_bytes_out: int = 0
     tcp_refused_busy: int = 0
+    tcp_resets: int = 0  # connections the peer reset (read or write failed with ECONNRESET)
     rejected: dict[str, int] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:

@@ -27,6 +27,14 @@ from meshd_client.protocol import cbor
 STREAM_VERSION: Final = 1
 _LENGTH: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 8 << 20
+# The first frame of an accepted connection (the sealed ``[STREAM_VERSION, channel]``, a few
+# dozen bytes) may be at most this large: it is read before the peer proved it holds a key.
+HEADER_MAX_FRAME: Final = 256
+DEFAULT_HEADER_TIMEOUT: Final = 5.0
+DEFAULT_MAX_CONNECTIONS: Final = 8192
+DEFAULT_MAX_EXCHANGES: Final = 512
+DEFAULT_MAX_UNAUTHENTICATED: Final = 256
+DEFAULT_MAX_PREAUTH_BYTES: Final = 64 << 10
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 _READ_SIZE: Final = 256 * 1024
 _READS_PER_YIELD: Final = 16  # a peer that always has more to read still lets others run
@@ -54,7 +62,14 @@ class FramedStream:
     descriptor and wait with :func:`trio.lowlevel.wait_readable` only when it has nothing: a
     trio ``receive_some`` adds a scheduling round to every read, on the path of every routed
     message. :meth:`write_now` writes without waiting at all, for a sender that must not
-    yield (see :class:`~meshd.transport.links.PeerLinks`)."""
+    yield (see :class:`~meshd.transport.links.PeerLinks`).
+
+    An accepted connection starts *unauthenticated* (``first_frame_max``): its first frame may
+    be at most that large and is read exactly, byte for byte as announced, so a peer without
+    a key can make the daemon hold only a few hundred bytes. Once a frame opened (the peer
+    holds a cluster key), frames up to ``max_frame`` are allowed and reads may take more than
+    the current frame (the next frames' bytes, up to 256 KiB per read). A frame larger than
+    that is read into one buffer of exactly its size: no read allocates more than it needs."""
 
     def __init__(
         self,
@@ -63,16 +78,26 @@ class FramedStream:
         stats: TransportStats,
         peer: Address,
         max_frame: int = DEFAULT_MAX_FRAME,
+        *,
+        first_frame_max: int | None = None,
     ) -> None:
         self.stream = stream
         self.envelope = envelope
         self.stats = stats
         self.peer = peer
         self.max_frame = max_frame
+        # Until a frame opened: the largest frame allowed, and reads of exactly what is due.
+        self._limit = max_frame if first_frame_max is None else first_frame_max
+        self.authenticated = first_frame_max is None
         self._buffer = bytearray()
         # The socket's descriptor (non-blocking, as trio keeps it), or -1 for other streams.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._reads = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the connection and not yet handed out."""
+        return len(self._buffer)
 
     def seal(self, payloads: list[bytes]) -> bytes:
         """The bytes of ``payloads`` sealed as frames, ready to write."""
@@ -94,7 +119,11 @@ class FramedStream:
 
     async def send_sealed(self, data: bytes, frames: int) -> None:
         """Write bytes from :meth:`seal` (or what :meth:`write_now` left of them)."""
-        await self.stream.send_all(data)
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._count_reset(exc)
+            raise
         self.stats.tcp_frames_out += frames
         self.stats.tcp_bytes_out += len(data)
 
@@ -107,53 +136,123 @@ class FramedStream:
             sent = os.write(self._fd, data)
         except BlockingIOError:
             return 0
-        except OSError:
+        except OSError as exc:
+            self._count_reset(exc)
             raise StreamError("closed") from None
         self.stats.tcp_bytes_out += sent
         if sent == len(data):
             self.stats.tcp_frames_out += frames
         return sent
 
+    def _count_reset(self, exc: BaseException) -> None:
+        """Count a connection the peer reset (not closed in order)."""
+        if isinstance(exc, ConnectionResetError) or isinstance(exc.__cause__, ConnectionResetError):
+            self.stats.tcp_resets += 1
+
+    async def _wait_readable(self) -> None:
+        self._reads = 0
+        await trio.lowlevel.wait_readable(self._fd)
+
+    async def _yield_now_and_then(self) -> None:
+        self._reads += 1
+        if self._reads >= _READS_PER_YIELD:
+            self._reads = 0
+            await trio.lowlevel.checkpoint()
+
     async def _read(self, size: int) -> bytes | bytearray:
+        """At most ``size`` bytes (b"" at the end of the stream)."""
         if self._fd < 0:
             return await self.stream.receive_some(size)
         while True:
             try:
                 chunk = os.read(self._fd, size)
             except BlockingIOError:
-                self._reads = 0
-                await trio.lowlevel.wait_readable(self._fd)
+                await self._wait_readable()
                 continue
-            self._reads += 1
-            if self._reads >= _READS_PER_YIELD:
-                self._reads = 0
-                await trio.lowlevel.checkpoint()
+            await self._yield_now_and_then()
             return chunk
 
+    async def _read_into(self, view: memoryview) -> int:
+        """Read into ``view``; how many bytes (0 at the end of the stream)."""
+        if self._fd < 0:
+            data = await self.stream.receive_some(len(view))
+            view[: len(data)] = data
+            return len(data)
+        while True:
+            try:
+                got = os.readv(self._fd, [view])
+            except BlockingIOError:
+                await self._wait_readable()
+                continue
+            await self._yield_now_and_then()
+            return got
+
     async def _fill(self, size: int) -> None:
-        while len(self._buffer) < size:
-            chunk = await self._read(max(_READ_SIZE, size - len(self._buffer)))
+        """Until the buffer holds ``size`` bytes (``size`` is at most _READ_SIZE, or the
+        stream is unauthenticated and ``size`` is tiny)."""
+        buffer = self._buffer
+        while len(buffer) < size:
+            want = size - len(buffer)
+            chunk = await self._read(want if not self.authenticated else _READ_SIZE)
             if not chunk:
                 raise StreamError("closed")
-            self._buffer += chunk
+            buffer += chunk
 
-    async def receive(self) -> bytes:
+    async def receive_length(self) -> int:
+        """The length the next frame announces (its prefix consumed). Raises StreamError
+        (``frame_too_large``) past the current limit, before any of the frame is read."""
         try:
             await self._fill(_LENGTH.size)
-            (size,) = _LENGTH.unpack_from(self._buffer)
-            if size > self.max_frame:
-                raise StreamError("frame_too_large")
-            await self._fill(_LENGTH.size + size)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._count_reset(exc)
             raise StreamError("closed") from None
-        sealed = bytes(self._buffer[_LENGTH.size : _LENGTH.size + size])
-        del self._buffer[: _LENGTH.size + size]
+        (size,) = _LENGTH.unpack_from(self._buffer)
+        if size > self._limit:
+            raise StreamError("frame_too_large")
+        del self._buffer[: _LENGTH.size]
+        return int(size)
+
+    async def receive_body(self, size: int) -> bytes:
+        """The frame of ``size`` bytes announced by :meth:`receive_length`, opened."""
+        try:
+            sealed = await self._take(size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._count_reset(exc)
+            raise StreamError("closed") from None
         self.stats.tcp_frames_in += 1
         self.stats.tcp_bytes_in += size + _LENGTH.size
         try:
-            return self.envelope.open(sealed)
+            payload = self.envelope.open(sealed)
         except SealError as exc:
             raise StreamError(exc.reason) from None
+        if not self.authenticated:
+            # The peer holds a cluster key: from now on, frames of any allowed size.
+            self.authenticated = True
+            self._limit = self.max_frame
+        return payload
+
+    async def _take(self, size: int) -> bytes | bytearray:
+        buffer = self._buffer
+        if len(buffer) < size and (not self.authenticated or size - len(buffer) > _READ_SIZE):
+            # Read exactly the frame's bytes into one buffer of its size, in place.
+            frame = bytearray(size)
+            view = memoryview(frame)
+            have = len(buffer)
+            view[:have] = buffer
+            buffer.clear()
+            while have < size:
+                got = await self._read_into(view[have:])
+                if not got:
+                    raise StreamError("closed")
+                have += got
+            return frame
+        await self._fill(size)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    async def receive(self) -> bytes:
+        return await self.receive_body(await self.receive_length())
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -163,10 +262,15 @@ class FramedStream:
         close keeps retransmitting queued bytes after we gave up on the peer, so frames
         written before a partition would be delivered after it heals — long after their
         senders retried elsewhere."""
-        if isinstance(self.stream, trio.SocketStream):
-            with contextlib.suppress(OSError):
-                self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        await self.stream.aclose()
+        await abort(self.stream)
+
+
+async def abort(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` with a reset (see :meth:`FramedStream.abort`)."""
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    await stream.aclose()
 
 
 async def dial(
@@ -219,7 +323,15 @@ Handler = Callable[[FramedStream], Awaitable[None]]
 
 
 class StreamServer:
-    """Accepts connections, reads the channel header and hands the stream to its handler."""
+    """Accepts connections, reads the channel header and hands the stream to its handler.
+
+    Until its header frame opened, a connection is *unauthenticated*: anyone can open one
+    without a key. Those are bounded apart from the rest — at most ``max_unauthenticated``
+    at once, each given ``header_timeout`` to send a header of at most
+    :data:`HEADER_MAX_FRAME` bytes, and all of them together at most ``max_preauth_bytes``
+    buffered — and the excess is refused at once (reset, counted in ``tcp_refused_busy`` and
+    under a ``stream_*`` reason), so a flood of connections costs a bounded few descriptors
+    and bytes, and no authenticated link waits behind it."""
 
     def __init__(
         self,
@@ -227,9 +339,11 @@ class StreamServer:
         stats: TransportStats,
         log: logging.Logger,
         *,
-        header_timeout: float = 10.0,
-        max_connections: int = 8192,
-        max_exchanges: int = 512,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_exchanges: int = DEFAULT_MAX_EXCHANGES,
+        max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+        max_preauth_bytes: int = DEFAULT_MAX_PREAUTH_BYTES,
         max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.envelope = envelope
@@ -243,11 +357,15 @@ class StreamServer:
         # Of those, one-exchange connections (membership probes and syncs, key rotation):
         # a burst of them must not crowd out the links, nor the links starve them.
         self.max_exchanges = max_exchanges
+        self.max_unauthenticated = max_unauthenticated
+        self.max_preauth_bytes = max_preauth_bytes
         self.max_frame = max_frame
         self._handlers: dict[int, Handler] = {}
         self._persistent: set[int] = set()
         self._active = 0
         self._exchanges = 0
+        self.unauthenticated = 0  # connections whose header has not opened yet
+        self.preauth_bytes = 0  # bytes those may hold (reserved as their header is announced)
 
     def register(self, channel: Channel, handler: Handler, *, persistent: bool = False) -> None:
         """Serve ``channel`` with ``handler``; ``persistent``: its connections are long-lived
@@ -256,6 +374,11 @@ class StreamServer:
         if persistent:
             self._persistent.add(int(channel))
 
+    def _refuse(self, reason: str, peer: str) -> None:
+        self.stats.tcp_refused_busy += 1
+        self.stats.reject(reason)
+        self._ratelog.warning(reason, "refused connection", peer=peer, reason=reason)
+
     async def handle(self, raw: trio.SocketStream) -> None:
         """Serve one accepted connection; never raises."""
         self.stats.tcp_accepted += 1
@@ -263,19 +386,32 @@ class StreamServer:
             peername = raw.socket.getpeername()
             peer: Address = (peername[0], peername[1])
         except OSError:
-            await raw.aclose()
+            await abort(raw)
             return
         if self._active >= self.max_connections:
-            self.stats.tcp_refused_busy += 1
-            await raw.aclose()
+            self._refuse("stream_busy", peer[0])
+            await abort(raw)
+            return
+        if self.unauthenticated >= self.max_unauthenticated:
+            self._refuse("stream_unauthenticated_busy", peer[0])
+            await abort(raw)
             return
         self._active += 1
-        stream = FramedStream(raw, self.envelope, self.stats, peer, self.max_frame)
+        self.unauthenticated += 1
+        pending = True
+        stream = FramedStream(
+            raw,
+            self.envelope,
+            self.stats,
+            peer,
+            self.max_frame,
+            first_frame_max=HEADER_MAX_FRAME,
+        )
         try:
-            with trio.move_on_after(self.header_timeout) as scope:
-                header = await stream.receive()
-            if scope.cancelled_caught:
-                self.stats.reject("stream_header_timeout")
+            header = await self._header(stream)
+            self.unauthenticated -= 1
+            pending = False
+            if header is None:
                 return
             channel = self._channel(header)
             if channel is None:
@@ -305,8 +441,30 @@ class StreamServer:
             self.stats.reject("stream_handler_error")
         finally:
             self._active -= 1
+            if pending:
+                self.unauthenticated -= 1
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                if stream.authenticated:
+                    await stream.aclose()
+                else:
+                    await stream.abort()  # nothing owed to a peer that never authenticated
+
+    async def _header(self, stream: FramedStream) -> bytes | None:
+        """The connection's header frame, opened; None if it did not come in time or the
+        bytes it announced do not fit the budget of unauthenticated bytes (both counted)."""
+        with trio.move_on_after(self.header_timeout):
+            size = await stream.receive_length()
+            reserved = _LENGTH.size + size
+            if self.preauth_bytes + reserved > self.max_preauth_bytes:
+                self._refuse("stream_preauth_budget", stream.peer[0])
+                return None
+            self.preauth_bytes += reserved
+            try:
+                return await stream.receive_body(size)
+            finally:
+                self.preauth_bytes -= reserved
+        self.stats.reject("stream_header_timeout")
+        return None
 
     def _channel(self, header: bytes) -> int | None:
         try:

@@ -758,3 +758,205 @@ async def test_notes_running_in_tasks_are_bounded_and_the_excess_is_counted(
     ops.gates.pop("notes")
     await peer.send(messages.note("wait", {"gate": "again"}))
     await ops.until(lambda: ops.entered.get("again") == 1)
+
+
+# ---------------------------------------------------------------------------- resource bounds
+
+
+async def quiet(_s: Session, _req: messages.Request, stream: Stream) -> None:
+    """A stream that only waits (as a subscription with no signal does)."""
+    await stream.until_failed()
+
+
+async def bounded(tmp_path: Path, nursery: trio.Nursery, **limits: Any) -> Server:
+    api = ApiServer(str(tmp_path / "bounded.sock"), "testnode", LOG, **limits)
+    ops = Ops()
+    ops.register(api)
+    api.add_stream_op("quiet", quiet)
+    await nursery.start(api.serve)
+    return Server(api, ops)
+
+
+@pytest.mark.parametrize("rid", [-1, 2**63, 2**64 - 1, -(2**63)])
+async def test_an_out_of_range_request_id_is_answered_with_id_null(
+    server: Server, rid: int
+) -> None:
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send({"t": "req", "id": rid, "op": "echo", "args": {}})
+    frame = await peer.recv()
+    assert frame is not None
+    assert (frame["id"], frame["ok"], frame["error"]["kind"]) == (None, False, "invalid")
+    await peer.send(messages.request(1, "echo", {}))
+    assert await peer.recv() == messages.ok(1, {})
+
+
+async def test_a_hello_larger_than_a_hello_is_refused_before_it_is_buffered(
+    server: Server,
+) -> None:
+    peer = await raw(server)
+    await peer.send_bytes(HEADER.pack(64 << 10) + b"\x00" * 100)
+    await assert_fatal(peer, "invalid", "exceeds")
+
+
+async def test_a_partial_frame_is_closed_after_its_timeout(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await bounded(tmp_path, nursery, partial_frame_timeout=30.0)
+    peer = await raw(server)
+    await peer.hello()
+    # A frame announced whole but sent in drips: the drips do not buy it more time.
+    await peer.send_bytes(HEADER.pack(1000) + b"\xa1")
+    await server.ops.until(lambda: server.api.buffered == 1004)
+    sent = 0
+    with trio.move_on_after(120):
+        while sent < 500:
+            await trio.sleep(1)
+            try:
+                await peer.send_bytes(b"\x00")
+            except trio.BrokenResourceError:
+                break
+            sent += 1
+    assert sent < 500
+    await assert_fatal(peer, "timeout", "did not arrive whole")
+    assert server.api.stats.rejected["partial_frame_timeout"] == 1
+    await server.ops.until(lambda: server.api.buffered == 0 and not server.api.sessions)
+
+
+async def test_frames_that_arrive_whole_in_time_are_never_timed_out(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await bounded(tmp_path, nursery, partial_frame_timeout=5.0)
+    peer = await raw(server)
+    await peer.hello()
+    for i in range(10):
+        data = encode_frame(messages.request(i, "echo", {"i": i}))
+        await peer.send_bytes(data[:7])
+        await trio.sleep(4)  # each frame finishes within 5 s of its first byte
+        await peer.send_bytes(data[7:])
+        assert await peer.recv() == messages.ok(i, {"i": i})
+        await trio.sleep(60)  # idle between frames costs nothing
+    assert not server.api.stats.rejected
+    assert server.api.buffered == 0
+
+
+async def test_partial_frames_share_one_budget_and_the_excess_is_closed_overloaded(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    server = await bounded(tmp_path, nursery, max_buffered=300 << 10)
+    first = await raw(server)
+    await first.hello()
+    await first.send_bytes(HEADER.pack(200 << 10) + b"\x00" * (100 << 10))
+    await server.ops.until(lambda: server.api.buffered == (200 << 10) + 4)
+    second = await raw(server)
+    await second.hello()
+    await second.send_bytes(HEADER.pack(200 << 10) + b"\x00" * 10)
+    await assert_fatal(second, "overloaded", "partial frames")
+    assert server.api.stats.rejected["buffer_budget"] == 1
+    # The first one completes its frame (not a valid one: the session ends), and the bytes
+    # it held are given back.
+    await first.send_bytes(b"\x00" * (100 << 10))
+    await assert_fatal(first, "invalid", "bad frame")
+    await server.ops.until(lambda: server.api.buffered == 0)
+    third = await raw(server)
+    await third.hello()
+    await third.send_bytes(HEADER.pack(200 << 10) + b"\x00")
+    await server.ops.until(lambda: server.api.buffered == (200 << 10) + 4)
+
+
+async def test_sessions_past_the_cap_are_told_overloaded_and_closed(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    server = await bounded(tmp_path, nursery, max_sessions=2)
+    first, second = await raw(server), await raw(server)
+    await first.hello()
+    await second.hello()
+    third = await raw(server)
+    await third.send(messages.hello("third"))
+    frame = await assert_fatal(third, "overloaded", "too many sessions")
+    assert frame["error"]["detail"] == {"max_sessions": 2}
+    assert server.api.stats.rejected["session_limit"] == 1
+    await first.stream.aclose()
+    await server.ops.until(lambda: len(server.api.sessions) == 1)
+    async with Connection.open(server.path) as conn:
+        assert await conn.call("echo", {"in": True}) == {"in": True}
+
+
+async def test_streams_are_capped_per_session_and_per_daemon(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    server = await bounded(tmp_path, nursery, max_streams=3, max_streams_total=4)
+    a, b = await raw(server), await raw(server)
+    await a.hello()
+    await b.hello()
+    for i in range(1, 5):
+        await a.send(messages.request(i, "quiet", {}))
+    replies = {}
+    for _ in range(4):
+        reply = await a.recv()
+        assert reply is not None
+        replies[reply["id"]] = reply  # answered in any order: a refusal comes at once
+    assert [replies[i]["ok"] for i in range(1, 5)] == [True, True, True, False]
+    refused = replies[4]
+    assert refused["error"]["kind"] == "overloaded"
+    assert "this session" in refused["error"]["message"]
+    await b.send(messages.request(1, "quiet", {}))
+    assert await b.recv() == messages.ok(1, None)
+    await b.send(messages.request(2, "quiet", {}))
+    frame = await b.recv()
+    assert frame is not None and frame["error"]["kind"] == "overloaded"
+    assert "this daemon" in frame["error"]["message"]
+    assert server.api.open_streams == 4
+    await a.send(messages.cancel(1))
+    assert await a.recv() == messages.end(1)
+    await b.send(messages.request(3, "quiet", {}))
+    assert await b.recv() == messages.ok(3, None)
+    await a.stream.aclose()
+    await server.ops.until(lambda: server.api.open_streams == 2)
+
+
+async def test_a_client_that_never_reads_pins_a_bounded_number_of_bytes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    server = await bounded(tmp_path, nursery)
+    failures: list[MeshError] = []
+
+    async def big_events(_s: Session, _req: messages.Request, stream: Stream) -> None:
+        try:
+            for _ in range(10_000):
+                stream.emit({"pad": b"\xa5" * (256 << 10)})
+                await trio.sleep(0)
+        except MeshError as exc:
+            failures.append(exc)
+            raise
+
+    server.api.add_stream_op("big_events", big_events)
+    peer = await raw(server)
+    await peer.hello()
+    await peer.send(messages.request(1, "big_events", {}))
+    await server.ops.until(lambda: bool(server.api.sessions))
+    (session,) = server.api.sessions.values()
+    peak = 0
+    with trio.fail_after(30):
+        while not failures:
+            peak = max(peak, session._out_bytes)
+            await trio.sleep(0)
+    assert isinstance(failures[0], errors.Overloaded)
+    # At most the bound was queued (and one frame over it).
+    assert peak <= (4 << 20) + (257 << 10)
+
+
+def test_fanout_listeners_come_and_go_in_any_order() -> None:
+    from meshd.api.fanout import Fanout
+
+    fanout: Fanout[int] = Fanout()
+    seen: list[tuple[int, int]] = []
+    removers = [fanout.add(lambda e, i=i: seen.append((i, e))) for i in range(5)]
+    removers[2]()
+    removers[2]()  # idempotent
+    fanout(7)
+    assert seen == [(0, 7), (1, 7), (3, 7), (4, 7)]
+    for remove in removers:
+        remove()
+    fanout(8)
+    assert len(fanout) == 0 and len(seen) == 4

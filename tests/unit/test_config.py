@@ -31,6 +31,7 @@ from meshd.config.model import (
     PlacementTuning,
     SecurityConfig,
     StorageTuning,
+    TransportTuning,
 )
 from meshd.config.profiles import PROFILES
 
@@ -184,6 +185,7 @@ def test_every_model_field_is_a_setting() -> None:
         "membership": MembershipTuning,
         "placement": PlacementTuning,
         "storage": StorageTuning,
+        "transport": TransportTuning,
         "security": SecurityConfig,
         "api": ApiConfig,
         "metrics": MetricsConfig,
@@ -196,6 +198,71 @@ def test_every_model_field_is_a_setting() -> None:
     }
     assert set(SETTING_NAMES) == expected
     assert env_name("node.data_dir") == "MESHD_NODE_DATA_DIR"
+
+
+def test_transport_bounds_are_configurable_and_checked(tmp_path: Path) -> None:
+    config = build(
+        '[transport]\nmax_unauthenticated = 64\nheader_timeout = "2s"\n', tmp_path=tmp_path
+    )
+    assert config.transport.max_unauthenticated == 64
+    assert config.transport.header_timeout == 2.0
+    assert config.transport.max_connections == TransportTuning().max_connections
+    assert build().transport == TransportTuning()
+    env = build_config(None, {"MESHD_TRANSPORT_MAX_PREAUTH_BYTES": "4096"}, INSECURE)
+    assert env.transport.max_preauth_bytes == 4096
+    for key, value in [
+        ("transport.max_unauthenticated", 0),
+        ("transport.max_unauthenticated", 100_000),  # more than max_connections
+        ("transport.max_exchanges", 0),
+        ("transport.max_connections", 1),
+        ("transport.max_preauth_bytes", 10),
+        ("transport.header_timeout", "0s"),
+        ("transport.header_timeout", "1h"),
+    ]:
+        err = error_for(overrides={**INSECURE, key: value})
+        assert err.key == key, (key, value, err)
+
+
+def test_api_bounds_are_configurable_and_checked() -> None:
+    config = build(
+        api__max_sessions="20",
+        api__max_streams=100,
+        api__max_streams_total=1000,
+        api__partial_frame_timeout="1500ms",
+        api__max_buffered=1 << 20,
+    )
+    assert (config.api.max_sessions, config.api.max_streams, config.api.max_streams_total) == (
+        20,
+        100,
+        1000,
+    )
+    assert config.api.partial_frame_timeout == 1.5
+    assert config.api.max_buffered == 1 << 20
+    assert build().api == ApiConfig()
+    for key, value in [
+        ("api.max_sessions", 0),
+        ("api.max_streams", 0),
+        ("api.max_streams_total", 10),  # below api.max_streams
+        ("api.partial_frame_timeout", "0s"),
+        ("api.max_buffered", 1000),
+    ]:
+        err = error_for(overrides={**INSECURE, key: value})
+        assert err.key == key, (key, value, err)
+
+
+def test_settings_given_in_several_layers_say_which_won(tmp_path: Path) -> None:
+    file = write(tmp_path, '[node]\nname = "from-file"\n[api]\nmax_sessions = 10\n')
+    config = build_config(
+        file,
+        {"MESHD_API_MAX_SESSIONS": "20", "MESHD_LOG_LEVEL": "debug"},
+        {**INSECURE, "node.name": "from-flag"},
+    )
+    assert config.node.name == "from-flag" and config.api.max_sessions == 20
+    assert config.overridden == (
+        f"node.name: from the command line (over in {file})",
+        f"api.max_sessions: from MESHD_API_MAX_SESSIONS (over in {file})",
+    )
+    assert build_config(file, {}, INSECURE).overridden == ()
 
 
 def test_storage_is_configurable_and_checked(tmp_path: Path) -> None:

@@ -157,6 +157,50 @@ def test_matches_agrees_with_a_reference(pattern: str, topic: str) -> None:
     assert topics.matches(pattern, topic) is reference_match(pattern, topic)
 
 
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    steps=st.lists(st.tuples(st.booleans(), pattern_st), max_size=40),
+    probes=st.lists(topic_st, min_size=1, max_size=8),
+)
+def test_the_pattern_index_matches_what_matches_does(
+    steps: list[tuple[bool, str]], probes: list[str]
+) -> None:
+    """The index subscriptions are looked up in (add and remove in any order) finds exactly
+    the held patterns that match, each once, and gives its tree back when emptied."""
+    index = topics.PatternIndex()
+    held: set[str] = set()
+    for add, pattern in steps:
+        if add:
+            index.add(pattern)
+            held.add(pattern)
+        else:
+            index.discard(pattern)
+            held.discard(pattern)
+        assert len(index) == len(held)
+        for topic in probes:
+            found = index.match(topic)
+            assert len(found) == len(set(found))
+            assert set(found) == {p for p in held if topics.matches(p, topic)}
+    for pattern in held:
+        index.discard(pattern)
+    assert len(index) == 0 and not index._root.children
+
+
+def test_the_pattern_index_costs_the_topic_not_the_patterns_held() -> None:
+    index = topics.PatternIndex()
+    for i in range(20_000):
+        index.add(f"orders.p{i}.*")
+    index.add("orders.**")
+    index.add("*.p7.created")
+    # Walking the tree visits only the branches the topic's segments name.
+    assert sorted(index.match("orders.p7.created")) == [
+        "*.p7.created",
+        "orders.**",
+        "orders.p7.*",
+    ]
+    assert index.match("billing.x") == []
+
+
 # ---------------------------------------------------------------------------- breaker
 
 

@@ -38,6 +38,14 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def head_size(self) -> int | None:
+        """The size the next frame announced (None until its length arrived)."""
+        if len(self._buffer) < HEADER.size:
+            return None
+        size: int = HEADER.unpack_from(self._buffer)[0]
+        return size
+
     def feed(self, data: bytes) -> None:
         self._buffer += data
         if len(self._buffer) >= HEADER.size:

@@ -69,6 +69,15 @@ def _request_id(value: Any) -> int:
     return value
 
 
+def usable_id(frame: dict[str, Any]) -> int | None:
+    """The frame's request id if it is a valid one (to answer a frame refused as a whole),
+    else None: an id out of range is not echoed back."""
+    value = frame.get("id")
+    if type(value) is int and 0 <= value <= MAX_REQUEST_ID:
+        return value
+    return None
+
+
 def parse_client_frame(frame: dict[str, Any]) -> ClientFrame:
     """Validate a frame from a client; raises :class:`Invalid` naming what is wrong."""
     kind = frame.get("t")
