@@ -63,6 +63,13 @@ def drop_from_rule(addrs: Sequence[str], why: str) -> str:
     return f'ip saddr {{ {", ".join(addrs)} }} counter drop comment "{why}"'
 
 
+def loss_from_rule(addr: str, percent: int, why: str) -> str:
+    """Drop ``percent`` % of what arrives from ``addr`` (a lossy one-way link)."""
+    if percent >= 100:
+        return f'ip saddr {addr} counter drop comment "{why}"'
+    return f'ip saddr {addr} numgen random mod 100 < {percent} counter drop comment "{why}"'
+
+
 def parse_counters(nft_json: str) -> dict[str, int]:
     """Packets counted per rule comment, from ``nft -j list table inet <table>``: the
     ``arriving`` packets and what each fault rule dropped."""
@@ -94,6 +101,8 @@ class Faults:
     """The desired fault state, from which each host's rules are rendered.
 
     * ``loss``: host -> percent of arriving packets dropped;
+    * ``link_loss``: one-way lossy links ``(src, dst)`` -> percent of src's packets that
+      dst drops (an asymmetric fault: dst's packets to src are not touched);
     * ``blocks``: one-way cuts ``(src, dst)``: src can no longer reach dst;
     * ``groups``: a partition, hosts only reach their own group;
     * ``bridges``: hosts outside every group that reach (and are reached by) all groups,
@@ -101,13 +110,14 @@ class Faults:
     """
 
     loss: dict[str, int] = field(default_factory=dict)
+    link_loss: dict[tuple[str, str], int] = field(default_factory=dict)
     blocks: set[tuple[str, str]] = field(default_factory=set)
     groups: list[list[str]] | None = None
     bridges: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.loss or self.blocks or self.groups)
+        return not (self.loss or self.link_loss or self.blocks or self.groups)
 
     def rules_for(self, host: str, addr_of: Mapping[str, str]) -> list[str]:
         rules: list[str] = []
@@ -126,6 +136,9 @@ class Faults:
         for src, dst in sorted(self.blocks):
             if dst == host:
                 rules.append(drop_from_rule([addr_of[src]], f"block {src} -> {dst}"))
+        for (src, dst), p in sorted(self.link_loss.items()):
+            if dst == host and (src, dst) not in self.blocks:
+                rules.append(loss_from_rule(addr_of[src], p, f"loss {src} -> {dst} {p}%"))
         percent = self.loss.get(host, 0)
         if percent:
             rules.append(loss_rule(percent))
@@ -139,12 +152,14 @@ class Faults:
             via = f" (bridge {','.join(self.bridges)})" if self.bridges else ""
             out.append(f"partition {text}{via}")
         out += [f"block {s} -> {d}" for s, d in sorted(self.blocks)]
+        out += [f"loss {s} -> {d} {p}%" for (s, d), p in sorted(self.link_loss.items())]
         out += [f"loss {h} {p}%" for h, p in sorted(self.loss.items())]
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {
             "loss": dict(self.loss),
+            "link_loss": sorted([[s, d, p] for (s, d), p in self.link_loss.items()]),
             "blocks": sorted([list(b) for b in self.blocks]),
             "groups": self.groups,
             "bridges": list(self.bridges),
@@ -157,6 +172,7 @@ class Faults:
         groups = data.get("groups")
         return cls(
             loss={str(h): int(p) for h, p in dict(data.get("loss", {})).items()},
+            link_loss={(str(s), str(d)): int(p) for s, d, p in data.get("link_loss", [])},
             blocks={(str(s), str(d)) for s, d in data.get("blocks", [])},
             groups=[[str(h) for h in g] for g in groups] if groups is not None else None,
             bridges=[str(h) for h in data.get("bridges", [])],

@@ -680,6 +680,30 @@ class HostNet:
         self.faults.blocks.add((s.name, d.name))
         self._apply([d])
 
+    def set_link_loss(self, src: HostRef, dst: HostRef, p: float) -> None:
+        """One-way loss: ``dst`` drops a fraction ``p`` (whole percent) of what arrives from
+        ``src``; ``dst``'s packets to ``src`` are not touched."""
+        s, d = self.host(src), self.host(dst)
+        if s == d:
+            raise ValueError("a link needs two hosts")
+        percent = percent_of(p)
+        if percent:
+            self.faults.link_loss[(s.name, d.name)] = percent
+        else:
+            self.faults.link_loss.pop((s.name, d.name), None)
+        self._apply([d])
+
+    def isolate(self, host: HostRef) -> None:
+        """Every packet to and from ``host`` is dropped, silently: a host that lost power or
+        its cable. Its own kernel answers nothing (no reset, no ICMP): connections to it time
+        out. (The bridge address, when there is one, stays exempt for the harness.)"""
+        h = self.host(host)
+        self.faults.loss[h.name] = 100
+        for other in self.hosts:
+            if other != h:
+                self.faults.blocks.add((h.name, other.name))
+        self._apply(self.hosts)
+
     def unblock(self, src: HostRef, dst: HostRef) -> None:
         s, d = self.host(src), self.host(dst)
         self.faults.blocks.discard((s.name, d.name))
@@ -735,11 +759,43 @@ class HostNet:
         self._require_started()
         addr_of = {h.name: h.addr for h in self.hosts}
         exempt = [self.bridge_addr] if self.bridge_addr else []
-        for h in hosts:
-            script = render_ruleset(
-                self.faults.rules_for(h.name, addr_of), table=self.table, exempt=exempt
-            )
-            _run(["ip", "netns", "exec", h.netns, "nft", "-f", "-"], input_text=script)
+        # One transaction per host, all hosts at once: a fault that touches every host (an
+        # isolated host, a partition) takes hold everywhere within a few milliseconds.
+        started: list[tuple[list[str], subprocess.Popen[str]]] = []
+        try:
+            for h in hosts:
+                script = render_ruleset(
+                    self.faults.rules_for(h.name, addr_of), table=self.table, exempt=exempt
+                )
+                argv = ["ip", "netns", "exec", h.netns, "nft", "-f", "-"]
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                assert proc.stdin is not None
+                proc.stdin.write(script)
+                proc.stdin.close()
+                started.append((argv, proc))
+        finally:
+            failures = []
+            for argv, proc in started:
+                assert proc.stderr is not None
+                try:
+                    proc.wait(timeout=_CMD_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                stderr = proc.stderr.read()
+                proc.stderr.close()
+                if proc.returncode != 0:
+                    failures.append(
+                        f"{' '.join(argv)} failed ({proc.returncode}): {stderr.strip()}"
+                    )
+        if failures:
+            raise ChaosError("; ".join(failures))
         self._state["faults"] = self.faults.to_json()
         self._save_state()
 

@@ -127,3 +127,17 @@ def test_parse_counters_sums_by_comment() -> None:
         ]
     }
     assert parse_counters(json.dumps(listing)) == {"arriving": 7, "loss 20%": 2}
+
+
+def test_one_way_link_loss_is_enforced_on_the_receiver_only() -> None:
+    f = Faults(link_loss={("h1", "h2"): 30})
+    assert f.rules_for("h2", ADDR) == [
+        'ip saddr 10.0.0.2 numgen random mod 100 < 30 counter drop comment "loss h1 -> h2 30%"'
+    ]
+    assert f.rules_for("h1", ADDR) == []
+    assert f.describe() == ["loss h1 -> h2 30%"]
+    assert Faults.from_json(json.loads(json.dumps(f.to_json()))) == f
+    # A block on the same link already drops everything: no second rule.
+    assert Faults(link_loss={("h1", "h2"): 30}, blocks={("h1", "h2")}).rules_for("h2", ADDR) == [
+        drop_from_rule(["10.0.0.2"], "block h1 -> h2")
+    ]

@@ -173,6 +173,53 @@ def test_block_is_one_way(make_net: Callable[..., HostNet]) -> None:
 
 
 @pytest.mark.root
+def test_link_loss_is_one_way(make_net: Callable[..., HostNet]) -> None:
+    with make_net(3) as net:
+        net.set_link_loss("h1", "h2", 1.0)
+        assert udp_count(net, "h1", "h2", wait=0.5) == 0
+        assert udp_count(net, "h2", "h1") == 40  # the other direction is untouched
+        assert udp_count(net, "h3", "h2") == 40  # and so is everyone else's link to h2
+        net.set_link_loss("h1", "h2", 0.3)
+        got = udp_count(net, "h1", "h2", count=400, wait=1.5)
+        assert 200 <= got <= 340, got  # ~280 expected; bounds are > 6 sigma wide
+        assert net.counters("h2")["loss h1 -> h2 30%"] >= 400 - got
+        net.set_link_loss("h1", "h2", 0)
+        assert udp_count(net, "h1", "h2") == 40
+
+
+TCP_CONNECT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+@pytest.mark.root
+def test_isolate_silences_a_host_both_ways_without_resets(
+    make_net: Callable[..., HostNet],
+) -> None:
+    with make_net(3) as net:
+        net.isolate("h2")
+        assert udp_count(net, "h1", "h2", wait=0.5) == 0
+        assert udp_count(net, "h2", "h3", wait=0.5) == 0
+        assert udp_count(net, "h1", "h3") == 40  # the others still talk
+        # A TCP connect to a port nobody listens on in the isolated host times out: its
+        # kernel never sees the SYN, so it answers no reset (a crashed process would).
+        probe = [sys.executable, "-I", "-S", "-c", TCP_CONNECT, net.addr("h2"), "9", "1.0"]
+        assert net.run("h1", probe, timeout=10, text=True).stdout.strip() == "timeout"
+        net.heal()
+        assert net.run("h1", probe, timeout=10, text=True).stdout.strip() == "refused"
+        assert udp_count(net, "h1", "h2") == 40
+
+
+@pytest.mark.root
 def test_partition_and_heal(make_net: Callable[..., HostNet]) -> None:
     with make_net(3) as net:
         net.partition([["h1"], ["h2", "h3"]])
