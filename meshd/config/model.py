@@ -27,9 +27,24 @@ class MembershipTuning:
 
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
+    # The probe timeout adapts to each peer's measured round trip (srtt + 4 rttvar, as TCP's
+    # retransmission timeout), between this floor and ``probe_timeout``. Equal: no adaptation.
+    probe_timeout_min: float = 0.1
     indirect_checks: int = 3
+    # Relays for a target whose direct path is measured lossy (growing with the loss, all of
+    # them from 30 % on), and for the probe that checks someone else's suspicion.
+    indirect_checks_max: int = 6
     suspicion_mult: int = 4
     suspicion_max_timeout_mult: int = 6
+    # What independent confirmations bring a suspicion down to, × max(1, log10 n) seconds
+    # (memberlist: suspicion_mult × probe_interval, the fallback when this is 0). The maximum
+    # (an unconfirmed suspicion) stays suspicion_max_timeout_mult × memberlist's minimum.
+    suspicion_min_timeout: float = 2.0
+    # A member seen unresponsive for s seconds while alive (a late ack, a late refutation)
+    # keeps its suspicions open for at least suspicion_stall_mult × s; 0 turns this off.
+    suspicion_stall_mult: int = 2
+    # Half-life of that observed stall: old evidence fades.
+    stall_memory: float = 600.0
     retransmit_mult: int = 4
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
@@ -70,6 +85,17 @@ class MembershipTuning:
                 raise ConfigError(f"{prefix}.{name}", "must be > 0")
         if self.probe_timeout >= self.probe_interval:
             raise ConfigError(f"{prefix}.probe_timeout", "must be less than probe_interval")
+        if not 0 < self.probe_timeout_min <= self.probe_timeout:
+            raise ConfigError(f"{prefix}.probe_timeout_min", "must be > 0 and <= probe_timeout")
+        if not self.indirect_checks <= self.indirect_checks_max <= 16:
+            raise ConfigError(
+                f"{prefix}.indirect_checks_max", "must be between indirect_checks and 16"
+            )
+        for name in ("suspicion_min_timeout", "stall_memory"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", "must be >= 0")
+        if not 0 <= self.suspicion_stall_mult <= 64:
+            raise ConfigError(f"{prefix}.suspicion_stall_mult", "must be between 0 and 64")
         for name in ("indirect_checks", "gossip_nodes"):
             if not 0 <= getattr(self, name) <= 16:
                 raise ConfigError(f"{prefix}.{name}", "must be between 0 and 16")

@@ -18,6 +18,7 @@ _WAN: Final = replace(
     probe_interval=5.0,
     probe_timeout=3.0,
     suspicion_mult=6,
+    suspicion_min_timeout=10.0,  # two probe intervals, as on the LAN
     gossip_interval=0.5,
     gossip_nodes=4,
     gossip_to_dead=60.0,

@@ -36,6 +36,7 @@ from typing import Any
 from meshd.config.model import MembershipTuning
 from meshd.membership.awareness import Awareness
 from meshd.membership.broadcast import BroadcastQueue, retransmit_limit
+from meshd.membership.estimates import PeerEstimate, relay_count
 from meshd.membership.events import (
     EventKind,
     MemberEvent,
@@ -45,7 +46,7 @@ from meshd.membership.events import (
     StreamFailure,
     StreamRequest,
 )
-from meshd.membership.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from meshd.membership.suspicion import Suspicion, detector_bounds, expected_confirmations
 from meshd.wire import membership as wire
 from meshd.wire import packet
 from meshd.wire.membership import (
@@ -67,6 +68,9 @@ from meshd_client.protocol import errors
 
 _SEQ_MASK = 2**32 - 1
 _MAX_CONFIRMATION_PROBES = 3
+_ENDED_PROBES = 256  # failed probes remembered, so that a late ack still tells how late
+_VERDICT_TIMEOUTS = 3  # an early verdict: the direct timeout, then twice that for relays
+_RELAY_SHARE = 0.8  # of the prober's indirect phase a relay may wait before its nack
 
 
 @dataclass(slots=True)
@@ -137,6 +141,10 @@ class _Probe:
     tcp_token: int | None = None
     finished: bool = False
     refused: bool = False  # the TCP fallback was refused by the target's host
+    timeout: float = 0.0  # the direct phase (adaptive, awareness-scaled)
+    confirmation: bool = False  # checks someone else's suspicion
+    direct_counted: bool = False  # the direct path's outcome went into the loss estimate
+    verdict: bool = False  # judged early: every relay nacked, so no need to wait the interval
 
 
 @dataclass(slots=True)
@@ -196,6 +204,8 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._streams: dict[int, _Stream] = {}
         self._probe_order: list[str] = []
+        self._estimates: dict[str, PeerEstimate] = {}
+        self._ended: dict[int, tuple[str, float]] = {}  # failed probe seq -> (target, started)
         self._probe_index = 0
         self._confirmation_probes = 0
         self._seeds: tuple[Address, ...] = ()
@@ -532,7 +542,7 @@ class Membership:
         if isinstance(msg, Ping):
             self._on_ping(now, src, msg)
         elif isinstance(msg, Ack):
-            self._on_ack(now, msg)
+            self._on_ack(now, src, msg)
         elif isinstance(msg, Alive):
             self._on_alive(now, msg, raw)
         elif isinstance(msg, Suspect):
@@ -544,7 +554,7 @@ class Membership:
         elif isinstance(msg, PingReq):
             self._on_ping_req(now, src, msg)
         elif isinstance(msg, Nack):
-            self._on_nack(msg)
+            self._on_nack(now, msg)
         else:
             self.stats.reject("unexpected_message")
 
@@ -577,17 +587,39 @@ class Membership:
                 return None
         return None
 
+    def _estimate(self, name: str) -> PeerEstimate:
+        est = self._estimates.get(name)
+        if est is None:
+            est = self._estimates[name] = PeerEstimate()
+        return est
+
+    def _timeout_for(self, name: str) -> float:
+        """The direct probe timeout for ``name`` (before awareness scaling): adaptive to its
+        measured round trip, between ``probe_timeout_min`` and ``probe_timeout``."""
+        t = self.tuning
+        est = self._estimates.get(name)
+        return (
+            t.probe_timeout
+            if est is None
+            else est.probe_timeout(t.probe_timeout_min, t.probe_timeout)
+        )
+
+    def _stall_sample(self, now: float, name: str, seconds: float) -> None:
+        self._estimate(name).stall_sample(now, seconds, self.tuning.stall_memory)
+
     def _start_probe(self, now: float, target: _Member, *, confirmation: bool = False) -> None:
         seq = self._next_seq()
-        probe = _Probe(seq, target.name, now)
+        timeout = self.awareness.scale(self._timeout_for(target.name))
+        probe = _Probe(seq, target.name, now, timeout=timeout, confirmation=confirmation)
         self._probes[seq] = probe
         self.stats.probes += 1
         msgs: list[Message] = [Ping(seq, target.name, self.name)]
         if target.status is Status.SUSPECT:
             # Lifeguard's buddy system: tell the suspect directly so it can refute at once.
             msgs.append(Suspect(target.name, target.incarnation, self.name))
+            if target.suspicion is not None and target.suspicion.told is None:
+                target.suspicion.told = now
         self._send(target.addr, msgs)
-        timeout = self.awareness.scale(self.tuning.probe_timeout)
         interval = self.awareness.scale(self.tuning.probe_interval)
         self._at(now + timeout, self._probe_timeout, seq)
         self._at(now + interval, self._probe_end, (seq, confirmation))
@@ -599,22 +631,34 @@ class Membership:
         target = self._members.get(probe.target)
         if target is None or not target.status.up:
             return
-        relays = [
-            m
-            for m in self._sample_up(self.tuning.indirect_checks + 2, target.name)
-            if m.status is Status.ALIVE
-        ][: self.tuning.indirect_checks]
+        t = self.tuning
+        est = self._estimate(target.name)
+        if not probe.direct_counted:
+            probe.direct_counted = True
+            est.direct_outcome(False)
+        # More relays where the direct path is lossy, and all of them for a check of someone
+        # else's suspicion: a confirmation shortens the suspect's time to refute.
+        wanted = (
+            t.indirect_checks_max
+            if probe.confirmation
+            else relay_count(t.indirect_checks, t.indirect_checks_max, est.loss)
+        )
+        relays = [m for m in self._sample_up(wanted + 2, target.name) if m.status is Status.ALIVE][
+            :wanted
+        ]
         for relay in relays:
             self._send(relay.addr, [PingReq(seq, target.name, target.addr, self.name, True)])
         probe.expected_nacks = len(relays)
         self.stats.indirect_probes += len(relays)
-        if self.tuning.tcp_fallback_probe:
-            remaining = max(
-                0.05, probe.started + self.awareness.scale(self.tuning.probe_interval) - now
-            )
+        interval = self.awareness.scale(t.probe_interval)
+        if t.tcp_fallback_probe:
+            remaining = max(0.05, probe.started + interval - now)
             probe.tcp_token = self._stream(
                 target.addr, Ping(seq, target.name, self.name), _Stream("probe", seq=seq), remaining
             )
+        verdict_at = probe.started + _VERDICT_TIMEOUTS * probe.timeout
+        if relays and verdict_at < probe.started + interval:
+            self._at(verdict_at, self._probe_verdict, seq)
 
     def _probe_stream_result(
         self, now: float, seq: int, msg: Message | None, failure: StreamFailure | None
@@ -625,11 +669,30 @@ class Membership:
         if isinstance(msg, Ack) and msg.seq == seq:
             probe.acked = True
             self.stats.tcp_fallback_acks += 1
+            if probe.verdict:
+                self._stall_sample(now, probe.target, now - probe.started)
             return
         if failure == "refused":
-            # The host answered with a reset. Judged at the end of the probe: a firewall that
+            # The host answered with a reset. Judged with the relays' answers: a firewall that
             # rejects only us must not kill a member the relays can still reach.
             probe.refused = True
+
+    def _probe_verdict(self, now: float, seq: int) -> None:
+        """Judge a probe before its interval ends once every relay has said it could not reach
+        the target either (a nack each) and the relays had twice the direct timeout: waiting
+        out the interval would add nothing but time. Missing nacks wait for the end."""
+        probe = self._probes.get(seq)
+        if probe is None or probe.acked or probe.finished or probe.verdict:
+            return
+        if probe.expected_nacks == 0 or probe.nacks < probe.expected_nacks:
+            return
+        if now + 1e-9 < probe.started + _VERDICT_TIMEOUTS * probe.timeout:
+            return
+        target = self._members.get(probe.target)
+        if target is None or not target.status.up:
+            return
+        probe.verdict = True
+        self._fail_probe(now, probe, target)
 
     def _probe_end(self, now: float, arg: tuple[int, bool]) -> None:
         seq, confirmation = arg
@@ -644,6 +707,9 @@ class Membership:
             if probe.expected_nacks == 0 and not probe.nacks:
                 self.awareness.apply(-1)
             return
+        self._ended[seq] = (probe.target, probe.started)
+        while len(self._ended) > _ENDED_PROBES:
+            del self._ended[next(iter(self._ended))]
         # Lifeguard: missing nacks from relays point at our own health, not the target's.
         if probe.expected_nacks > 0:
             self.awareness.apply(max(0, probe.expected_nacks - probe.nacks))
@@ -652,6 +718,15 @@ class Membership:
         target = self._members.get(probe.target)
         if target is None or not target.status.up:
             return
+        if probe.verdict:
+            # Judged early already; a refusal that came since still proves the process gone.
+            if probe.refused and self.tuning.refused_is_dead:
+                self.stats.deaths_by_refusal += 1
+                self._on_dead(now, Dead(target.name, target.incarnation, self.name, True))
+            return
+        self._fail_probe(now, probe, target)
+
+    def _fail_probe(self, now: float, probe: _Probe, target: _Member) -> None:
         self.stats.probe_failures += 1
         if probe.refused and self.tuning.refused_is_dead:
             # Nothing listens where the member lived, and no relay reached it either: the
@@ -667,20 +742,44 @@ class Membership:
             return
         self._send(src, [Ack(msg.seq)])
 
-    def _on_ack(self, now: float, msg: Ack) -> None:
+    def _on_ack(self, now: float, src: Address, msg: Ack) -> None:
         probe = self._probes.get(msg.seq)
         if probe is not None:
+            if probe.acked:
+                return
             probe.acked = True
+            target = self._members.get(probe.target)
+            if target is not None and src == target.addr:
+                est = self._estimate(probe.target)
+                est.rtt_sample(now - probe.started)
+                if not probe.direct_counted:
+                    probe.direct_counted = True
+                    est.direct_outcome(True)
+            if probe.verdict:
+                # We gave up on it too early: it answers, only slowly. Remember how slowly.
+                self._stall_sample(now, probe.target, now - probe.started)
+            return
+        ended = self._ended.pop(msg.seq, None)
+        if ended is not None:
+            name, started = ended
+            member = self._members.get(name)
+            if member is not None and src == member.addr:
+                # The answer to a probe that already failed: the member was alive, but
+                # unresponsive for this long.
+                self._estimate(name).rtt_sample(now - started)
+                self._stall_sample(now, name, now - started)
             return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             self._send(relay.source_addr, [Ack(relay.seq)], piggyback=False)
 
-    def _on_nack(self, msg: Nack) -> None:
+    def _on_nack(self, now: float, msg: Nack) -> None:
         probe = self._probes.get(msg.seq)
         if probe is not None:
             probe.nacks += 1
             self.stats.nacks_received += 1
+            if probe.nacks >= probe.expected_nacks:
+                self._probe_verdict(now, msg.seq)
 
     def _on_ping_req(self, now: float, src: Address, msg: PingReq) -> None:
         if msg.target == self.name:
@@ -692,7 +791,13 @@ class Membership:
         seq = self._next_seq()
         self._relays[seq] = _Relay(src, msg.seq, msg.nack)
         self._send(msg.target_addr, [Ping(seq, msg.target, self.name)])
-        self._at(now + self.tuning.probe_timeout, self._relay_timeout, seq)
+        # At most most of the prober's indirect phase, so that our nack reaches it before its
+        # probe ends: a nack that comes too late reads as our silence (Lifeguard).
+        t = self.tuning
+        wait = min(
+            self._timeout_for(msg.target), _RELAY_SHARE * (t.probe_interval - t.probe_timeout)
+        )
+        self._at(now + wait, self._relay_timeout, seq)
 
     def _relay_timeout(self, now: float, seq: int) -> None:
         relay = self._relays.pop(seq, None)
@@ -738,6 +843,10 @@ class Membership:
         if msg.incarnation <= m.incarnation and not reclaim:
             return
         old_status, old_tags, old_addr = m.status, m.tags, m.addr
+        if m.suspicion is not None and m.suspicion.told is not None and not reclaim:
+            # A refutation after we told the member directly: it was alive all along, and
+            # took this long to answer. Its next suspicion gets that much more time.
+            self._stall_sample(now, m.name, now - m.suspicion.told)
         m.incarnation = msg.incarnation
         m.tags = dict(msg.tags)
         m.addr = msg.addr
@@ -759,6 +868,10 @@ class Membership:
         if m is None or msg.incarnation < m.incarnation:
             return
         if m.status is Status.SUSPECT and m.suspicion is not None:
+            if msg.sender == self.name and self.awareness.score > 0:
+                # Lifeguard's brake: while our own health is in doubt, our failed probe says
+                # as much about us as about the suspect; it confirms nothing.
+                return
             if m.suspicion.confirm(msg.sender):
                 # Lifeguard shortens the timeout with each confirmation; a late one may pull
                 # the deadline into the past. Still leave the accused one probe interval to
@@ -766,17 +879,22 @@ class Membership:
                 m.suspicion.not_before = now + self.tuning.probe_interval
                 self._broadcast(msg.node, msg, raw)
                 self._at(m.suspicion.deadline(), self._suspicion_timeout, (m.name, m.timer_gen))
+                if msg.sender == self.name:
+                    self._gossip_now(now)  # our confirmation counts everywhere, sooner
             return
         if m.status is not Status.ALIVE:
             return
         n = self._alive_count
-        lo, hi = suspicion_bounds(
-            self.tuning.suspicion_mult,
-            self.tuning.suspicion_max_timeout_mult,
+        t = self.tuning
+        lo, hi = detector_bounds(
+            t.suspicion_mult,
+            t.suspicion_max_timeout_mult,
+            t.suspicion_min_timeout,
             n,
-            self.tuning.probe_interval,
+            t.probe_interval,
         )
-        k = expected_confirmations(self.tuning.suspicion_mult, n)
+        lo = self._stall_floor(now, m.name, lo, hi)
+        k = expected_confirmations(t.suspicion_mult, n)
         if msg.sender == self.name:
             # Our own accusation: stretched by our local health multiplier. A node that keeps
             # missing acks and nacks is more likely cut off itself, and its suspicion may not
@@ -789,15 +907,27 @@ class Membership:
         self._broadcast(msg.node, msg, raw)
         self._emit(EventKind.SUSPECT, m, now)
         self._at(m.suspicion.deadline(), self._suspicion_timeout, (m.name, m.timer_gen))
-        if (
-            msg.sender != self.name
-            and self.tuning.accelerate_confirmations
+        if msg.sender == self.name:
+            self._gossip_now(now)  # the others start confirming (or the suspect refuting) now
+        elif (
+            self.tuning.accelerate_confirmations
             and self._confirmation_probes < _MAX_CONFIRMATION_PROBES
+            and self.awareness.score == 0
             and not self.leaving
         ):
             # Check for ourselves now: our own failed probe is an independent confirmation.
             self._confirmation_probes += 1
             self._start_probe(now, m, confirmation=True)
+
+    def _stall_floor(self, now: float, name: str, lo: float, hi: float) -> float:
+        """The minimum for a suspicion of ``name``: ``lo``, but never less than
+        ``suspicion_stall_mult`` times the longest stall recently seen from this member (a
+        slow host gets the time it showed it needs), and never more than the maximum."""
+        t = self.tuning
+        est = self._estimates.get(name)
+        if est is None or t.suspicion_stall_mult <= 0:
+            return lo
+        return min(hi, max(lo, t.suspicion_stall_mult * est.stall_now(now, t.stall_memory)))
 
     def _suspicion_timeout(self, now: float, arg: tuple[str, int]) -> None:
         name, gen = arg
@@ -830,6 +960,8 @@ class Membership:
         self.stats.deaths += 1
         self._broadcast(msg.node, msg, raw)
         self._emit(EventKind.DEAD, m, now)
+        if msg.sender == self.name:
+            self._gossip_now(now)  # our verdict: spread it now, not at the next round
 
     def _on_left(self, now: float, msg: Left, raw: bytes | None = None) -> None:
         if msg.node == self.name:
@@ -908,6 +1040,11 @@ class Membership:
             self.stats.bytes_out += len(data)
             self.stats.gossip_packets += 1
             self._outputs.append(SendPacket(target.addr, data))
+
+    def _gossip_now(self, now: float) -> None:
+        """An extra gossip round at once (for news this node made: a suspicion, a
+        confirmation, a verdict), besides the periodic ones."""
+        self._gossip_tick(now, None, reschedule=False)
 
     def _push_pull_interval(self) -> float:
         """memberlist's pushPullScale: back off above 32 nodes so total traffic stays flat."""
@@ -1029,5 +1166,6 @@ class Membership:
             )
         ]:
             del self._members[m.name]
+            self._estimates.pop(m.name, None)
             self.stats.reaped += 1
             self._emit(EventKind.REAP, m, now)

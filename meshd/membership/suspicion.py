@@ -36,6 +36,9 @@ class Suspicion:
     accuser: str | None = None
     # No expiry before this time (set after a confirmation, so the accused can still refute).
     not_before: float = 0.0
+    # When this node first told the suspect directly (the buddy system), if it did: how long
+    # a refutation takes after that is how long the member was unresponsive.
+    told: float | None = None
 
     def deadline(self) -> float:
         c = len(self.confirmers)
@@ -53,3 +56,16 @@ class Suspicion:
             return False
         self.confirmers.add(sender)
         return True
+
+
+def detector_bounds(
+    mult: int, max_mult: int, min_timeout: float, n: int, interval: float
+) -> tuple[float, float]:
+    """meshd's (min, max): memberlist's maximum, and a minimum of ``min_timeout`` ×
+    max(1, log10 n) (the same cluster-size scale memberlist applies to its own) where
+    confirmations are expected; memberlist's minimum where none are (a cluster of three), or
+    when ``min_timeout`` is 0."""
+    lo, hi = suspicion_bounds(mult, max_mult, n, interval)
+    if min_timeout > 0 and expected_confirmations(mult, n) > 0:
+        lo = min(hi, min_timeout * max(1.0, math.log10(max(1, n))))
+    return lo, hi

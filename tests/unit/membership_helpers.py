@@ -106,7 +106,8 @@ class Node:
 
     ``answering`` names members that are up: a Ping sent to one of them is acked at once from
     the packet's address, and a PingReq sent to one of them (as a relay) is answered with an
-    Ack when its target is answering too, else with a Nack. Everything else goes unanswered.
+    Ack when its target is answering too, else with a Nack (unless ``relays_nack`` is off:
+    then with nothing). Everything else goes unanswered.
     """
 
     def __init__(self, core: Membership, now: float = 0.0) -> None:
@@ -114,6 +115,7 @@ class Node:
         self.now = now
         self.log: list[tuple[float, Output]] = []
         self.answering: set[str] = set()
+        self.relays_nack = True
         self.collect(now)
 
     # ---------------------------------------------------------------- inputs
@@ -232,8 +234,10 @@ class Node:
             if isinstance(msg, Ping) and msg.target == peer:
                 answers.append((out.addr, Ack(msg.seq)))
             elif isinstance(msg, PingReq):
-                up = msg.target in self.answering
-                answers.append((out.addr, Ack(msg.seq) if up else Nack(msg.seq)))
+                if msg.target in self.answering:
+                    answers.append((out.addr, Ack(msg.seq)))
+                elif self.relays_nack:
+                    answers.append((out.addr, Nack(msg.seq)))
         return answers
 
     def sent(self, since: float = float("-inf")) -> list[tuple[float, Address, list[Message]]]:

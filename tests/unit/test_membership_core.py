@@ -48,8 +48,11 @@ from meshd_client.protocol import cbor, errors
 B, C, D, E = (addr_for(n) for n in "bcde")
 STRANGER = ("192.0.2.77", 4000)
 EPS = 1e-6
-# n = 5 on the LAN profile: min = 4 · max(1, log10 5) · 1 s, max = 6 · min, k = 4 − 2.
-MIN_5, MAX_5 = 4.0, 24.0
+# n = 5 on the LAN profile: memberlist's min = 4 · max(1, log10 5) · 1 s, max = 6 · that,
+# k = 4 − 2; k confirmations bring a suspicion down to meshd's minimum,
+# suspicion_min_timeout · max(1, log10 5) (memberlist's min where no confirmation is expected).
+MEMBERLIST_MIN_5, MAX_5 = 4.0, 24.0
+MIN_5 = LAN.suspicion_min_timeout
 ONE_CONFIRMATION_5 = MAX_5 - (MAX_5 - MIN_5) * math.log(2) / math.log(3)
 
 
@@ -115,15 +118,20 @@ def test_ping_req_relay_pings_with_its_own_seq_and_forwards_the_ack() -> None:
     assert node.find(Ack, since=1.3) == []
 
 
+# A relay waits the probe timeout for the target (adaptive: the ceiling for a target it never
+# measured), but at most 80 % of the prober's indirect phase, so that its nack arrives in time.
+RELAY_WAIT = min(LAN.probe_timeout, 0.8 * (LAN.probe_interval - LAN.probe_timeout))
+
+
 def test_ping_req_sends_nack_after_probe_timeout_without_ack() -> None:
     node = Node(make_core())
     src, target = addr_for("s"), addr_for("t")
     node.send(1.0, src, PingReq(500, "t", target, "s", True))
     ping = relay_ping(node)
-    node.run(1.0 + LAN.probe_timeout - EPS)
+    node.run(1.0 + RELAY_WAIT - EPS)
     assert node.find(Nack) == []
-    node.run(1.0 + LAN.probe_timeout)
-    assert node.sent(since=1.0 + LAN.probe_timeout) == [(1.0 + LAN.probe_timeout, src, [Nack(500)])]
+    node.run(1.0 + RELAY_WAIT)
+    assert node.sent(since=1.0 + RELAY_WAIT) == [(1.0 + RELAY_WAIT, src, [Nack(500)])]
     assert node.core.stats.nacks_sent == 1
     # A late ack from the target is no longer forwarded.
     node.send(1.6, target, Ack(ping.seq))
@@ -482,8 +490,9 @@ def test_one_confirmation_shrinks_the_timeout() -> None:
 
 def test_k_confirmations_bring_the_timeout_down_to_the_minimum() -> None:
     node = suspected()
-    node.send(11.0, D, Suspect("b", 0, "d"))
-    node.send(12.0, E, Suspect("b", 0, "e"))
+    # Both within the minimum, at least a probe interval before it ends (see the next test).
+    node.send(10.5, D, Suspect("b", 0, "d"))
+    node.send(10.0 + MIN_5 - LAN.probe_interval, E, Suspect("b", 0, "e"))
     node.run(100.0)
     assert dead_at(node) == pytest.approx(10.0 + MIN_5)
 
@@ -558,7 +567,7 @@ def test_small_cluster_suspicion_uses_the_minimum_timeout() -> None:
     node = cluster(["b", "c"], answering=True)  # n = 3 < k + 2: no confirmations expected
     node.send(5.0, C, Suspect("b", 0, "c"))
     node.run(50.0)
-    assert dead_at(node) == pytest.approx(5.0 + MIN_5)
+    assert dead_at(node) == pytest.approx(5.0 + MEMBERLIST_MIN_5)
 
 
 def test_suspect_with_an_old_incarnation_is_ignored() -> None:
