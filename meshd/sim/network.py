@@ -41,6 +41,8 @@ class SimNode:
     state: NodeState = "up"
     scheduled: float = math.inf
     inbox: deque[tuple[Address, bytes]] = field(default_factory=deque)
+    # Stream outcomes that came while paused: (token, reply, failure).
+    streams_done: list[tuple[int, bytes | None, StreamFailure | None]] = field(default_factory=list)
     events: list[MemberEvent] = field(default_factory=list)
     restarts: int = 0
     exit_by: float = math.inf  # a leaving process exits by then at the latest
@@ -121,6 +123,7 @@ class SimNetwork:
         old.core = core
         old.state = "up"
         old.inbox.clear()
+        old.streams_done.clear()
         old.scheduled = math.inf
         old.exit_by = math.inf
         core.start(self.now, [self.nodes[s].addr for s in seeds])
@@ -175,11 +178,50 @@ class SimNetwork:
         if node.state != "paused":
             return
         node.state = "up"
+        # Overdue timers and the backlog of input wake up together; which runs first is up to
+        # the scheduler (trio picks at random), so either may: timers first, the process
+        # judges its probes before it reads the acks that came meanwhile.
+        timers_first = self.rng.random() < 0.5
+        if timers_first:
+            node.core.tick(self.now)
         while node.inbox:
             src, data = node.inbox.popleft()
             node.core.handle_packet(self.now, src, data)
+        done, node.streams_done = node.streams_done, []
+        for token, reply, failure in done:
+            node.core.stream_result(self.now, token, reply, failure)
         node.core.tick(self.now)
         self._after_input(node)
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at virtual time ``when`` (fault schedules: duty cycles, heals)."""
+        self._push(max(when, self.now), _CALL, fn)
+
+    def starve(
+        self, name: str, *, stop: float, run: float, jitter: float = 0.0, until: float = math.inf
+    ) -> None:
+        """CPU starvation as a duty cycle, the way SIGSTOP/SIGCONT (or a cgroup CPU quota with
+        period ``stop + run``) does it: the node is paused for ``stop`` seconds, then runs for
+        ``run``, again and again until ``until``. While paused its packets queue and its timers
+        stall; on each resume it works through the backlog and fires every overdue timer, late.
+        ``jitter`` stretches each pause by up to that fraction, at random (seeded)."""
+        node = self.nodes[name]
+        core = node.core
+
+        def pause() -> None:
+            if node.core is not core or node.state != "up" or self.now >= until:
+                return
+            self.pause(name)
+            length = stop * (1.0 + jitter * self.rng.random())
+            self.at(self.now + length, resume)
+
+        def resume() -> None:
+            if node.core is not core or node.state != "paused":
+                return
+            self.resume(name)
+            self.at(self.now + run, pause)
+
+        self.at(self.now, pause)
 
     # ------------------------------------------------------------------ event loop
 
@@ -327,6 +369,11 @@ class SimNetwork:
             if core is node.core and node.state == "up":
                 core.stream_result(now, token, reply, failure)
                 self._after_input(node)
+            elif core is node.core and node.state == "paused":
+                # The result waits for the process to run again, as a socket's data does.
+                node.streams_done.append((token, reply, failure))
+        elif kind == _CALL:
+            payload()
 
     # ------------------------------------------------------------------ observations
 
@@ -357,3 +404,4 @@ _PACKET = 0
 _TIMER = 1
 _STREAM_SERVE = 2
 _STREAM_RESULT = 3
+_CALL = 4
