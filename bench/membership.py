@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import itertools
 import math
 import os
 import platform
@@ -65,13 +66,14 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import harness
+from bench.simulate import SoakCase, sim_detection, sim_soak
 from chaos.netns import HostNet, unavailable_reason
 from meshd import __version__ as meshd_version
 from meshd.testing.localcluster import LocalCluster, free_port
 from meshd_client.connection import Connection
 from meshd_client.protocol.errors import MeshError
 
-FAULTS = {"kill9": signal.SIGKILL, "hang": signal.SIGSTOP}
+FAULTS: dict[str, int | None] = {"kill9": signal.SIGKILL, "hang": signal.SIGSTOP, "isolate": None}
 SERF_HINT = "serf is not installed: `apt-get install serf` (or `make system-deps`)"
 Statuses = dict[str, str]
 PollFn = Callable[[], Awaitable[Statuses]]
@@ -599,7 +601,7 @@ async def wait_healthy(system: System, settle: float, timeout: float = 20.0) -> 
 
 @dataclass
 class Detection:
-    fault: str  # "kill9" | "hang"
+    fault: str  # "kill9" | "hang" | "isolate"
     victim: str
     first_s: float | None
     all_s: float | None
@@ -612,10 +614,34 @@ class Detection:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+def fault_action(
+    system: System, victim: str, fault: str, net: HostNet | None = None
+) -> Callable[[], None]:
+    """What ``fault`` does to ``victim``: SIGKILL (``kill9``), SIGSTOP (``hang``), or every
+    packet of its host dropped (``isolate``: needs the victim in a HostNet host ``hN`` for
+    member ``nN``)."""
+    if fault == "isolate":
+        if net is None:
+            raise ValueError("isolate needs hosts in network namespaces")
+        host = net.hosts[int(victim[1:]) - 1]
+        return lambda: net.isolate(host)
+    sig = FAULTS[fault]
+    assert sig is not None
+    return lambda: system.signal(victim, sig)
+
+
 async def measure_detection(
-    system: System, victim: str, sig: int, *, poll_s: float, timeout_s: float, tail_s: float
+    system: System,
+    victim: str,
+    fault: str,
+    apply: Callable[[], None],
+    *,
+    poll_s: float,
+    timeout_s: float,
+    tail_s: float,
 ) -> Detection:
-    """Signal ``victim``, then poll every survivor until all report it dead (or timeout)."""
+    """Apply ``fault`` to ``victim``, then poll every survivor until all report it dead (or
+    timeout). The clock starts just before the fault is applied."""
     survivors = [n for n in system.names if n != victim]
     seen: dict[str, float] = {}
     fps: set[tuple[str, str]] = set()
@@ -626,8 +652,8 @@ async def measure_detection(
         polls = {n: await stack.enter_async_context(system.poller(n)) for n in survivors}
         for n in survivors:
             await polls[n]()  # the connection works and is warm before the clock starts
-        system.signal(victim, sig)
         t0 = time.monotonic()
+        apply()
 
         async def watch(name: str, poll: PollFn) -> None:
             nonlocal errors
@@ -661,7 +687,7 @@ async def measure_detection(
             tg.cancel_scope.cancel()
     times = sorted(seen.values())
     return Detection(
-        fault="kill9" if sig == signal.SIGKILL else "hang",
+        fault=fault,
         victim=victim,
         first_s=times[0] if times else None,
         all_s=times[-1] if len(times) == len(survivors) else None,
@@ -677,9 +703,10 @@ async def measure_detection(
 async def detection_once(
     make: Callable[[Path], Awaitable[System]],
     root: Path,
-    sig: int,
+    fault: str,
     rng: random.Random,
     args: argparse.Namespace,
+    net: HostNet | None = None,
 ) -> Detection:
     system = await make(root)
     try:
@@ -687,7 +714,13 @@ async def detection_once(
         healthy = await wait_healthy(system, args.settle)
         victim = rng.choice(system.names[1:])
         result = await measure_detection(
-            system, victim, sig, poll_s=args.poll, timeout_s=args.timeout, tail_s=args.tail
+            system,
+            victim,
+            fault,
+            fault_action(system, victim, fault, net),
+            poll_s=args.poll,
+            timeout_s=args.timeout,
+            tail_s=args.tail,
         )
         result.converge_s = converge_s
         result.healthy = healthy
@@ -704,6 +737,8 @@ async def detection_once(
         return result
     finally:
         system.close()
+        if net is not None:
+            net.heal()
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -718,23 +753,27 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
+# Keys of each fault's figures; kill9 keeps its historical (unprefixed) names.
+_PREFIX = {"kill9": "", "hang": "hang_", "isolate": "isolate_"}
+
+
 def summarize(results: list[Detection]) -> dict[str, Any]:
-    kill = [r for r in results if r.fault == "kill9"]
-    hang = [r for r in results if r.fault == "hang"]
     fps = [
         {"fault": r.fault, "victim": r.victim, "observer": o, "member": m}
         for r in results
         for o, m in r.false_positives
     ]
-    out: dict[str, Any] = {
-        "detect_first_median_s": _median([r.first_s for r in kill]),
-        "detect_all_median_s": _median([r.all_s for r in kill]),
-        "detect_first_runs": [_r(r.first_s) for r in kill],
-        "detect_all_runs": [_r(r.all_s) for r in kill],
-        "hang_detect_first_median_s": _median([r.first_s for r in hang]),
-        "hang_detect_all_median_s": _median([r.all_s for r in hang]),
-        "hang_detect_first_runs": [_r(r.first_s) for r in hang],
-        "hang_detect_all_runs": [_r(r.all_s) for r in hang],
+    out: dict[str, Any] = {}
+    for fault, prefix in _PREFIX.items():
+        runs = [r for r in results if r.fault == fault]
+        if not runs:
+            continue
+        out[f"{prefix}detect_first_median_s"] = _median([r.first_s for r in runs])
+        out[f"{prefix}detect_all_median_s"] = _median([r.all_s for r in runs])
+        out[f"{prefix}detect_first_runs"] = [_r(r.first_s) for r in runs]
+        out[f"{prefix}detect_all_runs"] = [_r(r.all_s) for r in runs]
+        out[f"{prefix}false_positives"] = sum(len(r.false_positives) for r in runs)
+    out |= {
         "false_positives": len(fps),
         "false_positive_pairs": fps,
         "suspect_pairs_seen": sum(r.suspect_pairs for r in results),
@@ -743,8 +782,12 @@ def summarize(results: list[Detection]) -> dict[str, Any]:
         "converge_median_s": _median([r.converge_s for r in results]),
         "unsettled_runs": sum(not r.healthy for r in results),
     }
+    kill = [r for r in results if r.fault == "kill9"]
     if any(r.counters for r in kill):
         out["kill9_deaths_by_refusal_runs"] = [r.counters.get("deaths_by_refusal") for r in kill]
+    silent = [r for r in results if r.fault != "kill9" and r.counters]
+    if silent:
+        out["silent_suspicions_runs"] = [r.counters.get("suspicions") for r in silent]
     return out
 
 
@@ -756,57 +799,227 @@ async def run_detection(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rng = random.Random(args.seed)
     serf = shutil.which("serf") if not args.no_serf else None
     results: dict[str, list[Detection]] = {"meshd": [], "serf": []}
+    faults = args.faults.split(",")
+    netns = args.netns or "isolate" in faults
+    if netns:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise SystemExit(f"--faults isolate / --netns: {reason}")
+    net = (
+        HostNet(args.nodes, prefix=args.prefix, subnet=args.subnet, root_addr=True)
+        if netns
+        else None
+    )
+    ports = itertools.count(20000, 10)  # a fresh port per cluster: no TIME_WAIT surprises
 
     async def make_meshd(where: Path) -> System:
+        if net is not None:
+            return meshd_netns(net, where, args.profile, port=next(ports))
         return meshd_loopback(where, args.nodes, args.profile)
 
     async def make_serf(where: Path) -> System:
+        if net is not None:
+            port = next(ports)
+            return await serf_netns(net, where, port=port, rpc_port=port + 1)
         return await serf_loopback(where, args.nodes)
 
-    faults = [(f, FAULTS[f]) for f in args.faults.split(",")]
     makers: list[tuple[str, Callable[[Path], Awaitable[System]]]] = [("meshd", make_meshd)]
     if serf:
         makers.append(("serf", make_serf))
-    for run in range(1, args.runs + 1):
-        # Interleaved, so that any drift in machine load hits both systems alike.
-        for fault, sig in faults:
-            for kind, make in makers:
-                where = root / f"run{run}-{fault}-{kind}"
-                r = await detection_once(make, where, sig, rng, args)
-                results[kind].append(r)
-                err.print(
-                    f"[dim]run {run}/{args.runs} {kind:5} {fault:5} victim {r.victim}: "
-                    f"first {_fmt(r.first_s)} all {_fmt(r.all_s)} "
-                    f"fp {len(r.false_positives)} (converged in {r.converge_s:.1f} s)[/dim]"
-                )
+    with net if net is not None else contextlib.nullcontext():
+        for run in range(1, args.runs + 1):
+            # Interleaved, so that any drift in machine load hits both systems alike.
+            for fault in faults:
+                for kind, make in makers:
+                    where = root / f"run{run}-{fault}-{kind}"
+                    r = await detection_once(make, where, fault, rng, args, net)
+                    results[kind].append(r)
+                    err.print(
+                        f"[dim]run {run}/{args.runs} {kind:5} {fault:7} victim {r.victim}: "
+                        f"first {_fmt(r.first_s)} all {_fmt(r.all_s)} "
+                        f"fp {len(r.false_positives)} (converged in {r.converge_s:.1f} s, "
+                        f"load {_load()})[/dim]"
+                    )
     meshd = summarize(results["meshd"])
     serf_summary = summarize(results["serf"]) if serf else None
     out: dict[str, Any] = {
         "mode": "detect",
         "nodes": args.nodes,
         "runs": args.runs,
+        "faults": faults,
         "profile": args.profile,
         "meshd": meshd,
         "serf": serf_summary,
-        "ratio_detect": _ratio(
-            meshd["detect_all_median_s"],
-            serf_summary["detect_all_median_s"] if serf_summary else None,
-        ),
-        "ratio_hang": _ratio(
-            meshd["hang_detect_all_median_s"],
-            serf_summary["hang_detect_all_median_s"] if serf_summary else None,
-        ),
-        "method": _method(args),
     }
+    for fault, prefix in _PREFIX.items():
+        if fault in faults:
+            key = f"{prefix}detect_all_median_s"
+            name = "ratio_detect" if fault == "kill9" else f"ratio_{fault}"
+            out[name] = _ratio(meshd[key], serf_summary[key] if serf_summary else None)
+    out["method"] = _method(args)
     if not serf:
         out["serf_note"] = "skipped (--no-serf)" if args.no_serf else SERF_HINT
+    if args.sim_seeds > 0:
+        err.print("[dim]the same faults in the simulator...[/dim]")
+        out["sim"] = sim_detection(args.nodes, faults, args.sim_seeds, args.profile)
     return out
 
 
-# ---------------------------------------------------------------------------- loss
+# ---------------------------------------------------------------------------- soak
 
 
-async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> dict[str, Any]:
+class CpuQuota:
+    """Throttle one process with a cgroup CPU quota (``percent`` of one CPU per 100 ms), in a
+    cgroup of its own made for the purpose; on exit the process (if still alive) goes back to
+    where it was and the cgroup is removed. cgroup v1 (``cpu`` controller) or v2."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, pid: int, percent: int, name: str) -> None:
+        self.pid = pid
+        self.percent = percent
+        self.name = name
+        self.path: Path | None = None
+        self.origin: Path | None = None
+        self.version = 0
+
+    def _locate(self) -> tuple[int, Path, Path]:
+        v1 = Path("/sys/fs/cgroup/cpu")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            rel = self._own_path(lambda c: "cpu" in c.split(","))
+            return 1, v1, v1 / rel.lstrip("/")
+        v2 = Path("/sys/fs/cgroup")
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            rel = self._own_path(lambda c: c == "")
+            return 2, v2, v2 / rel.lstrip("/")
+        raise RuntimeError("no cgroup CPU controller here (v1 cpu or v2 with cpu enabled)")
+
+    def _own_path(self, match: Callable[[str], bool]) -> str:
+        for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if match(controllers):
+                return path
+        return "/"
+
+    def __enter__(self) -> CpuQuota:
+        self.version, base, self.origin = self._locate()
+        self.path = base / self.name
+        self.path.mkdir()
+        try:
+            quota = self.PERIOD_US * self.percent // 100
+            if self.version == 1:
+                (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+            (self.path / "cgroup.procs").write_text(str(self.pid))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        if self.origin is not None:
+            with contextlib.suppress(OSError):
+                (self.origin / "cgroup.procs").write_text(str(self.pid))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    err.print(f"[yellow]could not remove cgroup {self.path}[/yellow]")
+                    break
+                time.sleep(0.05)
+        self.path = None
+
+
+@dataclass(frozen=True)
+class Starve:
+    """``stop:S/R`` (SIGSTOP for S s, SIGCONT for R s, again and again) or ``quota:Q`` (a
+    cgroup CPU quota of Q % of one CPU)."""
+
+    kind: str
+    stop: float = 0.0
+    run: float = 0.0
+    percent: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Starve:
+        kind, _, arg = text.partition(":")
+        try:
+            if kind == "stop":
+                stop, run = (float(x) for x in arg.split("/"))
+                if stop > 0 and run > 0:
+                    return cls("stop", stop=stop, run=run)
+            elif kind == "quota":
+                percent = int(arg)
+                if 1 <= percent <= 100:
+                    return cls("quota", percent=percent)
+        except ValueError:
+            pass
+        raise SystemExit(f"--starve {text!r}: use stop:S/R (seconds) or quota:Q (1-100 %)")
+
+    def describe(self) -> str:
+        if self.kind == "stop":
+            return f"SIGSTOP {self.stop:g} s / SIGCONT {self.run:g} s, repeated"
+        return f"cgroup CPU quota {self.percent} % of one CPU (period 100 ms)"
+
+    def sim_case(self) -> SoakCase:
+        if self.kind == "stop":
+            return SoakCase("starve", stop=self.stop, run=self.run)
+        # A quota is a duty cycle at the period's scale: stopped for the rest of each 100 ms.
+        return SoakCase("starve", stop=0.1 * (1 - self.percent / 100), run=0.1 * self.percent / 100)
+
+
+@asynccontextmanager
+async def starving(system: System, name: str, how: Starve) -> AsyncIterator[None]:
+    """Starve ``name``'s process for as long as the block runs."""
+    proc = system.agents[name].proc
+    if how.kind == "quota":
+        with CpuQuota(proc.pid, how.percent, f"meshd-bench-{os.getpid()}-{system.kind}"):
+            yield
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def cycle() -> None:
+            try:
+                while proc.poll() is None:
+                    proc.send_signal(signal.SIGSTOP)
+                    await anyio.sleep(how.stop)
+                    proc.send_signal(signal.SIGCONT)
+                    await anyio.sleep(how.run)
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGCONT)
+
+        tg.start_soon(cycle)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def soak_targets(system: System, args: argparse.Namespace) -> list[str]:
+    """The members a soak's fault is aimed at: the starved one, or the asymmetric senders
+    (never the seed n1)."""
+    names = system.names
+    if args.soak == "starve":
+        return [names[1]]
+    if args.soak == "asym":
+        return names[1 : 1 + args.asym_hosts]
+    return []
+
+
+async def soak_once(system: System, net: HostNet, args: argparse.Namespace) -> dict[str, Any]:
+    """Converge, then hold the soak's fault for ``--duration`` s; every death verdict anyone
+    reaches meanwhile is a false positive (nobody fails)."""
     converge_s = await wait_converged(system, args.converge_timeout)
     healthy = await wait_healthy(system, args.settle)
     verdicts: list[tuple[str, str, float]] = []
@@ -815,6 +1028,7 @@ async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> d
     errors = 0
     counters: dict[str, dict[str, Any]] = {}
     nft: dict[str, int] = {}  # packets arriving at / dropped by the fault rules, all hosts
+    targets = soak_targets(system, args)
 
     def sink(observer: str, member: str, at: float) -> None:
         verdicts.append((observer, member, at))
@@ -823,15 +1037,27 @@ async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> d
         for name in system.names:
             watchers.start_soon(system.watch_deaths, name, sink)
         await anyio.sleep(0.5)  # subscriptions registered before the fault starts
-        for host in net.hosts:
-            net.set_loss(host, args.loss)
+        starve = contextlib.AsyncExitStack()
+        if args.soak == "loss":
+            for host in net.hosts:
+                net.set_loss(host, args.loss)
+        elif args.soak == "asym":
+            for src in targets:
+                sender = net.hosts[int(src[1:]) - 1]
+                for host in net.hosts:
+                    if host != sender:
+                        net.set_link_loss(sender, host, args.asym_loss)
         t0 = time.monotonic()
         try:
+            if args.soak == "starve":
+                await starve.enter_async_context(starving(system, targets[0], args.starve))
             async with contextlib.AsyncExitStack() as stack:
                 polls = {n: await stack.enter_async_context(system.poller(n)) for n in system.names}
                 while time.monotonic() - t0 < args.duration:
                     tick = time.monotonic()
                     for name, poll in polls.items():
+                        if name in targets and args.soak == "starve":
+                            continue  # its own table is read through its event stream
                         try:
                             view = await poll()
                         except POLL_ERRORS:
@@ -843,14 +1069,16 @@ async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> d
                             elif status == "suspect":
                                 suspect_obs += 1
                     await anyio.sleep(max(0.0, 0.5 - (time.monotonic() - tick)))
-                for name in system.names:
-                    with contextlib.suppress(*POLL_ERRORS):
-                        counters[name] = await system.counters(name)
-                for host in net.hosts:
-                    for rule, packets in net.counters(host).items():
-                        key = "dropped" if rule.startswith("loss") else rule
-                        nft[key] = nft.get(key, 0) + packets
+            await starve.aclose()
+            for name in system.names:
+                with contextlib.suppress(*POLL_ERRORS):
+                    counters[name] = await system.counters(name)
+            for host in net.hosts:
+                for rule, packets in net.counters(host).items():
+                    key = "dropped" if rule.startswith("loss") else rule
+                    nft[key] = nft.get(key, 0) + packets
         finally:
+            await starve.aclose()
             net.heal()
         watchers.cancel_scope.cancel()
     crashed = system.exited()
@@ -860,7 +1088,7 @@ async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> d
         for key in ("deaths", "suspicions", "refutations", "probes", "probe_failures", "failed"):
             if isinstance(c.get(key), int):
                 totals[key] = totals.get(key, 0) + c[key]
-    return {
+    out = {
         "false_positives": len(verdicts),
         "false_positive_pairs": [{"observer": o, "member": m} for o, m in pairs],
         "false_positive_members": sorted({m for _, m in pairs}),
@@ -869,27 +1097,46 @@ async def loss_once(system: System, net: HostNet, args: argparse.Namespace) -> d
         "first_verdict_after_s": _r(min(at for *_, at in verdicts) - t0) if verdicts else None,
         "totals": totals,
         "nft_packets": nft,
-        "loss_measured": round(nft.get("dropped", 0) / nft["arriving"], 4)
-        if nft.get("arriving")
-        else None,
         "per_node": counters,
         "crashed": crashed,
         "poll_errors": errors,
         "converge_s": round(converge_s, 2),
         "settled": healthy,
     }
+    if args.soak == "loss":
+        arriving = nft.get("arriving")
+        out["loss_measured"] = round(nft.get("dropped", 0) / arriving, 4) if arriving else None
+    if targets:
+        out["targets"] = targets
+        out["false_positives_about_targets"] = sum(1 for _, m, _ in verdicts if m in targets)
+        out["false_positives_by_targets"] = sum(1 for o, _, _ in verdicts if o in targets)
+    return out
 
 
-async def run_loss(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def soak_case(args: argparse.Namespace) -> SoakCase:
+    if args.soak == "loss":
+        return SoakCase("loss", loss=args.loss)
+    if args.soak == "asym":
+        return SoakCase("asym", loss=args.asym_loss, hosts=args.asym_hosts)
+    starve: Starve = args.starve
+    return starve.sim_case()
+
+
+async def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "mode": "loss",
+        "mode": args.soak,
         "nodes": args.nodes,
         "runs": 1,
         "profile": args.profile,
-        "loss": args.loss,
         "duration_s": args.duration,
         "method": _method(args),
     }
+    if args.soak == "loss":
+        out["loss"] = args.loss
+    elif args.soak == "asym":
+        out |= {"asym_loss": args.asym_loss, "asym_hosts": args.asym_hosts}
+    else:
+        out["starve"] = args.starve.describe()
     reason = unavailable_reason()
     serf = shutil.which("serf") if not args.no_serf else None
     if reason is not None:
@@ -905,24 +1152,36 @@ async def run_loss(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     with net:
         system = meshd_netns(net, root / "meshd", args.profile)
         try:
-            out["meshd"] = await loss_once(system, net, args)
+            out["meshd"] = await soak_once(system, net, args)
         finally:
             system.close()
-        err.print(f"[dim]meshd under {args.loss:.0%} loss: {_loss_line(out['meshd'])}[/dim]")
+        err.print(f"[dim]meshd, {_soak_title(out)}: {_soak_line(out['meshd'])}[/dim]")
         if serf:
             system = await serf_netns(net, root / "serf")
             try:
-                out["serf"] = await loss_once(system, net, args)
+                out["serf"] = await soak_once(system, net, args)
             finally:
                 system.close()
-            err.print(f"[dim]serf under {args.loss:.0%} loss: {_loss_line(out['serf'])}[/dim]")
+            err.print(f"[dim]serf, {_soak_title(out)}: {_soak_line(out['serf'])}[/dim]")
         else:
             out["serf"] = None
             out["serf_note"] = "skipped (--no-serf)" if args.no_serf else SERF_HINT
+    if args.sim_seeds > 0:
+        err.print("[dim]the same fault in the simulator...[/dim]")
+        out["sim"] = sim_soak(args.nodes, soak_case(args), args.duration, 1, args.profile)
     return out
 
 
-def _loss_line(r: dict[str, Any]) -> str:
+def _soak_title(result: dict[str, Any]) -> str:
+    mode = result["mode"]
+    if mode == "loss":
+        return f"{result['loss']:.0%} loss"
+    if mode == "asym":
+        return f"{result['asym_hosts']} hosts lose {result['asym_loss']:.0%} of what they send"
+    return f"one host starved ({result['starve']})"
+
+
+def _soak_line(r: dict[str, Any]) -> str:
     return f"false positives {r['false_positives']}, totals {r['totals']}"
 
 
@@ -931,6 +1190,10 @@ def _loss_line(r: dict[str, Any]) -> str:
 
 def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f} s"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _serf_version() -> str | None:
@@ -946,8 +1209,12 @@ def _method(args: argparse.Namespace) -> dict[str, Any]:
         "serf_version": _serf_version(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "poll_interval_s": args.poll if args.loss is None else 0.5,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "poll_interval_s": args.poll if args.soak is None else 0.5,
         "cluster_per_run": "fresh cluster for every (run, fault, system)",
+        "hosts": "network namespaces on a bridge (chaos.netns.HostNet)"
+        if args.soak is not None or args.netns or "isolate" in args.faults.split(",")
+        else "loopback",
         "converge": "from spawn: includes process start; meshd daemons start all at once "
         "(joins retry with backoff until the seed is up), Serf's seed is started first",
         "settle_s": args.settle,
@@ -955,27 +1222,27 @@ def _method(args: argparse.Namespace) -> dict[str, Any]:
         "serf": "serf agent defaults (LAN profile), no encryption, untuned",
         "hang": "SIGSTOP: sockets stay open, no TCP reset",
         "kill9": "SIGKILL: TCP connects are refused (meshd's refused_is_dead fast path applies)",
+        "isolate": "every packet to and from the victim's host dropped by nftables (input "
+        "hooks of every host): no reset, connects time out; the process keeps running",
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
     console = Console()
-    if result["mode"] == "loss":
+    if result["mode"] != "detect":
         table = Table(
-            title=f"{result['nodes']} nodes, {result['loss']:.0%} loss for {result['duration_s']} s"
+            title=f"{result['nodes']} nodes, {_soak_title(result)} for {result['duration_s']} s"
         )
         table.add_column("")
         table.add_column("false positives", justify="right")
         table.add_column("members hit", justify="right")
         table.add_column("suspicions", justify="right")
         table.add_column("refutations", justify="right")
-        table.add_column("loss measured", justify="right")
         for kind in ("meshd", "serf"):
             r = result.get(kind)
             if not r or r.get("false_positives") is None:
-                table.add_row(kind, "—", "—", "—", "—", "—")
+                table.add_row(kind, "—", "—", "—", "—")
                 continue
-            measured = r.get("loss_measured")
             t = r["totals"]
             table.add_row(
                 kind,
@@ -983,32 +1250,44 @@ def print_table(result: dict[str, Any]) -> None:
                 ", ".join(r["false_positive_members"]) or "none",
                 str(t.get("suspicions", "—")),
                 str(t.get("refutations", "—")),
-                "—" if measured is None else f"{measured:.1%}",
             )
         console.print(table)
+        sim = result.get("sim")
+        if sim:
+            console.print(
+                f"simulator, same fault, {sim['virtual_s']:g} virtual s: "
+                f"{sim['false_positives']} false positives"
+            )
     else:
+        faults = [f for f in _PREFIX if f in result["faults"]]
         table = Table(title=f"{result['nodes']} nodes, {result['runs']} runs (medians)")
         table.add_column("")
-        for col in ("kill -9: first", "kill -9: all", "hang: first", "hang: all", "false pos."):
-            table.add_column(col, justify="right")
+        for fault in faults:
+            table.add_column(f"{fault}: first", justify="right")
+            table.add_column(f"{fault}: all", justify="right")
+        table.add_column("false pos.", justify="right")
         for kind in ("meshd", "serf"):
             r = result.get(kind)
             if not r:
-                table.add_row(kind, "—", "—", "—", "—", "—")
+                table.add_row(kind, *["—"] * (2 * len(faults) + 1))
                 continue
-            table.add_row(
-                kind,
-                _fmt(r["detect_first_median_s"]),
-                _fmt(r["detect_all_median_s"]),
-                _fmt(r["hang_detect_first_median_s"]),
-                _fmt(r["hang_detect_all_median_s"]),
-                str(r["false_positives"]),
-            )
+            cells = []
+            for fault in faults:
+                prefix = _PREFIX[fault]
+                cells += [
+                    _fmt(r[f"{prefix}detect_first_median_s"]),
+                    _fmt(r[f"{prefix}detect_all_median_s"]),
+                ]
+            table.add_row(kind, *cells, str(r["false_positives"]))
         console.print(table)
-        console.print(
-            f"ratio meshd/serf, detect all: kill -9 {result['ratio_detect']}, "
-            f"hang {result['ratio_hang']}"
+        ratios = ", ".join(
+            f"{f} {result.get('ratio_detect' if f == 'kill9' else f'ratio_{f}')}" for f in faults
         )
+        console.print(f"ratio meshd/serf, detect all: {ratios}")
+        sim = result.get("sim")
+        if sim:
+            line = ", ".join(f"{f} {_fmt(sim[f]['median_s'])}" for f in faults)
+            console.print(f"simulator, {sim['seeds']} seeded clusters (virtual medians): {line}")
     for key in ("serf_note", "skipped"):
         if result.get(key):
             console.print(f"[yellow]{key}: {result[key]}[/yellow]")
@@ -1027,9 +1306,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (else a table)")
     p.add_argument("--profile", default="lan", help="meshd profile (Serf always uses its LAN)")
     p.add_argument("--loss", type=float, default=None, help="loss mode: fraction dropped, 0-1")
-    p.add_argument("--duration", type=float, default=60.0, help="loss mode: seconds under loss")
     p.add_argument(
-        "--faults", default="kill9,hang", help="detection mode: kill9 and/or hang (SIGSTOP)"
+        "--starve",
+        type=Starve.parse,
+        default=None,
+        help="starvation mode: one host throttled, stop:S/R (SIGSTOP S s, SIGCONT R s) "
+        "or quota:Q (cgroup CPU quota, %% of one CPU)",
+    )
+    p.add_argument(
+        "--asym-loss",
+        type=float,
+        default=None,
+        help="asymmetric mode: fraction of their packets --asym-hosts hosts lose (one way)",
+    )
+    p.add_argument("--asym-hosts", type=int, default=4, help="asymmetric mode: lossy senders")
+    p.add_argument(
+        "--duration", type=float, default=60.0, help="loss/starve/asym: seconds under the fault"
+    )
+    p.add_argument(
+        "--faults",
+        default="kill9,hang",
+        help="detection mode: any of kill9, hang (SIGSTOP), isolate (all packets dropped)",
+    )
+    p.add_argument(
+        "--netns", action="store_true", help="detection mode: hosts in namespaces for every fault"
     )
     p.add_argument("--poll", type=float, default=0.05, help="detection poll interval (s)")
     p.add_argument("--settle", type=float, default=2.0, help="pause after convergence (s)")
@@ -1038,16 +1338,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--converge-timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=None, help="victim choice RNG seed")
     p.add_argument("--no-serf", action="store_true", help="do not run the Serf reference")
-    p.add_argument("--prefix", default="mshb", help="loss mode: namespace name prefix")
-    p.add_argument("--subnet", default="10.77.0.0/24", help="loss mode: host subnet")
+    p.add_argument(
+        "--sim-seeds",
+        type=int,
+        default=20,
+        help="seeded simulator clusters for the same figures (0: none; soaks use one)",
+    )
+    p.add_argument("--prefix", default="mshb", help="namespace name prefix")
+    p.add_argument("--subnet", default="10.77.0.0/24", help="host subnet")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     return p
 
 
 async def _measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    if args.loss is None:
+    if args.soak is None:
         return await run_detection(args, root)
-    return await run_loss(args, root)
+    return await run_soak(args, root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1056,8 +1362,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--nodes must be at least 3 (a seed, a victim and an observer)")
     if not set(args.faults.split(",")) <= set(FAULTS):
         raise SystemExit(f"--faults: choose from {', '.join(FAULTS)}")
-    if args.loss is not None and not 0 <= args.loss <= 1:
-        raise SystemExit("--loss is a fraction between 0 and 1")
+    chosen = [
+        mode
+        for mode, value in (("loss", args.loss), ("starve", args.starve), ("asym", args.asym_loss))
+        if value is not None
+    ]
+    if len(chosen) > 1:
+        raise SystemExit("--loss, --starve and --asym-loss are separate modes: choose one")
+    args.soak = chosen[0] if chosen else None
+    for name, value in (("--loss", args.loss), ("--asym-loss", args.asym_loss)):
+        if value is not None and not 0 <= value <= 1:
+            raise SystemExit(f"{name} is a fraction between 0 and 1")
+    if args.asym_loss is not None and not 1 <= args.asym_hosts < args.nodes:
+        raise SystemExit("--asym-hosts must be between 1 and --nodes - 1")
     return harness.run(
         "meshd-bench-",
         lambda root: anyio.run(harness.until_sigterm, lambda: _measure(args, root), backend="trio"),
