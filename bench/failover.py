@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,18 +56,23 @@ from rich.table import Table
 from bench import harness
 from bench.membership import (
     POLL_ERRORS,
+    System,
+    fault_action,
     measure_detection,
+    meshd_netns,
     serf_loopback,
+    serf_netns,
     wait_converged,
     wait_healthy,
 )
+from chaos.netns import HostNet, unavailable_reason
 from meshd import __version__ as meshd_version
 from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd_client import AgentContext, Mesh, Message
 from meshd_client.connection import Connection
-from meshd_client.protocol.errors import MeshError
+from meshd_client.protocol.errors import ErrorKind, MeshError
 
 err = Console(stderr=True, soft_wrap=True)
 CAPACITY = 100_000
@@ -93,7 +98,7 @@ def handler_for(fn: Any) -> Any:
 
 
 @asynccontextmanager
-async def meshes(daemons: Sequence[Daemon]) -> AsyncIterator[dict[str, Mesh]]:
+async def meshes(daemons: Sequence[AnyDaemon]) -> AsyncIterator[dict[str, Mesh]]:
     async with AsyncExitStack() as stack:
         out = {}
         for d in daemons:
@@ -101,7 +106,7 @@ async def meshes(daemons: Sequence[Daemon]) -> AsyncIterator[dict[str, Mesh]]:
         yield out
 
 
-async def serving(daemons: Sequence[Daemon], kind: str, hosts: set[str], timeout: float) -> None:
+async def serving(daemons: Sequence[AnyDaemon], kind: str, hosts: set[str], timeout: float) -> None:
     with anyio.fail_after(timeout):
         while True:
             tables = [await d.call("kinds") for d in daemons]
@@ -113,6 +118,22 @@ async def serving(daemons: Sequence[Daemon], kind: str, hosts: set[str], timeout
 async def registry(daemon: Daemon, kind: str) -> dict[str, str]:
     result = await daemon.call("agents", {"kind": kind, "limit": 1_000_000}, timeout=10)
     return {a["name"]: a["node"] for a in result["agents"]}
+
+
+@dataclass
+class NetnsDaemon:
+    """A meshd daemon in a network namespace, seen the way the benchmark sees a
+    :class:`Daemon`: a name, an API socket (in the file system, reachable from here), calls."""
+
+    name: str
+    socket_path: str
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        async with Connection.open(self.socket_path, client="bench", timeout=timeout) as conn:
+            return await conn.call(op, args, timeout=timeout)
+
+
+AnyDaemon = Daemon | NetnsDaemon
 
 
 async def start(cluster: LocalCluster, n: int, timeout: float = 60) -> list[Daemon]:
@@ -146,6 +167,7 @@ def _r(v: float | None, digits: int = 3) -> float | None:
 
 @dataclass
 class FailoverRun:
+    fault: str
     victim: str
     first_reply_s: float | None
     meshd_detect_all_s: float | None
@@ -154,127 +176,208 @@ class FailoverRun:
     exact: bool
     retried_calls: int
     new_home: str | None
+    first_unreachable_s: float | None = None
+    stale_errors: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
-async def failover_once(root: Path, args: argparse.Namespace, rng: random.Random) -> FailoverRun:
-    with LocalCluster(root, profile=args.profile) as cluster:
-        daemons = await start(cluster, args.nodes)
-        async with meshes(daemons) as ms:
-            for mesh in ms.values():
-                await mesh.serve_kind("counter", handler_for(counter), idle_timeout=None)
-            await serving(daemons, "counter", set(ms), 30)
-            # A random non-seed host, found by spawning names until one lands there.
-            victim = rng.choice([d.name for d in daemons[1:]])
-            name = ""
-            for i in range(1000):
-                candidate = f"counter/f{i}"
-                owner = (
-                    await daemons[0].call("placement", {"kind": "counter", "name": candidate})
-                )["owner"]
-                if owner == victim:
-                    name = candidate
-                    break
-            info = await ms["n1"].spawn("counter", name)
-            assert info.node == victim
-            caller = rng.choice([n for n in ms if n != victim])
-            acked: list[tuple[float, dict[str, Any]]] = []
-            errors: list[str] = []
-            calls: list[float] = []  # duration of every call
-            killed = anyio.Event()
-            t0 = 0.0
-            first: list[float] = []
-            detect: list[float] = []
+async def failover_once(
+    root: Path,
+    args: argparse.Namespace,
+    rng: random.Random,
+    fault: str = "kill9",
+    net: HostNet | None = None,
+) -> FailoverRun:
+    """One failover run: ``kill9`` on loopback (SIGKILL: the host refuses connections), or
+    ``isolate`` in network namespaces (every packet of the host dropped: silence)."""
+    if fault == "kill9":
+        with LocalCluster(root, profile=args.profile) as cluster:
+            daemons = await start(cluster, args.nodes)
+            victim_of = {d.name: d for d in daemons}
+            return await _failover(list(daemons), args, rng, lambda v: victim_of[v].kill(), fault)
+    assert net is not None
+    system = meshd_netns(net, root, args.profile, port=next(_PORTS))
+    try:
+        await wait_converged(system, 60)
+        await wait_healthy(system, 2.0)
+        netns_daemons: list[AnyDaemon] = [
+            NetnsDaemon(a.name, a.socket) for a in system.agents.values()
+        ]
+        return await _failover(
+            netns_daemons, args, rng, lambda v: fault_action(system, v, fault, net)(), fault
+        )
+    finally:
+        system.close()
+        net.heal()
 
-            async def client() -> None:
-                i = 0
-                while True:
-                    started = time.monotonic()
-                    try:
-                        reply = await ms[caller].request(
-                            name, "inc", at_least_once=True, id=f"i{i}", timeout=60
-                        )
-                    except MeshError as exc:
-                        errors.append(f"{exc.kind.value}: {exc.message}")
-                        continue
-                    now = time.monotonic()
-                    calls.append(now - started)
-                    acked.append((now, reply))
-                    if killed.is_set() and reply["node"] != victim and not first:
-                        first.append(now - t0)
+
+_PORTS = itertools.count(21000, 10)  # a fresh port per namespaced cluster
+
+
+async def _failover(
+    daemons: list[AnyDaemon],
+    args: argparse.Namespace,
+    rng: random.Random,
+    apply: Callable[[str], None],
+    fault: str,
+) -> FailoverRun:
+    async with meshes(daemons) as ms:
+        for mesh in ms.values():
+            await mesh.serve_kind("counter", handler_for(counter), idle_timeout=None)
+        await serving(daemons, "counter", set(ms), 30)
+        # A random non-seed host, found by spawning names until one lands there.
+        victim = rng.choice([d.name for d in daemons[1:]])
+        name = ""
+        for i in range(1000):
+            candidate = f"counter/f{i}"
+            owner = (await daemons[0].call("placement", {"kind": "counter", "name": candidate}))[
+                "owner"
+            ]
+            if owner == victim:
+                name = candidate
+                break
+        info = await ms["n1"].spawn("counter", name)
+        assert info.node == victim
+        caller = rng.choice([n for n in ms if n != victim])
+        acked: list[tuple[float, dict[str, Any]]] = []
+        errors: list[str] = []
+        calls: list[float] = []  # duration of every call
+        killed = anyio.Event()
+        t0 = 0.0
+        first: list[float] = []
+        detect: list[float] = []
+
+        async def client() -> None:
+            i = 0
+            while True:
+                started = time.monotonic()
+                try:
+                    reply = await ms[caller].request(
+                        name, "inc", at_least_once=True, id=f"i{i}", timeout=60
+                    )
+                except MeshError as exc:
+                    errors.append(f"{exc.kind.value}: {exc.message}")
+                    continue
+                now = time.monotonic()
+                calls.append(now - started)
+                acked.append((now, reply))
+                if killed.is_set() and reply["node"] != victim and not first:
+                    first.append(now - t0)
+                    return
+                i += 1
+
+        unreachable: list[float] = []
+        stale_kinds: dict[str, int] = {}
+
+        async def stale_caller() -> None:
+            """A caller without retries, on another host: how soon after the fault is it told
+            ``unreachable`` (the circuit to the silent host open), instead of waiting out a
+            timeout? Stops at that answer, or when the agent already answers from elsewhere."""
+            await killed.wait()
+            while True:
+                try:
+                    reply = await ms[caller].request(name, "get", timeout=2)
+                except MeshError as exc:
+                    stale_kinds[exc.kind.value] = stale_kinds.get(exc.kind.value, 0) + 1
+                    if exc.kind is ErrorKind.UNREACHABLE:
+                        unreachable.append(time.monotonic() - t0)
                         return
-                    i += 1
+                    continue
+                if reply["node"] != victim:
+                    return
+                await anyio.sleep(0.01)
 
-            async def watch_detection() -> None:
-                survivors = [d for d in daemons if d.name != victim]
-                async with AsyncExitStack() as stack:
-                    conns = [
-                        await stack.enter_async_context(
-                            Connection.open(d.socket_path, client="bench", timeout=3)
-                        )
-                        for d in survivors
-                    ]
-                    await killed.wait()
-                    pending = set(range(len(conns)))
-                    while pending:
-                        for j in list(pending):
-                            with contextlib.suppress(*POLL_ERRORS):
-                                members = await conns[j].call("members", timeout=2)
-                                if any(
-                                    m["name"] == victim and m["status"] == "dead" for m in members
-                                ):
-                                    pending.discard(j)
-                        await anyio.sleep(args.poll)
-                    detect.append(time.monotonic() - t0)
+        async def watch_detection() -> None:
+            survivors = [d for d in daemons if d.name != victim]
+            async with AsyncExitStack() as stack:
+                conns = [
+                    await stack.enter_async_context(
+                        Connection.open(d.socket_path, client="bench", timeout=3)
+                    )
+                    for d in survivors
+                ]
+                await killed.wait()
+                pending = set(range(len(conns)))
+                while pending:
+                    for j in list(pending):
+                        with contextlib.suppress(*POLL_ERRORS):
+                            members = await conns[j].call("members", timeout=2)
+                            if any(m["name"] == victim and m["status"] == "dead" for m in members):
+                                pending.discard(j)
+                    await anyio.sleep(args.poll)
+                detect.append(time.monotonic() - t0)
 
-            with anyio.move_on_after(args.failover_timeout):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(watch_detection)
-                    tg.start_soon(client)
-                    while len(acked) < 20:
+        with anyio.move_on_after(args.failover_timeout):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_detection)
+                tg.start_soon(client)
+                tg.start_soon(stale_caller)
+                while len(acked) < 20:
+                    await anyio.sleep(0.01)
+                await anyio.sleep(rng.uniform(0, 0.05))  # kill at a random point of a call
+                t0 = time.monotonic()
+                apply(victim)
+                killed.set()
+                with anyio.fail_after(args.failover_timeout):
+                    while not (first and detect):
                         await anyio.sleep(0.01)
-                    await anyio.sleep(rng.uniform(0, 0.05))  # kill at a random point of a call
-                    t0 = time.monotonic()
-                    cluster[victim].kill()
-                    killed.set()
-                    with anyio.fail_after(args.failover_timeout):
-                        while not (first and detect):
-                            await anyio.sleep(0.01)
-                    tg.cancel_scope.cancel()
-            count: int | None = None
-            new_home = None
-            with contextlib.suppress(MeshError):
-                final = await ms[caller].request(name, "get", timeout=10)
-                count, new_home = final["n"], final["node"]
-            # A call cancelled mid-way at the end may or may not have been applied; every
-            # acknowledged one must be counted exactly once.
-            exact = count is not None and count in (len(acked), len(acked) + 1)
-            slow = sum(1 for c in calls if c > 0.5)
-            return FailoverRun(
-                victim=victim,
-                first_reply_s=first[0] if first else None,
-                meshd_detect_all_s=detect[0] if detect else None,
-                acked=len(acked),
-                count=count,
-                exact=exact,
-                retried_calls=slow,
-                new_home=new_home,
-                errors=errors[:5],
-            )
+                tg.cancel_scope.cancel()
+        count: int | None = None
+        new_home = None
+        with contextlib.suppress(MeshError):
+            final = await ms[caller].request(name, "get", timeout=10)
+            count, new_home = final["n"], final["node"]
+        # A call cancelled mid-way at the end may or may not have been applied; every
+        # acknowledged one must be counted exactly once.
+        exact = count is not None and count in (len(acked), len(acked) + 1)
+        slow = sum(1 for c in calls if c > 0.5)
+        return FailoverRun(
+            fault=fault,
+            victim=victim,
+            first_reply_s=first[0] if first else None,
+            meshd_detect_all_s=detect[0] if detect else None,
+            acked=len(acked),
+            count=count,
+            exact=exact,
+            retried_calls=slow,
+            first_unreachable_s=unreachable[0] if unreachable else None,
+            stale_errors=stale_kinds,
+            new_home=new_home,
+            errors=errors[:5],
+        )
 
 
-async def serf_detection(root: Path, args: argparse.Namespace, rng: random.Random) -> float | None:
-    system = await serf_loopback(root, args.nodes)
+async def serf_detection(
+    root: Path,
+    args: argparse.Namespace,
+    rng: random.Random,
+    fault: str = "kill9",
+    net: HostNet | None = None,
+) -> float | None:
+    system: System
+    if net is None:
+        system = await serf_loopback(root, args.nodes)
+    else:
+        port = next(_PORTS)
+        system = await serf_netns(net, root, port=port, rpc_port=port + 1)
     try:
         await wait_converged(system, 60)
         await wait_healthy(system, 2.0)
         victim = rng.choice(system.names[1:])
         result = await measure_detection(
-            system, victim, signal.SIGKILL, poll_s=args.poll, timeout_s=60, tail_s=0.0
+            system,
+            victim,
+            fault,
+            fault_action(system, victim, fault, net),
+            poll_s=args.poll,
+            timeout_s=60,
+            tail_s=0.0,
         )
         return result.all_s
     finally:
         system.close()
+        if net is not None:
+            net.heal()
 
 
 # ---------------------------------------------------------------------------- the rest
@@ -407,29 +510,88 @@ async def lifecycle(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- main
 
 
+async def failovers(
+    args: argparse.Namespace, root: Path, rng: random.Random, serf: str | None
+) -> tuple[dict[str, list[FailoverRun]], dict[str, list[float | None]]]:
+    """``--runs`` failover runs per fault, each with a Serf detection run of the same fault."""
+    faults: list[str] = args.faults.split(",")
+    runs: dict[str, list[FailoverRun]] = {f: [] for f in faults}
+    serf_runs: dict[str, list[float | None]] = {f: [] for f in faults}
+    net = (
+        HostNet(args.nodes, prefix=args.prefix, subnet=args.subnet, root_addr=True)
+        if ("isolate" in faults)
+        else None
+    )
+    with net if net is not None else contextlib.nullcontext():
+        for run in range(1, args.runs + 1):
+            # Interleaved, so that drifting machine load hits both alike.
+            for fault in faults:
+                where = net if fault == "isolate" else None
+                r = await failover_once(root / f"failover{run}-{fault}", args, rng, fault, where)
+                runs[fault].append(r)
+                err.print(
+                    f"[dim]run {run}/{args.runs} meshd {fault}: {r.victim}, first reply from "
+                    f"{r.new_home} after {_fmt(r.first_reply_s)} (detected by all after "
+                    f"{_fmt(r.meshd_detect_all_s)}, unreachable after "
+                    f"{_fmt(r.first_unreachable_s)}), {r.acked} acked, count {r.count}, "
+                    f"exact {r.exact}[/dim]"
+                )
+                if serf:
+                    s = await serf_detection(root / f"serf{run}-{fault}", args, rng, fault, where)
+                    serf_runs[fault].append(s)
+                    err.print(
+                        f"[dim]run {run}/{args.runs} serf {fault}: detected by all after "
+                        f"{_fmt(s)}[/dim]"
+                    )
+    return runs, serf_runs
+
+
+def _run_json(r: FailoverRun) -> dict[str, Any]:
+    return {
+        "fault": r.fault,
+        "victim": r.victim,
+        "first_reply_s": _r(r.first_reply_s),
+        "meshd_detect_all_s": _r(r.meshd_detect_all_s),
+        "first_unreachable_s": _r(r.first_unreachable_s),
+        "stale_caller_errors": r.stale_errors,
+        "acked": r.acked,
+        "count": r.count,
+        "exact": r.exact,
+        "calls_over_500ms": r.retried_calls,
+        "client_errors": r.errors,
+    }
+
+
 async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rng = random.Random(args.seed)
     serf = shutil.which("serf") if not args.no_serf else None
-    runs: list[FailoverRun] = []
-    serf_runs: list[float | None] = []
-    for run in range(1, args.runs + 1):
-        # Interleaved, so that drifting machine load hits both alike.
-        r = await failover_once(root / f"failover{run}", args, rng)
-        runs.append(r)
-        err.print(
-            f"[dim]run {run}/{args.runs} meshd: killed {r.victim}, first reply from "
-            f"{r.new_home} after {_fmt(r.first_reply_s)} (detected by all after "
-            f"{_fmt(r.meshd_detect_all_s)}), {r.acked} acked, count {r.count}, "
-            f"exact {r.exact}[/dim]"
-        )
-        if serf:
-            s = await serf_detection(root / f"serf{run}", args, rng)
-            serf_runs.append(s)
-            err.print(f"[dim]run {run}/{args.runs} serf: detected by all after {_fmt(s)}[/dim]")
-    err.print("[dim]activation, spawn and rebalance...[/dim]")
-    rest = await lifecycle(root / "lifecycle", args)
+    by_fault, serf_by_fault = await failovers(args, root, rng, serf)
+    silent: dict[str, Any] = {}
+    for fault in by_fault:
+        if fault == "kill9":
+            continue
+        f_runs, s_runs = by_fault[fault], serf_by_fault[fault]
+        first, serf_f = median([r.first_reply_s for r in f_runs]), median(s_runs) if serf else None
+        silent[fault] = {
+            "failover_first_reply_s": first,
+            "meshd_detect_all_s": median([r.meshd_detect_all_s for r in f_runs]),
+            "first_unreachable_s": median([r.first_unreachable_s for r in f_runs]),
+            "serf_detect_all_s": serf_f,
+            "failover_within_serf_detection": (
+                None if first is None or serf_f is None else first <= serf_f
+            ),
+            "runs": [_run_json(r) for r in f_runs],
+            "serf_runs_s": [_r(s) for s in s_runs],
+        }
+    runs = by_fault.get("kill9", [])
+    serf_runs = serf_by_fault.get("kill9", [])
+    if args.skip_lifecycle:
+        rest: dict[str, Any] = {}
+    else:
+        err.print("[dim]activation, spawn and rebalance...[/dim]")
+        rest = await lifecycle(root / "lifecycle", args)
     failover = median([r.first_reply_s for r in runs])
-    serf_all = median(serf_runs) if serf else None
+    serf_all = median(serf_runs) if serf and runs else None
     out: dict[str, Any] = {
         "nodes": args.nodes,
         "runs": args.runs,
@@ -437,28 +599,19 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "failover_first_reply_s": failover,
         "serf_detect_all_s": serf_all,
         "meshd_detect_all_s": median([r.meshd_detect_all_s for r in runs]),
+        "first_unreachable_s": median([r.first_unreachable_s for r in runs]),
+        "faults": args.faults.split(","),
+        **silent,
         **rest,
         "targets": {
             "failover_below_serf_detection": (
                 None if failover is None or serf_all is None else failover < serf_all
             ),
             "activation_p50_below_5ms": (
-                None if rest["activation_p50_ms"] is None else rest["activation_p50_ms"] < 5
+                None if rest.get("activation_p50_ms") is None else rest["activation_p50_ms"] < 5
             ),
         },
-        "failover_runs": [
-            {
-                "victim": r.victim,
-                "first_reply_s": _r(r.first_reply_s),
-                "meshd_detect_all_s": _r(r.meshd_detect_all_s),
-                "acked": r.acked,
-                "count": r.count,
-                "exact": r.exact,
-                "calls_over_500ms": r.retried_calls,
-                "client_errors": r.errors,
-            }
-            for r in runs
-        ],
+        "failover_runs": [_run_json(r) for r in runs],
         "serf_runs_s": [_r(s) for s in serf_runs],
         "method": {
             "meshd_version": meshd_version,
@@ -468,8 +621,13 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "this one process (their CPU is shared)",
             "meshd": f"profile {args.profile}, encrypted gossip, placement {PlacementTuning()}",
             "serf": "serf agent defaults (LAN), fresh cluster per run",
-            "failover": "kill -9 of the agent's host to the first successful reply from "
-            "the new host, client-library at_least_once requests in a loop",
+            "failover": "kill -9 of the agent's host (or, for isolate, every packet of its "
+            "host dropped by nftables in its network namespace) to the first successful reply "
+            "from the new host, client-library at_least_once requests in a loop",
+            "first_unreachable": "from the fault to the first 'unreachable' answer to a plain "
+            "request (no retries, 2 s timeout) from a caller on another host",
+            "isolate": "daemons and Serf agents in network namespaces on a bridge "
+            "(chaos.netns.HostNet); kill9 on loopback",
         },
     }
     if not serf:
@@ -495,6 +653,22 @@ def print_table(result: dict[str, Any]) -> None:
         f"{t['failover_below_serf_detection']}",
     )
     table.add_row("meshd detect-all (same runs)", _fmt(result["meshd_detect_all_s"]), "")
+    table.add_row("first 'unreachable' (same runs)", _fmt(result["first_unreachable_s"]), "")
+    for fault in result["faults"]:
+        r = result.get(fault) if fault != "kill9" else None
+        if not r:
+            continue
+        table.add_row(
+            f"{fault}: failover first reply",
+            _fmt(r["failover_first_reply_s"]),
+            f"<= Serf detect-all {_fmt(r['serf_detect_all_s'])}: "
+            f"{r['failover_within_serf_detection']}",
+        )
+        table.add_row(f"{fault}: meshd detect-all", _fmt(r["meshd_detect_all_s"]), "")
+        table.add_row(f"{fault}: first 'unreachable'", _fmt(r["first_unreachable_s"]), "")
+    if "activation_p50_ms" not in result:
+        console.print(table)
+        return
     table.add_row(
         "activation p50 / p99",
         f"{result['activation_p50_ms']} / {result['activation_p99_ms']} ms",
@@ -535,6 +709,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rebalance-timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-serf", action="store_true", help="do not run the Serf reference")
+    p.add_argument(
+        "--faults",
+        default="kill9",
+        help="failover after: kill9 (SIGKILL, loopback) and/or isolate (every packet of the "
+        "host dropped, network namespaces; needs root and nft)",
+    )
+    p.add_argument(
+        "--skip-lifecycle", action="store_true", help="failover only (no activation/spawn)"
+    )
+    p.add_argument("--prefix", default="mshf", help="namespace name prefix (isolate)")
+    p.add_argument("--subnet", default="10.78.0.0/24", help="host subnet (isolate)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     return p
 
@@ -543,6 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.nodes < 3:
         raise SystemExit("--nodes must be at least 3")
+    faults = args.faults.split(",")
+    if not faults or not set(faults) <= {"kill9", "isolate"}:
+        raise SystemExit("--faults: kill9 and/or isolate")
+    if "isolate" in faults and (reason := unavailable_reason()) is not None:
+        raise SystemExit(f"--faults isolate: {reason}")
     return harness.run(
         "meshd-bench-failover-",
         lambda root: anyio.run(bench, args, root, backend="trio"),
