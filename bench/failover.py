@@ -223,7 +223,9 @@ async def _failover(
 ) -> FailoverRun:
     async with meshes(daemons) as ms:
         for mesh in ms.values():
-            await mesh.serve_kind("counter", handler_for(counter), idle_timeout=None)
+            await mesh.serve_kind(
+                "counter", handler_for(counter), idle_timeout=None, strategy=args.strategy
+            )
         await serving(daemons, "counter", set(ms), 30)
         # A random non-seed host, found by spawning names until one lands there.
         victim = rng.choice([d.name for d in daemons[1:]])
@@ -596,6 +598,7 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "nodes": args.nodes,
         "runs": args.runs,
         "profile": args.profile,
+        "strategy": args.strategy,
         "failover_first_reply_s": failover,
         "serf_detect_all_s": serf_all,
         "meshd_detect_all_s": median([r.meshd_detect_all_s for r in runs]),
@@ -714,6 +717,14 @@ def _parser() -> argparse.ArgumentParser:
         default="kill9",
         help="failover after: kill9 (SIGKILL, loopback) and/or isolate (every packet of the "
         "host dropped, network namespaces; needs root and nft)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=["keep_majority", "allow_duplicates"],
+        default="keep_majority",
+        help="the counter kind's placement strategy: keep_majority waits placement.stable_after "
+        "before taking over from a silent host (it may still run on the other side of a "
+        "partition); allow_duplicates does not",
     )
     p.add_argument(
         "--skip-lifecycle", action="store_true", help="failover only (no activation/spawn)"
