@@ -861,7 +861,10 @@ async def run_detection(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         out["serf_note"] = "skipped (--no-serf)" if args.no_serf else SERF_HINT
     if args.sim_seeds > 0:
         err.print("[dim]the same faults in the simulator...[/dim]")
-        out["sim"] = sim_detection(args.nodes, faults, args.sim_seeds, args.profile)
+        # The simulator runs its own trio loop (virtual time): in a worker thread.
+        out["sim"] = await anyio.to_thread.run_sync(
+            sim_detection, args.nodes, faults, args.sim_seeds, args.profile
+        )
     return out
 
 
@@ -1168,7 +1171,9 @@ async def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             out["serf_note"] = "skipped (--no-serf)" if args.no_serf else SERF_HINT
     if args.sim_seeds > 0:
         err.print("[dim]the same fault in the simulator...[/dim]")
-        out["sim"] = sim_soak(args.nodes, soak_case(args), args.duration, 1, args.profile)
+        out["sim"] = await anyio.to_thread.run_sync(
+            sim_soak, args.nodes, soak_case(args), args.duration, 1, args.profile
+        )
     return out
 
 
