@@ -246,6 +246,16 @@ SOAK_CASES = {
     "starve_quota": SoakCase("starve", stop=0.09, run=0.01),
     "asym": SoakCase("asym", loss=0.40, hosts=4),
 }
+# Harsher cases for the trade-off curve only: stops as long as the faster minimum itself,
+# and heavier loss. Where a setting's false positives start to show.
+SWEEP_CASES = {
+    "loss": SOAK_CASES["loss"],
+    "loss_25": SoakCase("loss", loss=0.25),
+    "asym": SOAK_CASES["asym"],
+    "starve_stop": SOAK_CASES["starve_stop"],
+    "starve_2s": SoakCase("starve", stop=2.0, run=2.0),
+    "starve_3s": SoakCase("starve", stop=3.0, run=3.0),
+}
 
 
 async def _converged_cluster(n: int, seed: int, profile: Tune) -> SimNetwork:
@@ -390,7 +400,7 @@ def sweep(
         det = sim_detection(16, ["isolate"], seeds, tune)["isolate"]
         row: dict[str, Any] = {"settings": changes, "isolate_n16": det}
         for case in cases:
-            soak = sim_soak(16, SOAK_CASES[case], soak_duration, 1, tune)
+            soak = sim_soak(16, SWEEP_CASES[case], soak_duration, 1, tune)
             row[case] = {k: soak[k] for k in ("false_positives", "suspect_events")}
         out[name] = row
         print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -467,7 +477,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sweep:
-        curve = sweep(args.detector_seeds, args.soak_duration, list(SOAK_CASES), args.profile)
+        curve = sweep(args.detector_seeds, args.soak_duration, list(SWEEP_CASES), args.profile)
         print(json.dumps({"sweep": curve, "soak_virtual_s": args.soak_duration}))
         return 0
     result = trio.run(run, args, clock=trio.testing.MockClock(autojump_threshold=0))
