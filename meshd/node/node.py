@@ -43,6 +43,7 @@ from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.placement.reminders import Reminders
 from meshd.placement.service import Placement
+from meshd.registry.model import Entry
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
 from meshd.registry.registry import Registry, RegistryEvent
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
@@ -191,6 +192,24 @@ async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list
                 out.append((str(sockaddr[0]), int(sockaddr[1])))
                 break
     return out, failed
+
+
+class _Activations:
+    """Routing's view of placement (:class:`~meshd.routing.ports.Activator`). The router is
+    built before placement, which needs it; this hands routing's questions to the node's
+    placement when they are asked."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def ensure_active(self, name: str, kind: str | None, deadline: float) -> Entry:
+        return await self._node.placement.ensure_active(name, kind, deadline)
+
+    def may_run(self, kind: str) -> bool:
+        return self._node.placement.may_run(kind)
+
+    async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
+        return await self._node.placement.activate_local(name, kind, deadline)
 
 
 class Node:
@@ -517,6 +536,7 @@ class Node:
             docs=self.replication,
             membership=self.core,
             log=logging.getLogger("meshd.routing"),
+            activator=_Activations(self),
         )
         self.routing_links = PeerLinks(
             Channel.ROUTING,
@@ -536,12 +556,11 @@ class Node:
             membership=self.core,
             registry=self.registry,
             docs=self.replication,
+            host=self.router,
             tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
+            catch_up=self.replication.catch_up,
         )
-        self.placement.router = self.router
-        self.placement.catch_up = self.replication.catch_up
-        self.router.placement = self.placement
         self.replication.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(
             self.replication,

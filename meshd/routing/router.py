@@ -31,12 +31,11 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 from pycrdt import Map
 
-from meshd.api.server import Session, Stream
 from meshd.logs import RateLimitedLog
 from meshd.membership.core import Membership
 from meshd.registry.model import Entry
@@ -47,12 +46,10 @@ from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
 from meshd.routing.messages import Activate, Control, Deliver, DeliveryKind, Result, Signal
+from meshd.routing.ports import Activator, EventSink
 from meshd.transport.links import PeerLinks
 from meshd.wire.membership import Status
 from meshd.wire.validate import WireError
-
-if TYPE_CHECKING:
-    from meshd.placement.service import Placement
 from meshd_client.protocol import cbor, errors
 from meshd_client.protocol.errors import MeshError
 
@@ -137,8 +134,8 @@ class LocalAgent:
     """An agent served by a client session on this host."""
 
     entry: Entry
-    session: Session
-    stream: Stream
+    owner: object  # the client serving it (compared by identity)
+    stream: EventSink
     pending: dict[str, _Waiter] = field(default_factory=dict)
     notices: Callable[[dict[str, Any]], None] | None = None
 
@@ -177,6 +174,7 @@ class Router:
         docs: Documents,
         membership: Membership,
         log: logging.Logger,
+        activator: Activator | None = None,
     ) -> None:
         self.node = node
         self.registry = registry
@@ -185,7 +183,8 @@ class Router:
         self.log = log
         self.ratelog = RateLimitedLog(log)
         self.links: PeerLinks | None = None
-        self.placement: Placement | None = None
+        # Placement, as routing sees it (None: this router starts no agents itself).
+        self.activator = activator
         # Operator commands other daemons may send this one (e.g. "drain").
         self.control_handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self.stats = RouterStats()
@@ -195,7 +194,7 @@ class Router:
         self._outbound: dict[str, _Waiter] = {}
         self._dedup_waiters: dict[str, list[_Waiter]] = {}
         # Local subscriptions: pattern -> {token: stream}, and the patterns as an index.
-        self._subscribers: dict[str, dict[int, Stream]] = {}
+        self._subscribers: dict[str, dict[int, EventSink]] = {}
         self._local_index = topics.PatternIndex()
         self._tokens = itertools.count()
         # Patterns that gained their first or lost their last local subscriber since this
@@ -351,10 +350,10 @@ class Router:
         msg_id = msg_id or uuid.uuid4().hex
         deadline = trio.current_time() + timeout
         entry = self.registry.lookup(to)
-        if entry is None and self.placement is not None:
+        if entry is None and self.activator is not None:
             try:
                 # A virtual agent (or one whose host died): activate it where it belongs.
-                entry = await self.placement.ensure_active(to, None, deadline)
+                entry = await self.activator.ensure_active(to, None, deadline)
             except errors.NotFound:
                 entry = None
         if entry is None:
@@ -393,7 +392,7 @@ class Router:
             raise errors.Invalid(f"message body larger than {MAX_BODY} bytes")
         entry = self.registry.lookup(to)
         if entry is None:
-            if self.placement is not None:
+            if self.activator is not None:
                 return False
             raise self._missing(to)
         msg_id = msg_id or uuid.uuid4().hex
@@ -551,13 +550,13 @@ class Router:
     async def _serve_activate(self, peer: str, msg: Activate) -> None:
         deadline = trio.current_time() + msg.ttl_ms / 1000
         try:
-            if self.placement is None:
+            if self.activator is None:
                 raise errors.Unreachable("this daemon does not place agents")
-            if not self.placement.may_run(msg.kind):
+            if not self.activator.may_run(msg.kind):
                 raise errors.Unreachable(
                     f"{msg.name!r} is a keep_majority agent and {self.node} is in a minority"
                 )
-            entry = await self.placement.activate_local(msg.name, msg.kind, deadline)
+            entry = await self.activator.activate_local(msg.name, msg.kind, deadline)
             ok, payload = True, entry.to_dict()
         except MeshError as exc:
             ok, payload = False, exc.to_wire()
@@ -746,9 +745,10 @@ class Router:
     def attach(self, agent: LocalAgent) -> None:
         self.local[agent.entry.name] = agent
 
-    def detach(self, name: str, session: Session) -> None:
+    def detach(self, name: str, owner: object) -> None:
+        """``owner``'s agent ``name`` stopped (another owner's agent of that name stays)."""
         agent = self.local.get(name)
-        if agent is None or agent.session is not session:
+        if agent is None or agent.owner is not owner:
             return
         del self.local[name]
         for waiter in list(agent.pending.values()):
@@ -804,7 +804,7 @@ class Router:
 
     # ------------------------------------------------------------------ signals
 
-    def subscribe(self, now: float, pattern: str, stream: Stream) -> Callable[[], None]:
+    def subscribe(self, now: float, pattern: str, stream: EventSink) -> Callable[[], None]:
         """Deliver signals matching ``pattern`` to ``stream`` until the returned function is
         called. Both cost the same whatever the number of subscriptions held (the first and
         last subscriber of a pattern also mark it for this node's registry document)."""
