@@ -26,7 +26,6 @@ Rules, after SWIM, Lifeguard and memberlist:
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +45,7 @@ from meshd.membership.events import (
     StreamRequest,
 )
 from meshd.membership.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from meshd.timers import TimerHeap
 from meshd.wire import membership as wire
 from meshd.wire import packet
 from meshd.wire.membership import (
@@ -188,8 +188,7 @@ class Membership:
         self._seen: dict[bytes, None] = {}  # recently seen gossip items, oldest first
         self._seen_limit = seen_limit
         self._outputs: list[Output] = []
-        self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
-        self._timer_seq = 0
+        self._timers = TimerHeap()
         self._seq = rng.getrandbits(32)
         self._token = 0
         self._probes: dict[int, _Probe] = {}
@@ -336,16 +335,13 @@ class Membership:
         return out
 
     def next_deadline(self) -> float:
-        return self._timers[0][0] if self._timers else math.inf
+        return self._timers.next_deadline()
 
     # ------------------------------------------------------------------ public: inputs
 
     def tick(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, fn, arg = heapq.heappop(timers)
-            fn(now, arg)
+        self._timers.run(now)
 
     def handle_packet(self, now: float, src: Address, data: bytes) -> None:
         """A decrypted UDP datagram from ``src``. Bad input is counted and dropped.
@@ -428,8 +424,7 @@ class Membership:
     # ------------------------------------------------------------------ timers
 
     def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, fn, arg))
+        self._timers.at(when, fn, arg)
 
     # ------------------------------------------------------------------ output helpers
 

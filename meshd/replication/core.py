@@ -31,7 +31,6 @@ naming how many did.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections import deque
@@ -57,6 +56,7 @@ from meshd.replication.messages import (
     Vectors,
 )
 from meshd.replication.replica import DocStore, Replica, UpdateRejected, check_update
+from meshd.timers import TimerHeap
 
 EMPTY_SV = b"\x00"
 MAX_SYNC_BYTES = 32 << 20  # one SYNC/UPDATES message; the rest waits for the next round
@@ -212,8 +212,7 @@ class Replicator:
         self._reference: frozenset[str] | None = frozenset({node})
         self._reference_set = False
         self._outputs: list[Output] = []
-        self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
-        self._timer_seq = 0
+        self._timers = TimerHeap()
         self._pending_push: dict[str, tuple[int, list[bytes]]] = {}  # name → (epoch, deltas)
         self._flush_at: float | None = None
         self._token = 0
@@ -227,16 +226,13 @@ class Replicator:
     # ------------------------------------------------------------------ plumbing
 
     def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, fn, arg))
+        self._timers.at(when, fn, arg)
 
     def next_deadline(self) -> float:
-        return self._timers[0][0] if self._timers else math.inf
+        return self._timers.next_deadline()
 
     def tick(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn, arg = heapq.heappop(self._timers)
-            fn(now, arg)
+        self._timers.run(now)
 
     def take_outputs(self) -> list[Output]:
         out, self._outputs = self._outputs, []

@@ -24,10 +24,8 @@ task per call cost a spawn and a wake-up, a scheduling round each, on every rout
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
 from meshd.routing.messages import Activate, Control, Deliver, DeliveryKind, Result, Signal
 from meshd.routing.ports import Activator, EventSink
+from meshd.timers import Timer, TimerHeap
 from meshd.transport.links import PeerLinks
 from meshd.wire.membership import Status
 from meshd.wire.validate import WireError
@@ -84,16 +83,12 @@ class _Waiter:
             then()
 
 
-class _Timer:
-    """A deadline of :meth:`Router._at`; ``fire`` is None once it fired or was cancelled."""
-
-    __slots__ = ("fire",)
-
-    def __init__(self, fire: Callable[[], None]) -> None:
-        self.fire: Callable[[], None] | None = fire
-
-    def cancel(self) -> None:
-        self.fire = None
+def _fire_deadline(_now: float, arg: tuple[Callable[[], None], logging.Logger]) -> None:
+    fire, log = arg
+    try:
+        fire()
+    except Exception:
+        log.exception("a call's deadline handling failed")
 
 
 class _Done:
@@ -207,11 +202,9 @@ class Router:
         self._host_index = topics.PatternIndex()
         self._nursery: trio.Nursery | None = None
         self.leaving = False  # set when this daemon announces its leave: deliver nothing more
-        # Deadlines of calls nobody waits for in a task: (deadline, seq, timer), a heap.
-        self._timers: list[tuple[float, int, _Timer]] = []
-        self._timer_seq = itertools.count()
+        # Deadlines of calls nobody waits for in a task.
+        self._timers = TimerHeap()
         self._timer_scope: trio.CancelScope | None = None
-        self._timers_cancelled = 0
 
     def attach_links(self, links: PeerLinks) -> None:
         self.links = links
@@ -226,46 +219,25 @@ class Router:
 
     # ------------------------------------------------------------------ deadlines
 
-    def _at(self, deadline: float, fire: Callable[[], None]) -> _Timer:
+    def _at(self, deadline: float, fire: Callable[[], None]) -> Timer:
         """Call ``fire`` at ``deadline`` unless the returned timer is cancelled first."""
-        timer = _Timer(fire)
-        heapq.heappush(self._timers, (deadline, next(self._timer_seq), timer))
+        timer = self._timers.at(deadline, _fire_deadline, (fire, self.log))
         scope = self._timer_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
         return timer
 
-    def _cancel_timer(self, timer: _Timer) -> None:
-        if timer.fire is None:
-            return
-        timer.cancel()
-        self._timers_cancelled += 1
-        # Most calls end long before their deadline: drop their entries now and then, so
-        # the heap holds about as many entries as calls under way.
-        if self._timers_cancelled > 1024 and self._timers_cancelled * 2 > len(self._timers):
-            self._timers = [entry for entry in self._timers if entry[2].fire is not None]
-            heapq.heapify(self._timers)
-            self._timers_cancelled = 0
+    def _cancel_timer(self, timer: Timer) -> None:
+        # Most calls end long before their deadline: the heap sweeps what they leave.
+        self._timers.cancel(timer)
 
     async def _expire(self) -> None:
         while True:
-            with trio.CancelScope(deadline=self._timers[0][0] if self._timers else math.inf) as s:
-                self._timer_scope = s
+            with trio.CancelScope(deadline=self._timers.next_deadline()) as scope:
+                self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            now = trio.current_time()
-            # (a timer that fires may cancel others, and so rebuild the heap: re-read it)
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                fire = timer.fire
-                if fire is None:
-                    self._timers_cancelled = max(0, self._timers_cancelled - 1)
-                    continue
-                timer.fire = None
-                try:
-                    fire()
-                except Exception:
-                    self.log.exception("a call's deadline handling failed")
+            self._timers.run(trio.current_time())
 
     # ------------------------------------------------------------------ health & breakers
 
