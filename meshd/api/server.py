@@ -35,6 +35,7 @@ import trio
 
 from meshd import __version__
 from meshd.logs import RateLimitedLog, kv
+from meshd.rejections import Rejections
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import (
@@ -84,15 +85,11 @@ class PeerCredentials:
 
 
 @dataclass(slots=True)
-class ApiStats:
+class ApiStats(Rejections):
     connections: int = 0
     active_sessions: int = 0
     requests: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def error(self, kind: str) -> None:
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshd.config.model import MembershipTuning
@@ -45,6 +45,7 @@ from meshd.membership.events import (
     StreamRequest,
 )
 from meshd.membership.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from meshd.rejections import Rejections
 from meshd.timers import TimerHeap
 from meshd.wire import membership as wire
 from meshd.wire import packet
@@ -70,7 +71,7 @@ _MAX_CONFIRMATION_PROBES = 3
 
 
 @dataclass(slots=True)
-class MembershipStats:
+class MembershipStats(Rejections):
     """Plain counters, read by the metrics exporter at scrape time."""
 
     packets_in: int = 0
@@ -79,7 +80,6 @@ class MembershipStats:
     bytes_out: int = 0
     messages_in: int = 0
     duplicates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
     probes: int = 0
     probe_failures: int = 0
     indirect_probes: int = 0
@@ -100,9 +100,6 @@ class MembershipStats:
     reconnect_attempts: int = 0
     join_failures: int = 0  # join rounds in which no seed answered
     gossip_packets: int = 0
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 @dataclass(slots=True)

@@ -23,6 +23,18 @@ def _gauge(name: str, value: float, help_text: str, **labels: str) -> Sample:
     return Sample(name, value, tuple(labels.items()), "gauge", help_text)
 
 
+def _rejected(layer: str, rejected: dict[str, int]) -> Iterator[Sample]:
+    """A layer's rejected input, by reason (one family for every layer)."""
+    for reason, n in rejected.items():
+        yield _counter(
+            "meshd_rejected_total",
+            n,
+            "Input rejected, by layer and reason.",
+            layer=layer,
+            reason=reason,
+        )
+
+
 def register(node: Node) -> None:
     def membership() -> Iterator[Sample]:
         core = node.core
@@ -51,14 +63,7 @@ def register(node: Node) -> None:
                     value,
                     f"Membership core counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="membership",
-                reason=reason,
-            )
+        yield from _rejected("membership", stats.rejected)
 
     def transport() -> Iterator[Sample]:
         stats = node.transport_stats
@@ -70,14 +75,7 @@ def register(node: Node) -> None:
                     value,
                     f"Transport counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="transport",
-                reason=reason,
-            )
+        yield from _rejected("transport", stats.rejected)
 
     def api() -> Iterator[Sample]:
         stats = node.api.stats
@@ -86,14 +84,7 @@ def register(node: Node) -> None:
         yield _counter("meshd_api_requests_total", stats.requests, "API requests.")
         for kind, n in stats.errors_by_kind.items():
             yield _counter("meshd_api_errors_total", n, "API errors by kind.", kind=kind)
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="api",
-                reason=reason,
-            )
+        yield from _rejected("api", stats.rejected)
 
     def process() -> Iterator[Sample]:
         yield _gauge(
@@ -136,14 +127,7 @@ def register(node: Node) -> None:
                     value,
                     f"Replication counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="replication",
-                reason=reason,
-            )
+        yield from _rejected("replication", stats.rejected)
         reg = node.registry.stats
         for f in fields(reg):
             yield _counter(

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from pycrdt import Doc
 
+from meshd.rejections import Rejections
 from meshd.replication import vectors
 from meshd.replication.messages import (
     Ack,
@@ -131,7 +132,7 @@ AcceptPolicy = Callable[[str, int], bool]
 
 
 @dataclass(slots=True)
-class ReplicationStats:
+class ReplicationStats(Rejections):
     pushes_sent: int = 0
     pushes_received: int = 0
     pushes_forwarded: int = 0
@@ -147,10 +148,6 @@ class ReplicationStats:
     stale_epochs: int = 0
     majority_ok: int = 0
     majority_failed: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 @dataclass(slots=True)
