@@ -778,6 +778,12 @@ def _groups_of(uid: int, gid: int) -> set[int]:
 
 
 class ApiServer:
+    """The local Unix-socket API: sessions, the op table, peer-credential checks, bounds.
+
+    Owns: the listening socket (and removes only its own at exit), every client session and
+    its streams, the op table the node's ``*_ops`` modules fill. Knows nothing of the
+    domain: ops are handlers given to it; what they return or raise is what it answers."""
+
     def __init__(
         self,
         path: str,

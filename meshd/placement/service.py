@@ -81,6 +81,14 @@ class _Activation:
 
 
 class Placement:
+    """Decides where agents of a kind run, and starts, moves and stops them.
+
+    Owns: the kinds table (every host's advertised kinds), this host's runners, the quorum
+    view for ``keep_majority``, activations under way, drain and rebalance moves. Writes only
+    this node's ``kinds`` map (through the registry). Starts an agent elsewhere and stops
+    one here only through the :class:`~meshd.routing.ports.AgentHost` (routing); never sends
+    a frame or touches a client itself."""
+
     def __init__(
         self,
         *,

@@ -88,6 +88,13 @@ class RegistryStats:
 
 
 class Registry:
+    """The agent registry: this node's entries and the index over every node's.
+
+    Owns: the lookup index (name → candidates, by node, kind and capability), the winners of
+    duplicate names, conflict reports. Writes only this node's document, through
+    :class:`~meshd.replication.documents.Documents`; reads every other node's document
+    through pycrdt change events and never writes it. Never touches the network."""
+
     def __init__(
         self,
         *,

@@ -177,6 +177,14 @@ def covers(vector: dict[int, int], required: dict[int, int]) -> bool:
 
 
 class Replicator:
+    """The replication protocol, sans IO: pushes, anti-entropy rounds, majority writes,
+    vector queries.
+
+    Owns: every replica (``store``), the pending pushes, repair rounds, majority writes under
+    way, the peer and reference sets it is given. Emits every integrated change as a
+    :class:`Persist` output and everything else as outputs too; it never does I/O, and
+    nothing outside the replication driver should change a replica directly."""
+
     def __init__(
         self,
         *,

@@ -161,6 +161,16 @@ def error_payload(exc: MeshError) -> dict[str, Any]:
 
 
 class Router:
+    """Routes messages, requests and signals to agents by name.
+
+    Owns: the agents served by this host's clients (``local``), the calls under way and
+    their deadlines, the receiver's at-least-once window (``dedup``), one circuit breaker per
+    host, this host's signal subscriptions and the subscription patterns of every host.
+    Reads the registry index and membership; writes only this node's ``subscriptions`` map
+    (through the registry). Must not start agents itself: a name active nowhere goes to the
+    :class:`~meshd.routing.ports.Activator` (placement). Never blocks the API session that
+    called it: calls complete by callback (:meth:`begin_call`)."""
+
     def __init__(
         self,
         *,
