@@ -39,7 +39,7 @@ from meshd.placement import rendezvous
 from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
 from meshd.placement.quorum import Quorum
 from meshd.registry.model import Entry
-from meshd.registry.registry import DOC_PREFIX, Registry, RegistryEvent
+from meshd.registry.registry import Registry, RegistryEvent, node_root
 from meshd.replication.core import DocEvent
 from meshd.replication.documents import Documents
 from meshd.routing.ports import AgentHost, EventSink
@@ -140,14 +140,13 @@ class Placement:
     # ------------------------------------------------------------------ the kinds table
 
     def on_doc_event(self, event: DocEvent) -> None:
-        if not event.name.startswith(DOC_PREFIX):
+        view = node_root(event, self.docs.store, ROOT)
+        if view is None:
             return
-        host = event.name[len(DOC_PREFIX) :]
-        replica = self.docs.store.get(event.name)
-        if event.kind == "dropped" or replica is None:
+        host, kinds = view
+        if kinds is None:
             self.table.drop_host(host)
             return
-        kinds: Map[Any] = replica.doc.get(ROOT, type=Map)
         parsed = {}
         for kind, raw in kinds.items():
             info = KindInfo.decode(raw)

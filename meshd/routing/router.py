@@ -37,7 +37,7 @@ from pycrdt import Map
 from meshd.logs import RateLimitedLog
 from meshd.membership.core import Membership
 from meshd.registry.model import Entry
-from meshd.registry.registry import DOC_PREFIX, Registry
+from meshd.registry.registry import Registry, node_root
 from meshd.replication.core import DocEvent
 from meshd.replication.documents import Documents
 from meshd.routing import messages, topics
@@ -845,15 +845,12 @@ class Router:
         self.registry.write_own(now, SUBSCRIPTIONS, mutate)
 
     def on_doc_event(self, event: DocEvent) -> None:
-        if not event.name.startswith(DOC_PREFIX):
-            return
-        host = event.name[len(DOC_PREFIX) :]
-        if host == self.node:
-            return  # this host's own subscriptions are known first-hand
-        replica = self.docs.store.get(event.name)
+        view = node_root(event, self.docs.store, SUBSCRIPTIONS)
+        if view is None or view[0] == self.node:
+            return  # not a registry document, or ours (known first-hand)
+        host, subs = view
         patterns: frozenset[str] = frozenset()
-        if event.kind != "dropped" and replica is not None:
-            subs: Map[Any] = replica.doc.get(SUBSCRIPTIONS, type=Map)
+        if subs is not None:
             found = []
             for pattern in subs.keys():  # noqa: SIM118 (pycrdt Map)
                 try:
