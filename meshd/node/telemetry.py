@@ -37,7 +37,7 @@ def _rejected(layer: str, rejected: dict[str, int]) -> Iterator[Sample]:
 
 def register(node: Node) -> None:
     def membership() -> Iterator[Sample]:
-        core = node.core
+        core = node.membership_core
         counts = dict.fromkeys(Status, 0)
         for m in core.members():
             counts[m.status] += 1
@@ -106,7 +106,7 @@ def register(node: Node) -> None:
             pass
 
     def replication() -> Iterator[Sample]:
-        core = node.replicator
+        core = node.replication_core
         registry_docs = sum(1 for r in core.store if r.name.startswith("reg/"))
         yield _gauge("meshd_documents", registry_docs, "Replicated documents.", kind="registry")
         yield _gauge(
@@ -142,7 +142,10 @@ def register(node: Node) -> None:
                 getattr(compaction, f.name),
                 f"State compaction counter: {f.name.replace('_', ' ')}.",
             )
-        for channel, links in (("replication", node.links), ("routing", node.routing_links)):
+        for channel, links in (
+            ("replication", node.replication_links),
+            ("routing", node.routing_links),
+        ):
             for f in fields(links.stats):
                 yield _counter(
                     f"meshd_links_{f.name}_total",
@@ -176,7 +179,7 @@ def register(node: Node) -> None:
         )
         yield _gauge(
             "meshd_agents_local",
-            len(node.registry.entries(node=node.config.node.name)),
+            len(node.registry.entries(node=node.node_name)),
             "Agents registered on this host.",
         )
 
@@ -189,7 +192,9 @@ def register(node: Node) -> None:
         yield _gauge("meshd_storage_log_bytes", store.log_bytes, "Bytes logged since the snapshot.")
         yield _gauge("meshd_storage_snapshot_bytes", store.snapshot_bytes, "Newest snapshot size.")
         yield _gauge("meshd_storage_pending_bytes", store.pending_bytes, "Bytes waiting for disk.")
-        yield _gauge("meshd_storage_acks_held", node.replication.acks_held, "ACKs awaiting fsync.")
+        yield _gauge(
+            "meshd_storage_acks_held", node.replication_driver.acks_held, "ACKs awaiting fsync."
+        )
         yield _counter("meshd_storage_commits_total", store.stats.commits, "Group commits.")
         yield _counter("meshd_storage_snapshots_total", store.stats.snapshots, "Snapshots written.")
         yield _counter(
