@@ -26,8 +26,6 @@ from meshd.config.model import Config, ConfigError
 from meshd.logs import configure_logging, kv
 from meshd.membership.core import Membership
 from meshd.membership.driver import MembershipDriver
-from meshd.membership.events import EventKind, MemberEvent
-from meshd.membership.reference import reference_members
 from meshd.membership.snapshot import (
     PEERS_FILE,
     Peer,
@@ -41,11 +39,12 @@ from meshd.metrics.server import serve_metrics
 from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
+from meshd.node.policy import ClusterPolicy
 from meshd.placement.reminders import Reminders
 from meshd.placement.service import Placement
 from meshd.registry.model import Entry
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
-from meshd.registry.registry import Registry, RegistryEvent
+from meshd.registry.registry import Registry
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
@@ -255,7 +254,6 @@ class Node:
         self.peers: PeersSnapshot
         self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
         self.port = 0
-        self._ever_joined = False
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
 
@@ -399,7 +397,7 @@ class Node:
                 self.registry.open_own()
                 self.membership_core.start(trio.current_time(), seeds)
                 await self.membership_driver.flush()
-                self._members_changed()
+                self.policy.members_changed()
                 nursery.start_soon(self._registry_upkeep)
                 await nursery.start(self.api.serve)
                 if config.metrics.enabled:
@@ -522,7 +520,6 @@ class Node:
         )
         self.replication_core.on_open = self.registry.on_open
         self.replication_core.on_drop = self.registry.on_drop
-        self.registry.listeners.append(self._on_registry_event)
         self.state = StateService(self.replication_driver)
         self.compactor = Compactor(
             self.replication_driver, CompactionTuning(), self._coordinates, STATE_PREFIX
@@ -533,8 +530,6 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, Rebase] = {}
-        self._dead_hosts: list[str] = []
-        self._rng = random.Random()
         self.router = Router(
             node=name,
             registry=self.registry,
@@ -573,7 +568,20 @@ class Node:
             self.router.call,
             logging.getLogger("meshd.reminders"),
         )
-        self.membership_driver.listeners.append(self._on_member_event)
+        self.policy = ClusterPolicy(
+            node_name=name,
+            membership=self.membership_core,
+            replication=self.replication_driver,
+            links=(self.replication_links, self.routing_links),
+            routing=self.router,
+            registry=self.registry,
+            placement=self.placement,
+            clock=trio.current_time,
+            rng=random.Random(),
+            log=log,
+        )
+        self.registry.listeners.append(self.policy.on_registry_event)
+        self.membership_driver.listeners.append(self.policy.on_member_event)
 
     def _encode_doc(self, name: str) -> tuple[int, bytes] | None:
         replica = self.replication_core.store.get(name)
@@ -621,79 +629,17 @@ class Node:
             return None
         return member.addr
 
-    def _members_changed(self) -> None:
-        """Tell replication who is live and what the reference membership is. Until this
-        node has joined its cluster once, its table is not the cluster's: no majority can be
-        counted then (a restarted node alone must not call itself a majority)."""
-        members = self.membership_core.members()
-        if self.membership_core.joined:
-            self._ever_joined = True
-        live = [m.name for m in members if m.status.up]
-        reference = reference_members(members) if self._ever_joined else None
-        self.replication_driver.set_members(live, reference)
-
-    def _on_member_event(self, event: MemberEvent) -> None:
-        member = event.member.name
-        if event.kind is EventKind.REAP:
-            # A reaped member was down already: links, routing, the registry and placement
-            # let go of it at its DEAD or LEAVE event. It leaves every majority now.
-            self._members_changed()
-            return
-        if member == self.node_name:
-            return
-        self._members_changed()
-        if event.kind in (EventKind.DEAD, EventKind.LEAVE):
-            self.replication_links.close(member)
-            self.routing_links.close(member)
-            self.replication_driver.forget_peer(member)
-            self.router.host_down(member)
-            self._dead_hosts.append(member)
-        elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
-            self.router.host_up(member)
-            # A member back from a partition (or new): repair with it right away. Each node
-            # does so with probability ~2/n, so a newcomer is not sent the whole registry by
-            # every member at once (it pulls from one peer itself as it joins).
-            peers = len(self.replication_core.peers)
-            if peers <= 2 or self._rng.random() < 2 / peers:
-                self.replication_driver.request_sync(trio.current_time(), member)
-        self.registry.node_changed(member)
-        while self._dead_hosts:
-            # After the registry stopped resolving its agents: re-place what it ran.
-            self.placement.host_down(self._dead_hosts.pop())
-
-    def _on_registry_event(self, event: RegistryEvent) -> None:
-        if event.kind != "conflict" or event.entry.node != self.node_name:
-            return
-        winner = event.winner
-        log.warning(
-            "name conflict: our registration lost",
-            extra=kv(
-                agent=event.name,
-                winner_node=winner.node if winner else None,
-                entry=event.entry.entry_id,
-            ),
-        )
-        self.router.notify(
-            event.name,
-            {
-                "type": "name_conflict",
-                "name": event.name,
-                "winner": winner.to_dict() if winner else None,
-            },
-        )
-        self.registry.unregister(trio.current_time(), event.name)
-
     async def _registry_upkeep(self) -> None:
         while True:
             await trio.sleep(5)
             now = trio.current_time()
-            self._members_changed()  # joined, reaped: catch what no event announced
+            self.policy.members_changed()  # joined, reaped: catch what no event announced
             self.registry.tick(now)
             self.compactor.tick(now)
 
     async def _announce_ready(self) -> None:
         await self.membership_driver.joined.wait()
-        self._members_changed()  # the table is the cluster's now: majorities can be counted
+        self.policy.members_changed()  # the table is the cluster's now: majorities can be counted
         members = self.membership_core.alive_count
         self.notifier.ready(f"joined; {members} members alive")
         log.info("ready", extra=kv(members=members))
