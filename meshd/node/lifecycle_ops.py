@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshd.api import args as args_
-from meshd.api.server import Session, Stream
+from meshd.api.handles import Stream
+from meshd.api.server import Session
 from meshd.placement.kinds import Strategy, check_kind
 from meshd.placement.service import Runner
 from meshd_client.protocol import errors, messages
