@@ -377,34 +377,17 @@ class Session:
         return None
 
     async def _read_loop(self, decoder: FrameDecoder, nursery: trio.Nursery) -> None:
+        """Read frames and dispatch each, until the client leaves or a frame is bad."""
         reads = 0
         while True:
             try:
                 frame = decoder.next_frame()
                 if frame is None:
-                    # Everything read so far is answered: write the answers, then read on.
-                    self._corked = False
-                    self._flush()
                     reads += 1
-                    if reads >= _READS_PER_YIELD:
-                        reads = 0
-                        await trio.lowlevel.checkpoint()
-                    try:
-                        if decoder.buffered:
-                            partial = await self._receive_partial(decoder)
-                            if partial is None:
-                                return
-                            data = partial
-                        else:
-                            if self._reserved:
-                                self._reserve(0)
-                            data = await self._receive()
-                    except trio.ClosedResourceError:
+                    if not await self._read_more(
+                        decoder, yield_first=reads % _READS_PER_YIELD == 0
+                    ):
                         return
-                    if not data:
-                        return
-                    decoder.feed(data)
-                    self._corked = True
                     continue
             except FrameError as exc:
                 self._corked = False
@@ -414,62 +397,85 @@ class Session:
                 await self._fatal(errors.Invalid(f"bad frame: {exc}"))
                 return
             self._partial_deadline = None  # the next frame has its own time to arrive
-            try:
-                parsed = messages.parse_client_frame(frame)
-            except MeshError as exc:
-                self.server.stats.reject("bad_message")
-                await self.send(messages.failed(messages.usable_id(frame), exc))
-                continue
-            if isinstance(parsed, messages.Cancel):
-                scope = self._requests.get(parsed.id)
-                if scope is not None:
-                    scope.cancel()
-                    await self._pace()
-                deferred = self._deferred.pop(parsed.id, None)
-                if deferred is not None:
-                    deferred.cancelled = True
-                continue
-            if isinstance(parsed, messages.Hello):
-                await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
-                continue
-            if isinstance(parsed, messages.Note):
-                await self._serve_note(parsed, nursery)
-                continue
-            op = self.server.ops.get(parsed.op)
-            in_flight = parsed.id in self._requests or parsed.id in self._deferred
-            if op is not None and op.inline and not in_flight:
-                await self._serve_inline(op, parsed)
-                continue
-            if in_flight:
-                await self.send(
-                    messages.failed(parsed.id, errors.Invalid("request id already in flight"))
-                )
-                continue
-            is_stream = op is not None and op.stream is not None
-            refusal = (
-                self._stream_refusal()
-                if is_stream
-                else (
-                    "too many requests in flight"
-                    if len(self._requests) - self._open_streams + len(self._deferred)
-                    >= _MAX_IN_FLIGHT
-                    else None
-                )
-            )
-            if refusal is not None:
-                self.server.stats.error("overloaded")
-                await self.send(messages.failed(parsed.id, errors.Overloaded(refusal)))
+            await self._dispatch(frame, nursery)
+
+    async def _read_more(self, decoder: FrameDecoder, *, yield_first: bool) -> bool:
+        """Everything read so far is answered: write the answers, then read on (within the
+        partial-frame deadline if a frame is half here). False when the client is gone."""
+        self._corked = False
+        self._flush()
+        if yield_first:
+            await trio.lowlevel.checkpoint()
+        try:
+            if decoder.buffered:
+                data = await self._receive_partial(decoder)
+                if data is None:
+                    return False
+            else:
+                if self._reserved:
+                    self._reserve(0)
+                data = await self._receive()
+        except trio.ClosedResourceError:
+            return False
+        if not data:
+            return False
+        decoder.feed(data)
+        self._corked = True
+        return True
+
+    async def _dispatch(self, frame: dict[str, Any], nursery: trio.Nursery) -> None:
+        try:
+            parsed = messages.parse_client_frame(frame)
+        except MeshError as exc:
+            self.server.stats.reject("bad_message")
+            await self.send(messages.failed(messages.usable_id(frame), exc))
+            return
+        if isinstance(parsed, messages.Cancel):
+            scope = self._requests.get(parsed.id)
+            if scope is not None:
+                scope.cancel()
                 await self._pace()
-                continue
-            if op is not None and op.begin is not None and self._begin(op.begin, parsed):
-                continue
-            if is_stream:
-                self._open_streams += 1
-                self.server.open_streams += 1
-            scope = trio.CancelScope()
-            self._requests[parsed.id] = scope
-            nursery.start_soon(self._serve, parsed, scope)
+            deferred = self._deferred.pop(parsed.id, None)
+            if deferred is not None:
+                deferred.cancelled = True
+        elif isinstance(parsed, messages.Hello):
+            await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
+        elif isinstance(parsed, messages.Note):
+            await self._serve_note(parsed, nursery)
+        else:
+            await self._request(parsed, nursery)
+
+    async def _request(self, req: messages.Request, nursery: trio.Nursery) -> None:
+        """Serve a request: inline, started (``begin``), or in a task of its own."""
+        op = self.server.ops.get(req.op)
+        in_flight = req.id in self._requests or req.id in self._deferred
+        if op is not None and op.inline and not in_flight:
+            await self._serve_inline(op, req)
+            return
+        if in_flight:
+            await self.send(messages.failed(req.id, errors.Invalid("request id already in flight")))
+            return
+        is_stream = op is not None and op.stream is not None
+        refusal = self._stream_refusal() if is_stream else self._request_refusal()
+        if refusal is not None:
+            self.server.stats.error("overloaded")
+            await self.send(messages.failed(req.id, errors.Overloaded(refusal)))
             await self._pace()
+            return
+        if op is not None and op.begin is not None and self._begin(op.begin, req):
+            return
+        if is_stream:
+            self._open_streams += 1
+            self.server.open_streams += 1
+        scope = trio.CancelScope()
+        self._requests[req.id] = scope
+        nursery.start_soon(self._serve, req, scope)
+        await self._pace()
+
+    def _request_refusal(self) -> str | None:
+        """Why another plain request may not start now, or None."""
+        plain = len(self._requests) - self._open_streams + len(self._deferred)
+        return "too many requests in flight" if plain >= _MAX_IN_FLIGHT else None
 
     async def _pace(self) -> None:
         """After every so many tasks started or cancelled, let them (and everyone else) run
