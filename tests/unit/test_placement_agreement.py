@@ -25,6 +25,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
@@ -116,6 +117,9 @@ class RouterStub:
         self.claims.setdefault(name, []).append(host)
         return entry(name, host, kind)
 
+    def deactivate(self, _name: str, _reason: str) -> bool:
+        return False
+
 
 def record_activations(placement: Placement, claims: dict[str, list[str]]) -> None:
     """Replace the runner round trip: note which daemon activates what."""
@@ -132,6 +136,7 @@ def daemon(
     statuses: dict[str, Status | None],
     table: list[tuple[str, dict[str, KindInfo]]],
     registry: RegistryStub | None = None,
+    host: RouterStub | None = None,
 ) -> Placement:
     """A real Placement over stub membership, fed ``table`` in the given order."""
     placement = Placement(
@@ -139,6 +144,7 @@ def daemon(
         membership=MembershipStub(dict(statuses)),  # type: ignore[arg-type]
         registry=registry or RegistryStub(),  # type: ignore[arg-type]
         docs=None,  # type: ignore[arg-type]
+        host=host or RouterStub({}),
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
     )
@@ -204,7 +210,7 @@ def expected_owner(cluster: dict[str, Any], kind: str, name: str, exclude: str =
     return rendezvous.owner(name, weights)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cluster=clusters(),
     seed=st.integers(0, 2**32),
@@ -230,7 +236,7 @@ def test_every_daemon_computes_the_same_owner(
                 assert owners == {expected_owner(cluster, kind, f"{kind}/{name}", excluded)}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(cluster=clusters(), seed=st.integers(0, 2**32))
 def test_active_counts_in_flight_do_not_change_owners_below_capacity(
     cluster: dict[str, Any], seed: int
@@ -389,7 +395,7 @@ def splits(draw: st.DrawFn, max_detect: float = SA - 0.2) -> dict[str, Any]:
     return {"members": members, "everyone": everyone, "t_split": t_split, "side_of": side_of}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=splits())
 def test_keep_majority_never_decided_on_both_sides_of_a_split(case: dict[str, Any]) -> None:
     members: list[Member] = case["members"]
@@ -434,7 +440,7 @@ def test_keep_majority_never_decided_on_both_sides_of_a_split(case: dict[str, An
         assert not any(after), m.name  # ... and does not come back while the split lasts
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(n=st.integers(2, 11), data=st.data())
 def test_a_two_way_split_of_a_stable_membership_never_has_two_majorities(
     n: int, data: st.DataObject
@@ -549,14 +555,13 @@ async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover
     names = [f"k/{i}" for i in range(40)]
     ran = {"n3": [entry(name, "n3", "k") for name in names]}
     view: dict[str, Status | None] = {"n1": Status.ALIVE, "n2": Status.ALIVE, "n3": Status.DEAD}
-    placement = daemon("n1", view, table, RegistryStub(ran=ran))
+    claims: dict[str, list[str]] = {}
+    placement = daemon("n1", view, table, RegistryStub(ran=ran), RouterStub(claims))
     if proven:
         placement.membership.refused = frozenset({"n3"})  # type: ignore[attr-defined]
     placement.quorum.observe(0.0, frozenset(three), frozenset(three))
     placement.quorum.tick(0.0)
-    claims: dict[str, list[str]] = {}
     record_activations(placement, claims)
-    placement.router = RouterStub(claims)  # type: ignore[assignment]
     placement._nursery = NurseryStub()  # type: ignore[assignment]
     placement.host_down("n3")
     start = trio.current_time()
