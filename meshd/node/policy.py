@@ -44,6 +44,8 @@ class Closable(Protocol):
 class RoutingPort(Protocol):
     def host_down(self, host: str) -> None: ...
 
+    def host_suspect(self, host: str) -> None: ...
+
     def host_up(self, host: str) -> None: ...
 
     def notify(self, name: str, notice: dict[str, Any]) -> bool: ...
@@ -113,6 +115,11 @@ class ClusterPolicy:
                 links.close(member)
             self.replication.forget_peer(member)
             self.routing.host_down(member)
+        elif event.kind is EventKind.SUSPECT:
+            # A host that went silent: callers hear `unreachable` now, not at their timeout
+            # and not only once the suspicion is a verdict (the circuit half-opens again after
+            # its cooldown, or at once when the member refutes).
+            self.routing.host_suspect(member)
         elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
             self.routing.host_up(member)
             # A member back from a partition (or new): repair with it right away. Each node

@@ -13,7 +13,8 @@ delivers it and sends back the result. Guarantees, per call:
 * Order is kept per sender and receiver: one link per host pair, one queue per agent.
 
 Calls to a host that membership reports dead, or whose circuit breaker is open, fail at once
-with ``unreachable``.
+with ``unreachable``. The circuit opens when membership suspects the host, as well as after
+repeated failures.
 
 No task waits for a reply on the request path: :meth:`Router.begin_call` starts a call and
 registers what to do with its outcome, and whoever learns the outcome — the link reader
@@ -265,6 +266,12 @@ class Router:
             # Calls waiting on a host that just died fail now, not at their timeout.
             if msg_id.startswith(f"{host}\x00"):
                 waiter.settle(False, errors.Unreachable(f"host {host} died").to_wire())
+
+    def host_suspect(self, host: str) -> None:
+        """Membership suspects ``host``: open its circuit, so that new calls fail fast with
+        ``unreachable`` while it is silent. Calls already sent to it keep waiting for their
+        result (a suspect may still answer); the member's refutation closes the circuit."""
+        self.breaker(host).trip(trio.current_time())
 
     def host_up(self, host: str) -> None:
         self.breaker(host).host_up()

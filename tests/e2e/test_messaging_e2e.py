@@ -518,6 +518,30 @@ async def test_dead_host_fails_fast_then_a_new_agent_takes_the_name(cluster: Loc
         assert await caller.health("svc") == "healthy"
 
 
+async def test_a_suspected_host_fails_fast_before_any_verdict(cluster: LocalCluster) -> None:
+    """A silent host (SIGSTOP: no reset, no answer): as soon as the caller's daemon suspects
+    it, the circuit is open and calls to its agent fail with ``unreachable`` at once, without
+    waiting for their timeout or for the suspicion to become a verdict."""
+    n1, _, n3 = await start(cluster, 3)
+    async with Mesh.connect(n3.socket_path) as silent, Mesh.connect(n1.socket_path) as caller:
+        await silent.serve("quiet", echo)
+        await resolves(caller, "quiet", "n3")
+        assert (await caller.request("quiet", 1))["on"] == "n3"
+
+        n3.signal(signal.SIGSTOP)
+        try:
+            await cluster.wait_status(["n1"], "n3", "suspect", timeout=15)
+            began = time.monotonic()
+            with pytest.raises(Unreachable):
+                await caller.request("quiet", 2, timeout=30)
+            failed_after = time.monotonic() - began
+            # Still only a suspicion on n1 (the minimum suspicion lasts seconds).
+            assert (await n1.statuses())["n3"] == "suspect"
+            assert failed_after < 1.0, "the call waited instead of failing fast"
+        finally:
+            n3.signal(signal.SIGCONT)
+
+
 async def test_agents_of_a_closed_session_are_unregistered_everywhere(
     cluster: LocalCluster,
 ) -> None:

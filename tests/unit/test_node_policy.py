@@ -50,6 +50,9 @@ class Recorder:
     def host_up(self, host: str) -> None:
         self.calls.append(("host_up", host))
 
+    def host_suspect(self, host: str) -> None:
+        self.calls.append(("host_suspect", host))
+
     def notify(self, name: str, notice: dict[str, Any]) -> bool:
         self.calls.append(("notify", (name, notice["type"])))
         return True
@@ -98,6 +101,18 @@ def test_a_dead_host_is_let_go_everywhere_before_its_agents_are_placed_elsewhere
         ("node_changed", "b"),
         ("placement.host_down", "b"),
     ]
+
+
+def test_a_suspected_host_opens_its_circuit_and_nothing_else() -> None:
+    """Suspicion is not a verdict: no link closes, nothing is re-placed; only new calls to the
+    host fail fast. Its refutation (ALIVE) lets a trial call through at once."""
+    rec = Recorder([view("a", Status.ALIVE), view("b", Status.SUSPECT)])
+    p = policy(rec)
+    p.on_member_event(MemberEvent(EventKind.SUSPECT, view("b", Status.SUSPECT), 1.0))
+    assert rec.calls[1:] == [("host_suspect", "b"), ("node_changed", "b")]
+    rec.calls.clear()
+    p.on_member_event(MemberEvent(EventKind.ALIVE, view("b", Status.ALIVE), 2.0))
+    assert ("host_up", "b") in rec.calls
 
 
 def test_a_member_that_joins_is_repaired_with_by_some_members() -> None:
