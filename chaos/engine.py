@@ -287,12 +287,14 @@ class EngineState:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[Path]:
-    """The engine directory, held exclusively (two `up`s never both start a dockerd)."""
+def _locked(wait: float = _LONG) -> Iterator[Path]:
+    """The engine directory, held exclusively: two `up`s never both start a dockerd or
+    build an image, and whoever waits for a running `up` waits here. Not reentrant: code
+    that runs under it calls the unlocked ``_`` variants (``_ensure_image``)."""
     d = engine_dir()
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "lock", "w") as fh:
-        deadline = time.monotonic() + _LONG
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -305,6 +307,18 @@ def _locked() -> Iterator[Path]:
             yield d
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def wait_for_up(timeout: float = _LONG) -> str | None:
+    """Wait until no ``up`` is under way (``make test`` runs one in the background while
+    the tests start); then why the last one failed, or None if it did not."""
+    with _locked(timeout):
+        pass
+    try:
+        last = json.loads((engine_dir() / "last-up.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if last.get("ok") else str(last.get("error"))
 
 
 def started_engine() -> EngineState | None:
@@ -726,37 +740,39 @@ def ensure_image(
     docker: str = "docker", repo: Path = REPO, *, build_base_image: bool = True
 ) -> str:
     """The meshd image for this checkout, built if missing; returns its tag."""
+    with _locked():  # one build at a time; a second caller finds the image built
+        return _ensure_image(docker, repo, build_base_image=build_base_image)
+
+
+def _ensure_image(docker: str, repo: Path, *, build_base_image: bool) -> str:
+    """:func:`ensure_image` for a caller that holds the engine lock."""
     base = base_image(docker, build=build_base_image)
     tag = image_tag(image_id(base, docker), repo)
     if image_exists(tag, docker):
         return tag
-    engine_dir().mkdir(parents=True, exist_ok=True)
-    with _locked():
-        if image_exists(tag, docker):  # another process built it meanwhile
-            return tag
-        prepare_wheels(repo)
-        started = time.monotonic()
-        with open(engine_dir() / "build.log", "w") as out:
-            _run(
-                [
-                    docker,
-                    "build",
-                    "--quiet",
-                    "-f",
-                    str(repo / "deploy" / "Dockerfile"),
-                    "--build-arg",
-                    f"BASE={base}",
-                    "--label",
-                    f"{LABEL}=meshd",
-                    "-t",
-                    tag,
-                    str(repo),
-                ],
-                timeout=_LONG,
-                stdout=out,
-            )
-        log(f"built {tag} on {base} in {time.monotonic() - started:.0f} s")
-        _prune(tag, docker)
+    prepare_wheels(repo)
+    started = time.monotonic()
+    with open(engine_dir() / "build.log", "w") as out:
+        _run(
+            [
+                docker,
+                "build",
+                "--quiet",
+                "-f",
+                str(repo / "deploy" / "Dockerfile"),
+                "--build-arg",
+                f"BASE={base}",
+                "--label",
+                f"{LABEL}=meshd",
+                "-t",
+                tag,
+                str(repo),
+            ],
+            timeout=_LONG,
+            stdout=out,
+        )
+    log(f"built {tag} on {base} in {time.monotonic() - started:.0f} s")
+    _prune(tag, docker)
     return tag
 
 
@@ -821,7 +837,22 @@ def up(
     *, install: bool = True, image: bool = True, lease: int | None = None, for_tests: bool = False
 ) -> Ready:
     """Everything ``make docker-engine`` promises (see the module docstring); ``for_tests``
-    also fetches compose v2 where only v1 is installed (the tests drive both)."""
+    also fetches compose v2 where only v1 is installed (the tests drive both). Holds the
+    engine lock throughout, so :func:`wait_for_up` waits for it; records how it ended."""
+    with _locked() as d:
+        (d / "last-up.json").unlink(missing_ok=True)
+        if lease is not None:
+            take_lease(lease)
+        try:
+            ready = _up(d, install=install, image=image, for_tests=for_tests)
+        except (ChaosError, OSError) as exc:
+            (d / "last-up.json").write_text(json.dumps({"ok": False, "error": str(exc)}))
+            raise
+        (d / "last-up.json").write_text(json.dumps({"ok": True, "image": ready.image}))
+        return ready
+
+
+def _up(d: Path, *, install: bool, image: bool, for_tests: bool) -> Ready:
     steps: dict[str, float] = {}
     t = time.monotonic()
     if install:
@@ -832,15 +863,12 @@ def up(
     if compose is None:
         raise ChaosError("no compose CLI (`docker compose` or `docker-compose`)")
     started = False
-    with _locked() as d:
-        if lease is not None:
-            take_lease(lease)
-        if engine_answers() is not None:
-            t = time.monotonic()
-            start_dockerd(d)
-            started = True
-            steps["dockerd"] = time.monotonic() - t
-            log(f"dockerd started (log {d / 'dockerd.log'})")
+    if engine_answers() is not None:
+        t = time.monotonic()
+        start_dockerd(d)
+        started = True
+        steps["dockerd"] = time.monotonic() - t
+        log(f"dockerd started (log {d / 'dockerd.log'})")
     if for_tests and compose != ["docker", "compose"]:
         t = time.monotonic()
         fetch_compose_v2()
@@ -848,7 +876,7 @@ def up(
     tag = ""
     if image:
         t = time.monotonic()
-        tag = ensure_image()
+        tag = _ensure_image("docker", REPO, build_base_image=True)
         steps["image"] = time.monotonic() - t
     return Ready(started, compose, tag, steps)
 

@@ -50,7 +50,14 @@ def docker_engine() -> str:
     ``make test`` brings the engine up first where it can (``make docker-engine``). Where
     there is none the test skips with the reason, and under ``CI`` it fails instead.
     """
+    # `make test` brings the engine up in the background: wait for it, and keep its error.
+    try:
+        failed_up = engine.wait_for_up()
+    except ChaosError as exc:
+        failed_up = str(exc)
     why = engine_unavailable_reason()
+    if why is not None and failed_up:
+        why = f"{why}; the last `python -m chaos.engine up` failed: {failed_up}"
     if why is None:
         try:
             return engine.ensure_image()

@@ -19,6 +19,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,6 +144,36 @@ def test_the_wheelhouse_build_lock_is_cut_from_the_dev_lock_as_the_dockerfile_do
             check=True,
         )
         assert out.stdout == cut
+
+
+def test_waiting_for_up_waits_for_the_lock_and_reports_how_up_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAOS_RUN_ROOT", str(tmp_path))
+    assert engine.wait_for_up(1.0) is None  # never run: nothing to report
+    d = engine.engine_dir()
+    holder = subprocess.Popen(  # another process's `up`, under way
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"fh = open({str(d / 'lock')!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ChaosError, match="held by another process"):
+            engine.wait_for_up(0.5)
+        (d / "last-up.json").write_text(json.dumps({"ok": False, "error": "no debootstrap"}))
+    finally:
+        holder.communicate("", timeout=10)  # it ends, and the lock goes with it
+    assert engine.wait_for_up(5.0) == "no debootstrap"
+    (d / "last-up.json").write_text(json.dumps({"ok": True, "image": "meshd-chaos:x"}))
+    assert engine.wait_for_up(5.0) is None
 
 
 def test_the_debian_mirror_is_read_from_apts_sources(tmp_path: Path) -> None:
