@@ -357,7 +357,7 @@ def minority_windows(events: list[Event]) -> dict[str, list[tuple[float, float]]
             cut = set()
         else:
             continue
-        began = float(e.get("began", e.get("t", 0.0)))
+        began = float(e.get("began", e.get("t")) or 0.0)
         for host in [h for h in since if h not in cut]:
             out[host].append((since.pop(host), began))
         for host in cut - set(since):

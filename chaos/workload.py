@@ -46,6 +46,7 @@ from meshd_client import Agent, AgentContext, Mesh, Message
 from meshd_client.connection import Connection
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
+from meshd_client.state import Durability
 
 MAJORITY_DOC = "chaos-majority"
 LOCAL_DOC = "chaos-local"
@@ -271,12 +272,10 @@ class Workload:
         else:
             key = f"{kind[0]}{seq}"
             ops = [{"op": "set", "path": [key], "value": {"seq": seq, "host": host}}]
-        durability = "local" if kind == "local" else "majority"
+        durability: Durability = "local" if kind == "local" else "majority"
 
         async def write() -> Any:
             res = await doc.update(ops, durability)
-            if not isinstance(res, dict):
-                return None
             return {k: res.get(k) for k in ("acked", "needed", "total")}
 
         await self._op(

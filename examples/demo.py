@@ -4,12 +4,14 @@ Everything is real: five daemon processes with encrypted gossip on 127.0.0.1, ag
 by clients of different daemons, and tables printed by the real `meshctl`.
 
 1. The mesh forms; `meshctl members` shows it.
-2. An echo agent on n2, a counter agent on n3 (its count in replicated state) and a signal
-   sink on n4 (subscribed to `orders.**`); a driver on n1 sends requests, at-least-once
-   increments and signals. A live table shows the traffic; n5 reads the counter's state.
-3. n3 is killed with SIGKILL: the others notice, and calls to the counter say `unreachable`.
-4. n3 is started again on the same data directory: it serves its state from its own disk at
-   once, before it has heard from any peer (`meshctl storage` shows the store).
+2. An echo agent on n2, a counter agent of kind `counter` (runners on n3 and n4; placement
+   picks one; its count in replicated state) and a signal sink on n4 (subscribed to
+   `orders.**`); a driver on n1 sends requests, at-least-once increments and signals. A live
+   table shows the traffic; n5 reads the counter's state.
+3. The counter's host is killed with SIGKILL: the others notice, calls to the counter say
+   `unreachable` for a moment, then it answers from the other runner's host with its count.
+4. The killed daemon is started again on the same data directory: it serves its state from
+   its own disk at once, before it has heard from any peer (`meshctl storage` shows it).
 5. n5 leaves gracefully.
 """
 
@@ -56,8 +58,10 @@ class Stats:
         table.add_column("value")
         table.add_row("requests to 'echo'", "n1 → echo on n2", str(self.requests))
         table.add_row("last reply", "", str(self.last_reply))
-        table.add_row("at-least-once increments", "n1 → counter on n3", str(self.increments))
-        table.add_row("counter state, read on n5", "state/agent:counter", str(self.counter_on_n5))
+        table.add_row("at-least-once increments", f"n1 → {COUNTER}", str(self.increments))
+        table.add_row(
+            "counter state, read on n5", f"state/agent:{COUNTER}", str(self.counter_on_n5)
+        )
         table.add_row("signals published", "n1: orders.<region>.created", str(self.signals_sent))
         table.add_row("signals received (orders.**)", "sink on n4", str(len(self.signals_seen)))
         table.add_row("last signal", "", self.signals_seen[-1] if self.signals_seen else "")
@@ -70,11 +74,14 @@ async def echo(ctx: AgentContext, msg: Message) -> dict[str, object]:
     return {"echo": msg.body, "by": ctx.name}
 
 
-class Counter:
-    async def handle(self, ctx: AgentContext, msg: Message) -> int:
-        await ctx.state.incr("count", int(msg.body or 1))
-        value: int = await ctx.state.get("count")
-        return value
+COUNTER = "counter/main"
+
+
+async def count(ctx: AgentContext, msg: Message) -> int:
+    """Counts in its replicated state, once per message id (retries do not count twice)."""
+    await ctx.state.incr("count", int(msg.body or 1), durability="majority", once=msg.id)
+    value: int = await ctx.state.get("count")
+    return value
 
 
 async def drive(n1: Mesh, n5: Mesh, stats: Stats, seconds: float) -> None:
@@ -86,43 +93,55 @@ async def drive(n1: Mesh, n5: Mesh, stats: Stats, seconds: float) -> None:
             try:
                 stats.last_reply = await n1.request("echo", f"ping {i}")
                 stats.requests += 1
-                await n1.request("counter", 1, at_least_once=True)
+                await n1.request(COUNTER, 1, at_least_once=True)
                 stats.increments += 1
                 region = ("eu", "us")[i % 2]
                 await n1.publish(f"orders.{region}.created", {"order": i})
                 stats.signals_sent += 1
-                stats.counter_on_n5 = await n5.state("agent:counter").get("count", default=0)
+                stats.counter_on_n5 = await n5.state(f"agent:{COUNTER}").get("count", default=0)
             except MeshError as exc:
                 stats.errors.append(f"{exc.kind.value}: {exc.message}")
             live.update(stats.table())
             await anyio.sleep(0.1)
         await anyio.sleep(0.3)
         live.update(stats.table())
+    console.print()
 
 
-async def kill_counter_host(cluster: LocalCluster, n1: Mesh) -> None:
-    victim = cluster["n3"]
-    console.print(Rule(f"[bold red]kill -9 n3 (pid {victim.pid}), the counter's host"))
+async def kill_counter_host(cluster: LocalCluster, n1: Mesh) -> str:
+    host = (await n1.lookup(COUNTER)).node
+    victim = cluster[host]
+    before = await n1.state(f"agent:{COUNTER}").get("count", default=0)
+    console.print(Rule(f"[bold red]kill -9 {host} (pid {victim.pid}), the counter's host"))
     killed_at = time.monotonic()
     victim.kill()
-    seen = await cluster.wait_status(["n1", "n2", "n4", "n5"], "n3", "dead", timeout=60)
+    others = [n for n in ("n1", "n2", "n3", "n4", "n5") if n != host]
+    seen = await cluster.wait_status(others, host, "dead", timeout=60)
     for name, at in sorted(seen.items(), key=lambda kv: kv[1]):
-        console.print(f"  {name} marked n3 dead after {at - killed_at:.2f} s")
-    try:
-        await n1.request("counter", 1)
-    except MeshError as exc:
-        console.print(f"  a request to 'counter' fails fast: {exc.kind.value}: {exc.message}")
-    count = await n1.state("agent:counter").get("count", default=0)
-    console.print(f"  its replicated state lives on: n1 reads count = {count}")
+        console.print(f"  {name} marked {host} dead after {at - killed_at:.2f} s")
+    with anyio.fail_after(60):
+        while True:
+            try:
+                value = await n1.request(COUNTER, 1, at_least_once=True, timeout=5)
+                break
+            except MeshError as exc:
+                console.print(f"  a request to {COUNTER!r}: {exc.kind.value}: {exc.message}")
+                await anyio.sleep(0.5)
+    now_on = (await n1.lookup(COUNTER)).node
+    console.print(
+        f"  {time.monotonic() - killed_at:.2f} s after the kill the counter answers from "
+        f"{now_on}: count {before} → {value} (its state came along)"
+    )
+    return host
 
 
-async def restart_counter_host(cluster: LocalCluster) -> None:
-    victim = cluster["n3"]
-    console.print(Rule("[bold green]n3 started again on the same data directory"))
+async def restart_counter_host(cluster: LocalCluster, host: str) -> None:
+    victim = cluster[host]
+    console.print(Rule(f"[bold green]{host} started again on the same data directory"))
     started = time.monotonic()
     victim.spawn()
     info = await cluster.wait_answering(victim)
-    state = await victim.call("state.get", {"doc": "agent:counter"})
+    state = await victim.call("state.get", {"doc": f"agent:{COUNTER}"})
     console.print(
         f"  answering after {time.monotonic() - started:.2f} s (joined: {info['joined']}); "
         f"from its own disk it reads count = {state.get('count', 0)}"
@@ -131,7 +150,7 @@ async def restart_counter_host(cluster: LocalCluster) -> None:
     await cluster.wait_ready([victim])
 
 
-async def agents_on_the_mesh(cluster: LocalCluster) -> None:
+async def agents_on_the_mesh(cluster: LocalCluster) -> str:
     d = cluster.daemons
     stats = Stats()
     async with (
@@ -143,7 +162,8 @@ async def agents_on_the_mesh(cluster: LocalCluster) -> None:
         anyio.create_task_group() as tg,
     ):
         await n2.serve("echo", echo, kind="echo", capabilities=["echo"])
-        await n3.serve("counter", Counter(), kind="counter")
+        for runner in (n3, n4):  # either host may run the counter; placement picks one
+            await runner.serve_kind("counter", lambda _name: count, idle_timeout=None)
 
         async def sink() -> None:
             async with n4.subscribe("orders.**") as signals:
@@ -151,22 +171,24 @@ async def agents_on_the_mesh(cluster: LocalCluster) -> None:
                     stats.signals_seen.append(f"{signal.topic} {signal.data}")
 
         tg.start_soon(sink)
-        await wait_resolves(n1, "counter")
+        await start_counter(n1)
         await anyio.sleep(0.3)  # the sink's subscription reaches n1
         await drive(n1, n5, stats, seconds=4.0)
         await anyio.to_thread.run_sync(meshctl, d["n5"].socket_path, "agents")
-        await kill_counter_host(cluster, n1)
+        killed = await kill_counter_host(cluster, n1)
         tg.cancel_scope.cancel()
+    return killed
 
 
-async def wait_resolves(mesh: Mesh, name: str) -> None:
-    with anyio.fail_after(10):
+async def start_counter(mesh: Mesh) -> None:
+    """Spawn the counter once every daemon knows who serves its kind."""
+    with anyio.fail_after(20):
         while True:
             try:
-                await mesh.lookup(name)
+                await mesh.spawn("counter", COUNTER)
                 return
             except MeshError:
-                await anyio.sleep(0.02)
+                await anyio.sleep(0.1)
 
 
 async def main() -> None:
@@ -180,8 +202,8 @@ async def main() -> None:
         meshctl(daemons[0].socket_path, "members")
 
         console.print(Rule("[bold]agents on different hosts: requests, state and signals"))
-        await agents_on_the_mesh(cluster)
-        await restart_counter_host(cluster)
+        killed = await agents_on_the_mesh(cluster)
+        await restart_counter_host(cluster, killed)
         meshctl(daemons[0].socket_path, "members")
 
         console.print(Rule("[bold]graceful leave of n5 (meshctl leave)"))

@@ -16,6 +16,9 @@ run in worker threads, and ``ctx`` offers the same calls as the async context, b
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from functools import partial
@@ -138,9 +141,25 @@ class Agent:
         return bool(self._portal.call(waiter))
 
 
+# Open blocking meshes. Their portal runs an event loop in a non-daemon thread, which the
+# interpreter waits for at exit: a script that raised before close() would hang there. So
+# they are closed at interpreter shutdown, before non-daemon threads are joined.
+_OPEN: weakref.WeakSet[Mesh] = weakref.WeakSet()
+
+
+def _close_open_meshes() -> None:
+    for mesh in list(_OPEN):
+        with contextlib.suppress(Exception):
+            mesh.close()
+
+
+threading._register_atexit(_close_open_meshes)  # type: ignore[attr-defined]
+
+
 class Mesh:
     """Blocking twin of :class:`meshd_client.Mesh`. Use as a context manager, or call
-    :meth:`close` when done."""
+    :meth:`close` when done (a script that ends without closing it still exits: open meshes
+    are closed at interpreter shutdown)."""
 
     def __init__(
         self,
@@ -160,8 +179,14 @@ class Mesh:
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
+        self._closed = False
+        _OPEN.add(self)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
         try:
             self._mesh_cm.__exit__(None, None, None)
         finally:

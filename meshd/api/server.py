@@ -21,10 +21,8 @@ import contextlib
 import errno
 import logging
 import os
-import pwd
 import socket
 import stat
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,7 +32,10 @@ from typing import Any, Final
 import trio
 
 from meshd import __version__
+from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
+from meshd.api.peercred import PeerCredentials, groups_of, peer_credentials
 from meshd.logs import RateLimitedLog, kv
+from meshd.rejections import Rejections
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import (
@@ -76,114 +77,15 @@ _ACCEPT_IGNORED = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    pid: int
-    uid: int
-    gid: int
-
-
 @dataclass(slots=True)
-class ApiStats:
+class ApiStats(Rejections):
     connections: int = 0
     active_sessions: int = 0
     requests: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def error(self, kind: str) -> None:
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-
-
-class Stream:
-    """Handle given to a stream op: push events to the client without blocking.
-
-    The client's request is answered (``ok``) only once the op has set itself up — when it
-    first emits, or waits in :meth:`until_failed` — so that, say, a subscription exists by
-    the time ``subscribe()`` returns. An op that fails before that answers with the error."""
-
-    def __init__(self, session: Session, request_id: int) -> None:
-        self._session = session
-        self.request_id = request_id
-        self.opened = False
-        self._failure: MeshError | None = None
-        self._failed = trio.Event()
-
-    def ready(self) -> None:
-        """Answer the request: the stream is set up."""
-        if not self.opened:
-            self.opened = True
-            self._session.send_nowait(messages.ok(self.request_id, None))
-
-    def emit(self, payload: Any) -> None:
-        """Queue one event; raises Overloaded if the client is not keeping up."""
-        self.ready()
-        self._session.send_nowait(messages.event(self.request_id, payload))
-
-    def offer(self, payload: Any) -> None:
-        """Like :meth:`emit`, for synchronous listeners: a failure ends the stream (see
-        :meth:`until_failed`) instead of raising into the caller."""
-        if self._failure is not None:
-            return
-        try:
-            self.emit(payload)
-        except MeshError as exc:
-            self._failure = exc
-            self._failed.set()
-
-    async def until_failed(self) -> None:
-        """Wait until an :meth:`offer` failed, then raise why (the client cancelling the
-        stream cancels this wait instead)."""
-        self.ready()
-        await self._failed.wait()
-        assert self._failure is not None
-        raise self._failure
-
-
-class Deferred:
-    """The answer to a request, to be given later: what an op's ``begin`` returns when the
-    answer is not known yet (a routed request waiting for its reply). The session answers
-    the client when :meth:`resolve` or :meth:`fail` is called (by whatever learns the
-    outcome, e.g. the router when the reply arrives), with no task waiting in between. It
-    counts as a request in flight until then. A client's ``cancel``, or the session closing,
-    drops it: a later outcome is ignored."""
-
-    __slots__ = ("_outcome", "_request_id", "_session", "cancelled")
-
-    def __init__(self) -> None:
-        self._session: Session | None = None
-        self._request_id = 0
-        self._outcome: tuple[Any, MeshError | None] | None = None  # (value, error)
-        self.cancelled = False
-
-    @property
-    def settled(self) -> bool:
-        return self._outcome is not None or self.cancelled
-
-    def resolve(self, value: Any) -> None:
-        self._answer((value, None))
-
-    def fail(self, error: MeshError) -> None:
-        self._answer((None, error))
-
-    def _answer(self, outcome: tuple[Any, MeshError | None]) -> None:
-        if self.settled:
-            return
-        self._outcome = outcome
-        if self._session is not None:
-            self._session._deferred_done(self)
-
-    def _attach(self, session: Session, request_id: int) -> None:
-        self._session = session
-        self._request_id = request_id
-        if self._outcome is not None:  # answered before it was attached
-            session._deferred_done(self)
-
-
-BEGIN_IN_TASK: Final = object()  # a ``begin`` that cannot answer without waiting returns this
 
 
 RequestHandler = Callable[["Session", messages.Request], Awaitable[Any]]
@@ -475,34 +377,17 @@ class Session:
         return None
 
     async def _read_loop(self, decoder: FrameDecoder, nursery: trio.Nursery) -> None:
+        """Read frames and dispatch each, until the client leaves or a frame is bad."""
         reads = 0
         while True:
             try:
                 frame = decoder.next_frame()
                 if frame is None:
-                    # Everything read so far is answered: write the answers, then read on.
-                    self._corked = False
-                    self._flush()
                     reads += 1
-                    if reads >= _READS_PER_YIELD:
-                        reads = 0
-                        await trio.lowlevel.checkpoint()
-                    try:
-                        if decoder.buffered:
-                            partial = await self._receive_partial(decoder)
-                            if partial is None:
-                                return
-                            data = partial
-                        else:
-                            if self._reserved:
-                                self._reserve(0)
-                            data = await self._receive()
-                    except trio.ClosedResourceError:
+                    if not await self._read_more(
+                        decoder, yield_first=reads % _READS_PER_YIELD == 0
+                    ):
                         return
-                    if not data:
-                        return
-                    decoder.feed(data)
-                    self._corked = True
                     continue
             except FrameError as exc:
                 self._corked = False
@@ -512,62 +397,85 @@ class Session:
                 await self._fatal(errors.Invalid(f"bad frame: {exc}"))
                 return
             self._partial_deadline = None  # the next frame has its own time to arrive
-            try:
-                parsed = messages.parse_client_frame(frame)
-            except MeshError as exc:
-                self.server.stats.reject("bad_message")
-                await self.send(messages.failed(messages.usable_id(frame), exc))
-                continue
-            if isinstance(parsed, messages.Cancel):
-                scope = self._requests.get(parsed.id)
-                if scope is not None:
-                    scope.cancel()
-                    await self._pace()
-                deferred = self._deferred.pop(parsed.id, None)
-                if deferred is not None:
-                    deferred.cancelled = True
-                continue
-            if isinstance(parsed, messages.Hello):
-                await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
-                continue
-            if isinstance(parsed, messages.Note):
-                await self._serve_note(parsed, nursery)
-                continue
-            op = self.server.ops.get(parsed.op)
-            in_flight = parsed.id in self._requests or parsed.id in self._deferred
-            if op is not None and op.inline and not in_flight:
-                await self._serve_inline(op, parsed)
-                continue
-            if in_flight:
-                await self.send(
-                    messages.failed(parsed.id, errors.Invalid("request id already in flight"))
-                )
-                continue
-            is_stream = op is not None and op.stream is not None
-            refusal = (
-                self._stream_refusal()
-                if is_stream
-                else (
-                    "too many requests in flight"
-                    if len(self._requests) - self._open_streams + len(self._deferred)
-                    >= _MAX_IN_FLIGHT
-                    else None
-                )
-            )
-            if refusal is not None:
-                self.server.stats.error("overloaded")
-                await self.send(messages.failed(parsed.id, errors.Overloaded(refusal)))
+            await self._dispatch(frame, nursery)
+
+    async def _read_more(self, decoder: FrameDecoder, *, yield_first: bool) -> bool:
+        """Everything read so far is answered: write the answers, then read on (within the
+        partial-frame deadline if a frame is half here). False when the client is gone."""
+        self._corked = False
+        self._flush()
+        if yield_first:
+            await trio.lowlevel.checkpoint()
+        try:
+            if decoder.buffered:
+                data = await self._receive_partial(decoder)
+                if data is None:
+                    return False
+            else:
+                if self._reserved:
+                    self._reserve(0)
+                data = await self._receive()
+        except trio.ClosedResourceError:
+            return False
+        if not data:
+            return False
+        decoder.feed(data)
+        self._corked = True
+        return True
+
+    async def _dispatch(self, frame: dict[str, Any], nursery: trio.Nursery) -> None:
+        try:
+            parsed = messages.parse_client_frame(frame)
+        except MeshError as exc:
+            self.server.stats.reject("bad_message")
+            await self.send(messages.failed(messages.usable_id(frame), exc))
+            return
+        if isinstance(parsed, messages.Cancel):
+            scope = self._requests.get(parsed.id)
+            if scope is not None:
+                scope.cancel()
                 await self._pace()
-                continue
-            if op is not None and op.begin is not None and self._begin(op.begin, parsed):
-                continue
-            if is_stream:
-                self._open_streams += 1
-                self.server.open_streams += 1
-            scope = trio.CancelScope()
-            self._requests[parsed.id] = scope
-            nursery.start_soon(self._serve, parsed, scope)
+            deferred = self._deferred.pop(parsed.id, None)
+            if deferred is not None:
+                deferred.cancelled = True
+        elif isinstance(parsed, messages.Hello):
+            await self.send(messages.failed(None, errors.Invalid("hello sent twice")))
+        elif isinstance(parsed, messages.Note):
+            await self._serve_note(parsed, nursery)
+        else:
+            await self._request(parsed, nursery)
+
+    async def _request(self, req: messages.Request, nursery: trio.Nursery) -> None:
+        """Serve a request: inline, started (``begin``), or in a task of its own."""
+        op = self.server.ops.get(req.op)
+        in_flight = req.id in self._requests or req.id in self._deferred
+        if op is not None and op.inline and not in_flight:
+            await self._serve_inline(op, req)
+            return
+        if in_flight:
+            await self.send(messages.failed(req.id, errors.Invalid("request id already in flight")))
+            return
+        is_stream = op is not None and op.stream is not None
+        refusal = self._stream_refusal() if is_stream else self._request_refusal()
+        if refusal is not None:
+            self.server.stats.error("overloaded")
+            await self.send(messages.failed(req.id, errors.Overloaded(refusal)))
             await self._pace()
+            return
+        if op is not None and op.begin is not None and self._begin(op.begin, req):
+            return
+        if is_stream:
+            self._open_streams += 1
+            self.server.open_streams += 1
+        scope = trio.CancelScope()
+        self._requests[req.id] = scope
+        nursery.start_soon(self._serve, req, scope)
+        await self._pace()
+
+    def _request_refusal(self) -> str | None:
+        """Why another plain request may not start now, or None."""
+        plain = len(self._requests) - self._open_streams + len(self._deferred)
+        return "too many requests in flight" if plain >= _MAX_IN_FLIGHT else None
 
     async def _pace(self) -> None:
         """After every so many tasks started or cancelled, let them (and everyone else) run
@@ -766,21 +674,13 @@ async def _linger_until_peer_closes(sock: socket.socket) -> None:
             drained += len(data)
 
 
-def _peer_credentials(sock: socket.socket) -> PeerCredentials:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid, uid, gid)
-
-
-def _groups_of(uid: int, gid: int) -> set[int]:
-    try:
-        name = pwd.getpwuid(uid).pw_name
-        return set(os.getgrouplist(name, gid))
-    except (KeyError, OSError):
-        return {gid}
-
-
 class ApiServer:
+    """The local Unix-socket API: sessions, the op table, peer-credential checks, bounds.
+
+    Owns: the listening socket (and removes only its own at exit), every client session and
+    its streams, the op table the node's ``*_ops`` modules fill. Knows nothing of the
+    domain: ops are handlers given to it; what they return or raise is what it answers."""
+
     def __init__(
         self,
         path: str,
@@ -849,7 +749,7 @@ class ApiServer:
     def allowed(self, creds: PeerCredentials) -> bool:
         if creds.uid in self.allow_uids:
             return True
-        return bool(self.allow_gids and _groups_of(creds.uid, creds.gid) & self.allow_gids)
+        return bool(self.allow_gids and groups_of(creds.uid, creds.gid) & self.allow_gids)
 
     async def _bind(self) -> socket.socket:
         path = Path(self.path)
@@ -941,7 +841,7 @@ class ApiServer:
         self.stats.connections += 1
         try:
             try:
-                creds = _peer_credentials(sock)
+                creds = peer_credentials(sock)
             except OSError:
                 return
             if not self.allowed(creds):

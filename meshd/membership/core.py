@@ -26,11 +26,10 @@ Rules, after SWIM, Lifeguard and memberlist:
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshd.config.model import MembershipTuning
@@ -46,6 +45,8 @@ from meshd.membership.events import (
     StreamRequest,
 )
 from meshd.membership.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from meshd.rejections import Rejections
+from meshd.timers import TimerHeap
 from meshd.wire import membership as wire
 from meshd.wire import packet
 from meshd.wire.membership import (
@@ -70,7 +71,7 @@ _MAX_CONFIRMATION_PROBES = 3
 
 
 @dataclass(slots=True)
-class MembershipStats:
+class MembershipStats(Rejections):
     """Plain counters, read by the metrics exporter at scrape time."""
 
     packets_in: int = 0
@@ -79,7 +80,6 @@ class MembershipStats:
     bytes_out: int = 0
     messages_in: int = 0
     duplicates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
     probes: int = 0
     probe_failures: int = 0
     indirect_probes: int = 0
@@ -100,9 +100,6 @@ class MembershipStats:
     reconnect_attempts: int = 0
     join_failures: int = 0  # join rounds in which no seed answered
     gossip_packets: int = 0
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 @dataclass(slots=True)
@@ -188,8 +185,7 @@ class Membership:
         self._seen: dict[bytes, None] = {}  # recently seen gossip items, oldest first
         self._seen_limit = seen_limit
         self._outputs: list[Output] = []
-        self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
-        self._timer_seq = 0
+        self._timers = TimerHeap()
         self._seq = rng.getrandbits(32)
         self._token = 0
         self._probes: dict[int, _Probe] = {}
@@ -336,16 +332,13 @@ class Membership:
         return out
 
     def next_deadline(self) -> float:
-        return self._timers[0][0] if self._timers else math.inf
+        return self._timers.next_deadline()
 
     # ------------------------------------------------------------------ public: inputs
 
     def tick(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, fn, arg = heapq.heappop(timers)
-            fn(now, arg)
+        self._timers.run(now)
 
     def handle_packet(self, now: float, src: Address, data: bytes) -> None:
         """A decrypted UDP datagram from ``src``. Bad input is counted and dropped.
@@ -428,8 +421,7 @@ class Membership:
     # ------------------------------------------------------------------ timers
 
     def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, fn, arg))
+        self._timers.at(when, fn, arg)
 
     # ------------------------------------------------------------------ output helpers
 

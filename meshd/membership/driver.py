@@ -31,6 +31,12 @@ _MAX_STREAMS_IN_FLIGHT = 64
 
 
 class MembershipDriver:
+    """Runs the :class:`~meshd.membership.core.Membership` core under trio.
+
+    Owns: the UDP endpoint's traffic for membership, TCP streams the core asks for (probes,
+    push-pull, join), the core's timers, and the listeners of member events. Decides
+    nothing: every membership rule lives in the core."""
+
     def __init__(
         self,
         core: Membership,

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshd.api import args as args_
-from meshd.api.server import BEGIN_IN_TASK, Deferred, Session, Stream
+from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
+from meshd.api.server import Session
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.router import LocalAgent

@@ -10,7 +10,8 @@ import trio
 
 from meshd import __version__
 from meshd.api.fanout import Fanout
-from meshd.api.server import Session, Stream
+from meshd.api.handles import Stream
+from meshd.api.server import Session
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
 from meshd.wire.membership import Status
@@ -34,17 +35,17 @@ def member_dict(node: Node, m: MemberView) -> dict[str, Any]:
 def register(node: Node) -> None:
     api = node.api
     member_watchers: Fanout[MemberEvent] = Fanout()
-    node.driver.listeners.append(member_watchers)
+    node.membership_driver.listeners.append(member_watchers)
 
     async def info(_session: Session, _req: messages.Request) -> Any:
-        core = node.core
+        core = node.membership_core
         counts = {s.name.lower(): 0 for s in Status}
         for m in core.members():
             counts[m.status.name.lower()] += 1
         stats = core.stats
         transport = node.transport_stats
         return {
-            "node": node.config.node.name,
+            "node": node.node_name,
             "version": __version__,
             "addr": f"{core.addr[0]}:{core.addr[1]}",
             "incarnation": core.incarnation,
@@ -86,7 +87,7 @@ def register(node: Node) -> None:
 
     async def members(_session: Session, req: messages.Request) -> Any:
         status = req.args.get("status")
-        views = node.core.members()
+        views = node.membership_core.members()
         if status is not None:
             if not isinstance(status, str) or status.upper() not in Status.__members__:
                 raise errors.Invalid("status must be alive, suspect, dead or left")
@@ -107,7 +108,7 @@ def register(node: Node) -> None:
         name = req.args.get("node")
         if not isinstance(name, str) or not name:
             raise errors.Invalid("node must be the name of a member")
-        removed = await node.driver.remove(name)
+        removed = await node.membership_driver.remove(name)
         return {"node": name, "status": "left", "removed": removed}
 
     async def leave(_session: Session, _req: messages.Request) -> Any:

@@ -8,7 +8,8 @@ import trio
 
 from meshd.api import args as args_
 from meshd.api.fanout import Fanout
-from meshd.api.server import Session, Stream
+from meshd.api.handles import Stream
+from meshd.api.server import Session
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.registry.registry import RegistryEvent
 from meshd.replication.core import Durability
@@ -31,7 +32,7 @@ def durability_of(args: dict[str, Any]) -> Durability:
 
 
 async def _majority(node: Node, token: int | None) -> dict[str, Any]:
-    return outcome(await node.replication.wait(token))
+    return outcome(await node.replication_driver.wait(token))
 
 
 def register(node: Node) -> None:
@@ -144,7 +145,7 @@ def register(node: Node) -> None:
         """Every document this node holds with its epoch and state-vector hash (equal on
         every node once replication converged) and the store's overall digest."""
         prefix = args_.opt_text(req.args, "prefix", "") or ""
-        store = node.replication.store
+        store = node.replication_driver.store
         docs = {r.name: [r.epoch, f"{r.hash:016x}"] for r in store if r.name.startswith(prefix)}
         return {"digest": store.digest().hex(), "count": len(docs), "docs": docs}
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshd.api import args as args_
-from meshd.api.server import Session, Stream
+from meshd.api.handles import Stream
+from meshd.api.server import Session
 from meshd.placement.kinds import Strategy, check_kind
 from meshd.placement.service import Runner
 from meshd_client.protocol import errors, messages
@@ -36,7 +37,7 @@ def register(node: Node) -> None:
         )
         placement.attach_runner(runner)
         try:
-            stream.emit({"type": "serving", "kind": kind, "node": node.config.node.name})
+            stream.emit({"type": "serving", "kind": kind, "node": node.node_name})
             await stream.until_failed()
         finally:
             placement.detach_runner(runner)
@@ -49,9 +50,9 @@ def register(node: Node) -> None:
         return entry.to_dict()
 
     async def drain(_session: Session, req: messages.Request) -> Any:
-        target = args_.opt_text(req.args, "node") or node.config.node.name
-        if target != node.config.node.name:
-            if node.core.member(target) is None:
+        target = args_.opt_text(req.args, "node") or node.node_name
+        if target != node.node_name:
+            if node.membership_core.member(target) is None:
                 raise errors.NotFound(f"no member named {target!r}", detail={"node": target})
             return await node.router.control(target, "drain", {})
         moving = placement.start_drain()
@@ -116,7 +117,7 @@ def register(node: Node) -> None:
         return node.reminders.listing(args_.text(req.args, "agent"))
 
     async def drain_here(_args: dict[str, Any]) -> Any:
-        return {"node": node.config.node.name, "draining": True, "moving": placement.start_drain()}
+        return {"node": node.node_name, "draining": True, "moving": placement.start_drain()}
 
     node.router.control_handlers["drain"] = drain_here
     api.add_stream_op("kind.serve", serve_kind, "serve a kind: receive activation requests")

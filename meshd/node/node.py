@@ -26,8 +26,6 @@ from meshd.config.model import Config, ConfigError
 from meshd.logs import configure_logging, kv
 from meshd.membership.core import Membership
 from meshd.membership.driver import MembershipDriver
-from meshd.membership.events import EventKind, MemberEvent
-from meshd.membership.reference import reference_members
 from meshd.membership.snapshot import (
     PEERS_FILE,
     Peer,
@@ -41,10 +39,12 @@ from meshd.metrics.server import serve_metrics
 from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
+from meshd.node.policy import ClusterPolicy
 from meshd.placement.reminders import Reminders
 from meshd.placement.service import Placement
+from meshd.registry.model import Entry
 from meshd.registry.registry import DOC_PREFIX as REGISTRY_PREFIX
-from meshd.registry.registry import Registry, RegistryEvent
+from meshd.registry.registry import Registry
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
@@ -193,6 +193,24 @@ async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list
     return out, failed
 
 
+class _Activations:
+    """Routing's view of placement (:class:`~meshd.routing.ports.Activator`). The router is
+    built before placement, which needs it; this hands routing's questions to the node's
+    placement when they are asked."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def ensure_active(self, name: str, kind: str | None, deadline: float) -> Entry:
+        return await self._node.placement.ensure_active(name, kind, deadline)
+
+    def may_run(self, kind: str) -> bool:
+        return self._node.placement.may_run(kind)
+
+    async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
+        return await self._node.placement.activate_local(name, kind, deadline)
+
+
 class Node:
     """One meshd daemon."""
 
@@ -218,14 +236,14 @@ class Node:
         self._stop = trio.Event()
         self.left_cleanly = False
         # Set in run():
-        self.core: Membership
-        self.driver: MembershipDriver
+        self.membership_core: Membership
+        self.membership_driver: MembershipDriver
         self.keys: KeyService
         self.api: ApiServer
-        self.replicator: Replicator
-        self.replication: ReplicationDriver
+        self.replication_core: Replicator
+        self.replication_driver: ReplicationDriver
         self.storage: StorageDriver | None = None
-        self.links: PeerLinks
+        self.replication_links: PeerLinks
         self.registry: Registry
         self.state: StateService
         self.compactor: Compactor
@@ -236,9 +254,13 @@ class Node:
         self.peers: PeersSnapshot
         self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
         self.port = 0
-        self._ever_joined = False
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
+
+    @property
+    def node_name(self) -> str:
+        """This daemon's member name (``node.name``)."""
+        return self.config.node.name
 
     def wall_time(self, monotonic: float) -> float:
         """Convert a core timestamp (trio clock) to Unix time, for display."""
@@ -271,7 +293,7 @@ class Node:
             config.membership.udp_packet_size,
             logging.getLogger("meshd.transport"),
         )
-        self.core = Membership(
+        self.membership_core = Membership(
             name=config.node.name,
             addr=addr,
             tuning=config.membership,
@@ -280,8 +302,8 @@ class Node:
             tags={**config.node.tags, EPOCH_TAG: str(self.epoch)},
             packet_budget=packets.payload_budget,
         )
-        self.driver = MembershipDriver(
-            self.core,
+        self.membership_driver = MembershipDriver(
+            self.membership_core,
             packets,
             self.envelope,
             self.transport_stats,
@@ -289,19 +311,19 @@ class Node:
         )
         self.peers = PeersSnapshot(
             peers_file,
-            self.core.members,
+            self.membership_core.members,
             config.node.name,
             logging.getLogger("meshd.membership"),
             remembered=remembered,
             forget_after=config.membership.reconnect_timeout,
         )
-        self.driver.listeners.append(self.peers.on_member_event)
+        self.membership_driver.listeners.append(self.peers.on_member_event)
         self.keys = KeyService(
             self.keyring,
             config.security.keyring_file,
             self.envelope,
             self.transport_stats,
-            self.core.members,
+            self.membership_core.members,
             config.node.name,
             logging.getLogger("meshd.keys"),
         )
@@ -318,9 +340,9 @@ class Node:
             max_unauthenticated=transport.max_unauthenticated,
             max_preauth_bytes=transport.max_preauth_bytes,
         )
-        streams.register(Channel.MEMBERSHIP, self.driver.serve_stream)
+        streams.register(Channel.MEMBERSHIP, self.membership_driver.serve_stream)
         streams.register(Channel.KEYRING, self.keys.serve_stream)
-        streams.register(Channel.REPLICATION, self.links.serve, persistent=True)
+        streams.register(Channel.REPLICATION, self.replication_links.serve, persistent=True)
         streams.register(Channel.ROUTING, self.routing_links.serve, persistent=True)
         self.api = ApiServer(
             config.api.socket,
@@ -362,20 +384,20 @@ class Node:
                 nursery.start_soon(
                     trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
-                await nursery.start(self.driver.run)
+                await nursery.start(self.membership_driver.run)
                 await nursery.start(self.peers.run)
                 if self.storage is not None:
                     await nursery.start(self.storage.run)
-                await nursery.start(self.links.run)
-                await nursery.start(self.replication.run)
+                await nursery.start(self.replication_links.run)
+                await nursery.start(self.replication_driver.run)
                 await nursery.start(self.routing_links.run)
                 await nursery.start(self.router.run)
                 await nursery.start(self.placement.run)
                 await nursery.start(self.reminders.run)
                 self.registry.open_own()
-                self.core.start(trio.current_time(), seeds)
-                await self.driver.flush()
-                self._members_changed()
+                self.membership_core.start(trio.current_time(), seeds)
+                await self.membership_driver.flush()
+                self.policy.members_changed()
                 nursery.start_soon(self._registry_upkeep)
                 await nursery.start(self.api.serve)
                 if config.metrics.enabled:
@@ -413,7 +435,7 @@ class Node:
     async def _snapshot_before_exit(self, storage: StorageDriver) -> None:
         """A graceful stop whose logs hold more changes than there are documents writes a
         snapshot first (bounded), so the next start reads each document once."""
-        if storage.store.log_records <= len(self.replicator.store) or not storage.writable:
+        if storage.store.log_records <= len(self.replication_core.store) or not storage.writable:
             return
         with trio.move_on_after(SNAPSHOT_AT_EXIT_TIMEOUT):
             await storage.snapshot()
@@ -430,7 +452,7 @@ class Node:
         store = self.storage.store
         started = time.perf_counter()
         recovered = await trio.to_thread.run_sync(store.recover)
-        loaded = self.replication.load(
+        loaded = self.replication_driver.load(
             (name, history.epoch, history.updates) for name, history in recovered.docs.items()
         )
         if recovered.torn is not None:
@@ -452,8 +474,8 @@ class Node:
 
     def _build_data_layer(self) -> None:
         """Replication, the registry and shared state, wired to membership."""
-        name = self.config.node.name
-        self.replicator = Replicator(
+        name = self.node_name
+        self.replication_core = Replicator(
             node=name,
             tuning=ReplicationTuning(),
             rng=random.Random(),
@@ -472,51 +494,49 @@ class Node:
                 store,
                 tuning,
                 logging.getLogger("meshd.storage"),
-                names=lambda: [r.name for r in self.replicator.store],
+                names=lambda: [r.name for r in self.replication_core.store],
                 encode=self._encode_doc,
-                count=lambda: len(self.replicator.store),
+                count=lambda: len(self.replication_core.store),
             )
-        self.replication = ReplicationDriver(
-            self.replicator, logging.getLogger("meshd.replication"), self.storage
+        self.replication_driver = ReplicationDriver(
+            self.replication_core, logging.getLogger("meshd.replication"), self.storage
         )
-        self.links = PeerLinks(
+        self.replication_links = PeerLinks(
             Channel.REPLICATION,
             name,
             self.envelope,
             self.transport_stats,
             self._peer_address,
-            self.replication.receive,
+            self.replication_driver.receive,
             logging.getLogger("meshd.links"),
         )
-        self.replication.attach(self.links)
+        self.replication_driver.attach(self.replication_links)
         self.registry = Registry(
             node=name,
             epoch=self.epoch,
-            docs=self.replication,
-            liveness=MembershipLiveness(self.core),
+            docs=self.replication_driver,
+            liveness=MembershipLiveness(self.membership_core),
             wall_ms=lambda: int(time.time() * 1000),
         )
-        self.replicator.on_open = self.registry.on_open
-        self.replicator.on_drop = self.registry.on_drop
-        self.registry.listeners.append(self._on_registry_event)
-        self.state = StateService(self.replication)
+        self.replication_core.on_open = self.registry.on_open
+        self.replication_core.on_drop = self.registry.on_drop
+        self.state = StateService(self.replication_driver)
         self.compactor = Compactor(
-            self.replication, CompactionTuning(), self._coordinates, STATE_PREFIX
+            self.replication_driver, CompactionTuning(), self._coordinates, STATE_PREFIX
         )
-        self.replicator.on_replaced = self._on_replaced
-        self.replication.doc_listeners.append(self._on_doc_event)
-        self.replication.report_listeners.append(
+        self.replication_core.on_replaced = self._on_replaced
+        self.replication_driver.doc_listeners.append(self._on_doc_event)
+        self.replication_driver.report_listeners.append(
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, Rebase] = {}
-        self._dead_hosts: list[str] = []
-        self._rng = random.Random()
         self.router = Router(
             node=name,
             registry=self.registry,
-            docs=self.replication,
-            membership=self.core,
+            docs=self.replication_driver,
+            membership=self.membership_core,
             log=logging.getLogger("meshd.routing"),
+            activator=_Activations(self),
         )
         self.routing_links = PeerLinks(
             Channel.ROUTING,
@@ -530,35 +550,47 @@ class Node:
         self.routing_links.on_connect = self.router.link_status
         self.routing_links.on_disconnect = self.router.link_lost
         self.router.attach_links(self.routing_links)
-        self.replication.doc_listeners.append(self.router.on_doc_event)
+        self.replication_driver.doc_listeners.append(self.router.on_doc_event)
         self.placement = Placement(
             node=name,
-            membership=self.core,
+            membership=self.membership_core,
             registry=self.registry,
-            docs=self.replication,
+            docs=self.replication_driver,
+            host=self.router,
             tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
+            catch_up=self.replication_driver.catch_up,
         )
-        self.placement.router = self.router
-        self.placement.catch_up = self.replication.catch_up
-        self.router.placement = self.placement
-        self.replication.doc_listeners.append(self.placement.on_doc_event)
+        self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(
-            self.replication,
+            self.replication_driver,
             lambda: list(self.router.local),
             self.router.call,
             logging.getLogger("meshd.reminders"),
         )
-        self.driver.listeners.append(self._on_member_event)
+        self.policy = ClusterPolicy(
+            node_name=name,
+            membership=self.membership_core,
+            replication=self.replication_driver,
+            links=(self.replication_links, self.routing_links),
+            routing=self.router,
+            registry=self.registry,
+            placement=self.placement,
+            clock=trio.current_time,
+            rng=random.Random(),
+            log=log,
+        )
+        self.registry.listeners.append(self.policy.on_registry_event)
+        self.membership_driver.listeners.append(self.policy.on_member_event)
 
     def _encode_doc(self, name: str) -> tuple[int, bytes] | None:
-        replica = self.replicator.store.get(name)
+        replica = self.replication_core.store.get(name)
         return None if replica is None else (replica.epoch, replica.full_update())
 
     def _coordinates(self) -> bool:
         """The live member with the lowest name coordinates compaction."""
-        up = [m.name for m in self.core.members() if m.status.up]
-        return min(up) == self.config.node.name
+        up = [m.name for m in self.membership_core.members() if m.status.up]
+        return min(up) == self.node_name
 
     def _on_replaced(self, old: Replica, new: Replica) -> None:
         if new.name.startswith(STATE_PREFIX):
@@ -572,7 +604,7 @@ class Node:
         found = self._rebases.pop(event.name, None) if event.kind == "replaced" else None
         if found is not None:
             # Writes that raced a compaction: re-apply them to the new epoch.
-            replica = self.replicator.store.get(event.name)
+            replica = self.replication_core.store.get(event.name)
             epoch = replica.epoch if replica is not None else 0
             self.compactor.stats.rebases += 1
             log.info(
@@ -584,7 +616,7 @@ class Node:
                     counters=len(found.slots),
                 ),
             )
-            self.replication.write(now, event.name, found.apply, epoch=epoch)
+            self.replication_driver.write(now, event.name, found.apply, epoch=epoch)
 
     def _accept_doc(self, name: str, epoch: int) -> bool:
         if name.startswith(REGISTRY_PREFIX):
@@ -592,93 +624,33 @@ class Node:
         return name.startswith(STATE_PREFIX)
 
     def _peer_address(self, peer: str) -> Address | None:
-        member = self.core.member(peer)
+        member = self.membership_core.member(peer)
         if member is None or not member.status.up:
             return None
         return member.addr
-
-    def _members_changed(self) -> None:
-        """Tell replication who is live and what the reference membership is. Until this
-        node has joined its cluster once, its table is not the cluster's: no majority can be
-        counted then (a restarted node alone must not call itself a majority)."""
-        members = self.core.members()
-        if self.core.joined:
-            self._ever_joined = True
-        live = [m.name for m in members if m.status.up]
-        reference = reference_members(members) if self._ever_joined else None
-        self.replication.set_members(live, reference)
-
-    def _on_member_event(self, event: MemberEvent) -> None:
-        member = event.member.name
-        if event.kind is EventKind.REAP:
-            # A reaped member was down already: links, routing, the registry and placement
-            # let go of it at its DEAD or LEAVE event. It leaves every majority now.
-            self._members_changed()
-            return
-        if member == self.config.node.name:
-            return
-        self._members_changed()
-        if event.kind in (EventKind.DEAD, EventKind.LEAVE):
-            self.links.close(member)
-            self.routing_links.close(member)
-            self.replication.forget_peer(member)
-            self.router.host_down(member)
-            self._dead_hosts.append(member)
-        elif event.kind in (EventKind.JOIN, EventKind.ALIVE):
-            self.router.host_up(member)
-            # A member back from a partition (or new): repair with it right away. Each node
-            # does so with probability ~2/n, so a newcomer is not sent the whole registry by
-            # every member at once (it pulls from one peer itself as it joins).
-            peers = len(self.replicator.peers)
-            if peers <= 2 or self._rng.random() < 2 / peers:
-                self.replication.request_sync(trio.current_time(), member)
-        self.registry.node_changed(member)
-        while self._dead_hosts:
-            # After the registry stopped resolving its agents: re-place what it ran.
-            self.placement.host_down(self._dead_hosts.pop())
-
-    def _on_registry_event(self, event: RegistryEvent) -> None:
-        if event.kind != "conflict" or event.entry.node != self.config.node.name:
-            return
-        winner = event.winner
-        log.warning(
-            "name conflict: our registration lost",
-            extra=kv(
-                agent=event.name,
-                winner_node=winner.node if winner else None,
-                entry=event.entry.entry_id,
-            ),
-        )
-        self.router.notify(
-            event.name,
-            {
-                "type": "name_conflict",
-                "name": event.name,
-                "winner": winner.to_dict() if winner else None,
-            },
-        )
-        self.registry.unregister(trio.current_time(), event.name)
 
     async def _registry_upkeep(self) -> None:
         while True:
             await trio.sleep(5)
             now = trio.current_time()
-            self._members_changed()  # joined, reaped: catch what no event announced
+            self.policy.members_changed()  # joined, reaped: catch what no event announced
             self.registry.tick(now)
             self.compactor.tick(now)
 
     async def _announce_ready(self) -> None:
-        await self.driver.joined.wait()
-        self._members_changed()  # the table is the cluster's now: majorities can be counted
-        members = self.core.alive_count
+        await self.membership_driver.joined.wait()
+        self.policy.members_changed()  # the table is the cluster's now: majorities can be counted
+        members = self.membership_core.alive_count
         self.notifier.ready(f"joined; {members} members alive")
         log.info("ready", extra=kv(members=members))
 
     def _healthy(self) -> bool:
         # The watchdog task runs on the same event loop, so a blocked loop already stops the
         # pings; also require the membership timers to be firing.
-        stale_after = 5 * self.core.awareness.scale(self.config.membership.probe_interval)
-        return trio.current_time() - self.driver.last_tick < stale_after
+        stale_after = 5 * self.membership_core.awareness.scale(
+            self.config.membership.probe_interval
+        )
+        return trio.current_time() - self.membership_driver.last_tick < stale_after
 
     async def _leave(self) -> None:
         self.notifier.stopping()
@@ -697,7 +669,7 @@ class Node:
         # Peers re-activate this host's agents as soon as they hear of the leave, without
         # waiting out a partition's stable_after: so from now on none of them runs here.
         self.router.leaving = True
-        spread = await self.driver.leave()
+        spread = await self.membership_driver.leave()
         self.left_cleanly = True
         log.info("left", extra=kv(confirmed_spread=spread))
 
@@ -716,9 +688,9 @@ class Node:
             await trio.sleep(self.config.membership.join_retry_max)
             resolved, failed = await resolve_seeds(seeds)
             if resolved:
-                self.core.set_seeds(resolved + self.rejoin)
-                self.core.join(trio.current_time())
-                await self.driver.flush()
+                self.membership_core.set_seeds(resolved + self.rejoin)
+                self.membership_core.join(trio.current_time())
+                await self.membership_driver.flush()
             if not failed:
                 return
 
@@ -739,11 +711,11 @@ class Node:
             configure_logging(new.log.level, new.log.format)
             applied.append("log")
         if new.node.tags != old.node.tags:
-            await self.driver.set_tags(dict(new.node.tags))
+            await self.membership_driver.set_tags(dict(new.node.tags))
             applied.append("node.tags")
         if new.node.seeds != old.node.seeds:
             seeds, _ = await resolve_seeds(new.node.seeds)
-            self.core.set_seeds(seeds + self.rejoin)
+            self.membership_core.set_seeds(seeds + self.rejoin)
             applied.append("node.seeds")
         needs_restart = [
             name

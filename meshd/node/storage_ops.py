@@ -25,7 +25,7 @@ def _disk_bytes(directory: str) -> int:
 
 def status(node: Node) -> dict[str, Any]:
     """What ``meshctl storage`` shows."""
-    docs = len(node.replicator.store)
+    docs = len(node.replication_core.store)
     storage = node.storage
     if storage is None:
         return {"enabled": False, "documents": docs}
@@ -53,7 +53,7 @@ def status(node: Node) -> dict[str, Any]:
         "fsync_mean_ms": round(1000 * fsync.total / fsync.n, 3) if fsync.n else None,
         "failures": dict(store.stats.failures),
         "dropped_records": store.stats.dropped_records,
-        "acks_held": node.replication.acks_held,
+        "acks_held": node.replication_driver.acks_held,
         "sync_interval": node.config.storage.sync_interval,
     }
 

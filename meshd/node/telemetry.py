@@ -23,9 +23,21 @@ def _gauge(name: str, value: float, help_text: str, **labels: str) -> Sample:
     return Sample(name, value, tuple(labels.items()), "gauge", help_text)
 
 
+def _rejected(layer: str, rejected: dict[str, int]) -> Iterator[Sample]:
+    """A layer's rejected input, by reason (one family for every layer)."""
+    for reason, n in rejected.items():
+        yield _counter(
+            "meshd_rejected_total",
+            n,
+            "Input rejected, by layer and reason.",
+            layer=layer,
+            reason=reason,
+        )
+
+
 def register(node: Node) -> None:
     def membership() -> Iterator[Sample]:
-        core = node.core
+        core = node.membership_core
         counts = dict.fromkeys(Status, 0)
         for m in core.members():
             counts[m.status] += 1
@@ -51,14 +63,7 @@ def register(node: Node) -> None:
                     value,
                     f"Membership core counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="membership",
-                reason=reason,
-            )
+        yield from _rejected("membership", stats.rejected)
 
     def transport() -> Iterator[Sample]:
         stats = node.transport_stats
@@ -70,14 +75,7 @@ def register(node: Node) -> None:
                     value,
                     f"Transport counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="transport",
-                reason=reason,
-            )
+        yield from _rejected("transport", stats.rejected)
 
     def api() -> Iterator[Sample]:
         stats = node.api.stats
@@ -86,14 +84,7 @@ def register(node: Node) -> None:
         yield _counter("meshd_api_requests_total", stats.requests, "API requests.")
         for kind, n in stats.errors_by_kind.items():
             yield _counter("meshd_api_errors_total", n, "API errors by kind.", kind=kind)
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="api",
-                reason=reason,
-            )
+        yield from _rejected("api", stats.rejected)
 
     def process() -> Iterator[Sample]:
         yield _gauge(
@@ -115,7 +106,7 @@ def register(node: Node) -> None:
             pass
 
     def replication() -> Iterator[Sample]:
-        core = node.replicator
+        core = node.replication_core
         registry_docs = sum(1 for r in core.store if r.name.startswith("reg/"))
         yield _gauge("meshd_documents", registry_docs, "Replicated documents.", kind="registry")
         yield _gauge(
@@ -136,14 +127,7 @@ def register(node: Node) -> None:
                     value,
                     f"Replication counter: {f.name.replace('_', ' ')}.",
                 )
-        for reason, n in stats.rejected.items():
-            yield _counter(
-                "meshd_rejected_total",
-                n,
-                "Input rejected, by layer and reason.",
-                layer="replication",
-                reason=reason,
-            )
+        yield from _rejected("replication", stats.rejected)
         reg = node.registry.stats
         for f in fields(reg):
             yield _counter(
@@ -158,7 +142,10 @@ def register(node: Node) -> None:
                 getattr(compaction, f.name),
                 f"State compaction counter: {f.name.replace('_', ' ')}.",
             )
-        for channel, links in (("replication", node.links), ("routing", node.routing_links)):
+        for channel, links in (
+            ("replication", node.replication_links),
+            ("routing", node.routing_links),
+        ):
             for f in fields(links.stats):
                 yield _counter(
                     f"meshd_links_{f.name}_total",
@@ -192,7 +179,7 @@ def register(node: Node) -> None:
         )
         yield _gauge(
             "meshd_agents_local",
-            len(node.registry.entries(node=node.config.node.name)),
+            len(node.registry.entries(node=node.node_name)),
             "Agents registered on this host.",
         )
 
@@ -205,7 +192,9 @@ def register(node: Node) -> None:
         yield _gauge("meshd_storage_log_bytes", store.log_bytes, "Bytes logged since the snapshot.")
         yield _gauge("meshd_storage_snapshot_bytes", store.snapshot_bytes, "Newest snapshot size.")
         yield _gauge("meshd_storage_pending_bytes", store.pending_bytes, "Bytes waiting for disk.")
-        yield _gauge("meshd_storage_acks_held", node.replication.acks_held, "ACKs awaiting fsync.")
+        yield _gauge(
+            "meshd_storage_acks_held", node.replication_driver.acks_held, "ACKs awaiting fsync."
+        )
         yield _counter("meshd_storage_commits_total", store.stats.commits, "Group commits.")
         yield _counter("meshd_storage_snapshots_total", store.stats.snapshots, "Snapshots written.")
         yield _counter(

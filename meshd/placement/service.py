@@ -26,12 +26,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 from pycrdt import Map
 
-from meshd.api.server import Session, Stream
 from meshd.config.model import PlacementTuning
 from meshd.logs import kv
 from meshd.membership.core import Membership
@@ -40,14 +39,12 @@ from meshd.placement import rendezvous
 from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
 from meshd.placement.quorum import Quorum
 from meshd.registry.model import Entry
-from meshd.registry.registry import DOC_PREFIX, Registry, RegistryEvent
+from meshd.registry.registry import Registry, RegistryEvent, node_root
 from meshd.replication.core import DocEvent
 from meshd.replication.documents import Documents
+from meshd.routing.ports import AgentHost, EventSink
 from meshd.wire.membership import Status
 from meshd_client.protocol import errors
-
-if TYPE_CHECKING:
-    from meshd.routing.router import Router
 
 ACTIVATION_TIMEOUT: Final = 10.0
 
@@ -59,8 +56,8 @@ class Runner:
     kind: str
     capacity: int
     strategy: Strategy
-    session: Session
-    stream: Stream
+    owner: object  # the client serving the kind (compared by identity)
+    stream: EventSink
     activations: int = 0
 
 
@@ -84,6 +81,14 @@ class _Activation:
 
 
 class Placement:
+    """Decides where agents of a kind run, and starts, moves and stops them.
+
+    Owns: the kinds table (every host's advertised kinds), this host's runners, the quorum
+    view for ``keep_majority``, activations under way, drain and rebalance moves. Writes only
+    this node's ``kinds`` map (through the registry). Starts an agent elsewhere and stops
+    one here only through the :class:`~meshd.routing.ports.AgentHost` (routing); never sends
+    a frame or touches a client itself."""
+
     def __init__(
         self,
         *,
@@ -91,17 +96,20 @@ class Placement:
         membership: Membership,
         registry: Registry,
         docs: Documents,
+        host: AgentHost,
         tuning: PlacementTuning,
         log: logging.Logger,
+        catch_up: Callable[[str, list[str], float], Awaitable[bool]] | None = None,
     ) -> None:
         self.node = node
         self.membership = membership
         self.registry = registry
         self.docs = docs
+        self.host = host  # routing, as placement sees it
         self.tuning = tuning
         self.log = log
-        self.router: Router | None = None
-        self.catch_up: Callable[[str, list[str], float], Awaitable[bool]] = _caught_up
+        # Pull an agent's state from the peers ahead of this node before it starts here.
+        self.catch_up = catch_up or _caught_up
         self.table = KindTable()
         self.runners: dict[str, list[Runner]] = {}
         self.quorum = Quorum(tuning.stable_after, tuning.stop_after)
@@ -132,14 +140,13 @@ class Placement:
     # ------------------------------------------------------------------ the kinds table
 
     def on_doc_event(self, event: DocEvent) -> None:
-        if not event.name.startswith(DOC_PREFIX):
+        view = node_root(event, self.docs.store, ROOT)
+        if view is None:
             return
-        host = event.name[len(DOC_PREFIX) :]
-        replica = self.docs.store.get(event.name)
-        if event.kind == "dropped" or replica is None:
+        host, kinds = view
+        if kinds is None:
             self.table.drop_host(host)
             return
-        kinds: Map[Any] = replica.doc.get(ROOT, type=Map)
         parsed = {}
         for kind, raw in kinds.items():
             info = KindInfo.decode(raw)
@@ -236,8 +243,7 @@ class Placement:
             )
         if owner == self.node:
             return await self.activate_local(name, kind, deadline)
-        assert self.router is not None
-        return await self.router.activate_remote(owner, name, kind, deadline)
+        return await self.host.activate_remote(owner, name, kind, deadline)
 
     def _check_takeover(self, name: str, kind: str) -> None:
         """A message to a keep_majority agent whose host went silent must not start it here
@@ -383,13 +389,12 @@ class Placement:
     def _enforce_quorum(self) -> None:
         if self.quorum.has_majority:
             return
-        assert self.router is not None
         for entry in self._local_agents():
             if (
                 entry.kind
                 and entry.entry_id not in self._stopping
                 and self.table.strategy(entry.kind) is Strategy.KEEP_MAJORITY
-                and self.router.deactivate(entry.name, "minority")
+                and self.host.deactivate(entry.name, "minority")
             ):
                 self._stopping.add(entry.entry_id)
                 self._minority_stopped[entry.name] = entry.kind
@@ -431,8 +436,7 @@ class Placement:
                 "cannot move: no other host takes this kind", extra=kv(agent=name, kind=entry.kind)
             )
             return
-        assert self.router is not None
-        if not self.router.deactivate(name, "drain" if self.draining else "rebalance"):
+        if not self.host.deactivate(name, "drain" if self.draining else "rebalance"):
             return
         self.stats.moves += 1
         with trio.move_on_after(ACTIVATION_TIMEOUT):

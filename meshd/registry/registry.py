@@ -36,9 +36,9 @@ from meshd.registry.model import (
     decode_entry,
 )
 from meshd.registry.resolve import winner
-from meshd.replication.core import Durability
+from meshd.replication.core import DocEvent, Durability
 from meshd.replication.documents import Documents
-from meshd.replication.replica import Replica
+from meshd.replication.replica import DocStore, Replica
 from meshd_client.protocol import errors
 
 DOC_PREFIX = "reg/"
@@ -48,6 +48,20 @@ EventKind = Literal["registered", "unregistered", "moved", "conflict"]
 
 def doc_name(node: str) -> str:
     return DOC_PREFIX + node
+
+
+def node_root(event: DocEvent, store: DocStore, root: str) -> tuple[str, Map[Any] | None] | None:
+    """The registry-document view other components share: for an event about node *N*'s
+    registry document, ``(N, its root map named root)`` — the map is None once the document
+    is gone — and None for any other document."""
+    if not event.name.startswith(DOC_PREFIX):
+        return None
+    host = event.name[len(DOC_PREFIX) :]
+    replica = store.get(event.name)
+    if event.kind == "dropped" or replica is None:
+        return host, None
+    found: Map[Any] = replica.doc.get(root, type=Map)
+    return host, found
 
 
 class Liveness(Protocol):
@@ -88,6 +102,13 @@ class RegistryStats:
 
 
 class Registry:
+    """The agent registry: this node's entries and the index over every node's.
+
+    Owns: the lookup index (name → candidates, by node, kind and capability), the winners of
+    duplicate names, conflict reports. Writes only this node's document, through
+    :class:`~meshd.replication.documents.Documents`; reads every other node's document
+    through pycrdt change events and never writes it. Never touches the network."""
+
     def __init__(
         self,
         *,

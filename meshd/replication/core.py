@@ -31,7 +31,6 @@ naming how many did.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections import deque
@@ -41,6 +40,7 @@ from typing import Any, Literal
 
 from pycrdt import Doc
 
+from meshd.rejections import Rejections
 from meshd.replication import vectors
 from meshd.replication.messages import (
     Ack,
@@ -57,6 +57,7 @@ from meshd.replication.messages import (
     Vectors,
 )
 from meshd.replication.replica import DocStore, Replica, UpdateRejected, check_update
+from meshd.timers import TimerHeap
 
 EMPTY_SV = b"\x00"
 MAX_SYNC_BYTES = 32 << 20  # one SYNC/UPDATES message; the rest waits for the next round
@@ -131,7 +132,7 @@ AcceptPolicy = Callable[[str, int], bool]
 
 
 @dataclass(slots=True)
-class ReplicationStats:
+class ReplicationStats(Rejections):
     pushes_sent: int = 0
     pushes_received: int = 0
     pushes_forwarded: int = 0
@@ -147,10 +148,6 @@ class ReplicationStats:
     stale_epochs: int = 0
     majority_ok: int = 0
     majority_failed: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 @dataclass(slots=True)
@@ -180,6 +177,14 @@ def covers(vector: dict[int, int], required: dict[int, int]) -> bool:
 
 
 class Replicator:
+    """The replication protocol, sans IO: pushes, anti-entropy rounds, majority writes,
+    vector queries.
+
+    Owns: every replica (``store``), the pending pushes, repair rounds, majority writes under
+    way, the peer and reference sets it is given. Emits every integrated change as a
+    :class:`Persist` output and everything else as outputs too; it never does I/O, and
+    nothing outside the replication driver should change a replica directly."""
+
     def __init__(
         self,
         *,
@@ -212,8 +217,7 @@ class Replicator:
         self._reference: frozenset[str] | None = frozenset({node})
         self._reference_set = False
         self._outputs: list[Output] = []
-        self._timers: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
-        self._timer_seq = 0
+        self._timers = TimerHeap()
         self._pending_push: dict[str, tuple[int, list[bytes]]] = {}  # name → (epoch, deltas)
         self._flush_at: float | None = None
         self._token = 0
@@ -227,16 +231,13 @@ class Replicator:
     # ------------------------------------------------------------------ plumbing
 
     def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, fn, arg))
+        self._timers.at(when, fn, arg)
 
     def next_deadline(self) -> float:
-        return self._timers[0][0] if self._timers else math.inf
+        return self._timers.next_deadline()
 
     def tick(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn, arg = heapq.heappop(self._timers)
-            fn(now, arg)
+        self._timers.run(now)
 
     def take_outputs(self) -> list[Output]:
         out, self._outputs = self._outputs, []

@@ -56,6 +56,13 @@ class WriteResult:
 
 
 class ReplicationDriver:
+    """Runs the :class:`Replicator` under trio, and is the one write path into it.
+
+    Owns: the peer links' replication frames (chunking, reassembly), the core's timers, the
+    ACKs waiting for the disk, majority-write waiters, catch-up queries. Persists every
+    change through the storage driver before anything else hears of it. Components change
+    documents only through its :class:`~meshd.replication.documents.Documents` methods."""
+
     def __init__(
         self, core: Replicator, log: logging.Logger, storage: StorageDriver | None = None
     ) -> None:

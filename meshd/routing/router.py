@@ -24,35 +24,31 @@ task per call cost a spawn and a wake-up, a scheduling round each, on every rout
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 from pycrdt import Map
 
-from meshd.api.server import Session, Stream
 from meshd.logs import RateLimitedLog
 from meshd.membership.core import Membership
 from meshd.registry.model import Entry
-from meshd.registry.registry import DOC_PREFIX, Registry
+from meshd.registry.registry import Registry, node_root
 from meshd.replication.core import DocEvent
 from meshd.replication.documents import Documents
 from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
 from meshd.routing.messages import Activate, Control, Deliver, DeliveryKind, Result, Signal
+from meshd.routing.ports import Activator, EventSink
+from meshd.timers import Timer, TimerHeap
 from meshd.transport.links import PeerLinks
 from meshd.wire.membership import Status
 from meshd.wire.validate import WireError
-
-if TYPE_CHECKING:
-    from meshd.placement.service import Placement
 from meshd_client.protocol import cbor, errors
 from meshd_client.protocol.errors import MeshError
 
@@ -87,16 +83,12 @@ class _Waiter:
             then()
 
 
-class _Timer:
-    """A deadline of :meth:`Router._at`; ``fire`` is None once it fired or was cancelled."""
-
-    __slots__ = ("fire",)
-
-    def __init__(self, fire: Callable[[], None]) -> None:
-        self.fire: Callable[[], None] | None = fire
-
-    def cancel(self) -> None:
-        self.fire = None
+def _fire_deadline(_now: float, arg: tuple[Callable[[], None], logging.Logger]) -> None:
+    fire, log = arg
+    try:
+        fire()
+    except Exception:
+        log.exception("a call's deadline handling failed")
 
 
 class _Done:
@@ -137,8 +129,8 @@ class LocalAgent:
     """An agent served by a client session on this host."""
 
     entry: Entry
-    session: Session
-    stream: Stream
+    owner: object  # the client serving it (compared by identity)
+    stream: EventSink
     pending: dict[str, _Waiter] = field(default_factory=dict)
     notices: Callable[[dict[str, Any]], None] | None = None
 
@@ -169,6 +161,16 @@ def error_payload(exc: MeshError) -> dict[str, Any]:
 
 
 class Router:
+    """Routes messages, requests and signals to agents by name.
+
+    Owns: the agents served by this host's clients (``local``), the calls under way and
+    their deadlines, the receiver's at-least-once window (``dedup``), one circuit breaker per
+    host, this host's signal subscriptions and the subscription patterns of every host.
+    Reads the registry index and membership; writes only this node's ``subscriptions`` map
+    (through the registry). Must not start agents itself: a name active nowhere goes to the
+    :class:`~meshd.routing.ports.Activator` (placement). Never blocks the API session that
+    called it: calls complete by callback (:meth:`begin_call`)."""
+
     def __init__(
         self,
         *,
@@ -177,6 +179,7 @@ class Router:
         docs: Documents,
         membership: Membership,
         log: logging.Logger,
+        activator: Activator | None = None,
     ) -> None:
         self.node = node
         self.registry = registry
@@ -185,7 +188,8 @@ class Router:
         self.log = log
         self.ratelog = RateLimitedLog(log)
         self.links: PeerLinks | None = None
-        self.placement: Placement | None = None
+        # Placement, as routing sees it (None: this router starts no agents itself).
+        self.activator = activator
         # Operator commands other daemons may send this one (e.g. "drain").
         self.control_handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self.stats = RouterStats()
@@ -195,7 +199,7 @@ class Router:
         self._outbound: dict[str, _Waiter] = {}
         self._dedup_waiters: dict[str, list[_Waiter]] = {}
         # Local subscriptions: pattern -> {token: stream}, and the patterns as an index.
-        self._subscribers: dict[str, dict[int, Stream]] = {}
+        self._subscribers: dict[str, dict[int, EventSink]] = {}
         self._local_index = topics.PatternIndex()
         self._tokens = itertools.count()
         # Patterns that gained their first or lost their last local subscriber since this
@@ -208,11 +212,9 @@ class Router:
         self._host_index = topics.PatternIndex()
         self._nursery: trio.Nursery | None = None
         self.leaving = False  # set when this daemon announces its leave: deliver nothing more
-        # Deadlines of calls nobody waits for in a task: (deadline, seq, timer), a heap.
-        self._timers: list[tuple[float, int, _Timer]] = []
-        self._timer_seq = itertools.count()
+        # Deadlines of calls nobody waits for in a task.
+        self._timers = TimerHeap()
         self._timer_scope: trio.CancelScope | None = None
-        self._timers_cancelled = 0
 
     def attach_links(self, links: PeerLinks) -> None:
         self.links = links
@@ -227,46 +229,25 @@ class Router:
 
     # ------------------------------------------------------------------ deadlines
 
-    def _at(self, deadline: float, fire: Callable[[], None]) -> _Timer:
+    def _at(self, deadline: float, fire: Callable[[], None]) -> Timer:
         """Call ``fire`` at ``deadline`` unless the returned timer is cancelled first."""
-        timer = _Timer(fire)
-        heapq.heappush(self._timers, (deadline, next(self._timer_seq), timer))
+        timer = self._timers.at(deadline, _fire_deadline, (fire, self.log))
         scope = self._timer_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
         return timer
 
-    def _cancel_timer(self, timer: _Timer) -> None:
-        if timer.fire is None:
-            return
-        timer.cancel()
-        self._timers_cancelled += 1
-        # Most calls end long before their deadline: drop their entries now and then, so
-        # the heap holds about as many entries as calls under way.
-        if self._timers_cancelled > 1024 and self._timers_cancelled * 2 > len(self._timers):
-            self._timers = [entry for entry in self._timers if entry[2].fire is not None]
-            heapq.heapify(self._timers)
-            self._timers_cancelled = 0
+    def _cancel_timer(self, timer: Timer) -> None:
+        # Most calls end long before their deadline: the heap sweeps what they leave.
+        self._timers.cancel(timer)
 
     async def _expire(self) -> None:
         while True:
-            with trio.CancelScope(deadline=self._timers[0][0] if self._timers else math.inf) as s:
-                self._timer_scope = s
+            with trio.CancelScope(deadline=self._timers.next_deadline()) as scope:
+                self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            now = trio.current_time()
-            # (a timer that fires may cancel others, and so rebuild the heap: re-read it)
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                fire = timer.fire
-                if fire is None:
-                    self._timers_cancelled = max(0, self._timers_cancelled - 1)
-                    continue
-                timer.fire = None
-                try:
-                    fire()
-                except Exception:
-                    self.log.exception("a call's deadline handling failed")
+            self._timers.run(trio.current_time())
 
     # ------------------------------------------------------------------ health & breakers
 
@@ -351,10 +332,10 @@ class Router:
         msg_id = msg_id or uuid.uuid4().hex
         deadline = trio.current_time() + timeout
         entry = self.registry.lookup(to)
-        if entry is None and self.placement is not None:
+        if entry is None and self.activator is not None:
             try:
                 # A virtual agent (or one whose host died): activate it where it belongs.
-                entry = await self.placement.ensure_active(to, None, deadline)
+                entry = await self.activator.ensure_active(to, None, deadline)
             except errors.NotFound:
                 entry = None
         if entry is None:
@@ -393,7 +374,7 @@ class Router:
             raise errors.Invalid(f"message body larger than {MAX_BODY} bytes")
         entry = self.registry.lookup(to)
         if entry is None:
-            if self.placement is not None:
+            if self.activator is not None:
                 return False
             raise self._missing(to)
         msg_id = msg_id or uuid.uuid4().hex
@@ -551,13 +532,13 @@ class Router:
     async def _serve_activate(self, peer: str, msg: Activate) -> None:
         deadline = trio.current_time() + msg.ttl_ms / 1000
         try:
-            if self.placement is None:
+            if self.activator is None:
                 raise errors.Unreachable("this daemon does not place agents")
-            if not self.placement.may_run(msg.kind):
+            if not self.activator.may_run(msg.kind):
                 raise errors.Unreachable(
                     f"{msg.name!r} is a keep_majority agent and {self.node} is in a minority"
                 )
-            entry = await self.placement.activate_local(msg.name, msg.kind, deadline)
+            entry = await self.activator.activate_local(msg.name, msg.kind, deadline)
             ok, payload = True, entry.to_dict()
         except MeshError as exc:
             ok, payload = False, exc.to_wire()
@@ -746,9 +727,10 @@ class Router:
     def attach(self, agent: LocalAgent) -> None:
         self.local[agent.entry.name] = agent
 
-    def detach(self, name: str, session: Session) -> None:
+    def detach(self, name: str, owner: object) -> None:
+        """``owner``'s agent ``name`` stopped (another owner's agent of that name stays)."""
         agent = self.local.get(name)
-        if agent is None or agent.session is not session:
+        if agent is None or agent.owner is not owner:
             return
         del self.local[name]
         for waiter in list(agent.pending.values()):
@@ -804,7 +786,7 @@ class Router:
 
     # ------------------------------------------------------------------ signals
 
-    def subscribe(self, now: float, pattern: str, stream: Stream) -> Callable[[], None]:
+    def subscribe(self, now: float, pattern: str, stream: EventSink) -> Callable[[], None]:
         """Deliver signals matching ``pattern`` to ``stream`` until the returned function is
         called. Both cost the same whatever the number of subscriptions held (the first and
         last subscriber of a pattern also mark it for this node's registry document)."""
@@ -863,15 +845,12 @@ class Router:
         self.registry.write_own(now, SUBSCRIPTIONS, mutate)
 
     def on_doc_event(self, event: DocEvent) -> None:
-        if not event.name.startswith(DOC_PREFIX):
-            return
-        host = event.name[len(DOC_PREFIX) :]
-        if host == self.node:
-            return  # this host's own subscriptions are known first-hand
-        replica = self.docs.store.get(event.name)
+        view = node_root(event, self.docs.store, SUBSCRIPTIONS)
+        if view is None or view[0] == self.node:
+            return  # not a registry document, or ours (known first-hand)
+        host, subs = view
         patterns: frozenset[str] = frozenset()
-        if event.kind != "dropped" and replica is not None:
-            subs: Map[Any] = replica.doc.get(SUBSCRIPTIONS, type=Map)
+        if subs is not None:
             found = []
             for pattern in subs.keys():  # noqa: SIM118 (pycrdt Map)
                 try:

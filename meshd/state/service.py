@@ -81,6 +81,11 @@ def check_writable(driver: ReplicationDriver) -> None:
 
 
 class StateService:
+    """Read, change and watch state documents (``state/<name>``), all or nothing per batch.
+
+    Owns: the state watchers. Changes documents only through the replication driver's write
+    path, and refuses changes while the store cannot take them."""
+
     def __init__(self, driver: ReplicationDriver) -> None:
         self.driver = driver
         self.watchers: dict[str, dict[int, Watcher]] = {}  # doc -> {key: watcher}

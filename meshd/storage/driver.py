@@ -59,6 +59,14 @@ Encoder = Callable[[str], tuple[int, bytes] | None]
 
 
 class StorageDriver:
+    """Runs the :class:`~meshd.storage.store.Store` under trio: group commit, durability
+    waits, snapshots, recovery after write errors.
+
+    Owns: the committer and snapshot tasks, the fsync latency histogram. Does file I/O only
+    through the store (which only uses its :class:`~meshd.storage.files.FileSystem`), off
+    the event loop unless a batch is small and the disk fast. Knows documents only as names
+    and encodings handed to it."""
+
     def __init__(
         self,
         store: Store,

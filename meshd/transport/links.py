@@ -61,6 +61,12 @@ class LinkStats:
 
 
 class PeerLinks:
+    """One persistent, sealed TCP link per peer for one channel (replication or routing).
+
+    Owns: the links, their send queues (bounded; frames beyond are dropped and counted),
+    reconnection with back-off, the receiver callback it is given. Frames are opaque bytes
+    to it: it never decodes one."""
+
     def __init__(
         self,
         channel: Channel,

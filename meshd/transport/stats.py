@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from meshd.rejections import Rejections
 
 
 @dataclass(slots=True)
-class TransportStats:
+class TransportStats(Rejections):
     udp_packets_in: int = 0
     udp_packets_out: int = 0
     udp_bytes_in: int = 0
@@ -20,7 +22,3 @@ class TransportStats:
     tcp_bytes_out: int = 0
     tcp_refused_busy: int = 0
     tcp_resets: int = 0  # connections the peer reset (read or write failed with ECONNRESET)
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1

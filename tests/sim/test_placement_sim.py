@@ -116,10 +116,10 @@ def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placemen
         membership=sim.core,
         registry=RegistryView(sim.name, world, sim.core),  # type: ignore[arg-type]
         docs=ReplicatorStub(),  # type: ignore[arg-type]
+        host=RouterStub(sim.name, world),
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
     )
-    placement.router = RouterStub(sim.name, world)  # type: ignore[assignment]
     for host in hosts:
         placement.table.set_host(host, {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
 
@@ -153,7 +153,7 @@ class Harness:
         }
         for p in self.placements.values():
             p._nursery = nursery
-            p.router.placements = self.placements  # type: ignore[union-attr]
+            p.host.placements = self.placements  # type: ignore[attr-defined]
         for name in names:  # place the agents where their owner is
             owner = rendezvous.owner(name, dict.fromkeys(net.nodes, 100.0))
             assert owner is not None

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from meshd.api.server import ApiServer, Session, Stream
+from meshd.api.handles import Stream
+from meshd.api.server import ApiServer, Session
 from meshd_client.connection import Connection
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError

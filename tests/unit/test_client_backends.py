@@ -9,6 +9,8 @@ agents, documents or topics.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -753,3 +755,18 @@ def test_sync_mesh_basics_from_plain_threads(daemon: Daemon, backend: str) -> No
         agent.stop()
         assert agent.wait(timeout=5)
         assert agent.stop_reason == "stopped"
+
+
+def test_a_sync_script_that_raises_before_close_exits_with_its_traceback(daemon: Daemon) -> None:
+    script = (
+        "from meshd_client.sync import Mesh\n"
+        f"mesh = Mesh({daemon.socket_path!r})\n"
+        "mesh.lookup\n"
+        "raise SystemError('the script failed before close()')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "the script failed before close()" in done.stderr
+    assert "Traceback" in done.stderr

@@ -116,6 +116,9 @@ class RouterStub:
         self.claims.setdefault(name, []).append(host)
         return entry(name, host, kind)
 
+    def deactivate(self, _name: str, _reason: str) -> bool:
+        return False
+
 
 def record_activations(placement: Placement, claims: dict[str, list[str]]) -> None:
     """Replace the runner round trip: note which daemon activates what."""
@@ -132,6 +135,7 @@ def daemon(
     statuses: dict[str, Status | None],
     table: list[tuple[str, dict[str, KindInfo]]],
     registry: RegistryStub | None = None,
+    host: RouterStub | None = None,
 ) -> Placement:
     """A real Placement over stub membership, fed ``table`` in the given order."""
     placement = Placement(
@@ -139,6 +143,7 @@ def daemon(
         membership=MembershipStub(dict(statuses)),  # type: ignore[arg-type]
         registry=registry or RegistryStub(),  # type: ignore[arg-type]
         docs=None,  # type: ignore[arg-type]
+        host=host or RouterStub({}),
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
     )
@@ -549,14 +554,13 @@ async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover
     names = [f"k/{i}" for i in range(40)]
     ran = {"n3": [entry(name, "n3", "k") for name in names]}
     view: dict[str, Status | None] = {"n1": Status.ALIVE, "n2": Status.ALIVE, "n3": Status.DEAD}
-    placement = daemon("n1", view, table, RegistryStub(ran=ran))
+    claims: dict[str, list[str]] = {}
+    placement = daemon("n1", view, table, RegistryStub(ran=ran), RouterStub(claims))
     if proven:
         placement.membership.refused = frozenset({"n3"})  # type: ignore[attr-defined]
     placement.quorum.observe(0.0, frozenset(three), frozenset(three))
     placement.quorum.tick(0.0)
-    claims: dict[str, list[str]] = {}
     record_activations(placement, claims)
-    placement.router = RouterStub(claims)  # type: ignore[assignment]
     placement._nursery = NurseryStub()  # type: ignore[assignment]
     placement.host_down("n3")
     start = trio.current_time()

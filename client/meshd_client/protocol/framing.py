@@ -1,8 +1,9 @@
 """Local API framing: a 4-byte big-endian length, then one CBOR map.
 
-The decoder is sans-IO: feed it bytes as they arrive and take whole frames out. A frame larger
-than the limit is an error before any of it is buffered, so a peer cannot make either side
-allocate without bound.
+The decoder is sans-IO: feed it bytes as they arrive and take whole frames out. A frame whose
+announced length is over the limit is an error as soon as its 4-byte length arrives, before
+the rest is buffered, so a peer cannot make either side allocate without bound (bytes already
+fed with that length are held until the caller closes the connection).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def encode_frame(message: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) ->
 
 
 class FrameDecoder:
-    """Incremental decoder: ``feed()`` bytes, iterate ``frames()`` for complete messages."""
+    """Incremental decoder: ``feed()`` bytes, then call ``next_frame()`` until it returns
+    None for the complete messages."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame

@@ -1,0 +1,48 @@
+"""What routing and placement need from each other and from the API, as small protocols.
+
+Routing sits below placement: placement may use the router, but the router knows placement
+only as an :class:`Activator` handed to it at construction. Neither knows the API server: an
+agent's events go to an :class:`EventSink` (the API's stream handle is one), and the client
+that serves an agent is an opaque owner compared by identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from meshd.registry.model import Entry
+
+
+class EventSink(Protocol):
+    """Where events for a client go (an API stream)."""
+
+    def emit(self, payload: Any) -> None:
+        """Queue one event; raises ``Overloaded`` if the client is not keeping up."""
+
+    def offer(self, payload: Any) -> None:
+        """Queue one event; a failure ends the stream instead of raising."""
+
+
+class Activator(Protocol):
+    """What routing asks of placement: start agents that are not running anywhere."""
+
+    async def ensure_active(self, name: str, kind: str | None, deadline: float) -> Entry:
+        """The entry of ``name`` once it runs where it belongs (``not_found`` if nobody
+        serves its kind)."""
+
+    def may_run(self, kind: str) -> bool:
+        """May an agent of ``kind`` start on this side of a partition?"""
+
+    async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
+        """Start ``name`` here (another daemon's placement chose this host)."""
+
+
+class AgentHost(Protocol):
+    """What placement asks of routing: start an agent on another host, stop one here."""
+
+    async def activate_remote(self, host: str, name: str, kind: str, deadline: float) -> Entry:
+        """Ask ``host`` to start ``name``; its entry once it runs there."""
+
+    def deactivate(self, name: str, reason: str) -> bool:
+        """Ask the local agent ``name`` to stop (``minority``, ``drain``, ``rebalance``);
+        False if it is not served here."""
