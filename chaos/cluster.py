@@ -111,15 +111,22 @@ class Cluster:
                 for host, size in sorted((disks or {}).items()):
                     be.mount_disk(host, size)  # before the containers exist
                 be.up(build=build)
+                details: dict[str, object] = {"compose": be.compose, "image": be.image}
             else:
                 for host, size in sorted((disks or {}).items()):
                     be.mount_disk(host, size)
                 for host in be.hosts:
                     be.start_daemon(host)
+                details = {}
             cluster.history.add(
                 "fault",
                 action="up",
-                args={"hosts": be.hosts, "backend": be.kind, "disks": dict(disks or {})},
+                args={
+                    "hosts": be.hosts,
+                    "backend": be.kind,
+                    "disks": dict(disks or {}),
+                    **details,  # docker: the compose CLI and the image that ran
+                },
             )
         except BaseException:
             cluster.close()
