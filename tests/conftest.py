@@ -3,14 +3,18 @@
 Under ``pytest -n 2 --dist loadgroup`` (how ``make test`` runs), every chaos test goes to one
 worker, one after another: each starts five daemons in network namespaces, and two such
 clusters at once on a 2-core machine would measure the machine, not meshd.
+
+Hypothesis runs under the ``ci`` or ``dev`` profile (``hypothesis_budget.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import hypothesis_budget
 import pytest
 
+HYPOTHESIS_PROFILE = hypothesis_budget.load()
 CHAOS_TESTS = "tests/chaos/"
 
 
@@ -29,3 +33,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return "chaos" if nodeid.startswith(CHAOS_TESTS) else super()._split_scope(nodeid)
 
     return ChaosOnOneWorker(config, log)
+
+
+def pytest_report_header() -> str:
+    return f"hypothesis profile: {HYPOTHESIS_PROFILE} (HYPOTHESIS_PROFILE=ci|dev)"

@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from meshd.api.handles import Stream
-from meshd.api.server import ApiServer, Session
+from meshd.api.server import ApiServer
+from meshd.api.session import Session
 from meshd_client.connection import Connection
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
@@ -741,9 +742,9 @@ async def test_a_second_server_on_a_live_socket_refuses(server: Server) -> None:
 async def test_notes_running_in_tasks_are_bounded_and_the_excess_is_counted(
     server: Server,
 ) -> None:
-    from meshd.api import server as api_server
+    from meshd.api import session as api_session
 
-    limit = api_server._MAX_IN_FLIGHT
+    limit = api_session.MAX_IN_FLIGHT
     ops = server.ops
     peer = await raw(server)
     await peer.hello()
@@ -940,7 +941,7 @@ async def test_a_client_that_never_reads_pins_a_bounded_number_of_bytes(
     peak = 0
     with trio.fail_after(30):
         while not failures:
-            peak = max(peak, session._out_bytes)
+            peak = max(peak, session.outbox.bytes)
             await trio.sleep(0)
     assert isinstance(failures[0], errors.Overloaded)
     # At most the bound was queued (and one frame over it).
