@@ -67,16 +67,17 @@ docker-clean:
 
 # Two workers (the CI machine has two cores); chaos tests share one worker (tests/conftest.py).
 # The Docker engine and images are made ready (`docker-engine`) in the background while the
-# virtualenv, lint and typecheck run; the tests hold a lease on the engine, and an engine this
-# run started is stopped at the end. Where no engine can be had the Docker tests say why
-# (and fail under CI).
+# virtualenv, lint, typecheck and the tests before the Docker ones run: the first Docker test
+# waits for it (tests/chaos/test_suite.py runs them last). The run holds a lease on the engine,
+# and an engine it started is stopped at the end. Where no engine can be had the Docker tests
+# say why (and fail under CI).
 test: system-deps
 	@lease=$$$$; log=$$(mktemp); rc=0; \
 	trap '$(ENGINE) release --lease '$$lease'; rm -f '$$log EXIT; \
 	$(ENGINE) up --best-effort --for-tests --lease $$lease >$$log 2>&1 & engine=$$!; \
 	$(MAKE) --no-print-directory install lint typecheck || rc=$$?; \
-	wait $$engine; cat $$log; \
 	if [ $$rc = 0 ]; then $(VPY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS) || rc=$$?; fi; \
+	wait $$engine; cat $$log; \
 	exit $$rc
 
 # Every shipped chaos scenario on real namespaces and on Docker containers (root); `make test`

@@ -6,18 +6,14 @@ engine would. The claim worth testing there is that the *same nft text* reaches 
 as reaches a namespace, through ``docker exec -i <container> nft -f -``, whichever compose
 CLI drives the project.
 
-The second part runs containers on a real engine: ``chaos up`` from the command line, and
-``chaos cleanup`` after a harness that crashed. ``make test`` brings an engine up first
-where one can be had (``make docker-engine``: root and the Debian mirror); elsewhere these
-tests skip with the reason, and under ``CI`` they fail instead. The CI subset of scenarios
-on Docker, through each compose CLI (the v2 plugin and docker-compose 1.29), is in
-``test_suite.py``.
+The tests on a real engine are in ``test_suite.py`` (the last chaos file collected, so
+``make test`` runs them after the namespace tests, while it brings the engine up): the CI
+scenarios through each compose CLI, and ``chaos cleanup`` after a harness that crashed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -355,73 +351,3 @@ def test_a_failing_docker_command_raises_with_its_stderr(tmp_path: Path) -> None
     backend = DockerBackend(tmp_path, DaemonSpec(key=KEY), hosts=3, runner=broken)
     with pytest.raises(ChaosError, match="Cannot connect to the daemon"):
         backend.set_loss("h1", 0.1)
-
-
-# ---------------------------------------------------------------------------- on an engine
-
-
-def host_state() -> tuple[str, dict[str, str]]:
-    """What the harness promises to leave alone: the host's firewall and sysctls."""
-    return engine.firewall_text(), engine.read_sysctls()
-
-
-def project_leftovers(project: str) -> list[str]:
-    label = f"label=com.docker.compose.project={project}"
-    left = []
-    for listing in (["ps", "-a", "-q"], ["network", "ls", "-q"]):
-        out = subprocess.run(
-            ["docker", *listing, "--filter", label], capture_output=True, text=True, check=True
-        ).stdout
-        left += out.split()
-    return left
-
-
-@pytest.mark.root
-@pytest.mark.slow
-def test_cleanup_after_a_crashed_harness_removes_containers_network_and_disk(
-    docker_engine: str, tmp_path: Path, unique_net: tuple[str, str]
-) -> None:
-    """``chaos up --backend docker`` from the command line, then the harness "dies" (its
-    cluster file gone): ``chaos cleanup`` removes the containers, the network and the small
-    disk's mount from the Docker state file alone. (The scenarios in test_suite.py drive
-    containers through each compose CLI; this is the crash path.)"""
-    prefix, subnet = unique_net
-    run_dir = tmp_path / "run"
-    net = "10.78." + subnet.split(".")[2]
-    before = host_state()
-
-    argv = [sys.executable, "-m", "chaos", "--prefix", prefix, "--run-dir", str(run_dir)]
-
-    def chaos(*args: str) -> str:
-        res = subprocess.run(
-            [*argv, *args], capture_output=True, text=True, timeout=180, check=False
-        )
-        assert res.returncode == 0, f"chaos {' '.join(args)}: {res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    try:
-        chaos("up", "2", "--backend", "docker", "--docker-net", net, "--small-disk", "h2=16m")
-        names = [f"{prefix}-h1", f"{prefix}-h2"]
-        running = subprocess.run(
-            ["docker", "inspect", "--format", "{{.State.Running}} {{.Config.Image}}", *names],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-        assert running[:2] == [f"true {docker_engine}"] * 2
-        data = os.path.realpath(run_dir / "h2" / "data")
-        assert data in Path("/proc/self/mounts").read_text()  # the small disk is mounted
-        (run_dir / "cluster.json").unlink()  # as if the harness died
-        chaos("cleanup")
-        assert project_leftovers(prefix) == []
-        assert data not in Path("/proc/self/mounts").read_text()
-        assert not (run_dir / "docker-state.json").exists()
-    finally:
-        if (run_dir / "docker-state.json").exists():
-            subprocess.run(
-                [*argv, "cleanup"],
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
-    assert host_state() == before, "the host's firewall or sysctls changed"
