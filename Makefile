@@ -20,16 +20,18 @@ $(STAMP): requirements/dev.lock pyproject.toml client/pyproject.toml
 	$(UV) pip install --quiet --python $(VPY) --no-deps --no-build-isolation -e ./client -e .
 	@touch $(STAMP)
 
-# Debian packages the test suite and benchmarks use (namespaces, nftables, Serf as the reference).
+# Debian packages the test suite and benchmarks use (namespaces, nftables, Serf as the reference,
+# zsh to check meshctl's completion script).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v nft >/dev/null || missing="$$missing nftables"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v serf >/dev/null || missing="$$missing serf"; \
+	  command -v zsh >/dev/null || missing="$$missing zsh"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing system packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
 	else echo "system-deps: not root or no apt-get; namespace/nftables tests will skip with a reason"; fi
 
