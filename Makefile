@@ -21,7 +21,7 @@ $(STAMP): requirements/dev.lock pyproject.toml client/pyproject.toml
 	@touch $(STAMP)
 
 # Debian packages the test suite and benchmarks use (namespaces, nftables, Serf as the reference,
-# zsh to check meshctl's completion script).
+# zsh to check meshctl's completion script, Debian's prometheus for /usr/bin/promtool).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
@@ -29,6 +29,7 @@ system-deps:
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v serf >/dev/null || missing="$$missing serf"; \
 	  command -v zsh >/dev/null || missing="$$missing zsh"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing system packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -35,6 +35,7 @@ from meshd import __version__
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.peercred import PeerCredentials, groups_of, peer_credentials
 from meshd.logs import RateLimitedLog, kv
+from meshd.metrics.histogram import Histogram
 from meshd.rejections import Rejections
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
@@ -83,9 +84,18 @@ class ApiStats(Rejections):
     active_sessions: int = 0
     requests: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    # Seconds from a request's arrival to its answer, by op (registered ops only; streams
+    # are not timed: they last as long as their client wants).
+    latency: dict[str, Histogram] = field(default_factory=dict)
 
     def error(self, kind: str) -> None:
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+
+    def answered(self, op: str, started: float) -> None:
+        histogram = self.latency.get(op)
+        if histogram is None:
+            histogram = self.latency[op] = Histogram()
+        histogram.observe(trio.current_time() - started)
 
 
 RequestHandler = Callable[["Session", messages.Request], Awaitable[Any]]
@@ -500,20 +510,25 @@ class Session:
 
     def _begin(self, begin: BeginHandler, req: messages.Request) -> bool:
         """Start ``req`` with its op's ``begin``; False if it needs a task after all."""
+        started = trio.current_time()
         try:
             result = begin(self, req)
         except Exception as exc:
             self.server.stats.requests += 1
+            self.server.stats.answered(req.op, started)
             self._push_reply(messages.failed(req.id, self._op_error(req, exc)))
             return True
         if result is BEGIN_IN_TASK:
             return False
         self.server.stats.requests += 1
         if isinstance(result, Deferred):
+            result._started = started
+            result._op = req.op
             if not result.settled:
                 self._deferred[req.id] = result
             result._attach(self, req.id)
         else:
+            self.server.stats.answered(req.op, started)
             self._push_reply(messages.ok(req.id, result))
         return True
 
@@ -523,6 +538,7 @@ class Session:
         if self._deferred.get(request_id) is deferred:
             del self._deferred[request_id]
         assert deferred._outcome is not None
+        self.server.stats.answered(deferred._op, deferred._started)
         value, error = deferred._outcome
         if error is not None:
             self.server.stats.error(error.kind.value)
@@ -550,10 +566,12 @@ class Session:
     async def _serve_inline(self, op: _Op, req: messages.Request) -> None:
         self.server.stats.requests += 1
         assert op.handler is not None
+        started = trio.current_time()
         try:
             reply = messages.ok(req.id, await op.handler(self, req))
         except Exception as exc:
             reply = messages.failed(req.id, self._op_error(req, exc))
+        self.server.stats.answered(req.op, started)
         await self.send(reply)
 
     async def _serve_note(self, note: messages.Note, nursery: trio.Nursery) -> None:
@@ -616,7 +634,11 @@ class Session:
                     await self.send(messages.end(req.id))
                     return
                 assert op.handler is not None
-                value = await op.handler(self, req)
+                started = trio.current_time()
+                try:
+                    value = await op.handler(self, req)
+                finally:
+                    self.server.stats.answered(req.op, started)
                 await self.send(messages.ok(req.id, value))
             if scope.cancelled_caught and stream is not None and stream.opened:
                 await self.send(messages.end(req.id))
