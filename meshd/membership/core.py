@@ -253,10 +253,15 @@ class Membership:
             return
         self.set_seeds(seeds)
         if purpose == "reconnect":
-            self._reconnect_seeds()
+            self._reconnect_seeds(unknown_only=True)
         elif not self.joined and not self.leaving:
             if self._seeds:
                 self._try_seeds(now)
+            elif self.addr in seeds:
+                # The name resolves to this node alone: it is the first member (a Service
+                # with one pod so far), joined at once as a node without seeds would be. The
+                # lookups every reconnect_interval bring in the members that come later.
+                self.joined = True
             else:
                 self._join_failed(now)
 
@@ -1036,21 +1041,31 @@ class Membership:
             self._stream(
                 target.addr, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
             )
-        if (
+        if self.joined and self.resolves_seeds:
+            # Seeds that follow DNS are looked up every reconnect_interval, and an address no
+            # member has is dialled: a cluster that formed in pieces (pods that started at
+            # once and each saw only some of the others) merges, as does one whose members
+            # all restarted elsewhere while this node was alone.
+            self._resolve("reconnect")
+        elif (
             self.joined
-            and (self._seeds or self.resolves_seeds)
+            and self._seeds
             and self._alone_since is not None
             and now - self._alone_since >= t.reconnect_interval
         ):
             # Alone for a while (booted into a partition, or everyone else restarted): the
-            # seeds are the only addresses we know; try them again (looked up anew first).
-            if self.resolves_seeds:
-                self._resolve("reconnect")
-            else:
-                self._reconnect_seeds()
+            # seeds are the only addresses we know; try them again.
+            self._reconnect_seeds()
 
-    def _reconnect_seeds(self) -> None:
+    def _reconnect_seeds(self, *, unknown_only: bool = False) -> None:
+        known = (
+            {m.addr for m in self._members.values() if m.status in (Status.ALIVE, Status.SUSPECT)}
+            if unknown_only
+            else set()
+        )
         for seed in self._seeds:
+            if seed in known:
+                continue
             self.stats.reconnect_attempts += 1
             self._stream(
                 seed, self._local_state(join=True), _Stream("reconnect"), self.tuning.tcp_timeout

@@ -115,16 +115,34 @@ def test_one_lookup_at_a_time_and_a_stale_answer_is_ignored() -> None:
     assert node.core.seeds == (SEED,)
 
 
-def test_alone_a_joined_node_looks_its_seeds_up_before_trying_them_again() -> None:
+def test_a_name_that_resolves_to_this_node_alone_makes_it_the_first_member() -> None:
+    node = resolving()
+    answer(node, 0.0, [node.core.addr])
+    assert node.core.joined
+    assert node.push_pulls() == [] and node.core.stats.join_failures == 0
+
+
+def test_a_joined_node_dials_every_resolved_address_no_member_has() -> None:
     core = make_core(start=False, tune=tuning(reconnect_interval=5.0))
     core.resolves_seeds = True
     core.start(0.0, ())
     node = Node(core)
-    answer(node, 0.0, [])  # no seed: a first failed attempt; the node stays not joined
-    node.core.joined = True  # as after a join whose cluster has since gone away
+    answer(node, 0.0, [node.core.addr])  # the first member
+    node.learn(0.1, ["b"])  # then b joins it (and answers its probes)
+    node.answering = {"b"}
     before = len(lookups(node))
-    node.run(12.0)
+    node.run(12.0)  # a lookup every reconnect_interval (jittered), joined or not alone
     reconnects = [out for _, out in lookups(node)[before:] if out.purpose == "reconnect"]
-    assert reconnects
-    answer(node, node.now, [SEED])
-    assert [req.addr for _, req, _ in node.push_pulls(since=node.now)] == [SEED]
+    assert len(reconnects) == 1
+    mark = node.now
+    # The name now lists b (a member already: not dialled), this node, and c, which
+    # formed a cluster of its own at the same time: c is dialled, and the two merge.
+    answer(node, mark, [addr_for("b"), node.core.addr, addr_for("c")])
+    dialled = [req.addr for _, req, msg in node.push_pulls(since=mark) if msg.join]
+    assert dialled == [addr_for("c")]
+    # The next tick asks again; while that lookup is out, later ticks ask for no other.
+    node.run(40.0)
+    assert len(lookups(node)[before:]) == 2
+    answer(node, 40.0, [])
+    node.run(50.0)
+    assert len(lookups(node)[before:]) == 3
