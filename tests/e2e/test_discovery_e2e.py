@@ -4,12 +4,17 @@ daemon whose name does not resolve yet joins once it does, on a retry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
+import yaml
 
 from e2e.dns_stub import AAAA, SRV, A, dns_server
 from meshd.config.model import DnsSeed
 from meshd.node.discovery import SeedLookup
-from meshd.testing.localcluster import LocalCluster
+from meshd.testing.localcluster import LocalCluster, free_port
+
+MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "meshd.yaml"
 
 
 async def test_seed_lookup_reads_srv_a_and_aaaa_records() -> None:
@@ -83,3 +88,38 @@ async def test_daemons_join_through_dns_seeds(cluster: LocalCluster) -> None:
         await cluster.wait_converged({"n1", "n2", "n3"})
     assert "seed did not resolve" in n2.log_text()
     assert "seed resolves again" in n2.log_text()
+
+
+async def test_the_kubernetes_configuration_joins_through_its_service(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """deploy/k8s/meshd.yaml's meshd.toml, as each pod runs it, with a DNS server that
+    answers for the headless Service as Kubernetes' DNS would (SRV records, A glue)."""
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    conf = tmp_path / "meshd.toml"
+    conf.write_text(configmap["data"]["meshd.toml"])
+    service = "_gossip._udp.meshd.meshd.svc.cluster.local."
+    with dns_server() as (zone, port):
+        pods = []
+        for i in (1, 2, 3):
+            extra = [
+                f"--config={conf}",
+                f"--metrics-bind=127.0.0.1:{free_port()}",
+                f"--set=node.dns_resolver=127.0.0.1:{port}",
+            ]
+            pods.append(cluster.add(f"node-{i}", extra=extra, start=False))
+        # Every pod is in the Service at once (publishNotReadyAddresses), each its own target.
+        zone.set(
+            service,
+            "SRV",
+            *(SRV(0, 1, pod.port, f"pod-{i}.meshd.meshd.svc.cluster.local.") for i, pod in
+              enumerate(pods)),
+        )  # fmt: skip
+        zone.glue[service] = [
+            (f"pod-{i}.meshd.meshd.svc.cluster.local.", A("127.0.0.1")) for i in range(3)
+        ]
+        for pod in pods:
+            pod.spawn()
+        await cluster.wait_ready(timeout=60)
+        await cluster.wait_converged({"node-1", "node-2", "node-3"}, timeout=60)
