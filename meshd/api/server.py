@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Final
 
 import trio
@@ -92,10 +93,12 @@ class ApiStats(Rejections):
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
 
     def answered(self, op: str, started: float) -> None:
+        """``started``: ``time.perf_counter()`` when the request arrived (cheaper than
+        trio's clock, which this runs twice per request)."""
         histogram = self.latency.get(op)
         if histogram is None:
             histogram = self.latency[op] = Histogram()
-        histogram.observe(trio.current_time() - started)
+        histogram.observe(perf_counter() - started)
 
 
 RequestHandler = Callable[["Session", messages.Request], Awaitable[Any]]
@@ -510,7 +513,7 @@ class Session:
 
     def _begin(self, begin: BeginHandler, req: messages.Request) -> bool:
         """Start ``req`` with its op's ``begin``; False if it needs a task after all."""
-        started = trio.current_time()
+        started = perf_counter()
         try:
             result = begin(self, req)
         except Exception as exc:
@@ -566,7 +569,7 @@ class Session:
     async def _serve_inline(self, op: _Op, req: messages.Request) -> None:
         self.server.stats.requests += 1
         assert op.handler is not None
-        started = trio.current_time()
+        started = perf_counter()
         try:
             reply = messages.ok(req.id, await op.handler(self, req))
         except Exception as exc:
@@ -634,7 +637,7 @@ class Session:
                     await self.send(messages.end(req.id))
                     return
                 assert op.handler is not None
-                started = trio.current_time()
+                started = perf_counter()
                 try:
                     value = await op.handler(self, req)
                 finally:
