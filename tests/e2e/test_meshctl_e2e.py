@@ -33,8 +33,8 @@ async def start(cluster: LocalCluster) -> tuple[Daemon, Daemon, Daemon]:
     n1 = cluster.add("n1", tags={"role": "web", "zone": "a"})
     n2 = cluster.add("n2", seeds=[n1.addr], tags={"role": "db", "zone": "a"})
     n3 = cluster.add("w3", seeds=[n1.addr], tags={"role": "web"})
-    await cluster.wait_ready()
-    await cluster.wait_converged()
+    await cluster.wait_ready(timeout=60)
+    await cluster.wait_converged(timeout=60)
     return n1, n2, n3
 
 
