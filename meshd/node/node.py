@@ -48,7 +48,7 @@ from meshd.registry.registry import Registry
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
-from meshd.routing.router import Router
+from meshd.routing.driver import RoutingDriver
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
 from meshd.state.compaction import CompactionTuning, Compactor, Rebase, rebase
@@ -247,7 +247,7 @@ class Node:
         self.registry: Registry
         self.state: StateService
         self.compactor: Compactor
-        self.router: Router
+        self.router: RoutingDriver
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
@@ -530,7 +530,7 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, Rebase] = {}
-        self.router = Router(
+        self.router = RoutingDriver(
             node=name,
             registry=self.registry,
             docs=self.replication_driver,

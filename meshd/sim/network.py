@@ -6,6 +6,9 @@ or two-way, and nodes can crash (the host goes silent), be killed (the host answ
 reset), be paused (SIGSTOP: packets queue up, timers stall) and restart. One seed makes a run
 reproducible: a single event heap orders everything, ties broken by insertion order.
 
+Other layers run on the same clock and event heap through :meth:`SimNetwork.call_at`
+(:mod:`meshd.sim.routing` carries ROUTING frames between routing cores this way).
+
 Time advances through ``trio.sleep_until``, so under ``trio.testing.MockClock`` with
 ``autojump_threshold=0`` a simulated hour passes in however long the computation takes.
 """
@@ -183,6 +186,16 @@ class SimNetwork:
 
     # ------------------------------------------------------------------ event loop
 
+    def call_at(self, when: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(now)`` at virtual time ``when`` (not before now), in the event order:
+        other layers (routing) put their frames and deadlines on the same clock."""
+        self._push(max(when, self.now), _CALL, fn)
+
+    def tcp_leg(self, src: str, dst: str) -> float | None:
+        """One-way delay of a segment on a TCP connection from ``src`` to ``dst`` (loss
+        costs retransmissions), or None if it cannot get through."""
+        return self._tcp_leg(src, dst)
+
     def _push(self, when: float, kind: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, kind, payload))
@@ -327,6 +340,8 @@ class SimNetwork:
             if core is node.core and node.state == "up":
                 core.stream_result(now, token, reply, failure)
                 self._after_input(node)
+        elif kind == _CALL:
+            payload(now)
 
     # ------------------------------------------------------------------ observations
 
@@ -357,3 +372,4 @@ _PACKET = 0
 _TIMER = 1
 _STREAM_SERVE = 2
 _STREAM_RESULT = 3
+_CALL = 4
