@@ -13,6 +13,8 @@ links, the registry and the client sessions are simulated:
   its membership calls the host up (as the registry's liveness view does).
 * An agent is a :class:`SimAgent`: it answers each delivery after its service time (or never,
   if ``silent``), counting how many times its handler ran.
+* A node's subscription patterns reach the other nodes' cores at once (in the daemon they
+  travel in its registry document).
 
 The cores' deadlines are events on the network's heap, so one seed makes a run reproducible.
 """
@@ -98,6 +100,19 @@ class SimAgent:
         return None
 
 
+@dataclass
+class SimSubscriber:
+    """A subscription's client: records the signals offered to it."""
+
+    signals: list[Any] = field(default_factory=list)
+
+    def emit(self, payload: Any) -> None:
+        self.signals.append(payload)
+
+    def offer(self, payload: Any) -> None:
+        self.signals.append(payload)
+
+
 class _Wire:
     """One node's ROUTING links (see the module docstring)."""
 
@@ -178,7 +193,19 @@ class SimRouting:
         self.agents: dict[str, SimAgent] = {}
         self.frames = 0
         self.lost = 0
+        self.patterns: dict[str, set[str]] = {}  # node -> patterns it subscribes to
         net.listeners.append(self._on_member_event)
+
+    def subscribe(self, node: str, pattern: str) -> SimSubscriber:
+        """A client of ``node`` subscribes to ``pattern``; every other node learns it."""
+        subscriber = SimSubscriber()
+        self.routers[node].core.signals.subscribe(pattern, subscriber)
+        self.routers[node].core.signals.take_adverts()
+        self.patterns.setdefault(node, set()).add(pattern)
+        for name, router in self.routers.items():
+            if name != node:
+                router.core.signals.set_host_patterns(node, self.patterns[node])
+        return subscriber
 
     def serve(self, name: str, host: str, **kwargs: Any) -> SimAgent:
         router = self.routers[host]

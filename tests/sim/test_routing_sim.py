@@ -224,3 +224,32 @@ async def test_at_least_once_repeats_run_the_handler_once_unless_the_first_timed
     assert [o for _, o in again.got] == [Ok(["re", "other"])]
     assert agent.runs == ["job", "other", "other"]
     assert settled(routing)
+
+
+async def test_signals_reach_each_matching_host_once_in_order_and_skip_a_dead_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = await cluster(5, seed=9, loss=0.02)
+    routing = SimRouting(net)
+    one = routing.subscribe("n1", "orders.*")
+    two = [routing.subscribe("n2", "orders.**"), routing.subscribe("n2", "orders.eu")]
+    doomed = routing.subscribe("n3", "orders.eu")
+    other = routing.subscribe("n4", "other.*")
+    publisher = routing.routers["n0"].core.signals
+    hosts: list[int] = []
+    for i in range(60):
+        if i == 20:
+            net.crash("n3")
+        event = {"id": str(i), "source": "sim", "type": "t"}
+        routing.start("n0", lambda _core, e=event: hosts.append(publisher.publish("orders.eu", e)))
+        await net.run_for(0.25)
+    await net.run_for(5.0)
+    sent = [
+        {"topic": "orders.eu", "event": {"id": str(i), "source": "sim", "type": "t"}}
+        for i in range(60)
+    ]
+    assert one.signals == sent  # once each, in the order published, despite the loss
+    assert two[0].signals == two[1].signals == sent  # one frame to n2, both subscribers
+    assert doomed.signals == sent[:20] and other.signals == []
+    assert hosts[:20] == [3] * 20
+    assert hosts[-1] == 2  # once n0 saw n3 dead, it sends it nothing more
