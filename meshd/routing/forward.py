@@ -7,10 +7,12 @@ and deadlines are timers on the core's heap. Rules:
   host's breaker; so does a call while the breaker refuses it (open, or half-open with its
   trial already out).
 * A frame the link will not take (queue full) fails the call at once (``overloaded``).
-* An exchange ends with the RESULT its host sends back (the breaker closes), or at its
-  deadline (``timeout``; a failure for the breaker unless the link is up, for a slow handler
-  is not a dead host), or when the host dies or the connection carrying it breaks
-  (``unreachable``: a restarted daemon forgot what it was asked).
+* An exchange ends with the RESULT its host sends back, or at its deadline (``timeout``; a
+  failure for the breaker unless the link is up, for a slow handler is not a dead host), or
+  when the host dies or the connection carrying it breaks (``unreachable``: a restarted
+  daemon forgot what it was asked). Every end but the deadline closes the host's breaker —
+  also the one a death just tripped, as the router always did (membership still refuses
+  calls to a dead host; the breaker matters again once it is back).
 
 Exchanges are indexed by host, then message id: a dead host's are found without a scan.
 """
