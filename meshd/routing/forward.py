@@ -37,7 +37,7 @@ class _Exchange:
     msg_id: str
     what: str  # what the call is about, for its error messages
     done: Done
-    timer: Timer | None = None
+    timer: Timer[_Exchange] | None = None
 
 
 class Remote:

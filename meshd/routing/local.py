@@ -45,7 +45,7 @@ class _Delivery:
     msg: Deliver
     agent: LocalAgent
     done: Done
-    timer: Timer | None = None
+    timer: Timer[_Delivery] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -54,7 +54,7 @@ class _Repeat:
 
     key: MessageKey
     done: Done
-    timer: Timer | None = None
+    timer: Timer[_Repeat] | None = None
 
 
 @dataclass(slots=True)
