@@ -7,6 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.routing import messages
 from meshd.routing.breaker import BreakerState
@@ -604,3 +607,99 @@ def test_signals_and_bodies_are_bounded() -> None:
         r.core.signals.publish("t.*", event())
     with pytest.raises(errors.Invalid):
         r.core.signals.subscribe("a.**.b", Sink())
+
+
+# ---------------------------------------------------------------------------- every call ends once
+
+_AGENTS = ("x", "y")  # served here
+_REMOTE = {"p": "b", "q": "c"}  # agent -> host
+
+
+@st.composite
+def _steps(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    ids = st.sampled_from(["m0", "m1", "m2"])
+    step = st.one_of(
+        st.tuples(
+            st.just("call"),
+            st.sampled_from([*_AGENTS, *_REMOTE]),
+            ids,
+            st.sampled_from([REQ, SEND]),
+            st.booleans(),
+            st.floats(0.1, 3.0),
+        ),
+        st.tuples(st.just("reply"), st.sampled_from(_AGENTS), ids, st.booleans()),
+        st.tuples(st.just("result"), st.sampled_from(["b", "c"]), ids, st.booleans()),
+        st.tuples(st.just("deliver"), st.sampled_from(_AGENTS), ids, st.booleans()),
+        st.tuples(st.just("detach"), st.sampled_from(_AGENTS)),
+        st.tuples(st.just("serve"), st.sampled_from(_AGENTS)),
+        st.tuples(st.just("down"), st.sampled_from(["b", "c"])),
+        st.tuples(st.just("up"), st.sampled_from(["b", "c"])),
+        st.tuples(st.just("link_lost"), st.sampled_from(["b", "c"])),
+        st.tuples(st.just("full"), st.sampled_from(_AGENTS), st.booleans()),
+        st.tuples(st.just("wait"), st.floats(0.0, 2.0)),
+    )
+    return draw(st.lists(step, max_size=40))
+
+
+@settings(max_examples=examples(300))
+@given(_steps())
+def test_every_call_ends_exactly_once_and_nothing_is_left_waiting(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    r = rig()
+    owners: dict[str, object] = {}
+    sinks: dict[str, Sink] = {}
+    for name in _AGENTS:
+        owners[name] = object()
+        sinks[name] = serve(r, name, owner=owners[name])
+    for name, host in _REMOTE.items():
+        remote(r, name, host)
+    calls: list[Outcomes] = []
+    now = 0.0
+    for step in steps:
+        match step:
+            case ("call", to, msg_id, kind, alo, timeout):
+                try:
+                    calls.append(
+                        call(r, to, now=now, kind=kind, alo=alo, timeout=timeout, msg_id=msg_id)
+                    )
+                except errors.MeshError:
+                    pass  # refused before anything was sent: raised, never completed
+            case ("reply", name, msg_id, ok):
+                outcome = Ok(msg_id) if ok else Err(errors.Invalid("no"))
+                r.core.local.reply(now, name, msg_id, outcome)
+            case ("result", peer, msg_id, ok):
+                payload = "r" if ok else errors.Invalid("no").to_wire()
+                r.core.receive(now, peer, messages.encode(Result(msg_id, ok, payload)))
+            case ("deliver", name, msg_id, alo):
+                frame = messages.encode(Deliver(msg_id, name, "", REQ, alo, 1000, None))
+                r.core.receive(now, "b", frame)
+            case ("detach", name):
+                r.core.local.detach(now, name, owners[name])
+            case ("serve", name):
+                if name not in r.core.local.agents:
+                    owners[name] = object()
+                    serve(r, name, sinks[name], owner=owners[name])
+            case ("down", host):
+                r.members.status[host] = Status.DEAD
+                r.core.host_down(now, host)
+            case ("up", host):
+                r.members.status[host] = Status.ALIVE
+                r.core.host_up(host)
+            case ("link_lost", host):
+                r.core.link_lost(host)
+            case ("full", name, full):
+                sinks[name].full = full
+            case ("wait", seconds):
+                now += seconds
+                r.core.tick(now)
+        assert all(len(c.got) <= 1 for c in calls)
+    r.core.tick(now + 10.0)
+    assert all(len(c.got) == 1 for c in calls)
+    assert all(not a.pending for a in r.core.local.agents.values())
+    assert r.core.remote.pending("b") == r.core.remote.pending("c") == 0
+    assert len(r.core.timers) == 0
+    # Every inbound request was answered, once.
+    answered = [m.msg_id for _, m in r.wire.sent if isinstance(m, Result)]
+    asked = [s for s in steps if s[0] == "deliver"]
+    assert len(answered) == len(asked)
