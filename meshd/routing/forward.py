@@ -118,11 +118,7 @@ class Remote:
     # ------------------------------------------------------------------ ending them
 
     def _end(self, exchange: _Exchange, outcome: Outcome) -> None:
-        by_id = self._pending.get(exchange.host)
-        if by_id is not None and by_id.get(exchange.msg_id) is exchange:
-            del by_id[exchange.msg_id]
-            if not by_id:
-                del self._pending[exchange.host]
+        self._unlink(exchange)
         if exchange.timer is not None:
             self.timers.cancel(exchange.timer)
             exchange.timer = None
@@ -140,14 +136,17 @@ class Remote:
         self._end(exchange, from_result(msg))
         return True
 
+    def _unlink(self, exchange: _Exchange) -> None:
+        # A later exchange with the same id (a caller's own id, reused) may hold the slot.
+        by_id = self._pending.get(exchange.host)
+        if by_id is not None and by_id.get(exchange.msg_id) is exchange:
+            del by_id[exchange.msg_id]
+            if not by_id:
+                del self._pending[exchange.host]
+
     def _expired(self, now: float, exchange: _Exchange) -> None:
         exchange.timer = None
-        by_id = self._pending.get(exchange.host)
-        if by_id is None or by_id.get(exchange.msg_id) is not exchange:
-            return
-        del by_id[exchange.msg_id]
-        if not by_id:
-            del self._pending[exchange.host]
+        self._unlink(exchange)
         self.stats.timeouts += 1
         breaker = self.breaker(exchange.host)
         if self.wire.connected(exchange.host):

@@ -703,3 +703,15 @@ def test_every_call_ends_exactly_once_and_nothing_is_left_waiting(
     answered = [m.msg_id for _, m in r.wire.sent if isinstance(m, Result)]
     asked = [s for s in steps if s[0] == "deliver"]
     assert len(answered) == len(asked)
+
+
+def test_a_reused_message_id_to_one_host_ends_each_call_once() -> None:
+    r = rig()
+    remote(r, "far")
+    first = call(r, "far", timeout=1.0)
+    second = call(r, "far", timeout=2.0)  # the caller chose the same id again
+    r.core.receive(0.5, "b", messages.encode(Result("m1", True, "one answer")))
+    assert second.one == Ok("one answer") and first.got == []
+    r.core.tick(1.0)
+    assert isinstance(error_of(first), errors.Timeout)
+    assert r.core.remote.pending("b") == 0 and len(r.core.timers) == 0
