@@ -26,6 +26,7 @@ from meshd.registry.model import Entry
 from meshd.registry.registry import Registry, node_root
 from meshd.replication.core import DocEvent
 from meshd.replication.documents import Documents
+from meshd.routing.breaker import Breaker
 from meshd.routing.core import RoutingCore
 from meshd.routing.dedup import DedupWindow
 from meshd.routing.limits import check_body
@@ -119,6 +120,11 @@ class RoutingDriver:
     @property
     def stats(self) -> RouterStats:
         return self.core.stats
+
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        """One circuit breaker per host called."""
+        return self.core.remote.breakers
 
     @property
     def local(self) -> dict[str, LocalAgent]:
