@@ -13,19 +13,21 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
-TimerCallback = Callable[[float, Any], None]
+A = TypeVar("A")
+# What a timer calls: ``fn(now, arg)``, with the argument it was set with.
+TimerCallback = Callable[[float, A], None]
 _SWEEP_AFTER: Final = 1024
 
 
-class Timer:
-    """A handle on one scheduled callback."""
+class Timer(Generic[A]):
+    """A handle on one scheduled callback and its argument."""
 
     __slots__ = ("arg", "fn")
 
-    def __init__(self, fn: TimerCallback, arg: Any) -> None:
-        self.fn: TimerCallback | None = fn
+    def __init__(self, fn: TimerCallback[A], arg: A) -> None:
+        self.fn: TimerCallback[A] | None = fn
         self.arg = arg
 
     @property
@@ -37,21 +39,23 @@ class Timer:
 
 
 class TimerHeap:
+    """Timers of any argument type, in due order (ties in the order set)."""
+
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Timer]] = []
+        self._heap: list[tuple[float, int, Timer[Any]]] = []
         self._seq = itertools.count()
         self._cancelled = 0
 
     def __len__(self) -> int:
         return len(self._heap) - self._cancelled
 
-    def at(self, when: float, fn: TimerCallback, arg: Any = None) -> Timer:
+    def at(self, when: float, fn: TimerCallback[A], arg: A) -> Timer[A]:
         """Call ``fn(now, arg)`` once ``now >= when``."""
         timer = Timer(fn, arg)
         heapq.heappush(self._heap, (when, next(self._seq), timer))
         return timer
 
-    def cancel(self, timer: Timer) -> None:
+    def cancel(self, timer: Timer[Any]) -> None:
         if timer.fn is None:
             return
         timer.cancel()

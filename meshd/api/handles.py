@@ -13,7 +13,7 @@ from meshd_client.protocol import messages
 from meshd_client.protocol.errors import MeshError
 
 if TYPE_CHECKING:
-    from meshd.api.server import Session
+    from meshd.api.session import Session
 
 
 class Stream:

@@ -8,7 +8,7 @@ import trio
 
 from meshd.api import args as args_
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
-from meshd.api.server import Session
+from meshd.api.session import Session
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.router import LocalAgent

@@ -11,7 +11,7 @@ import trio
 from meshd import __version__
 from meshd.api.fanout import Fanout
 from meshd.api.handles import Stream
-from meshd.api.server import Session
+from meshd.api.session import Session
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
 from meshd.wire.membership import Status

@@ -9,7 +9,7 @@ import trio
 from meshd.api import args as args_
 from meshd.api.fanout import Fanout
 from meshd.api.handles import Stream
-from meshd.api.server import Session
+from meshd.api.session import Session
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.registry.registry import RegistryEvent
 from meshd.replication.core import Durability

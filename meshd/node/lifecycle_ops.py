@@ -9,7 +9,7 @@ import trio
 
 from meshd.api import args as args_
 from meshd.api.handles import Stream
-from meshd.api.server import Session
+from meshd.api.session import Session
 from meshd.placement.kinds import Strategy, check_kind
 from meshd.placement.service import Runner
 from meshd_client.protocol import errors, messages

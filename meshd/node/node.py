@@ -40,6 +40,7 @@ from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops,
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.node.policy import ClusterPolicy
+from meshd.placement.reminder_driver import ReminderDriver
 from meshd.placement.reminders import Reminders
 from meshd.placement.service import Placement
 from meshd.registry.model import Entry
@@ -251,6 +252,7 @@ class Node:
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
+        self.reminder_driver: ReminderDriver
         self.peers: PeersSnapshot
         self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
         self.port = 0
@@ -393,7 +395,7 @@ class Node:
                 await nursery.start(self.routing_links.run)
                 await nursery.start(self.router.run)
                 await nursery.start(self.placement.run)
-                await nursery.start(self.reminders.run)
+                await nursery.start(self.reminder_driver.run)
                 self.registry.open_own()
                 self.membership_core.start(trio.current_time(), seeds)
                 await self.membership_driver.flush()
@@ -566,11 +568,9 @@ class Node:
             catch_up=self.replication_driver.catch_up,
         )
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
-        self.reminders = Reminders(
-            self.replication_driver,
-            lambda: list(self.router.local),
-            self.router.call,
-            logging.getLogger("meshd.reminders"),
+        self.reminders = Reminders(self.replication_driver, lambda: list(self.router.local))
+        self.reminder_driver = ReminderDriver(
+            self.reminders, self.router.call, logging.getLogger("meshd.reminders")
         )
         self.policy = ClusterPolicy(
             node_name=name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from meshd.api.server import Session
+from meshd.api.session import Session
 from meshd_client.protocol import errors, messages
 
 if TYPE_CHECKING:

@@ -11,21 +11,22 @@ fires again — at the agent's next activation, wherever that is — with the sa
 (``name@due_ms``), so that the agent can tell a repeat. A delivery that fails is retried with
 back-off (1 s doubling to 60 s). Timers, by contrast, live in the client with the
 activation and die with it.
+
+:class:`Reminders` decides (what is due, what a delivery's outcome changes) from the
+documents and the times it is given: it reads no clock and does no I/O.
+:class:`~meshd.placement.reminder_driver.ReminderDriver` polls it and delivers.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
-import trio
 from pycrdt import Doc, Map
 
 from meshd.placement.service import state_doc
 from meshd.replication.documents import Documents
-from meshd.routing.messages import DeliveryKind
 from meshd_client.protocol import cbor, errors
 
 ROOT: Final = "reminders"
@@ -51,18 +52,33 @@ def reminder_id(name: str, due_ms: int) -> str:
     return f"{name}@{due_ms}"
 
 
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    """One reminder due for delivery: the agent, the reminder, when it was due, its data."""
+
+    agent: str
+    name: str
+    due_ms: int
+    data: Any
+
+    @property
+    def id(self) -> str:
+        return reminder_id(self.name, self.due_ms)
+
+    def body(self) -> dict[str, Any]:
+        """The message the agent receives."""
+        return {"reminder": self.name, "data": self.data, "id": self.id, "due_ms": self.due_ms}
+
+
 class Reminders:
-    def __init__(
-        self,
-        docs: Documents,
-        local_agents: Callable[[], list[str]],
-        deliver: Callable[..., Any],
-        log: logging.Logger,
-    ) -> None:
+    """The reminders of the agents active here: what is due, and what a delivery changes.
+
+    Owns the in-flight and retry bookkeeping; the reminders themselves live in the agents'
+    state documents, written through ``docs`` (the one write path into replication)."""
+
+    def __init__(self, docs: Documents, local_agents: Callable[[], list[str]]) -> None:
         self.docs = docs
         self.local_agents = local_agents
-        self.deliver = deliver  # router.call
-        self.log = log
         self.fired = 0
         self.retried = 0
         # Occurrences being delivered from here, and when a failed one may be tried again.
@@ -111,26 +127,17 @@ class Reminders:
 
     # ------------------------------------------------------------------ firing
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                await trio.sleep(0.2)
-                for agent, name, due, data in self.due(trio.current_time()):
-                    nursery.start_soon(self._fire, agent, name, due, data)
-
-    def due(self, now: float) -> list[tuple[str, str, int, Any]]:
-        """Occurrences to deliver now (each is then in flight until :meth:`handled` or
-        :meth:`failed`)."""
-        wall = int(time.time() * 1000)
-        out: list[tuple[str, str, int, Any]] = []
+    def due(self, now: float, wall_ms: int) -> list[Occurrence]:
+        """Occurrences to deliver now, at wall-clock ``wall_ms`` (each is then in flight
+        until :meth:`handled` or :meth:`failed`)."""
+        out: list[Occurrence] = []
         for agent in self.local_agents():
             replica = self.docs.store.get(state_doc(agent))
             if replica is None:
                 continue
             for name, raw in replica.doc.get(ROOT, type=Map).items():
                 decoded = _decode(raw)
-                if decoded is None or decoded[0] > wall:
+                if decoded is None or decoded[0] > wall_ms:
                     continue
                 key = (agent, name, decoded[0])
                 if key in self._in_flight:
@@ -139,17 +146,16 @@ class Reminders:
                 if retry is not None and now < retry[0]:
                     continue
                 self._in_flight.add(key)
-                out.append((agent, name, decoded[0], decoded[2]))
+                out.append(Occurrence(agent, name, decoded[0], decoded[2]))
         return out
 
-    def handled(self, now: float, agent: str, name: str, due: int) -> None:
-        """The agent handled the occurrence due at ``due``: reschedule or remove the
-        reminder — unless it was changed meanwhile (set again, or forgotten)."""
+    def handled(self, now: float, wall_ms: int, agent: str, name: str, due: int) -> None:
+        """The agent handled the occurrence due at ``due``: reschedule (after ``wall_ms``)
+        or remove the reminder — unless it was changed meanwhile (set again, or forgotten)."""
         key = (agent, name, due)
         self._in_flight.discard(key)
         self._retry.pop(key, None)
         self.fired += 1
-        wall = int(time.time() * 1000)
 
         def advance(doc: Doc[Any]) -> None:
             target: Map[Any] = doc.get(ROOT, type=Map)
@@ -159,7 +165,7 @@ class Reminders:
             every = current[1]
             if every > 0:
                 # Missed periods (the host was down) fire once, not n times.
-                periods = (wall - due) // every + 1
+                periods = (wall_ms - due) // every + 1
                 target[name] = cbor.dumps([due + periods * every, every, current[2]])
             else:
                 target.pop(name, None)
@@ -176,33 +182,3 @@ class Reminders:
         delay = min(RETRY_MAX, delay * 2)
         self._retry[key] = (now + delay, delay)
         return delay
-
-    async def _fire(self, agent: str, name: str, due: int, data: Any) -> None:
-        occurrence = reminder_id(name, due)
-        try:
-            await self.deliver(
-                to=agent,
-                body={"reminder": name, "data": data, "id": occurrence, "due_ms": due},
-                sender=SENDER,
-                kind=DeliveryKind.SEND,
-                # Acknowledged once handled. Each attempt is a new message (a receiver would
-                # answer a repeated message id with the first attempt's failure); the body's
-                # id is the same for every attempt, for the agent to tell repeats.
-                at_least_once=True,
-                timeout=10.0,
-            )
-        except errors.MeshError as exc:
-            delay = self.failed(trio.current_time(), agent, name, due)
-            self.log.warning(
-                "reminder not delivered; it stays due",
-                extra={
-                    "fields": {
-                        "agent": agent,
-                        "reminder": occurrence,
-                        "error": exc.message,
-                        "retry_in": delay,
-                    }
-                },
-            )
-            return
-        self.handled(trio.current_time(), agent, name, due)

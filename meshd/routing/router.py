@@ -229,7 +229,9 @@ class Router:
 
     # ------------------------------------------------------------------ deadlines
 
-    def _at(self, deadline: float, fire: Callable[[], None]) -> Timer:
+    def _at(
+        self, deadline: float, fire: Callable[[], None]
+    ) -> Timer[tuple[Callable[[], None], logging.Logger]]:
         """Call ``fire`` at ``deadline`` unless the returned timer is cancelled first."""
         timer = self._timers.at(deadline, _fire_deadline, (fire, self.log))
         scope = self._timer_scope
@@ -237,7 +239,7 @@ class Router:
             scope.deadline = deadline
         return timer
 
-    def _cancel_timer(self, timer: Timer) -> None:
+    def _cancel_timer(self, timer: Timer[Any]) -> None:
         # Most calls end long before their deadline: the heap sweeps what they leave.
         self._timers.cancel(timer)
 

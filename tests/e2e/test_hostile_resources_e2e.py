@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import trio
+from raw_api import RawApi
 
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd_client.protocol import messages
-from meshd_client.protocol.framing import HEADER, FrameDecoder, encode_frame
+from meshd_client.protocol.framing import HEADER, encode_frame
 
 MIB = 1 << 20
 
@@ -52,56 +53,14 @@ async def info(daemon: Daemon) -> dict[str, Any]:
     return value
 
 
-class RawSession:
-    """An API session spoken by hand, for what a well-behaved client never sends."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder()
-
-    @classmethod
-    async def open(cls, path: str) -> RawSession:
-        return cls(await trio.open_unix_socket(path))
-
-    async def send(self, data: bytes) -> bool:
-        """False if the daemon closed the connection first."""
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
-
-    async def recv(self, timeout: float = 60.0) -> dict[str, Any] | None:
-        """The next frame; None once the daemon closed the connection."""
-        with trio.fail_after(timeout):
-            while True:
-                frame = self.decoder.next_frame()
-                if frame is not None:
-                    return frame
-                try:
-                    data = await self.stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return None
-                if not data:
-                    return None
-                self.decoder.feed(data)
-
-    async def hello(self) -> dict[str, Any] | None:
-        await self.send(encode_frame(messages.hello("hostile-e2e")))
-        return await self.recv()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 @contextlib.asynccontextmanager
-async def sessions(path: str, count: int) -> AsyncIterator[list[RawSession]]:
-    opened: list[RawSession] = []
+async def sessions(path: str, count: int) -> AsyncIterator[list[RawApi]]:
+    opened: list[RawApi] = []
     try:
         for _ in range(count):
-            session = await RawSession.open(path)
+            session = await RawApi.open(path)
             opened.append(session)
-            reply = await session.hello()
+            reply = await session.hello("hostile-e2e", timeout=60)
             assert reply is not None and reply["t"] == "hello", reply
         yield opened
     finally:
@@ -220,7 +179,7 @@ async def test_partial_api_frames_are_closed_after_the_configured_timeout(
     await cluster.wait_ready()
     async with sessions(target.socket_path, 20) as held:
         for session in held:
-            await session.send(HEADER.pack(MIB) + b"\xa5" * (MIB - 1))
+            await session.send_bytes(HEADER.pack(MIB) + b"\xa5" * (MIB - 1))
         answers = [await session.recv(timeout=120) for session in held]
         assert all(is_fatal(frame, "timeout") for frame in answers), answers[:3]
         assert all([await session.recv(timeout=60) is None for session in held])
@@ -239,7 +198,7 @@ async def test_partial_frames_beyond_the_buffer_budget_are_closed_overloaded(
     before = rss_mib(target.pid)
     async with sessions(target.socket_path, 40) as held:
         for session in held:
-            await session.send(HEADER.pack(MIB) + b"\xa5" * (MIB - 1))
+            await session.send_bytes(HEADER.pack(MIB) + b"\xa5" * (MIB - 1))
         stats = await info(target)
         # At most four partial frames of 1 MiB fit; everyone else was told and closed.
         assert stats["api"]["buffered"] <= 4 * MIB
@@ -248,7 +207,7 @@ async def test_partial_frames_beyond_the_buffer_budget_are_closed_overloaded(
         closed = 0
         for session in held:
             with trio.move_on_after(0.5):
-                frame = await session.recv()
+                frame = await session.recv(timeout=60)
                 closed += frame is None or is_fatal(frame, "overloaded")
         assert closed >= 36
 
@@ -258,11 +217,11 @@ async def test_the_session_cap_answers_overloaded(cluster: LocalCluster) -> None
     target = cluster.add("n1", extra=["--set=api.max_sessions=20"])
     await cluster.wait_ready()
     async with sessions(target.socket_path, 20):
-        extra = await RawSession.open(target.socket_path)
-        reply = await extra.hello()
+        extra = await RawApi.open(target.socket_path)
+        reply = await extra.hello("hostile-e2e", timeout=60)
         assert is_fatal(reply, "overloaded"), reply
         assert reply is not None and reply["error"]["detail"] == {"max_sessions": 20}
-        assert await extra.recv() is None
+        assert await extra.recv(timeout=60) is None
         await extra.aclose()
     # Once they are gone, sessions are served again.
     await until(lambda: _answers(target))
@@ -292,8 +251,8 @@ async def test_5000_subscriptions_open_and_close_and_the_daemon_stays_healthy(
         await cluster.wait_converged(timeout=60)
         suspicions = (await info(peer))["stats"]["suspicions"]
         count = 5000
-        session = await RawSession.open(target.socket_path)
-        assert (await session.hello() or {}).get("t") == "hello"
+        session = await RawApi.open(target.socket_path)
+        assert (await session.hello("hostile-e2e", timeout=60) or {}).get("t") == "hello"
         opened = ended = 0
         signals: list[dict[str, Any]] = []
 
@@ -316,7 +275,7 @@ async def test_5000_subscriptions_open_and_close_and_the_daemon_stays_healthy(
                 encode_frame(messages.request(i, "subscribe", {"pattern": f"e2e.p{i}.*"}))
                 for i in range(1, count + 1)
             )
-            await session.send(requests)
+            await session.send_bytes(requests)
             await until(lambda: opened == count, timeout=240)
             assert (await info(target))["api"]["streams"] == count
             # A publisher on the peer learns where the subscribers are (one registry write
@@ -326,7 +285,7 @@ async def test_5000_subscriptions_open_and_close_and_the_daemon_stays_healthy(
             await until(lambda: bool(signals), timeout=30)
             assert signals[0]["topic"] == f"e2e.p{count}.x"
             cancels = b"".join(encode_frame(messages.cancel(i)) for i in range(1, count + 1))
-            await session.send(cancels)
+            await session.send_bytes(cancels)
             await until(lambda: ended == count, timeout=240)
             nursery.cancel_scope.cancel()
         await session.aclose()

@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fakes import StaticLiveness
 from pycrdt import Map
 
 from meshd.registry.registry import Registry, RegistryEvent
@@ -27,24 +28,6 @@ N = 200
 EPOCH = 1
 
 
-class View:
-    """One node's membership view (the registry's Liveness)."""
-
-    def __init__(self, everyone: Iterable[str]) -> None:
-        self.epochs = dict.fromkeys(everyone, EPOCH)
-        self.down: dict[str, float] = {}
-
-    def up(self, node: str) -> bool:
-        return node in self.epochs and node not in self.down
-
-    def epoch(self, node: str) -> int | None:
-        return self.epochs.get(node)
-
-    def gone_for(self, node: str, now: float) -> float | None:
-        since = self.down.get(node)
-        return None if since is None else now - since
-
-
 class Cluster:
     def __init__(self, n: int = N, seed: int = 1) -> None:
         self.rng = random.Random(seed)
@@ -52,7 +35,7 @@ class Cluster:
         self.names = [f"n{i:03d}" for i in range(n)]
         self.cores: dict[str, Replicator] = {}
         self.regs: dict[str, Registry] = {}
-        self.views: dict[str, View] = {}
+        self.views: dict[str, StaticLiveness] = {}
         self.events: dict[str, list[RegistryEvent]] = {}
         self.crashed: set[str] = set()
         self.cut: Callable[[str, str], bool] = lambda _a, _b: False
@@ -66,7 +49,7 @@ class Cluster:
         self._collect()
 
     def _add(self, name: str) -> None:
-        view = self.views[name] = View(self.names)
+        view = self.views[name] = StaticLiveness(self.names, EPOCH)
         core = Replicator(
             node=name,
             tuning=ReplicationTuning(),
@@ -153,7 +136,7 @@ class Cluster:
         for observer in observers:
             view = self.views[observer]
             for node in nodes:
-                view.down[node] = self.now
+                view.set_down(node, self.now)
             self.cores[observer].set_peers(
                 p for p in self.names if p != observer and view.up(p) and p not in self.crashed
             )
@@ -166,7 +149,7 @@ class Cluster:
         for observer in observers:
             view = self.views[observer]
             for node in nodes:
-                view.down.pop(node, None)
+                view.down_since.pop(node, None)
             self.cores[observer].set_peers(
                 p for p in self.names if p != observer and view.up(p) and p not in self.crashed
             )

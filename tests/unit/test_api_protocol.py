@@ -11,6 +11,7 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd_client.protocol import cbor, errors, messages
 from meshd_client.protocol.errors import ErrorKind, MeshError
@@ -237,7 +238,7 @@ def test_deeply_nested_frame_is_refused() -> None:
 chunkings = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=8)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=512), sizes=chunkings)
 def test_fuzz_arbitrary_bytes_only_raise_frame_error(data: bytes, sizes: list[int]) -> None:
     try:
@@ -246,7 +247,7 @@ def test_fuzz_arbitrary_bytes_only_raise_frame_error(data: bytes, sizes: list[in
         pass
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     bodies=st.lists(st.binary(max_size=64), min_size=1, max_size=6),
     tail=st.binary(max_size=16),
@@ -279,7 +280,7 @@ plain_values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     frames=st.lists(st.dictionaries(st.text(max_size=8), plain_values, max_size=4), max_size=5),
     sizes=chunkings,

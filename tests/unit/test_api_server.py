@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 import trio
+from raw_api import RawApi
 
 from meshd.api.handles import Stream
-from meshd.api.server import ApiServer, Session
+from meshd.api.server import ApiServer
+from meshd.api.session import Session
 from meshd_client.connection import Connection
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
-from meshd_client.protocol.framing import HEADER, FrameDecoder, encode_frame
+from meshd_client.protocol.framing import HEADER, encode_frame
 
 MAX_IN_FLIGHT = 128
 LOG = logging.getLogger("test.api")
@@ -204,48 +206,12 @@ async def server(tmp_path: Path, nursery: trio.Nursery) -> Server:
 # ---------------------------------------------------------------------------- raw peer
 
 
-class Raw:
-    """A peer speaking the framing by hand."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder()
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.stream.send_all(encode_frame(frame))
-
-    async def send_bytes(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        """The next frame; None once the server closed the connection."""
-        with trio.fail_after(timeout):
-            while True:
-                frame = self.decoder.next_frame()
-                if frame is not None:
-                    return frame
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return None
-                if not data:
-                    return None
-                self.decoder.feed(data)
-
-    async def hello(self) -> dict[str, Any]:
-        await self.send(messages.hello("raw-test"))
-        reply = await self.recv()
-        assert reply is not None
-        assert reply["t"] == "hello", reply
-        return reply
-
-
-async def raw(server: Server) -> Raw:
-    return Raw(await trio.open_unix_socket(server.path))
+async def raw(server: Server) -> RawApi:
+    return await RawApi.open(server.path)
 
 
 async def assert_fatal(
-    peer: Raw, kind: str, match: str = "", timeout: float = 5.0
+    peer: RawApi, kind: str, match: str = "", timeout: float = 5.0
 ) -> dict[str, Any]:
     """The session-level error frame (id null), then the connection is closed."""
     frame = await peer.recv(timeout)
@@ -312,7 +278,7 @@ async def test_garbage_before_the_hello(server: Server) -> None:
 
 async def test_a_second_hello_is_an_error_but_the_session_goes_on(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.hello("again"))
     frame = await peer.recv()
     assert frame is not None
@@ -334,7 +300,7 @@ async def test_client_that_never_says_hello_is_not_waited_for_forever(
 
 async def test_replies_come_in_completion_order_not_request_order(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(1, "wait", {"gate": "slow"}))
     await peer.send(messages.request(2, "echo", {"fast": True}))
     assert await peer.recv() == messages.ok(2, {"fast": True})
@@ -383,7 +349,7 @@ async def test_a_bad_request_is_answered_with_its_id_and_the_session_goes_on(
     server: Server,
 ) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send({"t": "req", "id": 4, "op": "", "args": {}})
     frame = await peer.recv()
     assert frame is not None
@@ -398,7 +364,7 @@ async def test_a_bad_request_is_answered_with_its_id_and_the_session_goes_on(
 
 async def test_request_id_already_in_flight_is_refused(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(9, "wait", {"gate": "dup"}))
     await server.ops.until(lambda: server.ops.entered.get("dup") == 1)
     await peer.send(messages.request(9, "echo", {}))
@@ -468,7 +434,7 @@ async def test_stream_events_then_client_cancel(server: Server) -> None:
 
 async def test_raw_cancel_ends_the_stream_and_frees_its_id(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(5, "ticks", {}))
     assert await peer.recv() == messages.ok(5, None)
     first = await peer.recv()
@@ -511,7 +477,7 @@ async def test_a_consumer_that_falls_behind_is_told_and_the_daemon_stops_the_str
 
 async def test_cancel_of_an_unknown_id_is_ignored(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.cancel(12345))
     await peer.send(messages.request(1, "echo", {}))
     assert await peer.recv() == messages.ok(1, {})
@@ -565,7 +531,7 @@ async def test_a_crashing_stream_op_ends_the_stream_with_internal(server: Server
 
 async def test_raw_crashing_stream_op_sends_one_res_and_an_end(server: Server) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(3, "stream_crash", {}))
     assert await peer.recv() == messages.ok(3, None)
     assert await peer.recv() == messages.event(3, {"first": True})
@@ -579,7 +545,7 @@ async def test_raw_crashing_stream_op_sends_one_res_and_an_end(server: Server) -
 async def test_a_stream_whose_client_does_not_read_ends_overloaded(server: Server, op: str) -> None:
     ops = server.ops
     slow = await raw(server)
-    await slow.hello()
+    await slow.handshake()
     await slow.send(messages.request(1, op, {}))
     # The client reads nothing: the socket buffer fills, then the bounded queue.
     await ops.until(lambda: ops.stream_failures, timeout=15)
@@ -626,7 +592,7 @@ async def test_garbage_after_hello_gets_an_error_frame_and_close(
     server: Server, data: bytes
 ) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send_bytes(data)
     await assert_fatal(peer, "invalid", "bad frame")
     assert server.api.stats.rejected.get("session_invalid") == 1
@@ -635,7 +601,7 @@ async def test_garbage_after_hello_gets_an_error_frame_and_close(
 async def test_garbage_closes_only_that_session(server: Server) -> None:
     async with Connection.open(server.path) as good:
         bad = await raw(server)
-        await bad.hello()
+        await bad.handshake()
         await bad.send_bytes(HEADER.pack(1) + b"\xff")
         await assert_fatal(bad, "invalid")
         assert await good.call("echo", {"fine": 1}) == {"fine": 1}
@@ -656,7 +622,7 @@ async def test_session_close_runs_close_hooks(server: Server) -> None:
 async def test_close_hooks_run_after_garbage_too(server: Server) -> None:
     ops = server.ops
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(1, "hook", {}))
     frame = await peer.recv()
     assert frame is not None
@@ -669,7 +635,7 @@ async def test_close_hooks_run_after_garbage_too(server: Server) -> None:
 async def test_closing_the_session_cancels_its_streams_and_requests(server: Server) -> None:
     ops = server.ops
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(1, "ticks", {}))
     await peer.send(messages.request(2, "wait", {"gate": "never"}))
     await ops.until(lambda: ops.entered.get("never") == 1)
@@ -741,12 +707,12 @@ async def test_a_second_server_on_a_live_socket_refuses(server: Server) -> None:
 async def test_notes_running_in_tasks_are_bounded_and_the_excess_is_counted(
     server: Server,
 ) -> None:
-    from meshd.api import server as api_server
+    from meshd.api import session as api_session
 
-    limit = api_server._MAX_IN_FLIGHT
+    limit = api_session.MAX_IN_FLIGHT
     ops = server.ops
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     for _ in range(limit + 5):
         await peer.send(messages.note("wait", {"gate": "notes"}))
     await peer.send(messages.request(1, "echo", {"still": "served"}))
@@ -783,7 +749,7 @@ async def test_an_out_of_range_request_id_is_answered_with_id_null(
     server: Server, rid: int
 ) -> None:
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send({"t": "req", "id": rid, "op": "echo", "args": {}})
     frame = await peer.recv()
     assert frame is not None
@@ -805,7 +771,7 @@ async def test_a_partial_frame_is_closed_after_its_timeout(
 ) -> None:
     server = await bounded(tmp_path, nursery, partial_frame_timeout=30.0)
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     # A frame announced whole but sent in drips: the drips do not buy it more time.
     await peer.send_bytes(HEADER.pack(1000) + b"\xa1")
     await server.ops.until(lambda: server.api.buffered == 1004)
@@ -829,7 +795,7 @@ async def test_frames_that_arrive_whole_in_time_are_never_timed_out(
 ) -> None:
     server = await bounded(tmp_path, nursery, partial_frame_timeout=5.0)
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     for i in range(10):
         data = encode_frame(messages.request(i, "echo", {"i": i}))
         await peer.send_bytes(data[:7])
@@ -846,11 +812,11 @@ async def test_partial_frames_share_one_budget_and_the_excess_is_closed_overload
 ) -> None:
     server = await bounded(tmp_path, nursery, max_buffered=300 << 10)
     first = await raw(server)
-    await first.hello()
+    await first.handshake()
     await first.send_bytes(HEADER.pack(200 << 10) + b"\x00" * (100 << 10))
     await server.ops.until(lambda: server.api.buffered == (200 << 10) + 4)
     second = await raw(server)
-    await second.hello()
+    await second.handshake()
     await second.send_bytes(HEADER.pack(200 << 10) + b"\x00" * 10)
     await assert_fatal(second, "overloaded", "partial frames")
     assert server.api.stats.rejected["buffer_budget"] == 1
@@ -860,7 +826,7 @@ async def test_partial_frames_share_one_budget_and_the_excess_is_closed_overload
     await assert_fatal(first, "invalid", "bad frame")
     await server.ops.until(lambda: server.api.buffered == 0)
     third = await raw(server)
-    await third.hello()
+    await third.handshake()
     await third.send_bytes(HEADER.pack(200 << 10) + b"\x00")
     await server.ops.until(lambda: server.api.buffered == (200 << 10) + 4)
 
@@ -870,8 +836,8 @@ async def test_sessions_past_the_cap_are_told_overloaded_and_closed(
 ) -> None:
     server = await bounded(tmp_path, nursery, max_sessions=2)
     first, second = await raw(server), await raw(server)
-    await first.hello()
-    await second.hello()
+    await first.handshake()
+    await second.handshake()
     third = await raw(server)
     await third.send(messages.hello("third"))
     frame = await assert_fatal(third, "overloaded", "too many sessions")
@@ -888,8 +854,8 @@ async def test_streams_are_capped_per_session_and_per_daemon(
 ) -> None:
     server = await bounded(tmp_path, nursery, max_streams=3, max_streams_total=4)
     a, b = await raw(server), await raw(server)
-    await a.hello()
-    await b.hello()
+    await a.handshake()
+    await b.handshake()
     for i in range(1, 5):
         await a.send(messages.request(i, "quiet", {}))
     replies = {}
@@ -933,14 +899,14 @@ async def test_a_client_that_never_reads_pins_a_bounded_number_of_bytes(
 
     server.api.add_stream_op("big_events", big_events)
     peer = await raw(server)
-    await peer.hello()
+    await peer.handshake()
     await peer.send(messages.request(1, "big_events", {}))
     await server.ops.until(lambda: bool(server.api.sessions))
     (session,) = server.api.sessions.values()
     peak = 0
     with trio.fail_after(30):
         while not failures:
-            peak = max(peak, session._out_bytes)
+            peak = max(peak, session.outbox.bytes)
             await trio.sleep(0)
     assert isinstance(failures[0], errors.Overloaded)
     # At most the bound was queued (and one frame over it).

@@ -9,6 +9,7 @@ import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd_client.protocol import cbor
 from meshd_client.protocol.cbor import MAX_DEPTH, CodecError
@@ -220,7 +221,7 @@ def test_truncated_last_item_in_a_sequence_is_refused() -> None:
         cbor.loads_sequence(data, 10)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(200), deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=200))
 def test_fuzz_only_codec_errors(data: bytes) -> None:
     decoders: list[Callable[[bytes], object]] = [
@@ -235,7 +236,7 @@ def test_fuzz_only_codec_errors(data: bytes) -> None:
             pass
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(100), deadline=None, derandomize=True, database=None)
 @given(
     st.lists(
         st.integers(-(2**64), 2**64 - 1) | st.text(max_size=5) | st.binary(max_size=5),

@@ -24,6 +24,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.replication.messages import Chunk, Reassembler
 from meshd.security.envelope import Envelope, SealError, SealErrorReason
@@ -44,7 +45,7 @@ from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import HEADER, FrameDecoder, FrameError
 
 FUZZ = settings(
-    max_examples=200,
+    max_examples=examples(200),
     deadline=None,
     derandomize=True,
     database=None,

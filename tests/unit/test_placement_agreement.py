@@ -25,6 +25,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.config.model import PlacementTuning
 from meshd.placement import rendezvous
@@ -209,7 +210,7 @@ def expected_owner(cluster: dict[str, Any], kind: str, name: str, exclude: str =
     return rendezvous.owner(name, weights)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cluster=clusters(),
     seed=st.integers(0, 2**32),
@@ -235,7 +236,7 @@ def test_every_daemon_computes_the_same_owner(
                 assert owners == {expected_owner(cluster, kind, f"{kind}/{name}", excluded)}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(cluster=clusters(), seed=st.integers(0, 2**32))
 def test_active_counts_in_flight_do_not_change_owners_below_capacity(
     cluster: dict[str, Any], seed: int
@@ -394,7 +395,7 @@ def splits(draw: st.DrawFn, max_detect: float = SA - 0.2) -> dict[str, Any]:
     return {"members": members, "everyone": everyone, "t_split": t_split, "side_of": side_of}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=splits())
 def test_keep_majority_never_decided_on_both_sides_of_a_split(case: dict[str, Any]) -> None:
     members: list[Member] = case["members"]
@@ -439,7 +440,7 @@ def test_keep_majority_never_decided_on_both_sides_of_a_split(case: dict[str, An
         assert not any(after), m.name  # ... and does not come back while the split lasts
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(n=st.integers(2, 11), data=st.data())
 def test_a_two_way_split_of_a_stable_membership_never_has_two_majorities(
     n: int, data: st.DataObject

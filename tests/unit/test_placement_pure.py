@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from pycrdt import Array, Doc, Map
 
 from meshd.placement import rendezvous
@@ -52,7 +53,7 @@ def shares(hosts: dict[str, float], keys: list[str] = KEYS) -> dict[str, int]:
 # ---------------------------------------------------------------------------- rendezvous
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(hosts=hosts_st, key=key_st, seed=st.integers(0, 2**32))
 def test_owner_is_the_same_for_any_host_ordering(
     hosts: dict[str, float], key: str, seed: int
@@ -63,7 +64,7 @@ def test_owner_is_the_same_for_any_host_ordering(
     assert rendezvous.ranked(key, dict(items)) == rendezvous.ranked(key, hosts)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(hosts=hosts_st, key=key_st)
 def test_ranked_is_best_first_and_starts_with_the_owner(hosts: dict[str, float], key: str) -> None:
     ranked = rendezvous.ranked(key, hosts)
@@ -150,7 +151,7 @@ def test_a_removal_moves_only_the_removed_hosts_keys(n: int) -> None:
     assert rendezvous.moved_fraction(KEYS, before, after) == lost / len(KEYS)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(hosts=hosts_st, keys=st.lists(key_st, min_size=1, max_size=30), data=st.data())
 def test_removal_and_join_are_minimal_for_any_hosts(
     hosts: dict[str, float], keys: list[str], data: st.DataObject
@@ -472,7 +473,7 @@ def test_whatever_a_peer_document_holds_decodes_to_none_without_raising() -> Non
     assert decoded == dict.fromkeys(decoded)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(raw=st.binary(max_size=64))
 def test_decoding_arbitrary_bytes_never_raises(raw: bytes) -> None:
     info = KindInfo.decode(raw)

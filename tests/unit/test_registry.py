@@ -2,7 +2,7 @@
 
 Each node is a :class:`Registry` on its own :class:`Replicator`, wired as the daemon wires
 them (accept policy, on_open, on_drop); the replicators talk through the ``Net`` harness.
-Membership is a :class:`FakeLiveness`: a plain object the test sets by hand.
+Membership is a :class:`StaticLiveness`: a plain object the test sets by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import itertools
 from typing import Any
 
 import pytest
+from fakes import StaticLiveness
 from pycrdt import Doc, Map
 from replication_helpers import Net
 
@@ -21,36 +22,10 @@ from meshd.replication.messages import Push
 from meshd_client.protocol import cbor, errors
 
 
-class FakeLiveness:
-    """Who is up and which boot epoch each node runs, as membership would say."""
-
-    def __init__(self) -> None:
-        self.epochs: dict[str, int] = {}
-        self.down_since: dict[str, float] = {}
-
-    def set_up(self, node: str, epoch: int | None) -> None:
-        if epoch is not None:
-            self.epochs[node] = epoch
-        self.down_since.pop(node, None)
-
-    def set_down(self, node: str, since: float) -> None:
-        self.down_since[node] = since
-
-    def up(self, node: str) -> bool:
-        return node in self.epochs and node not in self.down_since
-
-    def epoch(self, node: str) -> int | None:
-        return self.epochs.get(node)
-
-    def gone_for(self, node: str, now: float) -> float | None:
-        since = self.down_since.get(node)
-        return None if since is None else now - since
-
-
 class World:
     def __init__(self, *names: str, epoch: int = 1) -> None:
         self.net = Net()
-        self.liveness = FakeLiveness()
+        self.liveness = StaticLiveness()
         self.regs: dict[str, Registry] = {}
         self.events: dict[str, list[RegistryEvent]] = {}
         self.wall = 1_000_000

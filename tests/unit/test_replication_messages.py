@@ -10,6 +10,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from replication_helpers import QUIET
 
 from meshd.replication import messages
@@ -136,7 +137,7 @@ MESSAGES = st.one_of(
 
 
 @given(MESSAGES)
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=examples(300), derandomize=True, deadline=None)
 def test_round_trip_any(msg: Message) -> None:
     assert messages.decode(messages.encode(msg)) == msg
 
@@ -303,19 +304,19 @@ def decode_or_wire_error(data: bytes) -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=1000, derandomize=True, deadline=None)
+@settings(max_examples=examples(1000), derandomize=True, deadline=None)
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     decode_or_wire_error(data)
 
 
 @given(st.sampled_from([k.value for k in Kind]), st.lists(CBOR_VALUES, max_size=6))
-@settings(max_examples=400, derandomize=True, deadline=None)
+@settings(max_examples=examples(400), derandomize=True, deadline=None)
 def test_fuzz_arrays_with_a_valid_type_code(kind: int, rest: list[Any]) -> None:
     decode_or_wire_error(cbor.dumps([kind, *rest]))
 
 
 @given(MESSAGES, st.data())
-@settings(max_examples=300, derandomize=True, deadline=None)
+@settings(max_examples=examples(300), derandomize=True, deadline=None)
 def test_fuzz_mutated_valid_messages(msg: Message, data: st.DataObject) -> None:
     encoded = bytearray(messages.encode(msg))
     for _ in range(data.draw(st.integers(1, 4))):

@@ -15,6 +15,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from pycrdt import Doc
 from replication_helpers import Net, change, content, edit, marked, vector
 
@@ -140,7 +141,7 @@ def assert_converged(replicas: list[Replica]) -> None:
 
 
 @given(st.data())
-@settings(SETTINGS, max_examples=400)
+@settings(SETTINGS, max_examples=examples(400))
 def test_any_interleaving_duplication_and_reordering_converges(data: st.DataObject) -> None:
     count = data.draw(st.integers(2, 4), label="replicas")
     replicas = [Replica(DOC, 0, Doc(client_id=1000 + i)) for i in range(count)]
@@ -168,7 +169,7 @@ def test_any_interleaving_duplication_and_reordering_converges(data: st.DataObje
 
 
 @given(st.data())
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=examples(100))
 def test_full_updates_alone_converge(data: st.DataObject) -> None:
     """Exchanging whole documents (the repair of a fresh peer) converges the same way."""
     count = data.draw(st.integers(2, 4), label="replicas")
@@ -194,7 +195,7 @@ def docs_of(count: int) -> list[str]:
 
 
 @given(st.data())
-@settings(SETTINGS, max_examples=150)
+@settings(SETTINGS, max_examples=examples(150))
 def test_anti_entropy_alone_converges(data: st.DataObject) -> None:
     count = data.draw(st.integers(2, 4), label="nodes")
     names = [f"n{i}" for i in range(count)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from pycrdt import Doc, Map
 from replication_helpers import encode_vector, varuint
 
@@ -35,7 +36,7 @@ def test_decodes_a_real_document_state() -> None:
 
 
 @given(st.dictionaries(CLIENTS, CLOCKS, max_size=20))
-@settings(max_examples=200, derandomize=True)
+@settings(max_examples=examples(200), derandomize=True)
 def test_round_trip(vector: dict[int, int]) -> None:
     assert vectors.decode(encode_vector(vector)) == vector
 
@@ -115,7 +116,7 @@ def test_vector_error_is_a_value_error() -> None:
 
 
 @given(st.binary(max_size=64))
-@settings(max_examples=500, derandomize=True)
+@settings(max_examples=examples(500), derandomize=True)
 def test_arbitrary_bytes_decode_or_raise_vector_error(data: bytes) -> None:
     try:
         decoded = vectors.decode(data)
@@ -126,7 +127,7 @@ def test_arbitrary_bytes_decode_or_raise_vector_error(data: bytes) -> None:
 
 
 @given(st.dictionaries(CLIENTS, CLOCKS, max_size=20))
-@settings(max_examples=200, derandomize=True)
+@settings(max_examples=examples(200), derandomize=True)
 def test_canonical_encoding(vector: dict[int, int]) -> None:
     encoded = vectors.encode(vector)
     nonzero = {c: k for c, k in vector.items() if k > 0}

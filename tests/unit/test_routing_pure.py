@@ -10,6 +10,7 @@ import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
@@ -150,14 +151,14 @@ pattern_st = st.tuples(
 ).map(lambda t: ".".join([*t[0], "**"] if t[1] else (t[0] or ["*"])))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(pattern=pattern_st, topic=topic_st)
 def test_matches_agrees_with_a_reference(pattern: str, topic: str) -> None:
     topics.check_pattern(pattern)
     assert topics.matches(pattern, topic) is reference_match(pattern, topic)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=examples(200), deadline=None, derandomize=True)
 @given(
     steps=st.lists(st.tuples(st.booleans(), pattern_st), max_size=40),
     probes=st.lists(topic_st, min_size=1, max_size=8),
@@ -589,7 +590,7 @@ def test_malformed_routing_messages_raise_wire_error(data: bytes) -> None:
         messages.decode(data)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(data=st.binary(max_size=256))
 def test_fuzz_decode_only_raises_wire_error(data: bytes) -> None:
     try:
@@ -608,7 +609,7 @@ scalars = (
 )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(
     code=st.integers(min_value=0, max_value=4),
     rest=st.lists(scalars | st.dictionaries(st.text(max_size=3), scalars), max_size=9),

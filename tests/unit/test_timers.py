@@ -28,10 +28,10 @@ def test_a_timer_set_while_running_for_now_runs_in_the_same_pass() -> None:
 
     def first(now: float, _arg: Any) -> None:
         ran.append("first")
-        heap.at(now, lambda _n, _a: ran.append("chained"))
-        heap.at(now + 1, lambda _n, _a: ran.append("later"))
+        heap.at(now, lambda _n, _a: ran.append("chained"), None)
+        heap.at(now + 1, lambda _n, _a: ran.append("later"), None)
 
-    heap.at(0.0, first)
+    heap.at(0.0, first, None)
     assert heap.run(0.0) == 2
     assert ran == ["first", "chained"]
 
@@ -54,12 +54,12 @@ def test_cancelled_timers_never_run_and_are_swept() -> None:
 def test_a_callback_may_cancel_another_due_at_the_same_time() -> None:
     heap = TimerHeap()
     ran: list[str] = []
-    second = heap.at(1.0, lambda _n, _a: ran.append("second"))
+    second = heap.at(1.0, lambda _n, _a: ran.append("second"), None)
 
     def first(_now: float, _arg: Any) -> None:
         ran.append("first")
         heap.cancel(second)
 
-    heap.at(0.5, first)
+    heap.at(0.5, first, None)
     heap.run(1.0)
     assert ran == ["first"]

@@ -8,6 +8,7 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from meshd.wire import membership as wire
 from meshd.wire import packet
@@ -376,7 +377,7 @@ def only_wire_errors(data: bytes) -> None:
 
 # Derandomized: the same examples every run (the suite must be deterministic).
 FUZZ = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     derandomize=True,
     database=None,
