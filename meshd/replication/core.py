@@ -740,9 +740,14 @@ class Replicator:
     def frame_dropped(self, now: float, peer: str) -> None:
         """A frame to ``peer`` was refused by its full link queue: counted, and repaired by
         a round with that peer at the next anti-entropy tick (not at once: the queue is
-        full)."""
+        full). A round of ours with that peer is abandoned (not counted as failed)."""
         self.stats.frames_dropped += 1
         self._repair_soon.add(peer)
+        for round_id, rnd in list(self._rounds.items()):
+            if rnd.peer == peer:
+                # Its next message may be the one that was dropped: start over next tick
+                # rather than wait round_timeout for an answer that cannot come.
+                self._end_round(round_id, rnd)
 
     def sync_with(self, now: float, peer: str) -> None:
         """Start an anti-entropy round with ``peer`` (also used on join and heal)."""

@@ -1068,3 +1068,10 @@ def test_a_dropped_frame_is_counted_and_its_peer_repaired_first() -> None:
         trees = [d for d in net.sent(Tree, "a") if d not in before["b"]]
         assert trees and trees[0].dst == "c"
     assert net["a"].stats.frames_dropped == 5
+    # A round of a's with c under way when a frame to c is dropped is abandoned at once.
+    net["a"].sync_with(net.now, "c")
+    net.hold()
+    assert net["a"]._rounds
+    net["a"].frame_dropped(net.now, "c")
+    assert net["a"]._rounds == {}
+    assert net["a"].stats.rounds_failed == 0
