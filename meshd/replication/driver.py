@@ -21,7 +21,7 @@ from typing import Any
 import trio
 from pycrdt import Doc
 
-from meshd.logs import RateLimitedLog
+from meshd.logs import RateLimitedLog, kv
 from meshd.replication import messages, vectors
 from meshd.replication.core import (
     DocEvent,
@@ -219,7 +219,7 @@ class ReplicationDriver:
         elif isinstance(out, RepairStalled):
             self.log.warning(
                 "anti-entropy rounds with a peer make no progress; backing off",
-                extra={"peer": out.peer, "backoff": out.backoff},
+                extra=kv(peer=out.peer, backoff=out.backoff),
             )
         elif isinstance(out, VectorReport):
             for report_listener in list(self.report_listeners):

@@ -497,3 +497,26 @@ async def test_driver_hands_a_bare_chunk_nowhere_else() -> None:
     driver = make_driver()
     driver.core.handle(0.0, "a", Chunk(1, 0, 1, b""))
     assert driver.core.stats.rejected == {"unexpected_chunk": 1}
+
+
+async def test_driver_logs_a_stalled_peer_once_and_refuses_more_docs_than_its_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import dataclasses
+
+    base = trio.current_time()
+    tune = dataclasses.replace(QUIET, anti_entropy_interval=1.0, round_timeout=3.0)
+    core = Replicator(node="a", tuning=tune, rng=random.Random(1), now=base)
+    core.set_peers(["b"])  # b never answers: no links
+    driver = ReplicationDriver(core, logging.getLogger("test.replication"))
+    with caplog.at_level(logging.WARNING):
+        for second in range(1, 120):
+            core.tick(base + second)
+            driver.flush()
+    assert core.stats.rounds_failed >= 3
+    stalled = [r for r in caplog.records if "make no progress" in r.getMessage()]
+    assert len(stalled) == 1
+    page = Page(1, tuple(DocVector(f"d{i}", 0, SV) for i in range(11)))
+    driver.core.tuning = dataclasses.replace(driver.core.tuning, max_docs_per_message=10)
+    await driver.receive("b", messages.encode(page))
+    assert driver.core.stats.rejected == {"malformed_message": 1}
