@@ -8,7 +8,11 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck unit chaos bench lock system-deps clean
+.PHONY: install demo test lint typecheck unit chaos bench lock system-deps clean \
+	docker-engine docker-engine-stop docker-clean
+# The Docker engine helper runs on the plain interpreter (standard library only): it can
+# start before the virtualenv exists.
+ENGINE := $(PYTHON) -m chaos.engine
 
 install: $(STAMP)
 
@@ -29,7 +33,8 @@ system-deps:
 	  command -v serf >/dev/null || missing="$$missing serf"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing system packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      -o DPkg::Lock::Timeout=300 $$missing >/dev/null; \
 	  fi; \
 	else echo "system-deps: not root or no apt-get; namespace/nftables tests will skip with a reason"; fi
 
@@ -46,15 +51,46 @@ typecheck: install
 unit: install
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
-# Two workers (the CI machine has two cores); chaos tests share one worker (tests/conftest.py).
-test: install system-deps lint typecheck
-	$(VPY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
+# The Docker engine under the chaos harness's Docker backend, made ready offline: packages,
+# dockerd with the host's firewall left alone, the base image from Debian packages, the meshd
+# image from the hashed lock files. Idempotent; images are cached. See docs/chaos.md#docker.
+docker-engine:
+	$(ENGINE) up
 
-# Every shipped chaos scenario on real namespaces (root); `make test` runs the short CI subset.
-# CHAOS_ARGS=--json for the JSON verdict; see docs/chaos.md.
+# Stop the dockerd that `make docker-engine` started (never one it found running).
+docker-engine-stop:
+	$(ENGINE) down
+
+# Remove the images the harness built, its wheelhouse and compose v2 (the next build is cold).
+docker-clean:
+	$(ENGINE) clean
+
+# Two workers (the CI machine has two cores); chaos tests share one worker (tests/conftest.py).
+# The Docker engine and images are made ready (`docker-engine`) in the background while the
+# virtualenv, lint, typecheck and the tests before the Docker ones run: the first Docker test
+# waits for it (tests/chaos/test_suite.py runs them last). The run holds a lease on the engine,
+# and an engine it started is stopped at the end. Where no engine can be had the Docker tests
+# say why (and fail under CI).
+test: system-deps
+	@lease=$$$$; log=$$(mktemp); rc=0; \
+	trap '$(ENGINE) release --lease '$$lease'; rm -f '$$log EXIT; \
+	$(ENGINE) up --best-effort --for-tests --lease $$lease >$$log 2>&1 & engine=$$!; \
+	$(MAKE) --no-print-directory install lint typecheck || rc=$$?; \
+	if [ $$rc = 0 ]; then $(VPY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS) || rc=$$?; fi; \
+	wait $$engine; cat $$log; \
+	exit $$rc
+
+# Every shipped chaos scenario on real namespaces and on Docker containers (root); `make test`
+# runs the short CI subset. CHAOS_BACKENDS=netns for namespaces only; CHAOS_ARGS=--json for
+# the JSON verdict; see docs/chaos.md.
 CHAOS_ARGS ?=
+CHAOS_BACKENDS ?= netns docker
 chaos: install system-deps
-	$(VPY) -m chaos run --all $(CHAOS_ARGS)
+	@lease=$$$$; rc=0; trap '$(ENGINE) release --lease '$$lease EXIT; \
+	for backend in $(CHAOS_BACKENDS); do \
+	  if [ $$backend = docker ]; then $(ENGINE) up --lease $$lease || { rc=1; continue; }; fi; \
+	  $(VPY) -m chaos run --all --backend $$backend $(CHAOS_ARGS) || rc=1; \
+	done; exit $$rc
 
 bench: install system-deps
 	$(VPY) -m bench.membership --json

@@ -115,6 +115,40 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class DiskFaults:
+    """Filling and freeing small disks, for a backend whose small disks are tmpfs mounts on
+    the harness's machine at ``data_dir(host)`` (both backends: see :mod:`chaos.disks`)."""
+
+    def small_disks(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def data_dir(self, host: str) -> Path:
+        raise NotImplementedError
+
+    def _small_disk(self, host: str) -> Path:
+        if host not in self.small_disks():
+            raise ChaosError(
+                f"{host} has no small disk to fill (give it one when the cluster is made: "
+                f"`chaos up --small-disk {host}=16m`, or `[disks]` in a scenario)"
+            )
+        return self.data_dir(host)
+
+    def fill_disk(self, host: str) -> int:
+        try:
+            return disks.fill(self._small_disk(host))
+        except OSError as exc:
+            raise ChaosError(f"filling the disk of {host}: {exc}") from None
+
+    def free_disk(self, host: str) -> int:
+        try:
+            return disks.free(self._small_disk(host))
+        except OSError as exc:
+            raise ChaosError(f"freeing the disk of {host}: {exc}") from None
+
+    def disk_filled(self, host: str) -> bool:
+        return host in self.small_disks() and disks.filled(self.data_dir(host))
+
+
 def meshd_argv(
     spec: DaemonSpec,
     host: str,
@@ -154,7 +188,7 @@ def meshd_argv(
     ]
 
 
-class NetnsBackend:
+class NetnsBackend(DiskFaults):
     """Hosts as Linux network namespaces on a bridge (:class:`chaos.netns.HostNet`).
 
     The daemons are started detached (their own sessions, listed in the state file with
@@ -357,29 +391,6 @@ class NetnsBackend:
 
     def small_disks(self) -> dict[str, int]:
         return {m["host"]: int(m["size"]) for m in self.net.mounts()}
-
-    def _small_disk(self, host: str) -> Path:
-        if host not in self.small_disks():
-            raise ChaosError(
-                f"{host} has no small disk to fill (give it one when the cluster is made: "
-                f"`chaos up --small-disk {host}=16m`, or `[disks]` in a scenario)"
-            )
-        return self.data_dir(host)
-
-    def fill_disk(self, host: str) -> int:
-        try:
-            return disks.fill(self._small_disk(host))
-        except OSError as exc:
-            raise ChaosError(f"filling the disk of {host}: {exc}") from None
-
-    def free_disk(self, host: str) -> int:
-        try:
-            return disks.free(self._small_disk(host))
-        except OSError as exc:
-            raise ChaosError(f"freeing the disk of {host}: {exc}") from None
-
-    def disk_filled(self, host: str) -> bool:
-        return host in self.small_disks() and disks.filled(self.data_dir(host))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -171,6 +171,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """After a crash of the harness: remove what the state file lists, by pid and name."""
     run_dir = _run_dir(args)
+    if (run_dir / "docker-state.json").exists():
+        return _cleanup_docker(run_dir)
     if not (run_dir / "state.json").exists():
         err.print(f"nothing to clean in {run_dir}")
         return 0
@@ -188,6 +190,25 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             item.unlink(missing_ok=True)
     for line in removed:
         err.print(f"removed {line}")
+    return 0
+
+
+def _cleanup_docker(run_dir: Path) -> int:
+    """The Docker backend's leftovers: the compose project's containers and network (by
+    its label too), the small disks' mounts, the state files."""
+    from chaos.docker import STATE_FILE, DockerBackend
+
+    try:
+        spec = DaemonSpec.from_json(json.loads((run_dir / "cluster.json").read_text())["spec"])
+    except (OSError, ValueError, KeyError):
+        spec = DaemonSpec()
+    backend = DockerBackend.attach(run_dir, spec)
+    project = backend.project
+    backend.close()
+    with contextlib.suppress(OSError):
+        for item in (run_dir / "cluster.json", run_dir / STATE_FILE):
+            item.unlink(missing_ok=True)
+    err.print(f"removed the containers and network of compose project {project}")
     return 0
 
 
@@ -444,6 +465,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         results=Path(args.results),
         keep_logs=args.keep_logs,
         seed=args.seed,
+        docker_net=args.docker_net,
     )
 
     async def main() -> list[Any]:
@@ -517,7 +539,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST=SIZE",
-        help="a tmpfs of SIZE (e.g. 16m) as HOST's data directory, for fill-disk (netns)",
+        help="a tmpfs of SIZE (e.g. 16m) as HOST's data directory, for fill-disk",
     )
     up.set_defaults(fn=cmd_up)
 
@@ -609,6 +631,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-logs", action="store_true", help="keep logs of passing runs too")
     run.add_argument("--backend", choices=("netns", "docker"), default="netns")
     run.add_argument("--subnet", default=DEFAULT_SUBNET)
+    run.add_argument("--docker-net", help="first three octets of the compose network (docker)")
     run.set_defaults(fn=cmd_run, prefix_default=True)
     return p
 

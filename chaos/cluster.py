@@ -83,8 +83,6 @@ class Cluster:
         gives hosts a small data disk (bytes) that the ``fill_disk`` fault can fill."""
         if hosts < 1:
             raise ValueError("at least one host")
-        if disks and backend != "netns":
-            raise ChaosError("small disks (the disk-full fault) need the netns backend")
         run_dir = run_dir or default_run_dir(prefix)
         spec = spec or DaemonSpec(key=new_key())
         if not spec.key:
@@ -110,16 +108,25 @@ class Cluster:
                 from chaos.docker import DockerBackend
 
                 assert isinstance(be, DockerBackend)
+                for host, size in sorted((disks or {}).items()):
+                    be.mount_disk(host, size)  # before the containers exist
                 be.up(build=build)
+                details: dict[str, object] = {"compose": be.compose, "image": be.image}
             else:
                 for host, size in sorted((disks or {}).items()):
                     be.mount_disk(host, size)
                 for host in be.hosts:
                     be.start_daemon(host)
+                details = {}
             cluster.history.add(
                 "fault",
                 action="up",
-                args={"hosts": be.hosts, "backend": be.kind, "disks": dict(disks or {})},
+                args={
+                    "hosts": be.hosts,
+                    "backend": be.kind,
+                    "disks": dict(disks or {}),
+                    **details,  # docker: the compose CLI and the image that ran
+                },
             )
         except BaseException:
             cluster.close()

@@ -144,16 +144,50 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])  # field 22 of the full line; the two before ")" + 2 are dropped
 
 
+def end_process(
+    pid: int,
+    start_time: int | None,
+    grace: float,
+    signals: Sequence[int] = (signal.SIGTERM, signal.SIGCONT),
+) -> None:
+    """End ``pid`` if it is still the process that started at ``start_time``: ``signals``
+    (a stopped process needs SIGCONT to act on SIGTERM), SIGKILL after ``grace`` seconds,
+    then wait (bounded) until it is gone."""
+    for sig in signals:
+        if _proc_running(pid, start_time):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while _proc_running(pid, start_time) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _proc_running(pid, start_time):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _proc_running(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 def _run(
-    argv: Sequence[str], *, input_text: str | None = None, check: bool = True
+    argv: Sequence[str],
+    *,
+    input_text: str | None = None,
+    check: bool = True,
+    timeout: float = _CMD_TIMEOUT,
+    env: dict[str, str] | None = None,
+    stdout: Any = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (output captured unless ``stdout`` says where); a ChaosError with its
+    stderr when it fails (``check``), cannot start or outlives ``timeout``."""
     try:
         result = subprocess.run(
             list(argv),
             input=input_text,
-            capture_output=True,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=_CMD_TIMEOUT,
+            timeout=timeout,
+            env=env,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -573,20 +607,7 @@ class HostNet:
         entry = self._entry(pid)
         if entry is None:
             return None
-        start = entry.get("start_time")
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            if _proc_running(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while _proc_running(pid, start) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _proc_running(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _proc_running(pid, start) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        end_process(pid, entry.get("start_time"), grace)
         self.forget_pid(pid)
         return None
 

@@ -46,6 +46,7 @@ class RunOptions:
     results: Path = DEFAULT_RESULTS
     keep_logs: bool = False
     seed: int | None = None
+    docker_net: str | None = None  # first three octets of the compose network (docker)
 
 
 def _hosts(args: dict[str, Any]) -> list[str]:
@@ -156,6 +157,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> Verdict:
                 run_dir=default_run_dir(options.prefix),
                 spec=DaemonSpec(profile=scenario.profile, key=new_key()),
                 history=history,
+                docker_net=options.docker_net,
                 disks=scenario.disk_sizes(),
             )
             await _exercise(scenario, cluster, history, rng)

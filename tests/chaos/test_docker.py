@@ -1,28 +1,33 @@
-"""The Docker backend: the pieces that need no engine here, the engine where there is one.
+"""The Docker backend: its rendered commands everywhere, the real thing on an engine.
 
-Without an engine (this machine and CI have the ``docker`` CLI but no daemon) the backend's
-commands are checked as rendered: each goes through the backend's ``runner`` callable,
-which these tests replace with a recorder that answers ``docker inspect`` like an engine
-would. The claim worth testing is that the *same nft text* reaches a container as reaches a
-namespace, through ``docker exec -i <container> nft -f -``. The engine test at the end runs
-only where ``docker info`` answers, and otherwise skips saying so.
+The first part checks the commands as rendered: each goes through the backend's ``runner``
+callable, which these tests replace with a recorder that answers ``docker inspect`` like an
+engine would. The claim worth testing there is that the *same nft text* reaches a container
+as reaches a namespace, through ``docker exec -i <container> nft -f -``, whichever compose
+CLI drives the project.
+
+The tests on a real engine are in ``test_suite.py`` (the last chaos file collected, so
+``make test`` runs them after the namespace tests, while it brings the engine up): the CI
+scenarios through each compose CLI, and ``chaos cleanup`` after a harness that crashed.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
-import time
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from shutil import which as shutil_which
 from typing import Any
 
 import pytest
 
+from chaos import engine
 from chaos.backends import DaemonSpec
-from chaos.docker import COMPOSE_FILE, DockerBackend, engine_unavailable_reason, render_compose
+from chaos.docker import COMPOSE_FILE, DockerBackend, render_compose
 from chaos.faults import Faults, partition_groups, render_ruleset
 from chaos.netns import ChaosError
 
@@ -65,7 +70,14 @@ class Recorder:
 def docker(tmp_path: Path) -> tuple[DockerBackend, Recorder]:
     rec = Recorder()
     backend = DockerBackend(
-        tmp_path / "run", DaemonSpec(key=KEY), hosts=5, project="mshd", net="10.78.9", runner=rec
+        tmp_path / "run",
+        DaemonSpec(key=KEY),
+        hosts=5,
+        project="mshd",
+        net="10.78.9",
+        compose=["docker", "compose"],
+        image="meshd-chaos:test",
+        runner=rec,
     )
     return backend, rec
 
@@ -87,15 +99,113 @@ def test_compose_file_gives_each_host_what_the_backend_expects() -> None:
     assert "init: false" in text  # meshd is PID 1: docker kill --signal reaches it
     assert "exec meshd run" in text
     assert "${CHAOS_KEY:?" in text  # no key, no cluster
+    assert "MESHD_NODE_DATA_DIR: /run/meshd/data" in text  # on the bind mount: a small disk
+    assert 'image: "${CHAOS_IMAGE:-meshd-chaos:latest}"' in text
     assert "h4:" not in text
+    # docker-compose 1.29 rejects a top-level `name`; the project is always given with -p
+    assert not any(line.startswith("name:") for line in text.splitlines())
 
 
-def test_dockerfile_builds_from_the_lock_files_with_uv() -> None:
+def test_dockerfile_builds_offline_from_the_lock_files_on_a_chosen_base() -> None:
     text = (REPO / "deploy" / "Dockerfile").read_text()
-    assert "uv pip sync" in text and "--require-hashes requirements/runtime.lock" in text
+    assert "ARG BASE=" in text and "FROM ${BASE}" in text
+    assert "COPY build/wheelhouse/ /wheels/" in text
+    # every pip install in the build: no index, and the lock files' hashes checked again
+    logical = re.sub(r"\\\n\s*", " ", text)  # continuation lines joined
+    installs = [c for run in logical.split("\nRUN ")[1:] for c in run.split("&&") if "pip " in c]
+    assert len(installs) == 3 and all("install --no-cache-dir --no-index" in c for c in installs)
+    assert "--require-hashes -r requirements/runtime.lock" in text
     assert "nftables" in text
     assert "--no-deps --no-build-isolation ./client ." in text
     assert "ENTRYPOINT" not in text and "tini" not in text  # no init in front of meshd
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") :].count("!build/wheelhouse/") == 1
+
+
+def test_the_wheelhouse_build_lock_is_cut_from_the_dev_lock_as_the_dockerfile_does(
+    tmp_path: Path,
+) -> None:
+    cut = engine.build_requirements(REPO / "requirements" / "dev.lock")
+    names = [line.split("==")[0] for line in cut.splitlines() if "==" in line]
+    assert sorted(names) == ["packaging", "setuptools", "wheel"]
+    assert all(
+        line.startswith(("packaging==", "setuptools==", "wheel==", "    --hash=sha256:"))
+        for line in cut.splitlines()
+    )
+    if shutil_which("awk"):
+        awk = (REPO / "deploy" / "Dockerfile").read_text().split("awk '")[1].split("'")[0]
+        out = subprocess.run(
+            ["awk", awk, str(REPO / "requirements" / "dev.lock")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout == cut
+
+
+def test_waiting_for_up_waits_for_the_lock_and_reports_how_up_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAOS_RUN_ROOT", str(tmp_path))
+    assert engine.wait_for_up(1.0) is None  # never run: nothing to report
+    d = engine.engine_dir()
+    holder = subprocess.Popen(  # another process's `up`, under way
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"fh = open({str(d / 'lock')!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ChaosError, match="held by another process"):
+            engine.wait_for_up(0.5)
+        (d / "last-up.json").write_text(json.dumps({"ok": False, "error": "no debootstrap"}))
+    finally:
+        holder.communicate("", timeout=10)  # it ends, and the lock goes with it
+    assert engine.wait_for_up(5.0) == "no debootstrap"
+    (d / "last-up.json").write_text(json.dumps({"ok": True, "image": "meshd-chaos:x"}))
+    assert engine.wait_for_up(5.0) is None
+
+
+def test_the_debian_mirror_is_read_from_apts_sources(tmp_path: Path) -> None:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "a-tools.list").write_text("deb https://tools.example/apt tools-bookworm main\n")
+    (d / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n"
+    )
+    assert engine.debian_mirror([tmp_path]) == "http://mirror.example/debian"
+    (d / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text(
+        "# old style\ndeb [arch=amd64] http://old.example/debian/ bookworm main contrib\n"
+    )
+    assert engine.debian_mirror([tmp_path]) == "http://old.example/debian"
+
+
+def test_the_image_tag_follows_every_input_and_nothing_else(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    inputs = ["deploy/Dockerfile", ".dockerignore", "pyproject.toml", "README.md"]
+    inputs += ["requirements/runtime.lock", "meshd/node.py", "client/meshd_client/x.py"]
+    for name in inputs:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(name)
+    tag = engine.image_tag("sha256:base", repo)
+    assert tag.startswith("meshd-chaos:") and tag == engine.image_tag("sha256:base", repo)
+    (repo / "meshd" / "__pycache__").mkdir()
+    (repo / "meshd" / "__pycache__" / "node.cpython-311.pyc").write_text("x")
+    (repo / "docs.md").write_text("not in the image")
+    assert engine.image_tag("sha256:base", repo) == tag
+    assert engine.image_tag("sha256:other", repo) != tag
+    (repo / "meshd" / "node.py").write_text("changed")
+    assert engine.image_tag("sha256:base", repo) != tag
 
 
 def test_faults_load_the_same_rule_text_as_in_a_namespace(
@@ -127,7 +237,7 @@ def test_loss_block_and_heal_commands(docker: tuple[DockerBackend, Recorder]) ->
     )
     rec.calls.clear()
     backend.heal()
-    assert [argv for argv, _ in rec.calls] == [
+    assert [argv for argv, _ in rec.calls if argv[1] == "exec"] == [
         ["docker", "exec", f"mshd-h{i}", "nft", "flush", "table", "inet", "meshd_chaos"]
         for i in range(1, 6)
     ]
@@ -171,21 +281,62 @@ def test_up_and_down_go_through_compose_with_the_runs_environment(
     backend.up(build=False)
     up = rec.commands("compose")[0]
     assert up[:6] == ["docker", "compose", "-f", str(COMPOSE_FILE), "-p", "mshd"]
-    assert up[6:] == ["up", "-d", "h1", "h2", "h3", "h4", "h5"]
+    assert up[6:] == ["up", "-d", "--no-build", "h1", "h2", "h3", "h4", "h5"]  # never builds
     env = backend.compose_env()
     assert env["CHAOS_KEY"] == KEY and env["CHAOS_NET"] == "10.78.9"
     assert env["CHAOS_RUN_DIR"] == str(backend.run_dir)
+    assert env["CHAOS_IMAGE"] == "meshd-chaos:test"
     assert (backend.run_dir / "h1").is_dir()  # the bind-mount source exists before up
     again = DockerBackend.attach(backend.run_dir, backend.spec, runner=rec)
     assert again.hosts == backend.hosts and again.addr("h5") == "10.78.9.6"
+    assert again.compose == ["docker", "compose"] and again.image == "meshd-chaos:test"
+    rec.calls.clear()
     backend.close()
-    assert rec.commands("compose")[-1][6:] == [
-        "down",
-        "--volumes",
-        "--remove-orphans",
-        "--timeout",
-        "10",
+    assert [argv for argv, _ in rec.calls] == [
+        [*up[:6], "down", "--volumes", "--remove-orphans", "--timeout", "10"],
+        # whatever compose left of the project goes by its label
+        ["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project=mshd"],
+        ["docker", "network", "ls", "-q", "--filter", "label=com.docker.compose.project=mshd"],
     ]
+    assert not (backend.run_dir / "docker-state.json").exists()
+
+
+def test_compose_v1_gets_the_same_commands(tmp_path: Path) -> None:
+    rec = Recorder()
+    backend = DockerBackend(
+        tmp_path, DaemonSpec(key=KEY), hosts=3, compose=["docker-compose"], image="x", runner=rec
+    )
+    backend.up(build=False)
+    assert rec.commands("-f")[0] == [
+        "docker-compose",
+        "-f",
+        str(COMPOSE_FILE),
+        "-p",
+        "mshc",
+        "up",
+        "-d",
+        "--no-build",
+        "h1",
+        "h2",
+        "h3",
+    ]
+
+
+def test_a_stopped_container_gets_its_rules_when_it_starts(
+    docker: tuple[DockerBackend, Recorder],
+) -> None:
+    backend, rec = docker
+    backend.kill_daemon("h5")
+    rec.calls.clear()
+    backend.partition([["h5"]])  # h5 has no network namespace now: nothing sent to it
+    assert [argv[3] for argv, _ in rec.calls if argv[1] == "exec"] == [
+        f"mshd-h{i}" for i in range(1, 5)
+    ]
+    backend.heal()
+    assert "mshd-h5" not in {argv[2] for argv, _ in rec.calls if argv[1] == "exec"}
+    rec.calls.clear()
+    backend.start_daemon("h5")
+    assert rec.calls[1][0] == ["docker", "exec", "-i", "mshd-h5", "nft", "-f", "-"]
 
 
 def test_more_hosts_than_the_compose_file_defines_is_refused(tmp_path: Path) -> None:
@@ -200,27 +351,3 @@ def test_a_failing_docker_command_raises_with_its_stderr(tmp_path: Path) -> None
     backend = DockerBackend(tmp_path, DaemonSpec(key=KEY), hosts=3, runner=broken)
     with pytest.raises(ChaosError, match="Cannot connect to the daemon"):
         backend.set_loss("h1", 0.1)
-
-
-ENGINE = engine_unavailable_reason()
-
-
-@pytest.mark.root
-def test_a_container_cluster_partitions_and_heals(tmp_path: Path) -> None:
-    """The real thing, where a Docker engine (and compose) exist."""
-    if ENGINE is not None:
-        pytest.skip(f"Docker engine test skipped: {ENGINE}")
-    from chaos.cluster import Cluster
-
-    cluster = Cluster.create(
-        3, backend="docker", prefix=f"mcd{os.getpid() % 1000}", run_dir=tmp_path / "run"
-    )
-    try:
-        cluster.wait_ready(180)
-        cluster.partition([["h1"], ["h2", "h3"]])
-        assert "partition: h1 | others" in cluster.backend.ruleset("h1")
-        time.sleep(8)
-        cluster.heal()
-        cluster.wait_ready(60)
-    finally:
-        cluster.close()
