@@ -713,9 +713,17 @@ class Replicator:
             if now - rnd.started > self.tuning.round_timeout:
                 self._end_round(round_id, rnd)
                 self._round_failed(now, rnd.peer)
-        if self._rounds:
-            return  # one round of our own at a time: a large repair is not joined by more
-        ready = [p for p in self._peers if self._backoff.get(p, (0, -math.inf))[1] <= now]
+        if any(now - rnd.started < 2 * interval for rnd in self._rounds.values()):
+            # One round of our own at a time while it makes progress: a large repair is not
+            # joined by more. A round that went quiet (its peer restarting, a frame lost)
+            # does not hold the others back until it times out.
+            return
+        busy = {rnd.peer for rnd in self._rounds.values()}
+        ready = [
+            p
+            for p in self._peers
+            if p not in busy and self._backoff.get(p, (0, -math.inf))[1] <= now
+        ]
         self._repair_soon.intersection_update(self._peers)
         owed = sorted(self._repair_soon.intersection(ready))
         if owed:

@@ -1075,3 +1075,14 @@ def test_a_dropped_frame_is_counted_and_its_peer_repaired_first() -> None:
     net["a"].frame_dropped(net.now, "c")
     assert net["a"]._rounds == {}
     assert net["a"].stats.rounds_failed == 0
+
+
+def test_a_round_gone_quiet_does_not_hold_back_rounds_with_others() -> None:
+    net = net_of("a", "b", "c", anti_entropy_interval=1.0, round_timeout=30.0)
+    b = net.nodes.pop("b")  # b restarts: what a sent it is lost
+    net["a"].sync_with(net.now, "b")
+    net.run(5.0)
+    # Well within the round timeout, a went on with c (and never two rounds with b).
+    assert net.sent(Nodes, "c")
+    assert [r.peer for r in net["a"]._rounds.values()].count("b") <= 1
+    net.nodes["b"] = b
