@@ -24,17 +24,20 @@ $(STAMP): requirements/dev.lock pyproject.toml client/pyproject.toml
 	$(UV) pip install --quiet --python $(VPY) --no-deps --no-build-isolation -e ./client -e .
 	@touch $(STAMP)
 
-# Debian packages the test suite and benchmarks use (namespaces, nftables, Serf as the reference).
+# Debian packages the test suite and benchmarks use (namespaces, nftables, Serf as the reference,
+# zsh to check meshctl's completion script, Debian's prometheus for /usr/bin/promtool).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v nft >/dev/null || missing="$$missing nftables"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v serf >/dev/null || missing="$$missing serf"; \
+	  command -v zsh >/dev/null || missing="$$missing zsh"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing system packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      -o DPkg::Lock::Timeout=300 $$missing >/dev/null; \
+	      --no-install-recommends -o DPkg::Lock::Timeout=300 $$missing >/dev/null; \
 	  fi; \
 	else echo "system-deps: not root or no apt-get; namespace/nftables tests will skip with a reason"; fi
 

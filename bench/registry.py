@@ -14,7 +14,7 @@ profile unless ``--profile``, encrypted gossip, metrics endpoint on), all seeded
    per daemon with ``--inflight`` requests in flight each, all sessions kept open. Timed until
    every call returned and until every daemon resolves every entry (``agents`` with
    ``limit 0``, polled once a second). Network bytes are every daemon's
-   ``meshd_transport_{tcp,udp}_bytes_out_total`` from just before the bulk load to
+   ``meshd_transport_{tcp,udp}_sent_bytes_total`` from just before the bulk load to
    convergence (membership gossip and anti-entropy digests included), divided by
    entries × nodes.
 3. **Join.** A fresh daemon is started with n1 as its seed; the time from its spawn until it
@@ -54,7 +54,7 @@ from meshd_client.connection import Connection
 from meshd_client.protocol.errors import MeshError
 
 err = Console(stderr=True, soft_wrap=True)
-BYTE_COUNTERS = ("meshd_transport_tcp_bytes_out_total", "meshd_transport_udp_bytes_out_total")
+BYTE_COUNTERS = ("meshd_transport_tcp_sent_bytes_total", "meshd_transport_udp_sent_bytes_total")
 TARGETS = {"join_full_sync_s": 5.0, "rss_mb_max": 250.0, "propagation_p99_s": 1.0}
 
 
@@ -362,7 +362,7 @@ async def join(run: Run, expected: int) -> None:
             page.get("meshd_replication_repair_updates_received_total", 0)
         ),
         "join_repair_bytes_received": int(
-            page.get("meshd_replication_repair_bytes_received_total", 0)
+            page.get("meshd_replication_repair_received_bytes_total", 0)
         ),
         "join_rounds_completed": int(page.get("meshd_replication_rounds_completed_total", 0)),
     }

@@ -15,7 +15,7 @@ daemons on loopback (``lan`` profile, default storage, metrics on):
 4. **Idle.** For ``--idle`` seconds nothing is written: ``idle_cpu_pct`` is each daemon's
    user+system CPU time over that window (% of one core, the maximum over daemons);
    ``idle_round_bytes``: bytes of anti-entropy messages sent per round started
-   (``meshd_replication_round_bytes_sent_total`` / ``…rounds_started_total``, over the
+   (``meshd_replication_round_sent_bytes_total`` / ``…rounds_started_total``, over the
    window, all daemons together).
 5. **Join.** A fresh daemon seeded with n1: ``join_s`` from its spawn until its
    ``meshd_documents{kind="state"}`` is N; ``join_peak_rss_mb`` its VmHWM then;
@@ -167,7 +167,7 @@ async def one_size(args: argparse.Namespace, root: Path, n: int) -> dict[str, An
             page = await scrape(ports[d.name])
             cpu.append((cpu_seconds(d.pid) - before[d.name][0]) / span * 100)
             key_b, key_r = (
-                "meshd_replication_round_bytes_sent_total",
+                "meshd_replication_round_sent_bytes_total",
                 "meshd_replication_rounds_started_total",
             )
             sent += page.get(key_b, 0) - before[d.name][1].get(key_b, 0)

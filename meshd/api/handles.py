@@ -69,11 +69,13 @@ class Deferred:
     counts as a request in flight until then. A client's ``cancel``, or the session closing,
     drops it: a later outcome is ignored."""
 
-    __slots__ = ("_outcome", "_request_id", "_session", "cancelled")
+    __slots__ = ("_op", "_outcome", "_request_id", "_session", "_started", "cancelled")
 
     def __init__(self) -> None:
         self._session: Session | None = None
         self._request_id = 0
+        self._op = ""  # for the session's latency histogram: the op, and when it arrived
+        self._started = 0.0
         self._outcome: tuple[Any, MeshError | None] | None = None  # (value, error)
         self.cancelled = False
 

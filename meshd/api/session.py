@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -385,20 +386,25 @@ class Session:
 
     def _begin(self, begin: BeginHandler, req: messages.Request) -> bool:
         """Start ``req`` with its op's ``begin``; False if it needs a task after all."""
+        started = perf_counter()
         try:
             result = begin(self, req)
         except Exception as exc:
             self.server.stats.requests += 1
+            self.server.stats.answered(req.op, started)
             self._push_reply(messages.failed(req.id, self._op_error(req, exc)))
             return True
         if result is BEGIN_IN_TASK:
             return False
         self.server.stats.requests += 1
         if isinstance(result, Deferred):
+            result._started = started
+            result._op = req.op
             if not result.settled:
                 self._deferred[req.id] = result
             result._attach(self, req.id)
         else:
+            self.server.stats.answered(req.op, started)
             self._push_reply(messages.ok(req.id, result))
         return True
 
@@ -408,6 +414,7 @@ class Session:
         if self._deferred.get(request_id) is deferred:
             del self._deferred[request_id]
         assert deferred._outcome is not None
+        self.server.stats.answered(deferred._op, deferred._started)
         value, error = deferred._outcome
         if error is not None:
             self.server.stats.error(error.kind.value)
@@ -435,10 +442,12 @@ class Session:
     async def _serve_inline(self, op: OpEntry, req: messages.Request) -> None:
         self.server.stats.requests += 1
         assert op.handler is not None
+        started = perf_counter()
         try:
             reply = messages.ok(req.id, await op.handler(self, req))
         except Exception as exc:
             reply = messages.failed(req.id, self._op_error(req, exc))
+        self.server.stats.answered(req.op, started)
         await self.send(reply)
 
     async def _serve_note(self, note: messages.Note, nursery: trio.Nursery) -> None:
@@ -501,7 +510,11 @@ class Session:
                     await self.send(messages.end(req.id))
                     return
                 assert op.handler is not None
-                value = await op.handler(self, req)
+                started = perf_counter()
+                try:
+                    value = await op.handler(self, req)
+                finally:
+                    self.server.stats.answered(req.op, started)
                 await self.send(messages.ok(req.id, value))
             if scope.cancelled_caught and stream is not None and stream.opened:
                 await self.send(messages.end(req.id))

@@ -8,29 +8,88 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from rich.console import Console
 
-from meshd.cli import render
+from meshd.cli import completion, render
+from meshd.cli.filters import FilterError, MemberFilter
 from meshd_client.connection import Connection
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
 
+# Exit statuses (docs/operations.md#exit-status): scripts can tell "the daemon is not there"
+# from "the daemon said no".
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1  # the daemon refused or failed the request, or the result is unhealthy
+EXIT_USAGE: Final = 2  # bad command line (argparse's own status)
+EXIT_UNREACHABLE: Final = 3  # no daemon on the socket, or the connection to it was lost
+EXIT_INTERRUPTED: Final = 130
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshctl", description="Control the local meshd.")
+STATUSES: Final = ("alive", "suspect", "dead", "left")
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after its name. On subcommands their
+    default is "not given", so a value given before the command is not reset after it."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
     parser.add_argument(
-        "--socket", help="API socket (default: $MESHD_SOCKET or /run/meshd/meshd.sock)"
+        "--socket",
+        default=default(None),
+        help="API socket (default: $MESHD_SOCKET or /run/meshd/meshd.sock)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default=default("table"),
+        help="table for people (default) or json for scripts",
+    )
+    parser.add_argument(
+        "--json",
+        dest="format",
+        action="store_const",
+        const="json",
+        default=default("table"),
+        help="the same as --format json",
+    )
+    parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait (10)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommands get the common options too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        top = kwargs.pop("top", False)
+        super().__init__(*args, **kwargs)
+        _common(self, top=top)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="meshctl",
+        description="Control the local meshd.",
+        epilog="exit status: 0 ok, 1 error, 2 usage, 3 daemon unreachable",
+        top=True,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     members = sub.add_parser("members", help="the membership table")
-    members.add_argument("--status", choices=("alive", "suspect", "dead", "left"))
+    members.add_argument(
+        "--status", metavar="REGEX", help="only members whose status matches (alive|suspect)"
+    )
+    members.add_argument("--name", metavar="REGEX", help="only members whose name matches")
+    members.add_argument(
+        "--tag",
+        metavar="KEY=REGEX",
+        action="append",
+        default=[],
+        help="only members whose tag KEY matches (repeat: all must match)",
+    )
     members.add_argument("--watch", action="store_true", help="stream membership events")
-    sub.add_parser("info", help="this daemon's identity and counters")
+    sub.add_parser("info", help="this daemon: identity, versions, uptime, store, counters")
     sub.add_parser("leave", help="leave the cluster gracefully; the daemon then exits")
     remove = sub.add_parser(
         "remove", help="take a dead member out of the cluster (marked left on every member)"
@@ -51,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         help="status (default), or write a snapshot now",
     )
     state = sub.add_parser("state", help="shared state documents")
-    state_sub = state.add_subparsers(dest="state_op", required=True)
+    state_sub = state.add_subparsers(dest="state_op", required=True, parser_class=_Parser)
     state_get = state_sub.add_parser("get", help="print a document's value (JSON)")
     state_get.add_argument("name")
     state_watch = state_sub.add_parser("watch", help="print the value on every change")
@@ -88,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("kind")
     where.add_argument("name")
     keys = sub.add_parser("keys", help="gossip encryption keys on every member")
-    keys_sub = keys.add_subparsers(dest="keys_op", required=True)
+    keys_sub = keys.add_subparsers(dest="keys_op", required=True, parser_class=_Parser)
     keys_sub.add_parser("list", help="which keys are installed and primary, and where")
     for op, text in (
         ("install", "install a key everywhere (decrypt only)"),
@@ -97,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = keys_sub.add_parser(op, help=text)
         p.add_argument("key", help="base64 key (16, 24 or 32 bytes)")
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
@@ -106,57 +167,63 @@ def _bytes(value: Any) -> Any:
     raise TypeError(f"cannot show {type(value).__name__}")
 
 
+def _json(ns: argparse.Namespace) -> bool:
+    return bool(ns.format == "json")
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
+    print(json.dumps(value, indent=2, sort_keys=True, default=_bytes))
 
 
 Out = Console
 
 
 async def _members(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
+    selected: MemberFilter = ns.member_filter
     if ns.watch:
         async with conn.stream("members.watch") as events:
             async for event in events:
-                if ns.json:
+                m = event.get("member", {})
+                if not selected.matches(m):
+                    continue
+                if _json(ns):
                     print(json.dumps(event), flush=True)
                     continue
-                m = event.get("member", {})
                 out.print(
                     render.status_text(m.get("status", "")),
                     f"{event.get('kind')}: {m.get('name')} ({m.get('addr')}, "
                     f"incarnation {m.get('incarnation')})",
                 )
-        return 0
-    args = {"status": ns.status} if ns.status else {}
-    result = await conn.call("members", args, timeout=ns.timeout)
-    if ns.json:
+        return EXIT_OK
+    result = selected.select(await conn.call("members", timeout=ns.timeout))
+    if _json(ns):
         _print_json(result)
     else:
         out.print(render.members_table(result, title=f"members seen by {conn.node}"))
-    return 0
+    return EXIT_OK
 
 
 async def _info(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("info", timeout=ns.timeout)
-    _print_json(result) if ns.json else out.print(render.info_table(result))
-    return 0
+    _print_json(result) if _json(ns) else out.print(render.info_table(result))
+    return EXIT_OK
 
 
 async def _leave(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("leave", timeout=ns.timeout)
-    _print_json(result) if ns.json else out.print(f"{conn.node} is leaving the cluster")
-    return 0
+    _print_json(result) if _json(ns) else out.print(f"{conn.node} is leaving the cluster")
+    return EXIT_OK
 
 
 async def _remove(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("members.remove", {"node": ns.node}, timeout=ns.timeout)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     elif result["removed"]:
         out.print(f"{ns.node} removed: every member will show it as left")
     else:
         out.print(f"{ns.node} had already left")
-    return 0
+    return EXIT_OK
 
 
 async def _agents(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
@@ -165,44 +232,44 @@ async def _agents(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
         if getattr(ns, key):
             args[key] = getattr(ns, key)
     result = await conn.call("agents", args, timeout=ns.timeout)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     else:
         out.print(render.agents_table(result, title=f"agents resolved by {conn.node}"))
-    return 0
+    return EXIT_OK
 
 
 async def _events(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     async with conn.stream("registry.watch") as events:
         async for event in events:
-            if ns.json:
+            if _json(ns):
                 print(json.dumps(event), flush=True)
             else:
                 out.print(render.registry_event(event))
-    return 0
+    return EXIT_OK
 
 
 async def _state(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     if ns.state_op == "list":
         result = await conn.call("state.list", timeout=ns.timeout)
-        _print_json(result) if ns.json else out.print(render.state_table(result))
-        return 0
+        _print_json(result) if _json(ns) else out.print(render.state_table(result))
+        return EXIT_OK
     if ns.state_op == "get":
         value = await conn.call("state.get", {"doc": ns.name}, timeout=ns.timeout)
-        print(json.dumps(value, indent=None if ns.json else 2, default=_bytes))
-        return 0
+        print(json.dumps(value, indent=None if _json(ns) else 2, default=_bytes))
+        return EXIT_OK
     async with conn.stream("state.watch", {"doc": ns.name}) as changes:
         async for change in changes:
             print(json.dumps(change, default=_bytes), flush=True)
-    return 0
+    return EXIT_OK
 
 
 async def _storage(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     op = "storage.snapshot" if ns.action == "snapshot" else "storage"
     timeout = max(ns.timeout, 60.0) if ns.action == "snapshot" else ns.timeout
     result = await conn.call(op, timeout=timeout)
-    _print_json(result) if ns.json else out.print(render.storage_table(result))
-    return 0 if result.get("healthy", True) else 1
+    _print_json(result) if _json(ns) else out.print(render.storage_table(result))
+    return EXIT_OK if result.get("healthy", True) else EXIT_ERROR
 
 
 async def _keys(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
@@ -211,13 +278,13 @@ async def _keys(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
         args["key"] = ns.key
     result = await conn.call("keys", args, timeout=ns.timeout)
     failures = render.key_failures(result)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     else:
         out.print(render.keys_table(result))
         for line in failures:
             out.print(f"[red]failed[/red] {line}")
-    return 1 if failures else 0
+    return EXIT_ERROR if failures else EXIT_OK
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -238,10 +305,12 @@ async def _message(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
         args["id"] = uuid.uuid4().hex
     result = await conn.call(ns.command, args, timeout=ns.timeout + 1)
     if ns.command == "request":
-        print(json.dumps(result, indent=None if ns.json else 2, default=_bytes))
-    elif not ns.json:
+        print(json.dumps(result, indent=None if _json(ns) else 2, default=_bytes))
+    elif _json(ns):
+        _print_json({"sent": ns.agent, "at_least_once": ns.at_least_once})
+    else:
         out.print(f"sent to {ns.agent}")
-    return 0
+    return EXIT_OK
 
 
 async def _publish(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
@@ -256,61 +325,61 @@ async def _publish(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     if ns.subject:
         event["subject"] = ns.subject
     result = await conn.call("publish", {"topic": ns.topic, "event": event}, timeout=ns.timeout)
-    _print_json(result) if ns.json else out.print(f"published to {result['hosts']} host(s)")
-    return 0
+    _print_json(result) if _json(ns) else out.print(f"published to {result['hosts']} host(s)")
+    return EXIT_OK
 
 
 async def _subscribe(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     async with conn.stream("subscribe", {"pattern": ns.pattern}) as signals:
         async for signal in signals:
             print(json.dumps(signal, default=_bytes), flush=True)
-    return 0
+    return EXIT_OK
 
 
 async def _health(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("health", {"name": ns.agent}, timeout=ns.timeout)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     else:
         out.print(
             f"{ns.agent}: {result['health']}"
             + (f" on {result['node']}" if "node" in result else "")
         )
-    return 0 if result["health"] in ("healthy", "degraded") else 1
+    return EXIT_OK if result["health"] in ("healthy", "degraded") else EXIT_ERROR
 
 
 async def _spawn(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("spawn", {"kind": ns.kind, "name": ns.name}, timeout=ns.timeout + 1)
-    _print_json(result) if ns.json else out.print(f"{ns.name} runs on {result['node']}")
-    return 0
+    _print_json(result) if _json(ns) else out.print(f"{ns.name} runs on {result['node']}")
+    return EXIT_OK
 
 
 async def _drain(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     args = {"node": ns.node} if ns.node else {}
     result = await conn.call("drain", args, timeout=ns.timeout)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     else:
         out.print(f"{result['node']} is draining; moving {result['moving']} agent(s)")
-    return 0
+    return EXIT_OK
 
 
 async def _kinds(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("kinds", timeout=ns.timeout)
-    _print_json(result) if ns.json else out.print(render.kinds_table(result))
-    return 0
+    _print_json(result) if _json(ns) else out.print(render.kinds_table(result))
+    return EXIT_OK
 
 
 async def _placement(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
     result = await conn.call("placement", {"kind": ns.kind, "name": ns.name}, timeout=ns.timeout)
-    if ns.json:
+    if _json(ns):
         _print_json(result)
     else:
         out.print(
             f"{ns.name} belongs on {result['owner']} "
             f"(strategy {result['strategy']}, majority here: {result['majority']})"
         )
-    return 0
+    return EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[int]]] = {
@@ -335,21 +404,50 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace, Out], Awaitable[in
 }
 
 
+class DaemonUnreachable(Exception):
+    """The local daemon could not be reached, or the connection to it was lost."""
+
+    def __init__(self, cause: MeshError) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+
+
 async def _run(ns: argparse.Namespace) -> int:
-    out = render.console(ns.json)
-    async with Connection.open(ns.socket, client="meshctl", timeout=ns.timeout) as conn:
-        return await COMMANDS[ns.command](conn, ns, out)
+    out = render.console(_json(ns))
+    opened = False
+    try:
+        async with Connection.open(ns.socket, client="meshctl", timeout=ns.timeout) as conn:
+            opened = True
+            return await COMMANDS[ns.command](conn, ns, out)
+    except (errors.Unreachable, errors.Timeout, errors.Closed) as exc:
+        # Before the session opened: nothing answers on the socket. Closed at any time: the
+        # daemon went away (or is shutting down). An unreachable *agent* is an error (1).
+        if not opened or isinstance(exc, errors.Closed):
+            raise DaemonUnreachable(exc) from None
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    cli = parser()
+    ns = cli.parse_args(argv)
+    if ns.command == "completion":
+        print(completion.script(ns.shell, cli), end="")
+        return EXIT_OK
+    if ns.command == "members":
+        try:
+            ns.member_filter = MemberFilter.parse(ns.status, ns.name, ns.tag)
+        except FilterError as exc:
+            cli.error(str(exc))  # exits with EXIT_USAGE
     try:
         return anyio.run(_run, ns)
+    except DaemonUnreachable as exc:
+        print(f"meshctl: {exc.cause.kind.value}: {exc.cause.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except MeshError as exc:
         print(f"meshctl: {exc.kind.value}: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

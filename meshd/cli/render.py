@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -28,7 +28,7 @@ def status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
 
-def members_table(members: Iterable[dict[str, Any]], title: str | None = None) -> Table:
+def members_table(members: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in ("name", "address", "status", "incarnation", "tags", "last change"):
         table.add_column(column, justify="right" if column == "incarnation" else "left")
@@ -69,6 +69,18 @@ def info_table(info: dict[str, Any]) -> Table:
     ):
         if key in info:
             table.add_row(key, str(info[key]))
+    protocols = info.get("protocols")
+    if isinstance(protocols, dict):
+        table.add_row(
+            "protocols",
+            ", ".join(
+                f"{k} {'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in protocols.items()
+            ),
+        )
+    store = info.get("store")
+    if isinstance(store, dict):
+        table.add_row("store", store_line(store))
     counts = info.get("members", {})
     table.add_row("members", ", ".join(f"{k} {v}" for k, v in counts.items()))
     for key, value in info.get("stats", {}).items():
@@ -79,6 +91,16 @@ def info_table(info: dict[str, Any]) -> Table:
         )
         table.add_row(key, shown)
     return table
+
+
+def store_line(store: dict[str, Any]) -> Text:
+    """The store in one line: memory only, or health, documents and directory."""
+    docs = f"{store.get('documents', 0)} documents"
+    if not store.get("enabled"):
+        return Text(f"memory only (storage.enabled = false), {docs}", "red")
+    if not store.get("healthy"):
+        return Text(f"FAILING ({store.get('failure')}), {docs} in {store.get('directory')}", "red")
+    return Text(f"ok, {docs} in {store.get('directory')}", "green")
 
 
 def _size(n: int) -> str:

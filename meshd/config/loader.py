@@ -34,6 +34,7 @@ from meshd.config.model import (
     ApiConfig,
     Config,
     ConfigError,
+    DnsSeed,
     LogConfig,
     MembershipTuning,
     MetricsConfig,
@@ -41,6 +42,7 @@ from meshd.config.model import (
     PlacementTuning,
     ReplicationLimits,
     SecurityConfig,
+    Seed,
     StorageTuning,
     TransportTuning,
 )
@@ -429,6 +431,33 @@ def _parse_host(host: str, *, bracketed: bool, ip_only: bool) -> str:
     return host
 
 
+# DNS names as seeds may hold SRV labels (``_gossip._udp.meshd.default.svc``).
+_DNS_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _parse_seed(value: object) -> Seed:
+    """A seed: "host[:port]" (resolved once, see _address_parser) or "dns:NAME[:PORT]"."""
+    text = _parse_str(value).strip()
+    if not text.startswith("dns:"):
+        return _address_parser(ip_only=False, allow_zero_port=False, default_port=DEFAULT_PORT)(
+            text
+        )
+    rest = text.removeprefix("dns:")
+    name, sep, port_text = rest.partition(":")
+    try:
+        port = _parse_port(port_text if sep else None, default=DEFAULT_PORT, allow_zero=False)
+    except _Invalid as err:
+        raise _Invalid(f"invalid seed {text!r}: {err}") from None
+    bare = name.removesuffix(".")
+    if not (
+        0 < len(bare) <= 253
+        and all(_DNS_LABEL_RE.fullmatch(label) for label in bare.split("."))
+        and not bare.split(".")[-1].isdigit()
+    ):
+        raise _Invalid(f"invalid seed {text!r}: {name!r} is not a DNS name")
+    return DnsSeed(name, port)
+
+
 def _address_parser(
     *, ip_only: bool, allow_zero_port: bool, default_port: int | None
 ) -> Callable[[object], Address]:
@@ -475,8 +504,9 @@ def _settings() -> Mapping[str, _Parser]:
             "node.advertise": _optional(
                 _address_parser(ip_only=True, allow_zero_port=False, default_port=None)
             ),
-            "node.seeds": _list_of(
-                _address_parser(ip_only=False, allow_zero_port=False, default_port=DEFAULT_PORT)
+            "node.seeds": _list_of(_parse_seed),
+            "node.dns_resolver": _optional(
+                _address_parser(ip_only=True, allow_zero_port=False, default_port=53)
             ),
             "node.tags": _parse_tags,
             "node.data_dir": _parse_path,
@@ -785,8 +815,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         dest="seeds",
         action="append",
-        metavar="HOST[:PORT]",
-        help=f"member to join (repeatable; default port {DEFAULT_PORT})",
+        metavar="HOST[:PORT]|dns:NAME[:PORT]",
+        help=f"member to join, or a DNS name (SRV, else A/AAAA) looked up before every join "
+        f"attempt (repeatable; default port {DEFAULT_PORT})",
     )
     node.add_argument(
         "--tag", dest="tags", action="append", metavar="K=V", help="node tag (repeatable)"

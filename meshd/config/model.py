@@ -12,6 +12,19 @@ from typing import Literal
 Address = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class DnsSeed:
+    """A seed given as ``dns:NAME[:PORT]``: NAME's SRV records (each gives a host and its
+    port), or, when it has none, its A and AAAA records with ``port``. Looked up at join time
+    and before every retry, so the list follows DNS (a Kubernetes headless Service)."""
+
+    name: str
+    port: int = 7946
+
+
+Seed = Address | DnsSeed
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message names the offending key."""
 
@@ -208,7 +221,9 @@ class NodeConfig:
     name: str
     bind: Address = ("0.0.0.0", 7946)  # noqa: S104 (a cluster daemon listens on the LAN)
     advertise: Address | None = None
-    seeds: tuple[Address, ...] = ()
+    seeds: tuple[Seed, ...] = ()
+    # The DNS server ``dns:`` seeds ask (IP:PORT); None: the system's (/etc/resolv.conf).
+    dns_resolver: Address | None = None
     tags: dict[str, str] = field(default_factory=dict)
     data_dir: str = "/var/lib/meshd"
     # Rejoin through the peers snapshot (<data_dir>/peers.json) written by the last run: its

@@ -30,7 +30,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from meshd.config.model import MembershipTuning
 from meshd.membership.awareness import Awareness
@@ -40,6 +40,7 @@ from meshd.membership.events import (
     MemberEvent,
     MemberView,
     Output,
+    ResolveSeeds,
     SendPacket,
     StreamFailure,
     StreamRequest,
@@ -195,6 +196,10 @@ class Membership:
         self._probe_index = 0
         self._confirmation_probes = 0
         self._seeds: tuple[Address, ...] = ()
+        # Seeds that follow DNS: ask the driver to look them up before every join attempt and
+        # before retrying them while alone (:class:`ResolveSeeds`); one lookup at a time.
+        self.resolves_seeds = False
+        self._resolving: Literal["join", "reconnect"] | None = None
         self._join_pending: set[int] = set()
         self._join_failures = 0
         self.joined = False
@@ -219,19 +224,46 @@ class Membership:
         )
         self._at(now + t.reconnect_interval * (0.5 + self.rng.random()), self._reconnect_tick, None)
         if self._seeds:
+            self._try_seeds(now)  # just resolved by the driver: no second lookup at start
+        elif self.resolves_seeds:
             self._join_attempt(now, None)
         else:
             self.joined = True
 
     def join(self, now: float) -> None:
         """Try the seeds now (they changed, or resolved late); retries as at start."""
-        if self._seeds and not self.leaving:
+        if (self._seeds or self.resolves_seeds) and not self.leaving:
             self.joined = False
             self._join_failures = 0
             self._join_attempt(now, None)
 
     def set_seeds(self, seeds: Sequence[Address]) -> None:
         self._seeds = tuple(s for s in dict.fromkeys(seeds) if s != self.addr)
+
+    @property
+    def seeds(self) -> tuple[Address, ...]:
+        return self._seeds
+
+    def seeds_resolved(self, now: float, seeds: Sequence[Address]) -> None:
+        """The driver's answer to :class:`ResolveSeeds`: the seeds as they resolve now (empty
+        if nothing did). Carries on with what the lookup was for: a join attempt (an empty
+        answer counts as a failed one and is retried with backoff), or a reconnect."""
+        purpose, self._resolving = self._resolving, None
+        if purpose is None:
+            return
+        self.set_seeds(seeds)
+        if purpose == "reconnect":
+            self._reconnect_seeds(unknown_only=True)
+        elif not self.joined and not self.leaving:
+            if self._seeds:
+                self._try_seeds(now)
+            elif self.addr in seeds:
+                # The name resolves to this node alone: it is the first member (a Service
+                # with one pod so far), joined at once as a node without seeds would be. The
+                # lookups every reconnect_interval bring in the members that come later.
+                self.joined = True
+            else:
+                self._join_failed(now)
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave; the driver waits for :meth:`leave_done` then stops."""
@@ -940,8 +972,21 @@ class Membership:
     # ------------------------------------------------------------------ join & reconnect
 
     def _join_attempt(self, now: float, _arg: object) -> None:
-        if self.joined or self.leaving or not self._seeds:
+        if self.joined or self.leaving:
             return
+        if self.resolves_seeds:
+            self._resolve("join")  # the attempt goes on in seeds_resolved
+        elif self._seeds:
+            self._try_seeds(now)
+
+    def _resolve(self, purpose: Literal["join", "reconnect"]) -> None:
+        if self._resolving is None:
+            self._resolving = purpose
+            self._outputs.append(ResolveSeeds(purpose))
+        elif purpose == "join":
+            self._resolving = "join"  # a reconnect lookup in flight serves the join too
+
+    def _try_seeds(self, now: float) -> None:
         self.stats.join_attempts += 1
         for seed in self._seeds:
             token = self._stream(
@@ -963,7 +1008,10 @@ class Membership:
             return
         if self._join_pending or self.joined:
             return
-        # Every seed failed: retry with exponential backoff and jitter.
+        self._join_failed(now)
+
+    def _join_failed(self, now: float) -> None:
+        """Every seed failed (or none resolved): retry with exponential backoff and jitter."""
         self._join_failures += 1
         self.stats.join_failures += 1
         t = self.tuning
@@ -993,7 +1041,13 @@ class Membership:
             self._stream(
                 target.addr, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
             )
-        if (
+        if self.joined and self.resolves_seeds:
+            # Seeds that follow DNS are looked up every reconnect_interval, and an address no
+            # member has is dialled: a cluster that formed in pieces (pods that started at
+            # once and each saw only some of the others) merges, as does one whose members
+            # all restarted elsewhere while this node was alone.
+            self._resolve("reconnect")
+        elif (
             self.joined
             and self._seeds
             and self._alone_since is not None
@@ -1001,11 +1055,21 @@ class Membership:
         ):
             # Alone for a while (booted into a partition, or everyone else restarted): the
             # seeds are the only addresses we know; try them again.
-            for seed in self._seeds:
-                self.stats.reconnect_attempts += 1
-                self._stream(
-                    seed, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
-                )
+            self._reconnect_seeds()
+
+    def _reconnect_seeds(self, *, unknown_only: bool = False) -> None:
+        known = (
+            {m.addr for m in self._members.values() if m.status in (Status.ALIVE, Status.SUSPECT)}
+            if unknown_only
+            else set()
+        )
+        for seed in self._seeds:
+            if seed in known:
+                continue
+            self.stats.reconnect_attempts += 1
+            self._stream(
+                seed, self._local_state(join=True), _Stream("reconnect"), self.tuning.tcp_timeout
+            )
 
     def _reap(self, now: float) -> None:
         """Forget members that have been dead or gone long enough, each with a REAP event:

@@ -8,7 +8,7 @@ membership events to in-daemon listeners. Every task lives in the nursery of :me
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -17,6 +17,7 @@ from meshd.membership.core import Membership
 from meshd.membership.events import (
     EventKind,
     MemberEvent,
+    ResolveSeeds,
     SendPacket,
     StreamFailure,
     StreamRequest,
@@ -27,6 +28,8 @@ from meshd.transport.streams import Channel, FramedStream, StreamError, request
 from meshd.transport.udp import PacketEndpoint
 
 Listener = Callable[[MemberEvent], None]
+# Looks the seeds up (``dns:`` seeds among them); never raises: what did not resolve is left out.
+SeedResolver = Callable[[], Awaitable[list[tuple[str, int]]]]
 _MAX_STREAMS_IN_FLIGHT = 64
 
 
@@ -56,6 +59,7 @@ class MembershipDriver:
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._streams_in_flight = 0
+        self.seed_resolver: SeedResolver | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -94,6 +98,9 @@ class MembershipDriver:
                 await self.packets.send(out.addr, out.data)
             elif isinstance(out, StreamRequest):
                 self._start_stream(out)
+            elif isinstance(out, ResolveSeeds):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._resolve_seeds)
             else:
                 self._deliver(out)
         if self.core.joined and not self.joined.is_set():
@@ -126,6 +133,15 @@ class MembershipDriver:
                 listener(event)
             except Exception:
                 self.log.exception("membership listener failed", extra=kv(event=event.kind.value))
+
+    async def _resolve_seeds(self) -> None:
+        """Answer the core's :class:`ResolveSeeds` (the resolver never raises, so the core
+        always gets its answer)."""
+        seeds: list[tuple[str, int]] = list(self.core.seeds)
+        if self.seed_resolver is not None:
+            seeds = await self.seed_resolver()
+        self.core.seeds_resolved(trio.current_time(), seeds)
+        await self.flush()
 
     def _start_stream(self, req: StreamRequest) -> None:
         assert self._nursery is not None

@@ -59,4 +59,15 @@ class StreamRequest:
     timeout: float
 
 
-Output = SendPacket | StreamRequest | MemberEvent
+@dataclass(frozen=True, slots=True)
+class ResolveSeeds:
+    """Look the seeds up again (``dns:`` seeds) and answer with
+    :meth:`~meshd.membership.core.Membership.seeds_resolved`: the core asks before every join
+    attempt, and every ``reconnect_interval`` once joined (then it dials the addresses no
+    member has), so a seed list that follows DNS (a Kubernetes headless Service, a round
+    robin) is never stale when it is used."""
+
+    purpose: Literal["join", "reconnect"]
+
+
+Output = SendPacket | StreamRequest | ResolveSeeds | MemberEvent

@@ -14,7 +14,10 @@ from meshd.api.handles import Stream
 from meshd.api.session import Session
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
+from meshd.storage import records
+from meshd.transport.streams import STREAM_VERSION
 from meshd.wire.membership import Status
+from meshd.wire.packet import PROTOCOL_VERSION
 from meshd_client.protocol import errors, messages
 
 if TYPE_CHECKING:
@@ -32,12 +35,28 @@ def member_dict(node: Node, m: MemberView) -> dict[str, Any]:
     }
 
 
+def store_summary(node: Node) -> dict[str, Any]:
+    """The store in a few fields (``meshctl storage`` has the rest); reads no files."""
+    docs = len(node.replication_core.store)
+    if node.storage is None:
+        return {"enabled": False, "documents": docs}
+    store = node.storage.store
+    return {
+        "enabled": True,
+        "directory": store.directory,
+        "healthy": store.healthy,
+        "failure": store.failure,
+        "documents": docs,
+        "format": records.VERSION,
+    }
+
+
 def register(node: Node) -> None:
     api = node.api
     member_watchers: Fanout[MemberEvent] = Fanout()
     node.membership_driver.listeners.append(member_watchers)
 
-    async def info(_session: Session, _req: messages.Request) -> Any:
+    async def info(session: Session, _req: messages.Request) -> Any:
         core = node.membership_core
         counts = {s.name.lower(): 0 for s in Status}
         for m in core.members():
@@ -57,6 +76,14 @@ def register(node: Node) -> None:
             "keys": len(node.keyring.keys) if node.keyring else 0,
             "label": node.config.security.label,
             "uptime_s": round(trio.current_time() - node.started_monotonic, 3),
+            "started": round(node.wall_time(node.started_monotonic), 3),
+            "protocols": {
+                "gossip": PROTOCOL_VERSION,
+                "streams": STREAM_VERSION,
+                "api": list(messages.SUPPORTED_VERSIONS),
+                "api_session": session.version,
+            },
+            "store": store_summary(node),
             "socket": node.config.api.socket,
             "stats": {
                 "probes": stats.probes,

@@ -37,6 +37,7 @@ from meshd.membership.snapshot import (
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
 from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
+from meshd.node.discovery import SeedLookup
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.node.policy import ClusterPolicy
@@ -177,23 +178,6 @@ def remembered_peers(path: str, me: str) -> list[Peer]:
     return [p for p in peers or () if p.name != me]
 
 
-async def resolve_seeds(seeds: tuple[Address, ...]) -> tuple[list[Address], list[str]]:
-    """Resolve seed host names; returns (addresses, names that did not resolve)."""
-    out: list[Address] = []
-    failed: list[str] = []
-    for host, port in seeds:
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError:
-            failed.append(f"{host}:{port}")
-            continue
-        for family, _, _, _, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                out.append((str(sockaddr[0]), int(sockaddr[1])))
-                break
-    return out, failed
-
-
 class _Activations:
     """Routing's view of placement (:class:`~meshd.routing.ports.Activator`). The router is
     built before placement, which needs it; this hands routing's questions to the node's
@@ -285,7 +269,8 @@ class Node:
         self.rejoin = rejoin_seeds(remembered, random.Random())
         sockets = await bind_sockets(*config.node.bind)
         self.port = sockets.port
-        seeds, unresolved = await resolve_seeds(config.node.seeds)
+        self.seed_lookup = SeedLookup(config.node.seeds, config.node.dns_resolver)
+        seeds, unresolved = await self.seed_lookup.resolve()
         seeds += self.rejoin
         addr = advertise_address(config, sockets.port, seeds)
         packets = PacketEndpoint(
@@ -397,6 +382,7 @@ class Node:
                 await nursery.start(self.placement.run)
                 await nursery.start(self.reminder_driver.run)
                 self.registry.open_own()
+                self._follow_dns()
                 self.membership_core.start(trio.current_time(), seeds)
                 await self.membership_driver.flush()
                 self.policy.members_changed()
@@ -405,8 +391,8 @@ class Node:
                 if config.metrics.enabled:
                     port = await nursery.start(serve_metrics, self.metrics, *config.metrics.bind)
                     log.info("metrics endpoint", extra=kv(addr=f"{config.metrics.bind[0]}:{port}"))
-                if unresolved:
-                    nursery.start_soon(self._resolve_later, config.node.seeds)
+                if unresolved and not self.seed_lookup.follows_dns:
+                    nursery.start_soon(self._resolve_later)
                 if self.handle_signals:
                     nursery.start_soon(self._signals)
                 nursery.start_soon(self._announce_ready)
@@ -686,11 +672,27 @@ class Node:
                     log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
                     self._stop.set()
 
-    async def _resolve_later(self, seeds: tuple[Address, ...]) -> None:
-        """Seeds given by host name that did not resolve at start (a container not up yet)."""
-        while True:
+    async def _lookup_seeds(self) -> list[Address]:
+        """The membership driver's seed resolver: the seeds as they resolve now, then the
+        remembered peers."""
+        resolved, _ = await self.seed_lookup.resolve()
+        return resolved + self.rejoin
+
+    def _follow_dns(self) -> None:
+        """With dns: seeds, the core looks them up again before every join attempt."""
+        follows = self.seed_lookup.follows_dns
+        self.membership_core.resolves_seeds = follows
+        self.membership_driver.seed_resolver = self._lookup_seeds if follows else None
+
+    async def _resolve_later(self) -> None:
+        """Seeds given by host name that did not resolve at start (a container not up yet);
+        dns: seeds need none of this: they are looked up before every join attempt."""
+        lookup = self.seed_lookup
+        while lookup is self.seed_lookup:
             await trio.sleep(self.config.membership.join_retry_max)
-            resolved, failed = await resolve_seeds(seeds)
+            if lookup is not self.seed_lookup:
+                return  # reloaded with other seeds
+            resolved, failed = await lookup.resolve()
             if resolved:
                 self.membership_core.set_seeds(resolved + self.rejoin)
                 self.membership_core.join(trio.current_time())
@@ -717,8 +719,10 @@ class Node:
         if new.node.tags != old.node.tags:
             await self.membership_driver.set_tags(dict(new.node.tags))
             applied.append("node.tags")
-        if new.node.seeds != old.node.seeds:
-            seeds, _ = await resolve_seeds(new.node.seeds)
+        if (new.node.seeds, new.node.dns_resolver) != (old.node.seeds, old.node.dns_resolver):
+            self.seed_lookup = SeedLookup(new.node.seeds, new.node.dns_resolver)
+            self._follow_dns()
+            seeds, _ = await self.seed_lookup.resolve()
             self.membership_core.set_seeds(seeds + self.rejoin)
             applied.append("node.seeds")
         needs_restart = [
@@ -738,7 +742,14 @@ class Node:
             if a != b
         ]
         self.config = replace(
-            old, log=new.log, node=replace(old.node, tags=new.node.tags, seeds=new.node.seeds)
+            old,
+            log=new.log,
+            node=replace(
+                old.node,
+                tags=new.node.tags,
+                seeds=new.node.seeds,
+                dns_resolver=new.node.dns_resolver,
+            ),
         )
         log.info(
             "configuration reloaded",

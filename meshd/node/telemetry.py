@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from meshd.metrics.naming import stat_metric
 from meshd.metrics.registry import Sample
+from meshd.routing.breaker import BreakerState
 from meshd.wire.membership import Status
+from meshd_client.protocol.errors import ErrorKind
 
 if TYPE_CHECKING:
     from meshd.node.node import Node
@@ -59,7 +62,7 @@ def register(node: Node) -> None:
             value = getattr(stats, f.name)
             if isinstance(value, int):
                 yield _counter(
-                    f"meshd_membership_{f.name}_total",
+                    stat_metric("meshd_membership", f.name),
                     value,
                     f"Membership core counter: {f.name.replace('_', ' ')}.",
                 )
@@ -71,7 +74,7 @@ def register(node: Node) -> None:
             value = getattr(stats, f.name)
             if isinstance(value, int):
                 yield _counter(
-                    f"meshd_transport_{f.name}_total",
+                    stat_metric("meshd_transport", f.name),
                     value,
                     f"Transport counter: {f.name.replace('_', ' ')}.",
                 )
@@ -82,8 +85,20 @@ def register(node: Node) -> None:
         yield _counter("meshd_api_connections_total", stats.connections, "API connections.")
         yield _gauge("meshd_api_sessions", stats.active_sessions, "Open API sessions.")
         yield _counter("meshd_api_requests_total", stats.requests, "API requests.")
-        for kind, n in stats.errors_by_kind.items():
-            yield _counter("meshd_api_errors_total", n, "API errors by kind.", kind=kind)
+        # Every kind from the start (at 0), so a rate sees the first error of a kind too.
+        for kind in sorted({*(k.value for k in ErrorKind), *stats.errors_by_kind}):
+            yield _counter(
+                "meshd_api_errors_total",
+                stats.errors_by_kind.get(kind, 0),
+                "API errors by kind.",
+                kind=kind,
+            )
+        for op, histogram in sorted(stats.latency.items()):
+            yield from histogram.samples(
+                "meshd_api_request_duration_seconds",
+                "Seconds from an API request's arrival to its answer, by op (not streams).",
+                (("op", op),),
+            )
         yield from _rejected("api", stats.rejected)
 
     def process() -> Iterator[Sample]:
@@ -123,22 +138,26 @@ def register(node: Node) -> None:
             value = getattr(stats, f.name)
             if isinstance(value, int):
                 yield _counter(
-                    f"meshd_replication_{f.name}_total",
+                    stat_metric("meshd_replication", f.name),
                     value,
                     f"Replication counter: {f.name.replace('_', ' ')}.",
                 )
         yield from _rejected("replication", stats.rejected)
+        yield from node.replication_driver.majority_wait.samples(
+            "meshd_replication_majority_wait_seconds",
+            "Seconds a majority write waited for a majority of the cluster to hold it.",
+        )
         reg = node.registry.stats
         for f in fields(reg):
             yield _counter(
-                f"meshd_registry_{f.name}_total",
+                stat_metric("meshd_registry", f.name),
                 getattr(reg, f.name),
                 f"Registry counter: {f.name.replace('_', ' ')}.",
             )
         compaction = node.compactor.stats
         for f in fields(compaction):
             yield _counter(
-                f"meshd_compaction_{f.name}_total",
+                stat_metric("meshd_compaction", f.name),
                 getattr(compaction, f.name),
                 f"State compaction counter: {f.name.replace('_', ' ')}.",
             )
@@ -148,7 +167,7 @@ def register(node: Node) -> None:
         ):
             for f in fields(links.stats):
                 yield _counter(
-                    f"meshd_links_{f.name}_total",
+                    stat_metric("meshd_links", f.name),
                     getattr(links.stats, f.name),
                     f"Peer link counter: {f.name.replace('_', ' ')}.",
                     channel=channel,
@@ -163,10 +182,20 @@ def register(node: Node) -> None:
                 value = getattr(stats, f.name)
                 if isinstance(value, int):
                     yield _counter(
-                        f"{prefix}_{f.name}_total",
+                        stat_metric(prefix, f.name),
                         value,
                         f"{what} counter: {f.name.replace('_', ' ')}.",
                     )
+        states = dict.fromkeys(BreakerState, 0)
+        for breaker in node.router.breakers.values():
+            states[breaker.state] += 1
+        for state, n in states.items():
+            yield _gauge(
+                "meshd_routing_breakers",
+                n,
+                "Circuit breakers (one per host called) by state.",
+                state=state.value,
+            )
         yield _gauge(
             "meshd_placement_majority",
             1 if node.placement.quorum.has_majority else 0,

@@ -22,6 +22,7 @@ import trio
 from pycrdt import Doc
 
 from meshd.logs import RateLimitedLog, kv
+from meshd.metrics.histogram import Histogram
 from meshd.replication import messages, vectors
 from meshd.replication.core import (
     DocEvent,
@@ -96,6 +97,9 @@ class ReplicationDriver:
         self._transfers = itertools.count(1)
         self._flushing = False
         self._decided: dict[int, WriteDone] = {}
+        # How long majority writes waited for a majority of the cluster to hold them (the
+        # replication lag a writer sees), whatever the outcome.
+        self.majority_wait = Histogram()
         self._acks = AckGate(MAX_HELD_ACKS)  # ACKs waiting for the disk
         if storage is not None:
             storage.on_durable.append(self._release)
@@ -381,6 +385,7 @@ class ReplicationDriver:
         deadline = trio.current_time() + self.core.tuning.majority_timeout
         if self.storage is not None:
             self.storage.sync_soon()
+        started = trio.current_time()
         done = self._decided.pop(token, None)
         if done is None:
             event = trio.Event()
@@ -389,6 +394,7 @@ class ReplicationDriver:
             self.flush()
             await event.wait()
             done = box[0]
+        self.majority_wait.observe(trio.current_time() - started)
         if not done.ok:
             reason = "not_joined" if done.total == 0 else "majority"
             return WriteResult(False, done.acked, done.needed, done.total, reason)

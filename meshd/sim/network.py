@@ -24,7 +24,13 @@ import trio
 
 from meshd.config.model import MembershipTuning
 from meshd.membership.core import Membership
-from meshd.membership.events import MemberEvent, SendPacket, StreamFailure, StreamRequest
+from meshd.membership.events import (
+    MemberEvent,
+    ResolveSeeds,
+    SendPacket,
+    StreamFailure,
+    StreamRequest,
+)
 from meshd.wire.membership import Status
 from meshd.wire.validate import Address
 
@@ -194,6 +200,8 @@ class SimNetwork:
                 self._send_packet(node, out)
             elif isinstance(out, StreamRequest):
                 self._open_stream(node, out)
+            elif isinstance(out, ResolveSeeds):
+                core.seeds_resolved(self.now, core.seeds)  # no DNS here: the same seeds
             else:
                 if self.record_events:
                     node.events.append(out)

@@ -12,6 +12,7 @@ import sys
 import anyio
 import pytest
 
+from meshd.cli.meshctl import EXIT_UNREACHABLE
 from meshd.testing.localcluster import LocalCluster
 
 
@@ -70,7 +71,7 @@ async def test_meshctl_tables_json_and_leave(cluster: LocalCluster) -> None:
 
 async def test_meshctl_reports_a_daemon_that_is_not_running(tmp_path: object) -> None:
     result = await anyio.to_thread.run_sync(meshctl, "/nonexistent/meshd.sock", "members")
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNREACHABLE  # 3: distinct from an error the daemon gave
     assert "unreachable" in result.stderr and "not running" in result.stderr
 
 
