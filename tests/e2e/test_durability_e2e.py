@@ -110,12 +110,23 @@ async def test_kill_9_of_every_daemon_keeps_every_acknowledged_majority_write(
     assert len(acked_keys) == 180 and acked_incr == 180
     kill_all(daemons)
     await restart(cluster, daemons)
-    for d in daemons:
-        # Every node holds every acknowledged write from its own disk, before it rejoined.
-        got = await value(d)
-        assert set(acked_keys) <= set(got), (d.name, set(acked_keys) - set(got))
-        assert got["count"] >= acked_incr
+    # Straight after the restart, from the disks: every acknowledged write is on a majority
+    # of the nodes (2 of 3) — that is what `majority` promises, not that every node has it.
+    first = {d.name: await value(d) for d in daemons}
+    for key in acked_keys:
+        holders = [name for name, got in first.items() if key in got]
+        assert len(holders) >= 2, (key, holders)
+    # Once the nodes exchanged what each kept, every node holds every acknowledged write.
     await cluster.wait_converged()
+
+    async def everywhere() -> bool | None:
+        for d in daemons:
+            got = await value(d)
+            if not set(acked_keys) <= set(got) or got.get("count", 0) < acked_incr:
+                return None
+        return True
+
+    await eventually(everywhere, "every acknowledged write on every node", 30)
 
 
 async def test_a_minority_that_declared_the_rest_dead_acknowledges_nothing(
