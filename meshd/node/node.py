@@ -465,7 +465,11 @@ class Node:
         name = self.node_name
         self.replication_core = Replicator(
             node=name,
-            tuning=ReplicationTuning(),
+            tuning=ReplicationTuning(
+                page_docs=self.config.replication.page_docs,
+                page_bytes=self.config.replication.page_bytes,
+                max_docs_per_message=self.config.replication.max_docs_per_message,
+            ),
             rng=random.Random(),
             now=trio.current_time(),
             accept=self._accept_doc,
