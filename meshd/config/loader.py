@@ -40,6 +40,7 @@ from meshd.config.model import (
     MetricsConfig,
     NodeConfig,
     PlacementTuning,
+    ReplicationLimits,
     SecurityConfig,
     Seed,
     StorageTuning,
@@ -513,6 +514,7 @@ def _settings() -> Mapping[str, _Parser]:
             **_tuning_parsers("membership", MembershipTuning),
             **_tuning_parsers("placement", PlacementTuning),
             **_tuning_parsers("storage", StorageTuning),
+            **_tuning_parsers("replication", ReplicationLimits),
             **_tuning_parsers("transport", TransportTuning),
             "security.keys": _list_of(_parse_key),
             "security.keyring_file": _optional(_parse_path),
@@ -693,6 +695,8 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     storage.validate()
     transport = TransportTuning(**_section(values, "transport"))
     transport.validate()
+    replication = ReplicationLimits(**_section(values, "replication"))
+    replication.validate()
     node = _section(values, "node")
     if "name" not in node:
         node["name"] = _default_node_name()
@@ -709,6 +713,7 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
         membership=membership,
         placement=placement,
         storage=storage,
+        replication=replication,
         transport=transport,
         security=security,
         api=api,

@@ -189,6 +189,27 @@ class StorageTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicationLimits:
+    """Per-message bounds of anti-entropy repair (docs/replication.md#paging)."""
+
+    # Documents per PAGE, SYNC or UPDATES message this node sends (vectors or updates).
+    page_docs: int = 1000
+    # Bytes of vectors or updates per such message; one larger update travels alone.
+    page_bytes: int = 4 << 20
+    # The most documents a message from a peer may carry; more is refused as malformed.
+    # Keep it at or above every peer's page_docs.
+    max_docs_per_message: int = 100_000
+
+    def validate(self, prefix: str = "replication") -> None:
+        if not 1 <= self.page_docs <= self.max_docs_per_message:
+            raise ConfigError(f"{prefix}.page_docs", "must be between 1 and max_docs_per_message")
+        if not 1 << 10 <= self.page_bytes <= 64 << 20:
+            raise ConfigError(f"{prefix}.page_bytes", "must be between 1 KiB and 64 MiB")
+        if not 1 <= self.max_docs_per_message <= 1_000_000:
+            raise ConfigError(f"{prefix}.max_docs_per_message", "must be between 1 and 1000000")
+
+
+@dataclass(frozen=True, slots=True)
 class TransportTuning:
     """Bounds on the TCP listener (docs/protocol.md#tcp-streams)."""
 
@@ -295,6 +316,7 @@ class Config:
     membership: MembershipTuning = field(default_factory=MembershipTuning)
     placement: PlacementTuning = field(default_factory=PlacementTuning)
     storage: StorageTuning = field(default_factory=StorageTuning)
+    replication: ReplicationLimits = field(default_factory=ReplicationLimits)
     transport: TransportTuning = field(default_factory=TransportTuning)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

@@ -10,8 +10,9 @@ from meshd.api import args as args_
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.session import Session
 from meshd.registry.model import MAX_CAPABILITIES
+from meshd.routing.local import LocalAgent
 from meshd.routing.messages import DeliveryKind
-from meshd.routing.router import LocalAgent
+from meshd.routing.outcome import Err, Ok, Outcome
 from meshd.state.service import agent_state
 from meshd_client.protocol import errors, messages
 
@@ -80,11 +81,17 @@ def register(node: Node) -> None:
         msg_id = _msg_id(args)
         if msg_id is None:
             raise errors.Invalid("id is required")
-        ok = args_.flag(args, "ok", True)
-        payload = args.get("body") if ok else args.get("error")
-        if not ok and not isinstance(payload, dict):
-            payload = errors.Internal("the agent failed").to_wire()
-        if not router.client_reply(agent, msg_id, ok, payload):
+        outcome: Outcome
+        if args_.flag(args, "ok", True):
+            outcome = Ok(args.get("body"))
+        else:
+            error = args.get("error")
+            outcome = Err(
+                errors.error_from_wire(error)
+                if isinstance(error, dict)
+                else errors.Internal("the agent failed")
+            )
+        if not router.client_reply(agent, msg_id, outcome):
             raise errors.NotFound("no delivery with that id is waiting for an answer")
         return None
 
@@ -108,11 +115,11 @@ def register(node: Node) -> None:
         comes (no task waits for it). Calls that must wait to start run in a task."""
         deferred = Deferred()
 
-        def done(ok: bool, payload: Any) -> None:
-            if ok:
-                deferred.resolve(payload)
+        def done(outcome: Outcome) -> None:
+            if isinstance(outcome, Ok):
+                deferred.resolve(outcome.value)
             else:
-                deferred.fail(errors.error_from_wire(payload))
+                deferred.fail(outcome.error)
 
         if not router.begin_call(**call_args(req, kind), done=done):
             return BEGIN_IN_TASK
@@ -142,7 +149,7 @@ def register(node: Node) -> None:
         return {"hosts": hosts}
 
     async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
-        cancel = router.subscribe(trio.current_time(), args_.text(req.args, "pattern"), stream)
+        cancel = router.subscribe(args_.text(req.args, "pattern"), stream)
         try:
             await stream.until_failed()
         finally:

@@ -14,6 +14,7 @@ from meshd.api.handles import Stream
 from meshd.api.session import Session
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
+from meshd.replication.messages import PROTOCOL_VERSION as REPLICATION_VERSION
 from meshd.storage import records
 from meshd.transport.streams import STREAM_VERSION
 from meshd.wire.membership import Status
@@ -80,6 +81,7 @@ def register(node: Node) -> None:
             "protocols": {
                 "gossip": PROTOCOL_VERSION,
                 "streams": STREAM_VERSION,
+                "replication": REPLICATION_VERSION,
                 "api": list(messages.SUPPORTED_VERSIONS),
                 "api_session": session.version,
             },

@@ -50,7 +50,7 @@ from meshd.registry.registry import Registry
 from meshd.replication.core import DocEvent, ReplicationTuning, Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
-from meshd.routing.router import Router
+from meshd.routing.driver import RoutingDriver
 from meshd.security.envelope import Envelope
 from meshd.security.keyring import Keyring, KeyringError, parse_key
 from meshd.state.compaction import CompactionTuning, Compactor, Rebase, rebase
@@ -232,7 +232,7 @@ class Node:
         self.registry: Registry
         self.state: StateService
         self.compactor: Compactor
-        self.router: Router
+        self.router: RoutingDriver
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
@@ -465,7 +465,11 @@ class Node:
         name = self.node_name
         self.replication_core = Replicator(
             node=name,
-            tuning=ReplicationTuning(),
+            tuning=ReplicationTuning(
+                page_docs=self.config.replication.page_docs,
+                page_bytes=self.config.replication.page_bytes,
+                max_docs_per_message=self.config.replication.max_docs_per_message,
+            ),
             rng=random.Random(),
             now=trio.current_time(),
             accept=self._accept_doc,
@@ -518,7 +522,7 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, Rebase] = {}
-        self.router = Router(
+        self.router = RoutingDriver(
             node=name,
             registry=self.registry,
             docs=self.replication_driver,

@@ -5,13 +5,15 @@ Fast path: a local write's delta is queued and, after a short coalescing delay, 
 ``push_fanout`` others while hops remain (rumor mongering). Slow path: every
 ``anti_entropy_interval`` the node runs a round with a random peer:
 
-    DIGEST (XOR hash per bucket of documents)  →
-    BUCKETS (the peer's state vectors in the buckets that differ)  →
-    SYNC (updates the peer lacks, vectors of what we lack)  →
-    UPDATES (what we lacked)
+    TREE (hash and count of digest-tree nodes, the 16 level-1 nodes first)  →
+    NODES (the peer's hash and count of those that differ), descending while they differ →
+    LIST (the differing ranges, from a key)  →  PAGE (the peer's vectors there, bounded)  →
+    SYNC (updates the peer lacks, vectors of what we lack)  →  UPDATES (what we lacked),
+    then the next page, until the ranges are done
 
 so any divergence — a lost push, a partition, a fresh node — is repaired in one round with
-that peer, at the cost of one 2 KiB digest when nothing differs.
+that peer, at the cost of a few hundred bytes when nothing differs and O(differences × tree
+depth) otherwise; every message is bounded (paged), whatever the number of documents.
 
 Every change a document integrates — a local write, a push, a repair, a new epoch — comes
 out as one :class:`Persist` output, in order, for the store's log; a dropped document as a
@@ -41,26 +43,32 @@ from typing import Any, Literal
 from pycrdt import Doc
 
 from meshd.rejections import Rejections
-from meshd.replication import vectors
+from meshd.replication import paging, vectors
 from meshd.replication.messages import (
+    MAX_DOCS_PER_MESSAGE,
+    MAX_RANGES_PER_MESSAGE,
     Ack,
-    Buckets,
     Chunk,
-    Digest,
+    Cursor,
     DocUpdate,
     DocVector,
+    ListRange,
     Message,
+    Nodes,
+    Page,
     Push,
     Query,
     Sync,
+    Tree,
+    TreeNode,
     Updates,
     Vectors,
 )
 from meshd.replication.replica import DocStore, Replica, UpdateRejected, check_update
+from meshd.replication.tree import LEAF_LEVEL, NodeId, children
 from meshd.timers import TimerHeap
 
 EMPTY_SV = b"\x00"
-MAX_SYNC_BYTES = 32 << 20  # one SYNC/UPDATES message; the rest waits for the next round
 Durability = Literal["local", "majority"]
 DocEventKind = Literal["opened", "replaced", "updated", "dropped"]
 
@@ -77,9 +85,27 @@ class ReplicationTuning:
     # Repair updates are applied at most this many bytes per work() call, so a node catching
     # up on a large registry keeps answering probes and API calls in between.
     repair_slice_bytes: int = 1 << 20
+    # ... and for at most this long (seconds of CPU on the event loop) per slice.
+    work_slice: float = 0.005
     push_delay: float = 0.005
     anti_entropy_interval: float = 1.0
+    # A round that makes no progress for this long fails; rounds with that peer then back
+    # off, doubling from anti_entropy_interval up to repair_backoff_max.
     round_timeout: float = 10.0
+    repair_backoff_max: float = 60.0
+    # Paging (docs/replication.md#paging): documents per PAGE, SYNC or UPDATES message, and
+    # bytes of vectors or updates per message (one larger update travels alone).
+    page_docs: int = 1000
+    page_bytes: int = 4 << 20
+    # The most documents a message from a peer may carry (the decoder's bound).
+    max_docs_per_message: int = MAX_DOCS_PER_MESSAGE
+    # Digest-tree nodes per TREE message, and the size under which a differing subtree is
+    # listed instead of descended into.
+    tree_nodes: int = 1024
+    list_below: int = 16
+    # How long a listing with one peer keeps this node from listing with another (a fresh
+    # node is filled once, from one peer).
+    listing_hold: float = 2.0
     majority_timeout: float = 5.0
     majority_repairs: int = 3
 
@@ -127,7 +153,16 @@ class WriteDone:
     total: int
 
 
-Output = Send | DocEvent | WriteDone | VectorReport | Persist
+@dataclass(frozen=True, slots=True)
+class RepairStalled:
+    """Rounds with ``peer`` stopped making progress (its answers are lost or it refuses our
+    messages): it is left alone for ``backoff`` seconds, doubling while it lasts."""
+
+    peer: str
+    backoff: float
+
+
+Output = Send | DocEvent | WriteDone | VectorReport | Persist | RepairStalled
 AcceptPolicy = Callable[[str, int], bool]
 
 
@@ -140,6 +175,13 @@ class ReplicationStats(Rejections):
     bytes_pushed: int = 0
     rounds_started: int = 0
     rounds_completed: int = 0
+    rounds_failed: int = 0
+    rounds_busy: int = 0
+    pages_sent: int = 0
+    pages_received: int = 0
+    pages_busy: int = 0
+    round_bytes_sent: int = 0  # encoded TREE … UPDATES messages (counted by the driver)
+    frames_dropped: int = 0  # frames a full link queue refused; repaired by a round
     repair_updates_sent: int = 0
     repair_bytes_sent: int = 0
     repair_updates_received: int = 0
@@ -168,8 +210,19 @@ class _Majority:
 
 @dataclass(slots=True)
 class _Round:
+    """An anti-entropy round this node started: the tree descent, then the paged listing of
+    the ranges that differ."""
+
     peer: str
-    started: float
+    started: float  # of the last progress
+    frontier: deque[NodeId]  # digest-tree nodes still to compare
+    sent: list[NodeId] = field(default_factory=list)  # those of the TREE in flight
+    ranges: list[NodeId] = field(default_factory=list)  # differing ranges still to list
+    batch: tuple[NodeId, ...] = ()  # the ranges being listed
+    cursor: Cursor | None = None  # the listing's position
+    next: Cursor | None = None  # where to resume once the wanted updates came
+    wants: dict[str, DocVector] = field(default_factory=dict)
+    phase: Literal["tree", "list", "want"] = "tree"
 
 
 def covers(vector: dict[int, int], required: dict[int, int]) -> bool:
@@ -223,6 +276,10 @@ class Replicator:
         self._token = 0
         self._majority: dict[int, _Majority] = {}
         self._rounds: dict[int, _Round] = {}
+        self._backoff: dict[str, tuple[int, float]] = {}  # peer → (failures, until)
+        # The fill under way: (peer, last progress, whether this node started the round).
+        self._listing: tuple[str, float, bool] | None = None
+        self._repair_soon: set[str] = set()  # peers a frame to was dropped
         self._round_seq = rng.getrandbits(31)
         self._last_requested = -math.inf
         self._repairs: deque[DocUpdate] = deque()
@@ -262,6 +319,12 @@ class Replicator:
         live = set(self._peers)
         if not self._reference_set and self._reference is not None:
             self._reference |= live
+        for round_id, rnd in list(self._rounds.items()):
+            if rnd.peer not in live:  # gone: its round will not finish
+                self._end_round(round_id, rnd)
+        for peer in list(self._backoff):
+            if peer not in live:
+                del self._backoff[peer]
         for token, pending in list(self._majority.items()):
             # A member that went down still counts (it may come back before the deadline);
             # one of the reference that is back, or new, is sent the write.
@@ -505,10 +568,14 @@ class Replicator:
             self._on_push(now, peer, message)
         elif isinstance(message, Ack):
             self._on_ack(peer, message)
-        elif isinstance(message, Digest):
-            self._on_digest(peer, message)
-        elif isinstance(message, Buckets):
-            self._on_buckets(now, peer, message)
+        elif isinstance(message, Tree):
+            self._on_tree(peer, message)
+        elif isinstance(message, Nodes):
+            self._on_nodes(now, peer, message)
+        elif isinstance(message, ListRange):
+            self._on_list(now, peer, message)
+        elif isinstance(message, Page):
+            self._on_page(now, peer, message)
         elif isinstance(message, Sync):
             self._on_sync(now, peer, message)
         elif isinstance(message, Updates):
@@ -644,10 +711,27 @@ class Replicator:
         self._at(now + interval * (0.75 + 0.5 * self.rng.random()), self._anti_entropy, None)
         for round_id, rnd in list(self._rounds.items()):
             if now - rnd.started > self.tuning.round_timeout:
-                del self._rounds[round_id]
-        if not self._peers:
+                self._end_round(round_id, rnd)
+                self._round_failed(now, rnd.peer)
+        if any(now - rnd.started < 2 * interval for rnd in self._rounds.values()):
+            # One round of our own at a time while it makes progress: a large repair is not
+            # joined by more. A round that went quiet (its peer restarting, a frame lost)
+            # does not hold the others back until it times out.
             return
-        self.sync_with(now, self.rng.choice(self._peers))
+        busy = {rnd.peer for rnd in self._rounds.values()}
+        ready = [
+            p
+            for p in self._peers
+            if p not in busy and self._backoff.get(p, (0, -math.inf))[1] <= now
+        ]
+        self._repair_soon.intersection_update(self._peers)
+        owed = sorted(self._repair_soon.intersection(ready))
+        if owed:
+            peer = self.rng.choice(owed)
+            self._repair_soon.discard(peer)
+            self.sync_with(now, peer)
+        elif ready:
+            self.sync_with(now, self.rng.choice(ready))
 
     def request_sync(self, now: float, peer: str) -> None:
         """An extra round with ``peer`` (it just joined or came back), at most one such round
@@ -657,98 +741,232 @@ class Replicator:
             or now - self._last_requested < self.tuning.anti_entropy_interval / 4
         ):
             return
+        self._backoff.pop(peer, None)
         self._last_requested = now
         self.sync_with(now, peer)
+
+    def frame_dropped(self, now: float, peer: str) -> None:
+        """A frame to ``peer`` was refused by its full link queue: counted, and repaired by
+        a round with that peer at the next anti-entropy tick (not at once: the queue is
+        full). A round of ours with that peer is abandoned (not counted as failed)."""
+        self.stats.frames_dropped += 1
+        self._repair_soon.add(peer)
+        for round_id, rnd in list(self._rounds.items()):
+            if rnd.peer == peer:
+                # Its next message may be the one that was dropped: start over next tick
+                # rather than wait round_timeout for an answer that cannot come.
+                self._end_round(round_id, rnd)
 
     def sync_with(self, now: float, peer: str) -> None:
         """Start an anti-entropy round with ``peer`` (also used on join and heal)."""
         self._round_seq = (self._round_seq + 1) & 0x7FFFFFFF
-        self._rounds[self._round_seq] = _Round(peer, now)
+        rnd = _Round(peer, now, deque(children(0, 0)))
+        self._rounds[self._round_seq] = rnd
         self.stats.rounds_started += 1
-        self._send(peer, Digest(self._round_seq, self.store.digest()))
+        self._send_tree(self._round_seq, rnd)
 
-    def _on_digest(self, peer: str, msg: Digest) -> None:
-        differing = self.store.differing(msg.buckets)
-        docs = tuple(DocVector(r.name, r.epoch, r.sv) for r in self.store.in_buckets(differing))
-        self._send(peer, Buckets(msg.round, docs, tuple(differing)))
-
-    def _on_buckets(self, now: float, peer: str, msg: Buckets) -> None:
-        rnd = self._rounds.get(msg.round)
-        if rnd is None or rnd.peer != peer:
+    def _round(self, now: float, peer: str, round_id: int, phase: str) -> _Round | None:
+        rnd = self._rounds.get(round_id)
+        if rnd is None or rnd.peer != peer or rnd.phase != phase:
             self.stats.reject("unexpected_round")
+            return None
+        rnd.started = now  # progress
+        if self._listing is not None and self._listing[0] == peer and self._listing[2]:
+            self._listing = (peer, now, True)
+        return rnd
+
+    def _end_round(self, round_id: int, rnd: _Round) -> None:
+        self._rounds.pop(round_id, None)
+        self._release_listing(rnd.peer)
+
+    def _complete_round(self, round_id: int, rnd: _Round) -> None:
+        self._end_round(round_id, rnd)
+        self._backoff.pop(rnd.peer, None)
+        self.stats.rounds_completed += 1
+
+    def _round_failed(self, now: float, peer: str) -> None:
+        """No progress for ``round_timeout`` (lost, or refused by the peer): back off from
+        it, doubling, and say so once."""
+        failures = self._backoff.get(peer, (0, 0.0))[0] + 1
+        delay = min(self.tuning.anti_entropy_interval * 2**failures, self.tuning.repair_backoff_max)
+        self._backoff[peer] = (failures, now + delay)
+        self.stats.rounds_failed += 1
+        if failures == 1:
+            self._outputs.append(RepairStalled(peer, delay))
+
+    # -- listing slot: a listing of several pages (a fill) runs with one peer at a time;
+    #    one-page listings (the usual repair) never wait for it
+
+    def _listing_busy(self, now: float, peer: str, *, mine: bool) -> bool:
+        """Is this node in a fill other than the one with ``peer`` in this direction
+        (``mine``: a round this node started)?"""
+        held = self._listing
+        if held is None or now - held[1] >= self.tuning.listing_hold:
+            return False
+        return held[0] != peer or held[2] != mine
+
+    def _release_listing(self, peer: str) -> None:
+        if self._listing is not None and self._listing[0] == peer and self._listing[2]:
+            self._listing = None
+
+    # -- the tree descent (initiator sends TREE, responder answers NODES)
+
+    def _send_tree(self, round_id: int, rnd: _Round) -> None:
+        batch = [
+            rnd.frontier.popleft() for _ in range(min(len(rnd.frontier), self.tuning.tree_nodes))
+        ]
+        rnd.sent = batch
+        nodes = tuple(TreeNode(lv, i, *self.store.node(lv, i)) for lv, i in batch)
+        self._send(rnd.peer, Tree(round_id, nodes))
+
+    def _on_tree(self, peer: str, msg: Tree) -> None:
+        differing = []
+        for n in msg.nodes:
+            mine = self.store.node(n.level, n.index)
+            if mine != (n.hash, n.count):
+                differing.append(TreeNode(n.level, n.index, *mine))
+        self._send(peer, Nodes(msg.round, tuple(differing)))
+
+    def _on_nodes(self, now: float, peer: str, msg: Nodes) -> None:
+        rnd = self._round(now, peer, msg.round, "tree")
+        if rnd is None:
             return
-        theirs = {d.doc: d for d in msg.docs}
-        updates: list[DocUpdate] = []
-        want: list[DocVector] = []
-        budget = MAX_SYNC_BYTES
-        for replica in self.store.in_buckets(list(msg.buckets)):
-            other = theirs.pop(replica.name, None)
-            update: bytes | None = None
-            if other is None or other.epoch < replica.epoch:
-                update = replica.full_update()
-            elif other.epoch > replica.epoch:
-                want.append(DocVector(replica.name, other.epoch, EMPTY_SV))
+        theirs = {(n.level, n.index): n for n in msg.nodes}
+        for level, index in rnd.sent:
+            other = theirs.get((level, index))
+            if other is None:
+                continue  # the responder agrees
+            mine_hash, mine_count = self.store.node(level, index)
+            if (mine_hash, mine_count) == (other.hash, other.count):
+                continue  # repaired meanwhile
+            if level == LEAF_LEVEL or min(mine_count, other.count) <= self.tuning.list_below:
+                rnd.ranges.append((level, index))
             else:
-                try:
-                    their_vector = vectors.decode(other.sv)
-                except vectors.VectorError:
-                    self.stats.reject("bad_vector")
-                    continue
-                update = replica.missing_for(their_vector, other.sv)
-                if vectors.has_news(their_vector, replica.vector):
-                    want.append(DocVector(replica.name, replica.epoch, replica.sv))
-            # One update larger than the whole budget still travels (alone), or that
-            # document could never be repaired.
-            if update is not None and (len(update) <= budget or not updates):
-                budget -= len(update)
-                updates.append(DocUpdate(replica.name, replica.epoch, update))
-        want.extend(  # documents only the peer has
-            DocVector(other.doc, other.epoch, EMPTY_SV)
-            for other in theirs.values()
-            if self.accept(other.doc, other.epoch)
+                rnd.frontier.extend(children(level, index))
+        rnd.sent = []
+        if rnd.frontier:
+            self._send_tree(msg.round, rnd)
+        else:
+            self._next_batch(now, msg.round, rnd)
+
+    # -- paged listing (initiator sends LIST, responder answers PAGE; then SYNC / UPDATES)
+
+    def _limits(self) -> paging.Limits:
+        return paging.Limits(self.tuning.page_docs, self.tuning.page_bytes)
+
+    def _next_batch(self, now: float, round_id: int, rnd: _Round) -> None:
+        if not rnd.ranges:
+            self._complete_round(round_id, rnd)
+            return
+        if self._listing_busy(now, rnd.peer, mine=True):
+            # Being filled by (or filling) another peer: one stream at a time.
+            self.stats.rounds_busy += 1
+            self._end_round(round_id, rnd)
+            return
+        rnd.ranges.sort()
+        rnd.batch = tuple(rnd.ranges[:MAX_RANGES_PER_MESSAGE])
+        del rnd.ranges[:MAX_RANGES_PER_MESSAGE]
+        self._list_from(round_id, rnd, None)
+
+    def _list_from(self, round_id: int, rnd: _Round, after: Cursor | None) -> None:
+        rnd.phase = "list"
+        rnd.cursor = after
+        self._send(rnd.peer, ListRange(round_id, rnd.batch, after))
+
+    def _on_list(self, now: float, peer: str, msg: ListRange) -> None:
+        if self._listing_busy(now, peer, mine=False):
+            self.stats.pages_busy += 1
+            self._send(peer, Page(msg.round, (), None, busy=True))
+            return
+        docs, end = paging.page(self.store, list(msg.ranges), msg.after, self._limits())
+        if msg.after is not None or end is not None:
+            # A listing of several pages, or the initiator streaming more than one message
+            # of updates here: a fill, which no other peer joins while it makes progress.
+            self._listing = (peer, now, False)
+        self.stats.pages_sent += 1
+        self._send(peer, Page(msg.round, tuple(docs), end))
+
+    def _on_page(self, now: float, peer: str, msg: Page) -> None:
+        rnd = self._round(now, peer, msg.round, "list")
+        if rnd is None:
+            return
+        if msg.busy:
+            self.stats.rounds_busy += 1
+            self._end_round(msg.round, rnd)
+            return
+        if msg.end is not None and rnd.cursor is not None and msg.end <= rnd.cursor:
+            self.stats.reject("page_no_progress")  # a page must move forward
+            self._end_round(msg.round, rnd)
+            self._round_failed(now, peer)
+            return
+        self.stats.pages_received += 1
+        if msg.end is not None:
+            self._listing = (peer, now, True)  # a listing of several pages: one at a time
+        result = paging.compare(
+            self.store,
+            list(rnd.batch),
+            rnd.cursor,
+            msg.docs,
+            msg.end,
+            self._limits(),
+            self.accept,
         )
-        self.stats.repair_updates_sent += len(updates)
-        self.stats.repair_bytes_sent += sum(len(u.update) for u in updates)
-        if updates or want:
-            self._send(peer, Sync(msg.round, tuple(updates), tuple(want)))
-        if not want:
-            del self._rounds[msg.round]
-            self.stats.rounds_completed += 1
+        for _ in result.refused:
+            self.stats.reject("page_out_of_range")
+        for _ in range(result.bad_vectors):
+            self.stats.reject("bad_vector")
+        self.stats.repair_updates_sent += len(result.updates)
+        self.stats.repair_bytes_sent += sum(len(u.update) for u in result.updates)
+        if result.updates or result.want:
+            self._send(peer, Sync(msg.round, tuple(result.updates), tuple(result.want)))
+        if result.want:
+            rnd.phase = "want"
+            rnd.wants = {w.doc: w for w in result.want}
+            rnd.next = result.next
+            return
+        self._advance(now, msg.round, rnd, result.next)
+
+    def _advance(self, now: float, round_id: int, rnd: _Round, after: Cursor | None) -> None:
+        if after is not None:
+            self._list_from(round_id, rnd, after)
+        else:
+            self._next_batch(now, round_id, rnd)
 
     def _on_sync(self, now: float, peer: str, msg: Sync) -> None:
+        full = len(msg.updates) >= self.tuning.page_docs or (
+            sum(len(u.update) for u in msg.updates) >= self.tuning.page_bytes // 2
+        )
+        held = self._listing
+        if (held is not None and held[0] == peer and not held[2]) or (
+            full and not self._listing_busy(now, peer, mine=False)
+        ):
+            # An initiator streaming more than one message of updates here: a fill.
+            self._listing = (peer, now, False)
         for u in msg.updates:
             self._receive_repair(u)
-        replies: list[DocUpdate] = []
-        budget = MAX_SYNC_BYTES
-        for w in msg.want:
-            replica = self.store.get(w.doc)
-            if replica is None or replica.epoch < w.epoch:
-                continue
-            if replica.epoch > w.epoch or w.sv == EMPTY_SV:
-                update: bytes | None = replica.full_update()
-            else:
-                try:
-                    update = replica.missing_for(vectors.decode(w.sv), w.sv)
-                except vectors.VectorError:
-                    self.stats.reject("bad_vector")
-                    continue
-            if update is not None and (len(update) <= budget or not replies):
-                budget -= len(update)
-                replies.append(DocUpdate(replica.name, replica.epoch, update))
+        if not msg.want:  # the initiator wants nothing: no answer
+            return
+        replies, bad = paging.answer(self.store, msg.want, self._limits())
+        for _ in range(bad):
+            self.stats.reject("bad_vector")
         self.stats.repair_updates_sent += len(replies)
         self.stats.repair_bytes_sent += sum(len(u.update) for u in replies)
-        if msg.want:  # the initiator closed a round in which it wanted nothing
-            self._send(peer, Updates(msg.round, tuple(replies)))
+        self._send(peer, Updates(msg.round, tuple(replies)))
 
     def _on_updates(self, now: float, peer: str, msg: Updates) -> None:
-        rnd = self._rounds.get(msg.round)
-        if rnd is None or rnd.peer != peer:
-            self.stats.reject("unexpected_round")
+        rnd = self._round(now, peer, msg.round, "want")
+        if rnd is None:
             return
-        del self._rounds[msg.round]
         for u in msg.updates:
             self._receive_repair(u)
-        self.stats.rounds_completed += 1
+            rnd.wants.pop(u.doc, None)
+        if rnd.wants and msg.updates:
+            # The answer filled its bounds: ask for the rest.
+            rest = tuple(rnd.wants.values())[: self.tuning.page_docs]
+            self._send(peer, Sync(msg.round, (), rest))
+            return
+        rnd.wants = {}
+        self._advance(now, msg.round, rnd, rnd.next)
 
     def _receive_repair(self, u: DocUpdate) -> None:
         self.stats.repair_updates_received += 1
@@ -759,11 +977,14 @@ class Replicator:
         """Repair updates received but not applied yet (see :meth:`work`)."""
         return bool(self._repairs)
 
-    def work(self, now: float) -> None:
-        """Apply queued repair updates, about ``repair_slice_bytes`` at a time (at least
-        one): the driver yields between calls so a large catch-up never stalls the node."""
+    def work(self, now: float, spent: Callable[[], bool] | None = None) -> None:
+        """Apply queued repair updates, at most ``repair_slice_bytes`` at a time (at least
+        one), and stop early once ``spent()`` says the caller's time slice is used up: the
+        driver yields between calls so a large catch-up never stalls membership."""
         budget = self.tuning.repair_slice_bytes
         while self._repairs and budget > 0:
             u = self._repairs.popleft()
             budget -= len(u.update)
             self._apply(u.doc, u.epoch, u.update)
+            if spent is not None and spent():
+                return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +21,14 @@ from typing import Any
 import trio
 from pycrdt import Doc
 
-from meshd.logs import RateLimitedLog
+from meshd.logs import RateLimitedLog, kv
 from meshd.metrics.histogram import Histogram
 from meshd.replication import messages, vectors
 from meshd.replication.core import (
     DocEvent,
     Durability,
     Persist,
+    RepairStalled,
     Replicator,
     Send,
     VectorReport,
@@ -40,9 +42,23 @@ from meshd.transport.deadlines import Deadlines
 from meshd.transport.links import PeerLinks
 from meshd.wire.validate import WireError
 
+ROUND_MESSAGES = (
+    messages.Tree,
+    messages.Nodes,
+    messages.ListRange,
+    messages.Page,
+    messages.Sync,
+    messages.Updates,
+)
 CHUNK_FRAME = 1 << 20  # messages larger than this travel as 1 MiB chunks
 MAX_HELD_ACKS = 65536  # ACKs waiting for an fsync; beyond, the oldest are dropped (writers retry)
 MAX_DECIDED = 4096  # outcomes of majority writes decided before their writer waited
+
+
+def _slice(seconds: float) -> Callable[[], bool]:
+    """A time slice starting now: True once it is used up."""
+    until = time.perf_counter() + seconds
+    return lambda: time.perf_counter() > until
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +220,11 @@ class ReplicationDriver:
                     listener(out)
                 except Exception:
                     self.log.exception("document listener failed")
+        elif isinstance(out, RepairStalled):
+            self.log.warning(
+                "anti-entropy rounds with a peer make no progress; backing off",
+                extra=kv(peer=out.peer, backoff=out.backoff),
+            )
         elif isinstance(out, VectorReport):
             for report_listener in list(self.report_listeners):
                 report_listener(out)
@@ -245,8 +266,13 @@ class ReplicationDriver:
             if len(payload) <= CHUNK_FRAME
             else messages.split(payload, next(self._transfers), CHUNK_FRAME)
         )
+        if isinstance(out.message, ROUND_MESSAGES):
+            self.core.stats.round_bytes_sent += len(payload)
         for frame in frames:
             if not self.links.send(out.peer, frame):
+                # The link's queue is full: what the frame carried is repaired by a round
+                # with the peer once the link drains (counted, never silently lost).
+                self.core.frame_dropped(trio.current_time(), out.peer)
                 self.ratelog.warning(("drop", out.peer), "replication frame dropped", peer=out.peer)
                 return
 
@@ -255,13 +281,14 @@ class ReplicationDriver:
     async def receive(self, peer: str, frame: bytes) -> None:
         """A frame from ``peer``'s link (the PeerLinks receiver callback)."""
         try:
-            message = messages.decode(frame)
+            max_docs = self.core.tuning.max_docs_per_message
+            message = messages.decode(frame, max_docs)
             if isinstance(message, messages.Chunk):
                 assembler = self._reassemblers.setdefault(peer, messages.Reassembler())
                 whole = assembler.add(message)
                 if whole is None:
                     return
-                message = messages.decode(whole)
+                message = messages.decode(whole, max_docs)
                 if isinstance(message, messages.Chunk):
                     raise WireError("nested chunk")
         except WireError as exc:
@@ -273,8 +300,9 @@ class ReplicationDriver:
         self.core.handle(trio.current_time(), peer, message)
         self.flush()
         await trio.lowlevel.checkpoint()
+        slice_seconds = self.core.tuning.work_slice
         while self.core.pending_work():
-            self.core.work(trio.current_time())
+            self.core.work(trio.current_time(), _slice(slice_seconds))
             self.flush()
             await trio.sleep(0)  # probes, API calls and other peers get their turn
 

@@ -1,7 +1,8 @@
 """Replication messages on the REPLICATION channel (CBOR arrays, type code first).
 
 Fast path:   PUSH (a delta, optionally asking for an ACK) and ACK.
-Repair:      DIGEST → BUCKETS → SYNC → UPDATES (one anti-entropy round).
+Repair:      TREE → NODES (repeated, descending the digest tree where it differs), then
+             LIST → PAGE → SYNC → UPDATES per page of the ranges that differ (one round).
 Agreement:   QUERY → VECTORS (state vectors of named documents; compaction checks them).
 Framing:     CHUNK carries a slice of an encoded message too large for one frame.
 """
@@ -10,31 +11,41 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
+from meshd.replication.tree import FANOUT, LEAF_LEVEL, LEAVES
 from meshd.wire.validate import WireError, expect_bool, expect_bytes, expect_list, expect_uint
 from meshd_client.protocol import cbor
 
 MAX_DOC_NAME: Final = 256
 MAX_UPDATE: Final = 128 << 20  # one document's update after reassembly
 MAX_VECTOR: Final = 1 << 20
+# Documents (vectors or updates) one message may carry; the default bound of the decoder.
+# Senders page well below it (``ReplicationTuning.page_docs``), so it is never what stops a
+# repair: it only protects the receiver.
 MAX_DOCS_PER_MESSAGE: Final = 100_000
-DIGEST_BUCKETS: Final = 256
-DIGEST_SIZE: Final = DIGEST_BUCKETS * 8
+MAX_NODES_PER_MESSAGE: Final = 4096  # digest-tree nodes in one TREE or NODES message
+MAX_RANGES_PER_MESSAGE: Final = 4096  # ranges one LIST names
 MAX_HOPS: Final = 16
+# The replication protocol's version (docs/protocol.md). 2: the digest tree and pages
+# replaced the 256-bucket DIGEST (3) and BUCKETS (4) of version 1.
+PROTOCOL_VERSION: Final = 2
 
 
 class Kind(enum.IntEnum):
     PUSH = 1
     ACK = 2
-    DIGEST = 3
-    BUCKETS = 4
+    # 3 (DIGEST) and 4 (BUCKETS) were version 1's round; they are not decoded any more.
     SYNC = 5
     UPDATES = 6
     CHUNK = 7
     QUERY = 8
     VECTORS = 9
+    TREE = 10
+    NODES = 11
+    LIST = 12
+    PAGE = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,27 +97,86 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
-class Digest:
-    """One 64-bit hash per bucket of documents (XOR of each document's name/epoch/vector
-    hash): equal buckets need no further talk."""
+class TreeNode:
+    """One node of the digest tree (:mod:`meshd.replication.tree`) as its sender holds it."""
 
-    round: int
-    buckets: bytes
+    level: int
+    index: int
+    hash: int
+    count: int
 
     def to_wire(self) -> list[Any]:
-        return [Kind.DIGEST, self.round, self.buckets]
+        return [self.level, self.index, self.hash, self.count]
 
 
 @dataclass(frozen=True, slots=True)
-class Buckets:
-    """The responder's state vectors for every document in the buckets that differ."""
+class Tree:
+    """The initiator's hash and count of some digest-tree nodes (a round starts with the 16
+    level-1 nodes)."""
+
+    round: int
+    nodes: tuple[TreeNode, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.TREE, self.round, [n.to_wire() for n in self.nodes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Nodes:
+    """The responder's hash and count of those nodes of a TREE that differ (none: the
+    subtrees agree)."""
+
+    round: int
+    nodes: tuple[TreeNode, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.NODES, self.round, [n.to_wire() for n in self.nodes]]
+
+
+Cursor = tuple[int, str]  # a document key (leaf, name): listing resumes after it
+
+
+def _cursor_wire(cursor: Cursor | None) -> list[Any] | None:
+    return None if cursor is None else [cursor[0], cursor[1]]
+
+
+@dataclass(frozen=True, slots=True)
+class ListRange:
+    """Ask for the responder's vectors of the documents under ``ranges`` (digest-tree nodes)
+    whose key comes after ``after`` (None: from the start)."""
+
+    round: int
+    ranges: tuple[tuple[int, int], ...]
+    after: Cursor | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [
+            Kind.LIST,
+            self.round,
+            [[level, index] for level, index in self.ranges],
+            _cursor_wire(self.after),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing: the vectors of the documents with ``after < key <= end`` in
+    key order; ``end`` None: the listing is complete. ``busy``: the responder is being
+    filled by another peer (or filling one) and lists nothing now."""
 
     round: int
     docs: tuple[DocVector, ...]
-    buckets: tuple[int, ...] = field(default=())
+    end: Cursor | None = None
+    busy: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [Kind.BUCKETS, self.round, [d.to_wire() for d in self.docs], list(self.buckets)]
+        return [
+            Kind.PAGE,
+            self.round,
+            [d.to_wire() for d in self.docs],
+            _cursor_wire(self.end),
+            self.busy,
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +236,7 @@ class Vectors:
         return [Kind.VECTORS, self.query, [d.to_wire() for d in self.docs]]
 
 
-Message = Push | Ack | Digest | Buckets | Sync | Updates | Chunk | Query | Vectors
+Message = Push | Ack | Tree | Nodes | ListRange | Page | Sync | Updates | Chunk | Query | Vectors
 
 
 def encode(msg: Message) -> bytes:
@@ -195,7 +265,7 @@ def _update(value: Any) -> DocUpdate:
     )
 
 
-def _push(v: list[Any]) -> Message:
+def _push(v: list[Any], _max_docs: int) -> Message:
     expect_list(v, 6, 6, "push")
     return Push(
         _doc_name(v[1]),
@@ -206,36 +276,66 @@ def _push(v: list[Any]) -> Message:
     )
 
 
-def _ack(v: list[Any]) -> Message:
+def _ack(v: list[Any], _max_docs: int) -> Message:
     expect_list(v, 4, 4, "ack")
     return Ack(
         expect_uint(v[1], "ack"), expect_bool(v[2], "ok"), expect_bytes(v[3], "sv", MAX_VECTOR)
     )
 
 
-def _digest(v: list[Any]) -> Message:
-    expect_list(v, 3, 3, "digest")
-    buckets = expect_bytes(v[2], "buckets", DIGEST_SIZE)
-    if len(buckets) != DIGEST_SIZE:
-        raise WireError("digest: wrong size")
-    return Digest(expect_uint(v[1], "round"), buckets)
+def _tree_node(value: Any) -> TreeNode:
+    v = expect_list(value, 4, 4, "tree node")
+    level = expect_uint(v[0], "level", LEAF_LEVEL)
+    index = expect_uint(v[1], "index", FANOUT**level - 1)
+    return TreeNode(level, index, expect_uint(v[2], "hash"), expect_uint(v[3], "count"))
 
 
-def _buckets(v: list[Any]) -> Message:
-    expect_list(v, 4, 4, "buckets")
-    docs = expect_list(v[2], 0, MAX_DOCS_PER_MESSAGE, "buckets.docs")
-    indexes = expect_list(v[3], 0, DIGEST_BUCKETS, "buckets.indexes")
-    return Buckets(
+def _tree_nodes(value: Any, what: str) -> tuple[TreeNode, ...]:
+    return tuple(_tree_node(n) for n in expect_list(value, 0, MAX_NODES_PER_MESSAGE, what))
+
+
+def _cursor(value: Any) -> Cursor | None:
+    if value is None:
+        return None
+    v = expect_list(value, 2, 2, "cursor")
+    return expect_uint(v[0], "cursor.leaf", LEAVES - 1), _doc_name(v[1])
+
+
+def _tree(v: list[Any], _max_docs: int) -> Message:
+    expect_list(v, 3, 3, "tree")
+    return Tree(expect_uint(v[1], "round"), _tree_nodes(v[2], "tree.nodes"))
+
+
+def _nodes(v: list[Any], _max_docs: int) -> Message:
+    expect_list(v, 3, 3, "nodes")
+    return Nodes(expect_uint(v[1], "round"), _tree_nodes(v[2], "nodes.nodes"))
+
+
+def _list(v: list[Any], _max_docs: int) -> Message:
+    expect_list(v, 4, 4, "list")
+    ranges = []
+    for item in expect_list(v[2], 0, MAX_RANGES_PER_MESSAGE, "list.ranges"):
+        pair = expect_list(item, 2, 2, "range")
+        level = expect_uint(pair[0], "level", LEAF_LEVEL)
+        ranges.append((level, expect_uint(pair[1], "index", FANOUT**level - 1)))
+    return ListRange(expect_uint(v[1], "round"), tuple(ranges), _cursor(v[3]))
+
+
+def _page(v: list[Any], max_docs: int) -> Message:
+    expect_list(v, 5, 5, "page")
+    docs = expect_list(v[2], 0, max_docs, "page.docs")
+    return Page(
         expect_uint(v[1], "round"),
         tuple(_vector(d) for d in docs),
-        tuple(expect_uint(i, "bucket", DIGEST_BUCKETS - 1) for i in indexes),
+        _cursor(v[3]),
+        expect_bool(v[4], "busy"),
     )
 
 
-def _sync(v: list[Any]) -> Message:
+def _sync(v: list[Any], max_docs: int) -> Message:
     expect_list(v, 4, 4, "sync")
-    updates = expect_list(v[2], 0, MAX_DOCS_PER_MESSAGE, "sync.updates")
-    want = expect_list(v[3], 0, MAX_DOCS_PER_MESSAGE, "sync.want")
+    updates = expect_list(v[2], 0, max_docs, "sync.updates")
+    want = expect_list(v[3], 0, max_docs, "sync.want")
     return Sync(
         expect_uint(v[1], "round"),
         tuple(_update(u) for u in updates),
@@ -243,13 +343,13 @@ def _sync(v: list[Any]) -> Message:
     )
 
 
-def _updates(v: list[Any]) -> Message:
+def _updates(v: list[Any], max_docs: int) -> Message:
     expect_list(v, 3, 3, "updates")
-    updates = expect_list(v[2], 0, MAX_DOCS_PER_MESSAGE, "updates.updates")
+    updates = expect_list(v[2], 0, max_docs, "updates.updates")
     return Updates(expect_uint(v[1], "round"), tuple(_update(u) for u in updates))
 
 
-def _chunk(v: list[Any]) -> Message:
+def _chunk(v: list[Any], _max_docs: int) -> Message:
     expect_list(v, 5, 5, "chunk")
     total = expect_uint(v[3], "total", 1 << 16)
     index = expect_uint(v[2], "index", 1 << 16)
@@ -260,23 +360,25 @@ def _chunk(v: list[Any]) -> Message:
     )
 
 
-def _query(v: list[Any]) -> Message:
+def _query(v: list[Any], _max_docs: int) -> Message:
     expect_list(v, 3, 3, "query")
     docs = expect_list(v[2], 0, 1024, "query.docs")
     return Query(expect_uint(v[1], "query"), tuple(_doc_name(d) for d in docs))
 
 
-def _vectors(v: list[Any]) -> Message:
+def _vectors(v: list[Any], _max_docs: int) -> Message:
     expect_list(v, 3, 3, "vectors")
     docs = expect_list(v[2], 0, 1024, "vectors.docs")
     return Vectors(expect_uint(v[1], "query"), tuple(_vector(d) for d in docs))
 
 
-_DECODERS: Final[dict[int, Callable[[list[Any]], Message]]] = {
+_DECODERS: Final[dict[int, Callable[[list[Any], int], Message]]] = {
     Kind.PUSH: _push,
     Kind.ACK: _ack,
-    Kind.DIGEST: _digest,
-    Kind.BUCKETS: _buckets,
+    Kind.TREE: _tree,
+    Kind.NODES: _nodes,
+    Kind.LIST: _list,
+    Kind.PAGE: _page,
     Kind.SYNC: _sync,
     Kind.UPDATES: _updates,
     Kind.CHUNK: _chunk,
@@ -285,7 +387,8 @@ _DECODERS: Final[dict[int, Callable[[list[Any]], Message]]] = {
 }
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes, max_docs: int = MAX_DOCS_PER_MESSAGE) -> Message:
+    """Decode one message; a list of documents longer than ``max_docs`` is refused."""
     try:
         value = cbor.loads(data)
     except cbor.CodecError as exc:
@@ -295,7 +398,7 @@ def decode(data: bytes) -> Message:
     decoder = _DECODERS.get(value[0])
     if decoder is None:
         raise WireError(f"replication message: unknown type {value[0]}")
-    return decoder(value)
+    return decoder(value, max_docs)
 
 
 def split(payload: bytes, transfer: int, max_frame: int) -> list[bytes]:

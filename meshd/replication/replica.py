@@ -8,7 +8,6 @@ compacted document supersedes its history-laden predecessor.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -16,7 +15,7 @@ from pycrdt import Doc, Map, TransactionEvent
 from pycrdt import get_update as diff_update
 
 from meshd.replication import vectors
-from meshd.replication.messages import DIGEST_BUCKETS
+from meshd.replication.tree import DigestTree, Key, NodeId, leaf_of
 
 # A root map a write touches when it only deleted: deletions do not move the state vector, so
 # without it a peer that missed a delete could not be told apart from one that holds it.
@@ -38,10 +37,6 @@ def check_update(update: bytes) -> bool:
     return True
 
 
-def bucket_of(name: str) -> int:
-    return zlib.crc32(name.encode()) % DIGEST_BUCKETS
-
-
 class Replica:
     """One document. Local writes go through :meth:`write`, which captures the exact delta
     (``Doc.get_update(sv)`` would also carry the whole delete set every time)."""
@@ -50,7 +45,7 @@ class Replica:
         self.name = name
         self.epoch = epoch
         self.doc: Doc[Any] = doc if doc is not None else Doc()
-        self.bucket = bucket_of(name)
+        self.leaf = leaf_of(name)
         self._captured: list[bytes] = []
         self._capturing = False
         # Called with every change the document integrates, local or remote, in order: the
@@ -167,13 +162,13 @@ class Replica:
 
 
 class DocStore:
-    """Every replica this node holds, with per-bucket XOR digests kept up to date."""
+    """Every replica this node holds, with the digest tree kept up to date
+    (:mod:`meshd.replication.tree`)."""
 
     def __init__(self) -> None:
         self._replicas: dict[str, Replica] = {}
-        self._buckets: list[int] = [0] * DIGEST_BUCKETS
-        self._members: list[set[str]] = [set() for _ in range(DIGEST_BUCKETS)]
         self._hashes: dict[str, int] = {}
+        self.tree = DigestTree()
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -190,37 +185,35 @@ class DocStore:
         if old is not None:
             self.remove(old.name)
         self._replicas[replica.name] = replica
-        self._members[replica.bucket].add(replica.name)
-        self.rehash(replica)
+        self._hashes[replica.name] = replica.hash
+        self.tree.insert(replica.leaf, replica.name, replica.hash)
         return old
 
     def remove(self, name: str) -> Replica | None:
         replica = self._replicas.pop(name, None)
         if replica is None:
             return None
-        self._members[replica.bucket].discard(name)
-        self._buckets[replica.bucket] ^= self._hashes.pop(name, 0)
+        self.tree.delete(replica.leaf, name, self._hashes.pop(name, 0))
         replica.close()
         return replica
 
     def rehash(self, replica: Replica) -> None:
-        old = self._hashes.get(replica.name, 0)
-        self._buckets[replica.bucket] ^= old ^ replica.hash
+        old = self._hashes.get(replica.name)
+        if old is None or self._replicas.get(replica.name) is not replica:
+            return
+        self.tree.rehash(replica.leaf, old, replica.hash)
         self._hashes[replica.name] = replica.hash
 
     def digest(self) -> bytes:
-        return b"".join(h.to_bytes(8, "big") for h in self._buckets)
+        """The level-1 hashes (16 × 8 bytes): equal stores, equal digests."""
+        return self.tree.level(1)
 
-    def differing(self, their_digest: bytes) -> list[int]:
-        ours = self._buckets
-        return [
-            i
-            for i in range(DIGEST_BUCKETS)
-            if int.from_bytes(their_digest[i * 8 : i * 8 + 8], "big") != ours[i]
-        ]
+    def node(self, level: int, index: int) -> tuple[int, int]:
+        return self.tree.node(level, index)
 
-    def in_buckets(self, buckets: list[int]) -> list[Replica]:
-        return [self._replicas[name] for b in buckets for name in sorted(self._members[b])]
-
-
-BUCKET_COUNT: Final = DIGEST_BUCKETS
+    def listing(
+        self, nodes: list[NodeId], after: Key | None = None, until: Key | None = None
+    ) -> Iterator[Replica]:
+        """The replicas under ``nodes`` with ``after < key <= until``, in key order."""
+        for _leaf, name in self.tree.keys(nodes, after, until):
+            yield self._replicas[name]

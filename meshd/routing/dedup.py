@@ -12,6 +12,7 @@ the handler ran once and does not run again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +43,15 @@ class DedupWindow:
         self.max_entries = max_entries
         self.max_age = max_age
         self.max_body_bytes = max_body_bytes
-        self._entries: OrderedDict[str, Outcome | InProgress] = OrderedDict()
-        self._bodies: OrderedDict[str, None] = (
+        self._entries: OrderedDict[Hashable, Outcome | InProgress] = OrderedDict()
+        self._bodies: OrderedDict[Hashable, None] = (
             OrderedDict()
         )  # outcomes holding a body, oldest first
         self.body_bytes = 0
         self.duplicates = 0
         self.bodies_dropped = 0
 
-    def begin(self, msg_id: str, now: float) -> Outcome | InProgress | None:
+    def begin(self, msg_id: Hashable, now: float) -> Outcome | InProgress | None:
         """None: a new message, go ahead (it is now in progress). Otherwise a duplicate:
         what is known about the first delivery."""
         self._expire(now)
@@ -63,7 +64,7 @@ class DedupWindow:
             self._pop_first()
         return None
 
-    def finish(self, msg_id: str, ok: bool, payload: Any, now: float, size: int) -> None:
+    def finish(self, msg_id: Hashable, ok: bool, payload: Any, now: float, size: int) -> None:
         if msg_id not in self._entries:
             return
         self._drop_body(msg_id)
@@ -81,12 +82,12 @@ class DedupWindow:
                 self._drop_body(oldest, let_go=True)
         self._entries.move_to_end(msg_id)
 
-    def forget(self, msg_id: str) -> None:
+    def forget(self, msg_id: Hashable) -> None:
         """The attempt failed before the handler ran: a retry may run it."""
         self._drop_body(msg_id)
         self._entries.pop(msg_id, None)
 
-    def _drop_body(self, msg_id: str, *, let_go: bool = False) -> None:
+    def _drop_body(self, msg_id: Hashable, *, let_go: bool = False) -> None:
         """Stop holding the body of ``msg_id``'s outcome, if it holds one; ``let_go``: to
         make room (a retry is then told that the reply is gone)."""
         if msg_id not in self._bodies:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from meshd.registry.model import Entry
+from meshd.wire.membership import Status
 
 
 class EventSink(Protocol):
@@ -46,3 +47,30 @@ class AgentHost(Protocol):
     def deactivate(self, name: str, reason: str) -> bool:
         """Ask the local agent ``name`` to stop (``minority``, ``drain``, ``rebalance``);
         False if it is not served here."""
+
+
+class Wire(Protocol):
+    """The routing links to other daemons, as the routing core sees them (PeerLinks)."""
+
+    def send(self, peer: str, frame: bytes) -> bool:
+        """Queue one frame for ``peer`` without blocking; False if it was dropped."""
+
+    def connected(self, peer: str) -> bool:
+        """Is a connection to ``peer`` established right now?"""
+
+
+class Directory(Protocol):
+    """Where agents run, as the routing core sees the registry."""
+
+    def lookup(self, name: str) -> Entry | None:
+        """The live entry of ``name``."""
+
+    def last_known(self, name: str) -> Entry | None:
+        """The entry ``name`` would have if its host were up (None if it has none)."""
+
+
+class Members(Protocol):
+    """Membership, as the routing core sees it."""
+
+    def peek(self, name: str) -> tuple[Status, dict[str, str], float] | None:
+        """``name``'s status, tags and the time of its last status change."""

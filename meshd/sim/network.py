@@ -6,6 +6,9 @@ or two-way, and nodes can crash (the host goes silent), be killed (the host answ
 reset), be paused (SIGSTOP: packets queue up, timers stall) and restart. One seed makes a run
 reproducible: a single event heap orders everything, ties broken by insertion order.
 
+Other layers run on the same clock and event heap through :meth:`SimNetwork.call_at`
+(:mod:`meshd.sim.routing` carries ROUTING frames between routing cores this way).
+
 Time advances through ``trio.sleep_until``, so under ``trio.testing.MockClock`` with
 ``autojump_threshold=0`` a simulated hour passes in however long the computation takes.
 """
@@ -201,7 +204,7 @@ class SimNetwork:
 
     def at(self, when: float, fn: Callable[[], None]) -> None:
         """Call ``fn`` at virtual time ``when`` (fault schedules: duty cycles, heals)."""
-        self._push(max(when, self.now), _CALL, fn)
+        self.call_at(when, lambda _now: fn())
 
     def starve(
         self, name: str, *, stop: float, run: float, jitter: float = 0.0, until: float = math.inf
@@ -230,6 +233,16 @@ class SimNetwork:
         self.at(self.now, pause)
 
     # ------------------------------------------------------------------ event loop
+
+    def call_at(self, when: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(now)`` at virtual time ``when`` (not before now), in the event order:
+        other layers (routing) put their frames and deadlines on the same clock."""
+        self._push(max(when, self.now), _CALL, fn)
+
+    def tcp_leg(self, src: str, dst: str) -> float | None:
+        """One-way delay of a segment on a TCP connection from ``src`` to ``dst`` (loss
+        costs retransmissions), or None if it cannot get through."""
+        return self._tcp_leg(src, dst)
 
     def _push(self, when: float, kind: int, payload: Any) -> None:
         self._seq += 1
@@ -381,7 +394,7 @@ class SimNetwork:
                 # The result waits for the process to run again, as a socket's data does.
                 node.streams_done.append((token, reply, failure))
         elif kind == _CALL:
-            payload()
+            payload(now)
 
     # ------------------------------------------------------------------ observations
 

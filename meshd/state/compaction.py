@@ -256,6 +256,11 @@ class Compactor:
         self.prefix = prefix
         self.stats = CompactionStats()
         self.last_change: dict[str, float] = {}
+        # Documents changed since they were last examined: a check looks at these only, so
+        # its cost follows the changes, not the number of documents. Seeded once with every
+        # document (those read back from the store at start).
+        self._dirty: set[str] = set()
+        self._seeded = False
         self._check: _Check | None = None
         self._next_check = 0.0
 
@@ -263,23 +268,37 @@ class Compactor:
         if event.name.startswith(self.prefix):
             if event.kind == "dropped":
                 self.last_change.pop(event.name, None)
+                self._dirty.discard(event.name)
             else:
                 self.last_change[event.name] = now
+                self._dirty.add(event.name)
+
+    @property
+    def pending(self) -> int:
+        """Documents waiting to be examined (changed since they last were)."""
+        return len(self._dirty)
 
     def candidates(self, now: float) -> list[Replica]:
+        """The changed documents that are quiet, large and mostly history. Examined documents
+        that are not candidates are forgotten until they change again; candidates stay until
+        a compaction replaces them."""
         t = self.tuning
+        if not self._seeded:
+            self._seeded = True
+            self._dirty.update(r.name for r in self.docs.store if r.name.startswith(self.prefix))
         out = []
-        for replica in self.docs.store:
-            if not replica.name.startswith(self.prefix):
+        for name in sorted(self._dirty):
+            replica = self.docs.store.get(name)
+            if replica is None:
+                self._dirty.discard(name)
                 continue
-            if now - self.last_change.get(replica.name, 0.0) < t.quiet:
+            if now - self.last_change.get(name, 0.0) < t.quiet:
                 continue
             size = replica.encoded_size()
-            if size < t.min_bytes:
-                continue
-            fresh = len(fresh_copy(replica).get_update())
-            if size >= t.ratio * fresh:
+            if size >= t.min_bytes and size >= t.ratio * len(fresh_copy(replica).get_update()):
                 out.append(replica)
+            else:
+                self._dirty.discard(name)
         return out
 
     def tick(self, now: float) -> None:

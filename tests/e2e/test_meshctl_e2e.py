@@ -97,7 +97,13 @@ async def info_shows_versions_uptime_and_store(n1: Daemon, root: Path) -> None:
     info = json.loads(out)
     assert info["node"] == "n1"
     assert info["version"] == "0.1.0"
-    assert info["protocols"] == {"gossip": 1, "streams": 1, "api": [1], "api_session": 1}
+    assert info["protocols"] == {
+        "gossip": 1,
+        "streams": 1,
+        "replication": 2,
+        "api": [1],
+        "api_session": 1,
+    }
     assert 0 < info["uptime_s"] < 600
     store = info["store"]
     assert store["enabled"] is True and store["healthy"] is True

@@ -540,3 +540,24 @@ def test_compaction_keeps_counts_texts_and_once_keys_across_epochs() -> None:
     assert isinstance(
         values.to_plain(two.doc.get(values.ROOT, type=Map), marked=True)["t"], values.TextStr
     )
+
+
+def test_a_check_examines_only_documents_changed_since_the_last_one() -> None:
+    cluster = Cluster("a")
+    core = cluster.net["a"]
+    for i in range(50):
+        change(core, 0.0, f"state/small-{i}", [setk("k", i)])
+    cluster.net.collect()
+    compactor = cluster["a"]
+    assert compactor.pending == 50
+    assert compactor.candidates(100.0) == []
+    assert compactor.pending == 0  # examined: none is worth it, none is looked at again
+    cluster.net.now = 200.0  # the time the compactor hears of the changes
+    churn(core, 200.0)
+    change(core, 200.0, DOC, [setk("kept", 1)])
+    cluster.net.collect()
+    assert compactor.pending == 1
+    assert compactor.candidates(210.0) == []  # not quiet yet: still pending
+    assert compactor.pending == 1
+    assert compactor.candidates(231.0) == [cluster.replica("a")]
+    assert compactor.pending == 1  # a candidate stays until compacted

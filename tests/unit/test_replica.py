@@ -1,4 +1,4 @@
-"""Replicas (write/apply/missing_for) and the DocStore's bucketed digests."""
+"""Replicas (write/apply/missing_for) and the DocStore's digest tree."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pycrdt import Array, Doc, Map, Text, merge_updates
 from replication_helpers import content, edit, vector
 
 from meshd.replication import vectors
-from meshd.replication.messages import DIGEST_BUCKETS, DIGEST_SIZE
-from meshd.replication.replica import DocStore, Replica, UpdateRejected, bucket_of
+from meshd.replication.replica import DocStore, Replica, UpdateRejected
+from meshd.replication.tree import FANOUT, LEAF_LEVEL, LEAVES, leaf_of, span
 
 
 def root(doc: Doc[Any]) -> Map[Any]:
@@ -308,14 +308,38 @@ def from_scratch(store: DocStore) -> DocStore:
     return fresh
 
 
+DIGEST_SIZE = FANOUT * 8
+
+
+def differing_leaves(a: DocStore, b: DocStore) -> list[int]:
+    """Descend both trees where they differ, down to the leaves (what a round does)."""
+    frontier = [(0, 0)]
+    leaves = []
+    while frontier:
+        level, index = frontier.pop()
+        if a.node(level, index) == b.node(level, index):
+            continue
+        if level == LEAF_LEVEL:
+            leaves.append(index)
+        else:
+            frontier.extend((level + 1, index * FANOUT + i) for i in range(FANOUT))
+    return sorted(leaves)
+
+
 def test_digest_shape_and_empty_store() -> None:
     store = DocStore()
     assert store.digest() == bytes(DIGEST_SIZE)
     assert len(store) == 0
-    assert store.differing(bytes(DIGEST_SIZE)) == []
-    store.add(Replica("state/a", 0))
+    assert store.node(0, 0) == (0, 0)
+    replica = Replica("state/a", 0)
+    store.add(replica)
     assert len(store.digest()) == DIGEST_SIZE
-    assert store.differing(bytes(DIGEST_SIZE)) == [bucket_of("state/a")]
+    leaf = leaf_of("state/a")
+    # Every node on the path from the root to the leaf counts it and carries its hash.
+    for level in range(LEAF_LEVEL + 1):
+        index = leaf >> (4 * (LEAF_LEVEL - level))
+        assert store.node(level, index) == (replica.hash, 1)
+    assert differing_leaves(store, DocStore()) == [leaf]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -329,10 +353,10 @@ def test_equal_stores_have_equal_digests(seed: int) -> None:
         assert replica.vector == other.vector
         assert content(replica) == content(other)
     assert a.digest() == b.digest()
-    assert a.differing(b.digest()) == []
+    assert differing_leaves(a, b) == []
 
 
-def test_one_change_makes_exactly_one_bucket_differ() -> None:
+def test_one_change_makes_exactly_one_leaf_differ() -> None:
     world = build_world(7)
     a, b = store_from(world, 1), store_from(world, 2)
     name = "state/doc-13"
@@ -340,16 +364,18 @@ def test_one_change_makes_exactly_one_bucket_differ() -> None:
     assert replica is not None
     replica.write(put(extra=1))
     b.rehash(replica)
-    assert a.differing(b.digest()) == [bucket_of(name)]
-    assert b.differing(a.digest()) == [bucket_of(name)]
-    assert name in {r.name for r in a.in_buckets(a.differing(b.digest()))}
+    assert differing_leaves(a, b) == [leaf_of(name)]
+    assert differing_leaves(b, a) == [leaf_of(name)]
+    assert name in {r.name for r in a.listing([(LEAF_LEVEL, leaf_of(name))])}
+    assert a.node(0, 0)[1] == b.node(0, 0)[1] == len(a)  # counts agree, hashes do not
+    assert a.node(0, 0)[0] != b.node(0, 0)[0]
 
 
-def test_a_different_epoch_makes_its_bucket_differ() -> None:
+def test_a_different_epoch_makes_its_leaf_differ() -> None:
     world = build_world(8)
     a = store_from(world, 1)
     b = store_from(world, 1, epochs={"state/doc-3": 1})
-    assert a.differing(b.digest()) == [bucket_of("state/doc-3")]
+    assert differing_leaves(a, b) == [leaf_of("state/doc-3")]
 
 
 def test_remove_add_and_rehash_keep_the_digest_consistent() -> None:
@@ -384,7 +410,9 @@ def test_remove_add_and_rehash_keep_the_digest_consistent() -> None:
             newer = Replica(name, (old.epoch if old else 0) + 1)
             newer.write(put(fresh=step))
             assert store.add(newer) is old
-        assert store.digest() == from_scratch(store).digest(), (step, action)
+        scratch = from_scratch(store)
+        assert store.digest() == scratch.digest(), (step, action)
+        assert differing_leaves(store, scratch) == [], (step, action)
     assert len(store) == len(from_scratch(store))
 
 
@@ -397,20 +425,36 @@ def test_rehash_is_idempotent_and_unchanged_replicas_leave_digest_alone() -> Non
     assert store.digest() == digest
 
 
-def test_in_buckets_lists_every_document_of_the_buckets_in_name_order() -> None:
-    store = store_from(build_world(2), 1)
-    buckets = sorted({bucket_of(n) for n in NAMES})[:5]
-    listed = store.in_buckets(buckets)
-    assert {r.name for r in listed} == {n for n in NAMES if bucket_of(n) in buckets}
-    for b in buckets:
-        names = [r.name for r in listed if r.bucket == b]
-        assert names == sorted(names)
+def test_listing_is_in_key_order_within_the_ranges_and_resumes_after_a_key() -> None:
+    store = DocStore()
+    names = [f"state/d{i}" for i in range(3000)]
+    for name in names:
+        store.add(Replica(name, 0))
+    ranges = [(1, 3), (2, 0x91), (3, 0x222)]  # disjoint subtrees
+    spans = [span(level, index) for level, index in ranges]
+    listed = [(r.leaf, r.name) for r in store.listing(ranges)]
+    assert listed == sorted(listed)
+    expected = {n for n in names if any(a <= leaf_of(n) < b for a, b in spans)}
+    assert {name for _, name in listed} == expected
+    # Resuming after any key lists exactly what follows it; an upper bound stops early.
+    for cut in (0, 1, len(listed) // 2, len(listed) - 1):
+        after = listed[cut]
+        assert [(r.leaf, r.name) for r in store.listing(ranges, after)] == listed[cut + 1 :]
+        assert [(r.leaf, r.name) for r in store.listing(ranges, None, after)] == listed[: cut + 1]
 
 
-def test_bucket_of_is_stable_and_in_range() -> None:
-    assert all(0 <= bucket_of(n) < DIGEST_BUCKETS for n in NAMES)
-    assert bucket_of("state/a") == bucket_of("state/a")
-    assert len({bucket_of(f"state/{i}") for i in range(2000)}) == DIGEST_BUCKETS
+def test_counts_follow_adds_and_removes_and_leaves_are_spread() -> None:
+    store = DocStore()
+    for i in range(500):
+        store.add(Replica(f"state/{i}", 0))
+    assert store.node(0, 0)[1] == 500
+    assert sum(store.node(1, i)[1] for i in range(FANOUT)) == 500
+    for i in range(0, 500, 2):
+        store.remove(f"state/{i}")
+    assert store.node(0, 0)[1] == 250
+    assert sum(store.node(1, i)[1] for i in range(FANOUT)) == 250
+    assert all(0 <= leaf_of(f"state/{i}") < LEAVES for i in range(2000))
+    assert len({leaf_of(f"state/{i}") >> 12 for i in range(2000)}) == FANOUT
 
 
 def test_state_vector_encoding_does_not_depend_on_arrival_order() -> None:

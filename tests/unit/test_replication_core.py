@@ -15,10 +15,10 @@ import pytest
 from pycrdt import Doc, Map
 from replication_helpers import Net, change, content, tuning, vector
 
-from meshd.replication import core as core_module
 from meshd.replication.core import (
     DocEvent,
     Persist,
+    RepairStalled,
     Replicator,
     Send,
     VectorReport,
@@ -26,14 +26,17 @@ from meshd.replication.core import (
 )
 from meshd.replication.messages import (
     Ack,
-    Buckets,
-    Digest,
     DocUpdate,
     DocVector,
+    ListRange,
     Message,
+    Nodes,
+    Page,
     Push,
     Query,
     Sync,
+    Tree,
+    TreeNode,
     Updates,
     Vectors,
 )
@@ -218,17 +221,22 @@ def test_a_delete_is_pushed_and_forwarded_like_any_write() -> None:
 # ---------------------------------------------------------------------- anti-entropy
 
 
-def test_round_with_nothing_to_repair_costs_a_digest_and_an_empty_reply() -> None:
+def test_round_with_nothing_to_repair_costs_the_level_one_nodes_and_an_empty_reply() -> None:
+    from meshd.replication import messages
+
     net = net_of("a", "b")
-    change(net["a"], 0.0, DOC, setk("k", 1))
+    for i in range(300):
+        change(net["a"], 0.0, f"state/d{i}", setk("k", i))
     net.run(0.01)
     net.delivered.clear()
     net.sync("a", "b")
-    assert kinds_sent(net) == ["Digest", "Buckets"]
-    buckets = net.delivered[1].message
-    assert isinstance(buckets, Buckets)
-    assert buckets.docs == ()
-    assert buckets.buckets == ()
+    assert kinds_sent(net) == ["Tree", "Nodes"]
+    tree, nodes = (d.message for d in net.delivered)
+    assert isinstance(tree, Tree)
+    assert [(n.level, n.index) for n in tree.nodes] == [(1, i) for i in range(16)]
+    assert isinstance(nodes, Nodes)
+    assert nodes.nodes == ()
+    assert len(messages.encode(tree)) + len(messages.encode(nodes)) < 400
     assert net["a"].stats.rounds_completed == 1
 
 
@@ -241,7 +249,8 @@ def test_anti_entropy_repairs_a_lost_push() -> None:
     net.run(0.01)
     assert net["b"].store.get(DOC) is None
     net.sync("a", "b")  # the writer initiates: it sends what b lacks in SYNC
-    assert kinds_sent(net) == ["Digest", "Buckets", "Sync"]  # nothing wanted: no UPDATES
+    # nothing wanted: no UPDATES
+    assert kinds_sent(net) == ["Tree", "Nodes", "ListRange", "Page", "Sync"]
     assert same(net, DOC, "a", "b")
     assert net["b"].stats.repair_updates_received == 1
     assert net["a"].stats.rounds_completed == 1
@@ -287,7 +296,7 @@ def test_a_doc_only_the_responder_has() -> None:
     net.run(0.01)
     net.drop = None
     net.sync("b", "a")  # b lacks the document: it asks for it
-    assert kinds_sent(net) == ["Digest", "Buckets", "Sync", "Updates"]
+    assert kinds_sent(net) == ["Tree", "Nodes", "ListRange", "Page", "Sync", "Updates"]
     sync = net.sent(Sync)[0].message
     assert isinstance(sync, Sync)
     assert sync.updates == ()
@@ -308,7 +317,7 @@ def test_two_way_repair_in_one_round() -> None:
     net.run(0.01)
     net.delivered.clear()
     net.sync("a", "b")
-    assert kinds_sent(net) == ["Digest", "Buckets", "Sync", "Updates"]
+    assert kinds_sent(net) == ["Tree", "Nodes", "ListRange", "Page", "Sync", "Updates"]
     for name in (DOC, "state/only-a", "state/only-b"):
         assert same(net, name, "a", "b"), name
     assert content(net["a"].store.get(DOC)) == {"shared": 0, "from_a": 1, "from_b": 2}
@@ -343,12 +352,22 @@ def test_periodic_rounds_repair_without_being_asked() -> None:
     assert all(7 <= s <= 14 for s in started), started
 
 
-def test_unanswered_rounds_time_out() -> None:
-    net = net_of("a", "b", anti_entropy_interval=1.0, round_timeout=3.0)
-    net.nodes.pop("b")  # b never answers
-    net.run(10.0)
-    assert net["a"].stats.rounds_started >= 7
-    assert len(net["a"]._rounds) <= 4  # the ones younger than the timeout
+def test_unanswered_rounds_time_out_and_back_off_logged_once() -> None:
+    net = net_of("a", "b", anti_entropy_interval=1.0, round_timeout=3.0, repair_backoff_max=16.0)
+    b = net.nodes.pop("b")  # b never answers (or refuses every message)
+    net.run(120.0)
+    a = net["a"]
+    # Without backoff a round would start every ~4 s (one at a time, 3 s timeout): 30.
+    assert 5 <= a.stats.rounds_started <= 12, a.stats.rounds_started
+    assert a.stats.rounds_failed >= a.stats.rounds_started - 1
+    assert len(a._rounds) <= 1  # one round of its own at a time
+    stalled = [o for o in net.outputs["a"] if isinstance(o, RepairStalled)]
+    assert stalled == [RepairStalled("b", 2.0)]  # said once, not per failed round
+    # b answers again: the next round completes and the backoff is forgotten.
+    net.nodes["b"] = b
+    net.run(40.0)
+    assert a.stats.rounds_completed >= 1
+    assert "b" not in a._backoff
 
 
 def test_request_sync_is_rate_limited_and_only_for_peers() -> None:
@@ -484,20 +503,19 @@ def test_accept_policy_also_guards_new_epochs() -> None:
 # ---------------------------------------------------------------------- budget
 
 
-def test_sync_messages_respect_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "MAX_SYNC_BYTES", 2000)
-    net = net_of("a", "b")
+@pytest.mark.parametrize("initiator", ["a", "b"])
+def test_sync_messages_respect_the_budget_and_one_round_pages_through(initiator: str) -> None:
+    net = net_of("a", "b", page_bytes=2000)
     net.drop = drop_kind(Push)
     for i in range(12):
         change(net["a"], 0.0, f"state/d{i}", setk("blob", "x" * 500))
     net.run(0.01)
     net.drop = None
-    rounds = 0
-    while net["a"].store.digest() != net["b"].store.digest():
-        rounds += 1
-        assert rounds <= 12
-        net.sync("a" if rounds % 2 else "b", "b" if rounds % 2 else "a")
-    assert rounds >= 3  # 12 × ~520 bytes do not fit in one 2,000-byte message
+    net.sync(initiator, "b" if initiator == "a" else "a")
+    assert net["a"].store.digest() == net["b"].store.digest()
+    assert net[initiator].stats.rounds_completed == 1
+    # 12 × ~520 bytes do not fit in one 2,000-byte message: several, in one round.
+    assert len(net.sent(Sync if initiator == "a" else Updates)) >= 3
     for d in net.delivered:
         if isinstance(d.message, Sync | Updates):
             assert sum(len(u.update) for u in d.message.updates) <= 2000
@@ -505,9 +523,8 @@ def test_sync_messages_respect_the_budget(monkeypatch: pytest.MonkeyPatch) -> No
         assert same(net, f"state/d{i}", "a", "b")
 
 
-def test_a_document_larger_than_the_budget_still_travels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "MAX_SYNC_BYTES", 1000)
-    net = net_of("a", "b")
+def test_a_document_larger_than_the_budget_still_travels() -> None:
+    net = net_of("a", "b", page_bytes=1000)
     net.drop = drop_kind(Push)
     change(net["a"], 0.0, "state/big", setk("blob", "x" * 5000))
     change(net["a"], 0.0, "state/small", setk("k", 1))
@@ -683,9 +700,9 @@ def test_acks_for_unknown_writes_or_from_strangers_are_ignored() -> None:
 # ---------------------------------------------------------------------- rounds
 
 
-def test_buckets_for_an_unknown_round_are_rejected() -> None:
+def test_a_page_for_an_unknown_round_is_rejected() -> None:
     net = net_of("a", "b")
-    net.inject("b", "a", Buckets(424242, (DocVector(DOC, 0, b"\x00"),), (1,)))
+    net.inject("b", "a", Page(424242, (DocVector(DOC, 0, b"\x00"),)))
     assert net["a"].stats.rejected == {"unexpected_round": 1}
     assert net.hold() == []
 
@@ -700,10 +717,10 @@ def test_round_messages_from_the_wrong_peer_are_rejected() -> None:
     digest = held_messages(net)
     assert len(digest) == 1
     _, _, message = digest[0]
-    assert isinstance(message, Digest)
+    assert isinstance(message, Tree)
     round_id = message.round
     # c answers a round a started with b: refused, and the round stays open for b.
-    net.inject("c", "a", Buckets(round_id, (), ()))
+    net.inject("c", "a", Nodes(round_id, ()))
     net.inject("c", "a", Updates(round_id, (DocUpdate(DOC, 0, b"\x00\x00"),)))
     assert net["a"].stats.rejected == {"unexpected_round": 2}
     net.inject("a", "b", message)
@@ -823,9 +840,14 @@ def test_bad_vectors_are_counted() -> None:
     assert net["a"].stats.rejected == {"bad_vector": 1}
     net.hold()  # a's (empty) answer
     net["a"].sync_with(net.now, "b")
-    ((_, _, digest),) = held_messages(net)
-    assert isinstance(digest, Digest)
-    net.inject("b", "a", Buckets(digest.round, (DocVector(DOC, 0, b"\x01"),), tuple(range(256))))
+    ((_, _, tree),) = held_messages(net)
+    assert isinstance(tree, Tree)
+    # b claims every level-1 node differs and holds one document: a lists them all.
+    net.inject("b", "a", Nodes(tree.round, tuple(TreeNode(1, i, 7, 1) for i in range(16))))
+    ((_, _, listing),) = held_messages(net)
+    assert isinstance(listing, ListRange)
+    assert listing.ranges == tuple((1, i) for i in range(16))
+    net.inject("b", "a", Page(tree.round, (DocVector(DOC, 0, b"\x01"),)))
     assert net["a"].stats.rejected == {"bad_vector": 2}
 
 
@@ -891,7 +913,7 @@ def test_next_deadline_and_tick() -> None:
     a.tick(a.next_deadline())
     out = a.take_outputs()
     assert len(out) == 1
-    assert isinstance(out[0].message, Digest)  # type: ignore[union-attr]
+    assert isinstance(out[0].message, Tree)  # type: ignore[union-attr]
     assert a.peers == ["b"]
     a.set_peers(["a", "b", "b", "c"])  # itself and duplicates are ignored
     assert a.peers == ["b", "c"]
@@ -1002,3 +1024,65 @@ def test_load_installs_a_stored_document_without_persisting_or_pushing_it() -> N
     # Changes after the load are journaled.
     change(core, 0.0, DOC, setk("c", 3))
     assert any(isinstance(o, Persist) and o.update for o in core.take_outputs())
+
+
+# ---------------------------------------------------------------------- membership first
+
+
+def test_work_stops_when_the_time_slice_is_spent() -> None:
+    net = net_of("a", "b")
+    for i in range(20):
+        change(net["a"], 0.0, f"state/d{i}", setk("k", i))
+    net.hold()  # pushes lost
+    b = net["b"]
+    b.handle(net.now, "a", Sync(1, tuple(_full(net["a"], f"state/d{i}") for i in range(20)), ()))
+    calls = 0
+
+    def spent() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls % 3 == 0  # every third update uses the slice up
+
+    steps = 0
+    while b.pending_work():
+        b.work(net.now, spent)
+        steps += 1
+    assert steps == 7  # ⌈20 / 3⌉: the caller yields between them
+    assert len(b.store) == 20
+
+
+def _full(core: Replicator, name: str) -> DocUpdate:
+    replica = core.store.get(name)
+    assert replica is not None
+    return DocUpdate(name, replica.epoch, replica.full_update())
+
+
+def test_a_dropped_frame_is_counted_and_its_peer_repaired_first() -> None:
+    net = net_of("a", "b", "c", "d", anti_entropy_interval=1.0)
+    net.run(5.0)
+    for _ in range(5):
+        net["a"].frame_dropped(net.now, "c")
+        assert net["a"].stats.frames_dropped >= 1
+        before = {p: net.sent(Tree, "a") for p in "bcd"}
+        net.run(1.3)  # the next tick
+        trees = [d for d in net.sent(Tree, "a") if d not in before["b"]]
+        assert trees and trees[0].dst == "c"
+    assert net["a"].stats.frames_dropped == 5
+    # A round of a's with c under way when a frame to c is dropped is abandoned at once.
+    net["a"].sync_with(net.now, "c")
+    net.hold()
+    assert net["a"]._rounds
+    net["a"].frame_dropped(net.now, "c")
+    assert net["a"]._rounds == {}
+    assert net["a"].stats.rounds_failed == 0
+
+
+def test_a_round_gone_quiet_does_not_hold_back_rounds_with_others() -> None:
+    net = net_of("a", "b", "c", anti_entropy_interval=1.0, round_timeout=30.0)
+    b = net.nodes.pop("b")  # b restarts: what a sent it is lost
+    net["a"].sync_with(net.now, "b")
+    net.run(5.0)
+    # Well within the round timeout, a went on with c (and never two rounds with b).
+    assert net.sent(Nodes, "c")
+    assert [r.peer for r in net["a"]._rounds.values()].count("b") <= 1
+    net.nodes["b"] = b

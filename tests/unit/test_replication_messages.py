@@ -17,27 +17,31 @@ from meshd.replication import messages
 from meshd.replication.core import Replicator
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.messages import (
-    DIGEST_BUCKETS,
-    DIGEST_SIZE,
     MAX_DOC_NAME,
     MAX_DOCS_PER_MESSAGE,
     MAX_HOPS,
+    MAX_NODES_PER_MESSAGE,
+    MAX_RANGES_PER_MESSAGE,
     MAX_VECTOR,
     Ack,
-    Buckets,
     Chunk,
-    Digest,
     DocUpdate,
     DocVector,
     Kind,
+    ListRange,
     Message,
+    Nodes,
+    Page,
     Push,
     Query,
     Reassembler,
     Sync,
+    Tree,
+    TreeNode,
     Updates,
     Vectors,
 )
+from meshd.replication.tree import LEAVES
 from meshd.wire.validate import WireError
 from meshd_client.protocol import cbor
 
@@ -50,10 +54,15 @@ SAMPLES: list[Message] = [
     Push("é/ü 字", 1, b""),
     Ack(5, True, SV),
     Ack(6, False),
-    Digest(0, bytes(DIGEST_SIZE)),
-    Digest(2**31 - 1, bytes(range(256)) * 8),
-    Buckets(1, ()),
-    Buckets(2, (DocVector("state/a", 0, SV), DocVector("reg/b", 9, b"\x00")), (0, 17, 255)),
+    Tree(0, ()),
+    Tree(2**31 - 1, (TreeNode(0, 0, 2**64 - 1, 5), TreeNode(4, 65535, 1, 0))),
+    Nodes(1, ()),
+    Nodes(2, (TreeNode(1, 15, 7, 2**32),)),
+    ListRange(3, ()),
+    ListRange(4, ((1, 0), (4, 65535)), (LEAVES - 1, "state/z")),
+    Page(5, ()),
+    Page(6, (DocVector("state/a", 0, SV), DocVector("reg/b", 9, b"\x00")), (17, "reg/b")),
+    Page(7, (), None, busy=True),
     Sync(3, (), ()),
     Sync(
         4,
@@ -90,15 +99,27 @@ UINT = st.integers(min_value=0, max_value=2**64 - 1)
 BLOB = st.binary(max_size=64)
 VECTORS = st.builds(DocVector, NAMES, UINT, BLOB)
 UPDATES = st.builds(DocUpdate, NAMES, UINT, BLOB)
+NODE_IDS = st.integers(0, 4).flatmap(lambda lv: st.tuples(st.just(lv), st.integers(0, 16**lv - 1)))
+TREE_NODES = NODE_IDS.flatmap(
+    lambda n: st.builds(TreeNode, st.just(n[0]), st.just(n[1]), UINT, UINT)
+)
 MESSAGES = st.one_of(
     st.builds(Push, NAMES, UINT, BLOB, UINT, st.integers(0, MAX_HOPS)),
     st.builds(Ack, UINT, st.booleans(), BLOB),
-    st.builds(Digest, UINT, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)),
+    st.builds(Tree, UINT, st.lists(TREE_NODES, max_size=5).map(tuple)),
+    st.builds(Nodes, UINT, st.lists(TREE_NODES, max_size=5).map(tuple)),
     st.builds(
-        Buckets,
+        ListRange,
+        UINT,
+        st.lists(NODE_IDS, max_size=5).map(tuple),
+        st.none() | st.tuples(st.integers(0, LEAVES - 1), NAMES),
+    ),
+    st.builds(
+        Page,
         UINT,
         st.lists(VECTORS, max_size=5).map(tuple),
-        st.lists(st.integers(0, DIGEST_BUCKETS - 1), max_size=5).map(tuple),
+        st.none() | st.tuples(st.integers(0, LEAVES - 1), NAMES),
+        st.booleans(),
     ),
     st.builds(
         Sync,
@@ -170,20 +191,27 @@ BAD: dict[str, bytes] = {
     "ack sv string": raw(Kind.ACK, 1, True, "sv"),
     "ack sv too long": raw(Kind.ACK, 1, True, bytes(MAX_VECTOR + 1)),
     "ack too short": raw(Kind.ACK, 1, True),
-    "digest too short": raw(Kind.DIGEST, 1, bytes(DIGEST_SIZE - 1)),
-    "digest too long": raw(Kind.DIGEST, 1, bytes(DIGEST_SIZE + 1)),
-    "digest empty": raw(Kind.DIGEST, 1, b""),
-    "digest of 8 bytes": raw(Kind.DIGEST, 1, bytes(8)),
-    "digest round string": raw(Kind.DIGEST, "1", bytes(DIGEST_SIZE)),
-    "buckets docs not a list": raw(Kind.BUCKETS, 1, {"a": 1}, []),
-    "buckets vector too short": raw(Kind.BUCKETS, 1, [["state/a", 0]], []),
-    "buckets vector too long": raw(Kind.BUCKETS, 1, [["state/a", 0, SV, 1]], []),
-    "buckets vector bad name": raw(Kind.BUCKETS, 1, [["", 0, SV]], []),
-    "buckets vector sv too long": raw(Kind.BUCKETS, 1, [["a", 0, bytes(MAX_VECTOR + 1)]], []),
-    "bucket index 256": raw(Kind.BUCKETS, 1, [], [DIGEST_BUCKETS]),
-    "bucket index negative": raw(Kind.BUCKETS, 1, [], [-1]),
-    "too many bucket indexes": raw(Kind.BUCKETS, 1, [], [0] * (DIGEST_BUCKETS + 1)),
-    "too many docs": raw(Kind.BUCKETS, 1, [["a", 0, b""]] * (MAX_DOCS_PER_MESSAGE + 1), []),
+    "version 1 digest": raw(3, 1, bytes(2048)),
+    "version 1 buckets": raw(4, 1, [], []),
+    "tree nodes not a list": raw(Kind.TREE, 1, {"a": 1}),
+    "tree node too short": raw(Kind.TREE, 1, [[1, 0, 5]]),
+    "tree node level 5": raw(Kind.TREE, 1, [[5, 0, 5, 1]]),
+    "tree node index beyond its level": raw(Kind.TREE, 1, [[1, 16, 5, 1]]),
+    "tree node hash too large": raw(Kind.TREE, 1, [[1, 0, 2**64, 1]]),
+    "tree node negative count": raw(Kind.NODES, 1, [[1, 0, 5, -1]]),
+    "too many tree nodes": raw(Kind.NODES, 1, [[1, 0, 5, 1]] * (MAX_NODES_PER_MESSAGE + 1)),
+    "list range wrong arity": raw(Kind.LIST, 1, [[1]], None),
+    "list range index beyond its level": raw(Kind.LIST, 1, [[2, 256]], None),
+    "too many ranges": raw(Kind.LIST, 1, [[0, 0]] * (MAX_RANGES_PER_MESSAGE + 1), None),
+    "list cursor leaf too large": raw(Kind.LIST, 1, [], [LEAVES, "a"]),
+    "list cursor bad name": raw(Kind.LIST, 1, [], [1, ""]),
+    "list cursor not a pair": raw(Kind.LIST, 1, [], 5),
+    "page vector too short": raw(Kind.PAGE, 1, [["state/a", 0]], None, False),
+    "page vector bad name": raw(Kind.PAGE, 1, [["", 0, SV]], None, False),
+    "page sv too long": raw(Kind.PAGE, 1, [["a", 0, bytes(MAX_VECTOR + 1)]], None, False),
+    "page busy not bool": raw(Kind.PAGE, 1, [], None, 1),
+    "page too short": raw(Kind.PAGE, 1, [], None),
+    "too many docs": raw(Kind.PAGE, 1, [["a", 0, b""]] * (MAX_DOCS_PER_MESSAGE + 1), None, False),
     "sync updates not a list": raw(Kind.SYNC, 1, b"", []),
     "sync update wrong arity": raw(Kind.SYNC, 1, [["state/a", 0]], []),
     "sync update is a vector of bad name": raw(Kind.SYNC, 1, [], [[5, 0, SV]]),
@@ -217,11 +245,23 @@ def test_limits_are_inclusive() -> None:
     assert messages.decode(push_with(1, "x" * MAX_DOC_NAME))
     assert messages.decode(push_with(5, MAX_HOPS))
     assert messages.decode(raw(Kind.ACK, 1, True, bytes(MAX_VECTOR)))
-    assert messages.decode(raw(Kind.BUCKETS, 1, [], list(range(DIGEST_BUCKETS))))
+    assert messages.decode(raw(Kind.LIST, 1, [[0, 0]] * MAX_RANGES_PER_MESSAGE, None))
+    assert messages.decode(raw(Kind.TREE, 1, [[4, 65535, 2**64 - 1, 1]] * MAX_NODES_PER_MESSAGE))
     assert messages.decode(raw(Kind.QUERY, 1, ["a"] * 1024))
     many = messages.decode(raw(Kind.UPDATES, 1, [["a", 0, b""]] * MAX_DOCS_PER_MESSAGE))
     assert isinstance(many, Updates)
     assert len(many.updates) == MAX_DOCS_PER_MESSAGE
+
+
+def test_the_documents_bound_is_the_decoders_parameter() -> None:
+    """A daemon may lower it (``ReplicationTuning.max_docs_per_message``); senders page
+    below it."""
+    page = messages.encode(Page(1, tuple(DocVector(f"d{i}", 0, SV) for i in range(10))))
+    sync = messages.encode(Sync(1, (), tuple(DocVector(f"d{i}", 0, SV) for i in range(10))))
+    for data in (page, sync):
+        assert messages.decode(data, max_docs=10)
+        with pytest.raises(WireError, match=r"0\.\.9 items"):
+            messages.decode(data, max_docs=9)
 
 
 def test_oversize_update_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -448,7 +488,7 @@ async def test_driver_rejects_nested_chunks() -> None:
 async def test_driver_counts_malformed_frames() -> None:
     driver = make_driver()
     await driver.receive("a", b"\xff")
-    await driver.receive("a", BAD["digest too short"])
+    await driver.receive("a", BAD["tree node too short"])
     assert driver.core.stats.rejected == {"malformed_message": 2}
 
 
@@ -457,3 +497,26 @@ async def test_driver_hands_a_bare_chunk_nowhere_else() -> None:
     driver = make_driver()
     driver.core.handle(0.0, "a", Chunk(1, 0, 1, b""))
     assert driver.core.stats.rejected == {"unexpected_chunk": 1}
+
+
+async def test_driver_logs_a_stalled_peer_once_and_refuses_more_docs_than_its_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import dataclasses
+
+    base = trio.current_time()
+    tune = dataclasses.replace(QUIET, anti_entropy_interval=1.0, round_timeout=3.0)
+    core = Replicator(node="a", tuning=tune, rng=random.Random(1), now=base)
+    core.set_peers(["b"])  # b never answers: no links
+    driver = ReplicationDriver(core, logging.getLogger("test.replication"))
+    with caplog.at_level(logging.WARNING):
+        for second in range(1, 120):
+            core.tick(base + second)
+            driver.flush()
+    assert core.stats.rounds_failed >= 3
+    stalled = [r for r in caplog.records if "make no progress" in r.getMessage()]
+    assert len(stalled) == 1
+    page = Page(1, tuple(DocVector(f"d{i}", 0, SV) for i in range(11)))
+    driver.core.tuning = dataclasses.replace(driver.core.tuning, max_docs_per_message=10)
+    await driver.receive("b", messages.encode(page))
+    assert driver.core.stats.rejected == {"malformed_message": 1}

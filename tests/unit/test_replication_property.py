@@ -19,7 +19,7 @@ from hypothesis_budget import examples
 from pycrdt import Doc
 from replication_helpers import Net, change, content, edit, marked, vector
 
-from meshd.replication.messages import Buckets, Message, Push, Sync, Updates
+from meshd.replication.messages import Message, Nodes, Page, Push, Sync, Updates
 from meshd.replication.replica import Replica
 from meshd.state import values
 from meshd_client.protocol import errors
@@ -225,7 +225,7 @@ def test_anti_entropy_alone_converges(data: st.DataObject) -> None:
             a = data.draw(st.sampled_from(names))
             b = data.draw(st.sampled_from([n for n in names if n != a]))
             if action == "lossy round":
-                lost[:] = [data.draw(st.sampled_from([Buckets, Sync, Updates]))]
+                lost[:] = [data.draw(st.sampled_from([Nodes, Page, Sync, Updates]))]
             net.sync(a, b)
             lost.clear()
         net.run(0.01)
