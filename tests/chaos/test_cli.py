@@ -86,7 +86,13 @@ def test_up_partition_heal_check_down(chaos: Chaos) -> None:
     assert status(chaos)["faults"]["loss"] == {f"h{i}": 10 for i in range(1, 5)}
     time.sleep(3)
     chaos("heal")
-    assert status(chaos)["faults"] == {"loss": {}, "blocks": [], "groups": None, "bridges": []}
+    assert status(chaos)["faults"] == {
+        "loss": {},
+        "link_loss": [],
+        "blocks": [],
+        "groups": None,
+        "bridges": [],
+    }
     verdict = json.loads(chaos("check", "--json"))
     assert verdict["passed"], verdict
     names = {c["name"] for c in verdict["checks"]}
