@@ -241,6 +241,7 @@ class Mesh:
         started = time.monotonic()
         deadline = started + timeout
         backoff = 0.05
+        not_found_since: float | None = None  # the start of an unbroken run of not_found
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -252,11 +253,15 @@ class Mesh:
                 attempt = min(remaining, max(1.0, timeout / 4))
                 return await conn.call(op, {**args, "timeout": attempt}, timeout=attempt + 1)
             except errors.RETRYABLE:
-                pass
+                not_found_since = None
             except errors.NotFound:
                 # An agent re-registering after its daemon restarted, or moving, is briefly
-                # not found; keep trying for a short grace, not the whole timeout.
-                if time.monotonic() - started > min(timeout, _NOT_FOUND_GRACE):
+                # not found; keep trying for a short grace, not the whole timeout. The grace
+                # runs from the first not_found in a row: a call that waited out a restart
+                # still gets it in full when the agent's host comes back.
+                now = time.monotonic()
+                not_found_since = now if not_found_since is None else not_found_since
+                if now - not_found_since > min(timeout, _NOT_FOUND_GRACE):
                     raise
             await anyio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(1.0, backoff * 2)

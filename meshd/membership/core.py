@@ -26,11 +26,12 @@ Rules, after SWIM, Lifeguard and memberlist:
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, NamedTuple, TypeVar
 
 from meshd.config.model import MembershipTuning
 from meshd.membership.awareness import Awareness
@@ -152,9 +153,29 @@ class _Relay:
     nack: bool
 
 
+class StreamPurpose(enum.Enum):
+    """Why the core opened a TCP stream, so its reply goes back to the right step."""
+
+    PROBE = "probe"  # the TCP fallback of a probe
+    PUSH_PULL = "push_pull"  # the periodic full-state exchange
+    JOIN = "join"  # an attempt to join through a seed
+    RECONNECT = "reconnect"  # a try to merge with a dead member or a seed again
+
+
+class MemberPeek(NamedTuple):
+    """What :meth:`Membership.peek` reports about one member, without copying its tags."""
+
+    status: Status
+    tags: dict[str, str]  # the member's own dict: read it, never modify it
+    since: float  # when the status last changed (core time)
+
+
+A = TypeVar("A")
+
+
 @dataclass(slots=True)
 class _Stream:
-    purpose: str  # "probe" | "push_pull" | "join" | "reconnect"
+    purpose: StreamPurpose
     seq: int = 0
     addr: Address = ("", 0)
 
@@ -354,11 +375,11 @@ class Membership:
         m = self._members.get(name)
         return m.view() if m is not None else None
 
-    def peek(self, name: str) -> tuple[Status, dict[str, str], float] | None:
+    def peek(self, name: str) -> MemberPeek | None:
         """A member's status, tags (do not modify) and status time, without copying: for
         hot paths such as registry liveness checks."""
         m = self._members.get(name)
-        return (m.status, m.tags, m.status_since) if m is not None else None
+        return MemberPeek(m.status, m.tags, m.status_since) if m is not None else None
 
     def died_refused(self, name: str) -> bool:
         """Was ``name`` declared dead with refusal evidence (its host answered, nothing
@@ -450,19 +471,19 @@ class Membership:
                 msg = wire.decode(reply)
             except WireError:
                 self.stats.reject("malformed_stream_reply")
-        if ctx.purpose == "probe":
+        if ctx.purpose is StreamPurpose.PROBE:
             self._probe_stream_result(now, ctx.seq, msg, failure)
-        elif ctx.purpose in ("push_pull", "join", "reconnect"):
+        else:
             ok = isinstance(msg, PushPull)
             if ok:
                 assert isinstance(msg, PushPull)
                 self._merge(now, msg)
-            if ctx.purpose == "join":
+            if ctx.purpose is StreamPurpose.JOIN:
                 self._join_result(now, token, ok)
 
     # ------------------------------------------------------------------ timers
 
-    def _at(self, when: float, fn: Callable[[float, Any], None], arg: Any) -> None:
+    def _at(self, when: float, fn: Callable[[float, A], None], arg: A) -> None:
         self._timers.at(when, fn, arg)
 
     # ------------------------------------------------------------------ output helpers
@@ -678,7 +699,10 @@ class Membership:
         if t.tcp_fallback_probe:
             remaining = max(0.05, probe.started + interval - now)
             probe.tcp_token = self._stream(
-                target.addr, Ping(seq, target.name, self.name), _Stream("probe", seq=seq), remaining
+                target.addr,
+                Ping(seq, target.name, self.name),
+                _Stream(StreamPurpose.PROBE, seq=seq),
+                remaining,
             )
         verdict_at = probe.started + _VERDICT_TIMEOUTS * probe.timeout
         if relays and verdict_at < probe.started + interval:
@@ -1089,7 +1113,7 @@ class Membership:
             self._stream(
                 peer.addr,
                 self._local_state(join=False),
-                _Stream("push_pull"),
+                _Stream(StreamPurpose.PUSH_PULL),
                 self.tuning.tcp_timeout,
             )
 
@@ -1129,7 +1153,7 @@ class Membership:
             token = self._stream(
                 seed,
                 self._local_state(join=True),
-                _Stream("join", addr=seed),
+                _Stream(StreamPurpose.JOIN, addr=seed),
                 self.tuning.tcp_timeout,
             )
             self._join_pending.add(token)
@@ -1176,7 +1200,10 @@ class Membership:
             target = self.rng.choice(dead)
             self.stats.reconnect_attempts += 1
             self._stream(
-                target.addr, self._local_state(join=True), _Stream("reconnect"), t.tcp_timeout
+                target.addr,
+                self._local_state(join=True),
+                _Stream(StreamPurpose.RECONNECT),
+                t.tcp_timeout,
             )
         if self.joined and self.resolves_seeds:
             # Seeds that follow DNS are looked up every reconnect_interval, and an address no
@@ -1205,7 +1232,10 @@ class Membership:
                 continue
             self.stats.reconnect_attempts += 1
             self._stream(
-                seed, self._local_state(join=True), _Stream("reconnect"), self.tuning.tcp_timeout
+                seed,
+                self._local_state(join=True),
+                _Stream(StreamPurpose.RECONNECT),
+                self.tuning.tcp_timeout,
             )
 
     def _reap(self, now: float) -> None:

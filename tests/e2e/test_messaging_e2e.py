@@ -345,6 +345,40 @@ async def test_a_handler_its_daemon_crash_interrupted_runs_again_on_retry(
         assert await host.state("agent:interrupted").get() == {"n": 1}
 
 
+async def test_an_at_least_once_call_that_waited_out_a_restart_still_gets_its_not_found_grace(
+    cluster: LocalCluster,
+) -> None:
+    """The short grace an at-least-once call gives an agent that is not found (it may be
+    re-registering) runs from the first ``not_found``, not from the start of the call: a call
+    that spent longer than the grace waiting for its daemon to come back must not give up on
+    the first answer it gets."""
+    (solo,) = await start(cluster, 1)
+    got: dict[str, Any] = {}
+    async with Mesh.connect(solo.socket_path) as caller:
+
+        async def call() -> None:
+            got["reply"] = await caller.request("later", 1, at_least_once=True, timeout=30)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                solo.kill()
+                assert await anyio.to_thread.run_sync(solo.wait, 10) is not None
+                await until(lambda: not caller.connected, "the client to notice")
+                tg.start_soon(call)
+                await anyio.sleep(4)  # longer than the grace, waiting for a connection
+                solo.spawn()
+                await cluster.wait_ready([solo])
+                await until(lambda: caller.connected, "the client to reconnect")
+                await anyio.sleep(0.5)  # a retry or two answered not_found meanwhile
+                async def handler(ctx: AgentContext, msg: Message) -> str:
+                    return "here"
+
+                async with Mesh.connect(solo.socket_path) as host:
+                    await host.serve("later", handler)
+                    await until(lambda: "reply" in got, "the call to be answered", 20)
+        assert got["reply"] == "here"
+
+
 # ---------------------------------------------------------------------------- signals
 
 

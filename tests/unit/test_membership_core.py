@@ -209,6 +209,20 @@ def test_probe_cycle_ping_then_indirect_and_tcp_then_suspect() -> None:
     assert (stats.probe_failures, stats.indirect_probes, stats.suspicions) == (1, 3, 1)
 
 
+def test_peek_names_status_tags_and_the_time_of_the_last_change() -> None:
+    node = cluster()
+    t0, ping = node.run_until_ping()
+    target = ping.target
+    assert node.core.peek("nobody") is None
+    before = node.core.peek(target)
+    assert before is not None and before.status is Status.ALIVE
+    node.run(t0 + LAN.probe_interval)
+    after = node.core.peek(target)
+    assert after is not None
+    assert (after.status, after.since) == (Status.SUSPECT, t0 + LAN.probe_interval)
+    assert after.tags == node.core.member(target).tags  # type: ignore[union-attr]
+
+
 def test_direct_ack_ends_the_probe() -> None:
     node = cluster()
     t0, ping = node.run_until_ping()
