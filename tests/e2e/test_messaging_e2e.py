@@ -370,6 +370,7 @@ async def test_an_at_least_once_call_that_waited_out_a_restart_still_gets_its_no
                 await cluster.wait_ready([solo])
                 await until(lambda: caller.connected, "the client to reconnect")
                 await anyio.sleep(0.5)  # a retry or two answered not_found meanwhile
+
                 async def handler(ctx: AgentContext, msg: Message) -> str:
                     return "here"
 
