@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,9 @@ class ReplicatorStub:
         return None
 
 
-def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placement:
+def make_placement(
+    sim: SimNode, world: World, hosts: Iterable[str], clock: Callable[[], float]
+) -> Placement:
     placement = Placement(
         node=sim.name,
         membership=sim.core,
@@ -119,6 +121,7 @@ def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placemen
         host=RouterStub(sim.name, world),
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
+        clock=clock,  # the membership cores' clock (their ack times), not trio's
     )
     for host in hosts:
         placement.table.set_host(host, {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
@@ -149,18 +152,28 @@ class Harness:
         self.net = net
         self.world = World()
         self.placements = {
-            name: make_placement(net.nodes[name], self.world, net.nodes) for name in net.nodes
+            name: make_placement(net.nodes[name], self.world, net.nodes, lambda: net.now)
+            for name in net.nodes
         }
         for p in self.placements.values():
             p._nursery = nursery
             p.host.placements = self.placements  # type: ignore[attr-defined]
-        for name in names:  # place the agents where their owner is
-            owner = rendezvous.owner(name, dict.fromkeys(net.nodes, 100.0))
+        self._unplaced = list(names)
+        net.listeners.append(self._on_event)
+        nursery.start_soon(self._ticker)
+
+    def _place(self) -> None:
+        """Place the agents where their owner is, once every node holds its lease (as a
+        runner's activation would wait for: an agent starts only under a lease)."""
+        now = self.net.now
+        if not self._unplaced or not all(p.lease.check(now) for p in self.placements.values()):
+            return
+        for name in self._unplaced:
+            owner = rendezvous.owner(name, dict.fromkeys(self.net.nodes, 100.0))
             assert owner is not None
             self.world.running.setdefault(owner, set()).add(name)
             self.world.last_host[name] = owner
-        net.listeners.append(self._on_event)
-        nursery.start_soon(self._ticker)
+        self._unplaced = []
 
     def _on_event(self, node: SimNode, event: MemberEvent) -> None:
         if event.kind in (EventKind.DEAD, EventKind.LEAVE) and node.state == "up":
@@ -170,7 +183,8 @@ class Harness:
         while True:
             for name, p in self.placements.items():
                 if self.net.nodes[name].state == "up":
-                    p._tick(trio.current_time())
+                    p._tick(self.net.now)
+            self._place()
             await trio.sleep(0.1)
 
     def runners_of(self, name: str, among: Iterable[str] | None = None) -> set[str]:
@@ -206,6 +220,7 @@ async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
         await h.run(SA + 1)  # every quorum settles
         victim = next(n for n in net.nodes if h.world.running.get(n))
         lost = sorted(h.world.running[victim])
+        crashed_at = net.now
         net.crash(victim)  # silent: a host gone, no refusal evidence
 
         def at_most_one() -> None:
@@ -219,9 +234,11 @@ async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
             [runner] = h.runners_of(name, survivors)
             owners = {h.placements[s].owner(KIND, name) for s in survivors}
             assert owners == {runner}  # the one every survivor computes
-        # Silence is not proof: nobody took over before stable_after had passed.
-        crash_detected = min(t for t, _, n in h.world.starts if n in lost)
-        assert crash_detected >= SA
+        # Silence is not proof: nobody took over before the victim's lease had run out and
+        # the margin passed (every survivor saw it alive until the crash, or later).
+        tuning = h.placements[victim].tuning
+        first_start = min(t for t, _, n in h.world.starts if n in lost)
+        assert first_start - crashed_at >= tuning.lease + tuning.lease_margin
         nursery.cancel_scope.cancel()
 
 
@@ -317,7 +334,7 @@ async def test_a_join_moves_only_agents_whose_owner_changed(
         assert await net.run_until(net.now + 30.0, stop=net.converged, check_every=0.5)
         for p in h.placements.values():
             p.table.set_host("n5", {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
-        newcomer = make_placement(net.nodes["n5"], h.world, net.nodes)
+        newcomer = make_placement(net.nodes["n5"], h.world, net.nodes, lambda: net.now)
         views = [*h.placements.values(), newcomer]
         after = {n: {p.owner(KIND, n) for p in views} for n in names}
         assert all(len(o) == 1 for o in after.values())  # everyone agrees, newcomer too

@@ -16,6 +16,7 @@ handle; they pass (and turn the suite red) once it does.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ class MembershipStub:
 
     def members(self) -> list[MemberStub]:
         return [MemberStub(n, s) for n, s in self.statuses.items() if s is not None]
+
+    def acked_at(self) -> dict[str, float]:
+        """Every member up answers the lease pings, always (a lease ends only where no
+        majority is up)."""
+        return {n: math.inf for n, s in self.statuses.items() if s in UP}
+
+    def renew_lease(self, _now: float, _every: float | None) -> None:
+        return None
 
 
 @dataclass
@@ -483,7 +492,8 @@ async def test_keep_majority_takeover_waits_and_a_minority_never_takes_over(
 ) -> None:
     """After a 3|2 partition (silence, not a proven crash): n4, in the minority, must never
     start the other side's keep_majority agents; n1, in the majority, takes over n4/n5's
-    agents only after stable_after, when the minority has stopped them."""
+    agents only once its leases have run out (lease + lease_margin), when the minority has
+    stopped them."""
     five = ["n1", "n2", "n3", "n4", "n5"]
     table = [(h, {"k": KindInfo(100, 0, Strategy.KEEP_MAJORITY)}) for h in five]
     ran = {h: [entry(f"k/{h}-{i}", h, "k") for i in range(20)] for h in five}
@@ -514,7 +524,9 @@ async def test_keep_majority_takeover_waits_and_a_minority_never_takes_over(
         if node == "n4":
             assert not any("n4" in by for by in claims.values())
         else:
-            assert trio.current_time() - start >= SA  # it waited for the minority to stop
+            # It waited for the minority's leases to run out.
+            wait = placement.tuning.lease + placement.tuning.lease_margin
+            assert trio.current_time() - start >= wait
     taken = sorted(name for name, by in claims.items() if by == ["n1"])
     assert taken and all(name.split("-")[0] in ("k/n4", "k/n5") for name in taken)
 
@@ -547,7 +559,7 @@ async def test_a_proven_crash_is_taken_over_at_once(autojump_clock: Any) -> None
 async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover_delay(
     autojump_clock: Any, proven: bool
 ) -> None:
-    """The failover after a silent death waits ``stable_after``; a message to one of that
+    """The failover after a silent death waits ``lease + lease_margin``; a message to one of that
     host's keep_majority agents must wait as long (answered ``unreachable``), or it would
     start the agent while the host may still run it behind a partition."""
     three = ["n1", "n2", "n3"]
@@ -569,9 +581,10 @@ async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover
         for name in names:
             with pytest.raises(errors.Unreachable, match="went silent") as info:
                 await placement.ensure_active(name, "k", start + 5)
-            assert info.value.detail["retry_after"] == SA
+            wait = placement.tuning.lease + placement.tuning.lease_margin
+            assert info.value.detail["retry_after"] == wait
         assert not claims
-        await trio.sleep(SA)
+        await trio.sleep(wait)
     for name in names:
         await placement.ensure_active(name, "k", trio.current_time() + 5)
     assert sorted(claims) == sorted(names)  # each started, here or at its owner
