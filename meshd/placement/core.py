@@ -97,17 +97,25 @@ class Lease:
         return self.held and now < self.expires_at
 
     def observe(self, now: float, expiry: float) -> bool:
-        """Feed the current expiry (:func:`lease_expiry`); True if the lease lapsed just now,
-        and the caller must stop every local keep_majority agent before anything else."""
+        """Feed the current expiry (:func:`lease_expiry`); True if the lease was lost just
+        now, and the caller must stop every local keep_majority agent before anything else.
+
+        Lost two ways: it *lapsed* (the time it was known to last ran out: a cut, or a pause;
+        counted in ``lapses``, and agents start here again only after ``restart_after``), or
+        it *dropped* (the reference grew by members that have not answered yet: nothing was
+        missed, so the next majority of answers restores it at once)."""
         lapsed = self.held and now >= self.expires_at
         if lapsed:
             self.held = False
             self.lapses += 1
         self.expires_at = expiry
-        if not lapsed and not self.held and now < expiry:
+        dropped = self.held and now >= expiry
+        if dropped:
+            self.held = False
+        elif not lapsed and not self.held and now < expiry:
             self.held = True
             self.held_since = now
-        return lapsed
+        return lapsed or dropped
 
     def may_start(self, now: float) -> bool:
         """May keep_majority agents start here? After a lapse, only once the lease has been

@@ -249,13 +249,15 @@ class Placement:
             self.membership.acked_at(),
             self.tuning.lease,
         )
+        lapses = self.lease.lapses
         if self.lease.observe(now, expiry):
-            self.stats.lease_lapses += 1
-            self._lease_blocked = True
-            self.log.warning(
-                "keep_majority lease lapsed: no majority answered within the lease",
-                extra=kv(lease=self.tuning.lease),
-            )
+            if self.lease.lapses != lapses:
+                self.stats.lease_lapses += 1
+                self._lease_blocked = True
+                self.log.warning(
+                    "keep_majority lease lapsed: no majority answered within the lease",
+                    extra=kv(lease=self.tuning.lease),
+                )
             self._enforce_quorum(now)
 
     def serving(self, entry: Entry) -> errors.MeshError | None:
@@ -308,10 +310,14 @@ class Placement:
             )
         if not self.may_run(kind):
             self.stats.refused_minority += 1
+            why = (
+                "this side of the partition holds no majority"
+                if not self.quorum.has_majority
+                else f"{self.node} holds no lease (no majority answered it lately, or it "
+                "lapsed less than stable_after ago)"
+            )
             raise errors.Unreachable(
-                f"{name!r} is a keep_majority agent and this side of the partition holds no "
-                "majority",
-                detail={"kind": kind},
+                f"{name!r} is a keep_majority agent and {why}", detail={"kind": kind}
             )
         self._check_takeover(name, kind)
         owner = self.owner(kind, name)
