@@ -159,6 +159,7 @@ class Harness:
             p._nursery = nursery
             p.host.placements = self.placements  # type: ignore[attr-defined]
         self._unplaced = list(names)
+        self.hold: set[str] = set()  # nodes whose placement does not tick for now
         net.listeners.append(self._on_event)
         nursery.start_soon(self._ticker)
 
@@ -182,7 +183,7 @@ class Harness:
     async def _ticker(self) -> None:
         while True:
             for name, p in self.placements.items():
-                if self.net.nodes[name].state == "up":
+                if self.net.nodes[name].state == "up" and name not in self.hold:
                     p._tick(self.net.now)
             self._place()
             await trio.sleep(0.1)
@@ -342,3 +343,88 @@ async def test_a_join_moves_only_agents_whose_owner_changed(
         assert all(next(iter(after[n])) == "n5" for n in moved)  # only to the newcomer
         assert 0.10 < len(moved) / len(names) < 0.24  # ≈ 1/6
         nursery.cancel_scope.cancel()
+
+
+def _active(h: Harness, name: str) -> set[str]:
+    """The nodes where ``name`` would take a message now: running there, on a node that is up
+    (not crashed nor paused), and passed by that node's delivery gate (the lease)."""
+    return {
+        n
+        for n, names in h.world.running.items()
+        if name in names
+        and h.net.nodes[n].state == "up"
+        and h.placements[n].serving(entry(name, n)) is None
+    }
+
+
+def _at_most_one_active(h: Harness, names: list[str]) -> None:
+    for name in names:
+        active = _active(h, name)
+        assert len(active) <= 1, (h.net.now, name, active)
+
+
+async def test_an_isolated_host_stops_its_agents_by_its_lease_before_the_majority_takes_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every packet of one host dropped (silence, the host still running): its lease runs
+    out, it stops its keep_majority agents, and the majority starts them elsewhere only after
+    that; at no check does an agent take messages on two hosts."""
+    for seed in (31, 32, 33):
+        net = await cluster(5, seed=seed)
+        names = [f"{KIND}/{i}" for i in range(60)]
+        async with trio.open_nursery() as nursery:
+            h = Harness(net, names, nursery)
+            await h.run(SA + 1)
+            victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
+            lost = sorted(h.world.running[victim])
+            others = [n for n in net.nodes if n != victim]
+            net.partition([victim], others)
+            await h.run(40.0, check=functools.partial(_at_most_one_active, h, names))
+            assert h.placements[victim].stats.lease_lapses >= 1, seed
+            assert not h.world.running.get(victim), seed  # it stopped them itself
+            for name in lost:
+                assert len(h.runners_of(name, others)) == 1, (seed, name)
+            net.heal()
+            await h.run(3 * SA, check=functools.partial(_at_most_one_active, h, names))
+            for name in names:
+                assert len(h.runners_of(name)) == 1, (seed, name, h.runners_of(name))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_host_paused_past_its_lease_checks_it_before_it_serves_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """SIGSTOP for longer than the lease: the majority takes the agents over meanwhile. On
+    waking the host reads the acks that came in and pings again, but the first check of its
+    lease (a tick, or a delivery) finds it lapsed and stops the agents, whatever fresh acks
+    arrived; it serves none of them in between."""
+    for seed in (41, 42):
+        net = await cluster(5, seed=seed)
+        names = [f"{KIND}/{i}" for i in range(60)]
+        async with trio.open_nursery() as nursery:
+            h = Harness(net, names, nursery)
+            await h.run(SA + 1)
+            victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
+            lost = sorted(h.world.running[victim])
+            others = [n for n in net.nodes if n != victim]
+            net.pause(victim)
+            check = functools.partial(_at_most_one_active, h, names)
+            await h.run(15.0, check=check)
+            for name in lost:  # taken over while it slept; still listed on the sleeper
+                assert len(h.runners_of(name, others)) == 1, (seed, name)
+                assert victim in h.runners_of(name), (seed, name)
+            # The worst order on waking: the packets first (the acks that came meanwhile,
+            # then fresh acks for the pings sent on waking), placement's first tick after.
+            h.hold.add(victim)
+            woke = net.now
+            net.resume(victim)
+            await h.run(0.05)
+            fresh = h.placements[victim].membership.acked_at()
+            assert sum(t >= woke for t in fresh.values()) >= 2, seed  # a majority answered
+            h.hold.clear()
+            check()  # the first look at the lease (a delivery's) finds it lapsed
+            await h.run(3 * SA, check=check)
+            assert h.placements[victim].stats.lease_lapses >= 1, seed
+            for name in names:
+                assert len(h.runners_of(name)) == 1, (seed, name, h.runners_of(name))
+            nursery.cancel_scope.cancel()
