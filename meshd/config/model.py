@@ -146,8 +146,8 @@ class PlacementTuning:
     # its pings sent within the last ``lease`` seconds; it pings every member up each
     # ``lease_renew`` seconds while it serves such a kind. The majority takes over a silent
     # host's agents once it has not seen the host alive for ``lease + lease_margin``.
-    lease: float = 2.5
-    lease_renew: float = 0.5
+    lease: float = 2.0
+    lease_renew: float = 0.4
     # Covers clock rate drift between hosts (monotonic clocks, never compared), the holder's
     # check granularity and in-flight packets at the moment of a cut.
     lease_margin: float = 0.5

@@ -117,6 +117,11 @@ class Lease:
             self.held_since = now
         return lapsed or dropped
 
+    def release(self) -> None:
+        """Give the lease up without a lapse (this host stops keeping one)."""
+        self.held = False
+        self.expires_at = -math.inf
+
     def may_start(self, now: float) -> bool:
         """May keep_majority agents start here? After a lapse, only once the lease has been
         held again for ``restart_after``: meanwhile the majority may have moved them, and the

@@ -76,7 +76,7 @@ class PlacementStats:
     refused_minority: int = 0
     refused_takeover: int = 0  # a silent host's keep_majority agent asked for too early
     lease_lapses: int = 0  # this host's keep_majority lease ran out
-    refused_lease: int = 0  # deliveries to a keep_majority agent refused without the lease
+    refused_lease: int = 0  # keep_majority deliveries/activations refused here: no lease
 
 
 @dataclass(slots=True)
@@ -243,6 +243,13 @@ class Placement:
         before this returns (so before anything else may act on the fresh acks)."""
         if not getattr(self.membership, "joined", True):
             return
+        self._lease_renewal()
+        if self._renewing is None:
+            # Not pinging: this host serves no keep_majority kind, so it runs none of their
+            # agents; no lease to keep (and no lapse to count, which would delay its first
+            # agents by stable_after once it starts serving one).
+            self.lease.release()
+            return
         expiry = core.lease_expiry(
             self.node,
             reference_members(self.membership.members()),
@@ -308,16 +315,13 @@ class Placement:
                 f"no live agent named {name!r}"
                 + (f" and no host serves kind {kind!r}" if kind else "")
             )
-        if not self.may_run(kind):
+        strategy = self.table.strategy(kind)
+        if not core.may_run(strategy, self.quorum.has_majority, lease_may_start=True):
             self.stats.refused_minority += 1
-            why = (
-                "this side of the partition holds no majority"
-                if not self.quorum.has_majority
-                else f"{self.node} holds no lease (no majority answered it lately, or it "
-                "lapsed less than stable_after ago)"
-            )
             raise errors.Unreachable(
-                f"{name!r} is a keep_majority agent and {why}", detail={"kind": kind}
+                f"{name!r} is a keep_majority agent and this side of the partition holds no "
+                "majority",
+                detail={"kind": kind},
             )
         self._check_takeover(name, kind)
         owner = self.owner(kind, name)
@@ -326,6 +330,13 @@ class Placement:
                 f"no live host can take agents of kind {kind!r} now", detail={"kind": kind}
             )
         if owner == self.node:
+            if not self.may_run(kind):  # the owner's own lease (another owner checks its own)
+                self.stats.refused_lease += 1
+                raise errors.Unreachable(
+                    f"{name!r} is a keep_majority agent and {self.node} holds no lease (no "
+                    "majority answered it lately, or it lapsed less than stable_after ago)",
+                    detail={"kind": kind, "host": self.node},
+                )
             return await self.activate_local(name, kind, deadline)
         return await self.host.activate_remote(owner, name, kind, deadline)
 

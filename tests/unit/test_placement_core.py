@@ -173,3 +173,12 @@ def test_a_lease_drops_without_a_lapse_when_the_reference_outgrows_its_answers()
     assert lease.lapses == 0 and not lease.check(1.0)
     assert not lease.observe(1.5, 4.5)
     assert lease.may_start(1.5)
+
+
+def test_a_released_lease_is_not_held_and_comes_back_without_a_lapse() -> None:
+    lease = core.Lease(restart_after=20.0)
+    lease.observe(0.0, 3.0)
+    lease.release()
+    assert not lease.check(1.0) and lease.lapses == 0
+    assert not lease.observe(10.0, 12.0)  # not a lapse: it was given up, not run out
+    assert lease.may_start(10.0)
