@@ -502,15 +502,16 @@ class Placement:
     def _enforce_quorum(self, now: float) -> None:
         lease = self.lease.check(now)
         ok = self.quorum.has_majority and lease
-        reason = "minority" if not self.quorum.has_majority else "lease"
+        # One reason for the client either way: a lapsed lease means no majority answered.
+        no_lease = self.quorum.has_majority
         for agent in core.to_stop(self._local(), self.table.strategy, ok, self._stopping):
-            if self.host.deactivate(agent.name, reason):
+            if self.host.deactivate(agent.name, "minority"):
                 self._stopping.add(agent.entry_id)
                 self._minority_stopped[agent.name] = agent.kind
                 self.stats.minority_stops += 1
                 self.log.warning(
                     "stopping a keep_majority agent: "
-                    + ("this side is a minority" if reason == "minority" else "no lease"),
+                    + ("no lease" if no_lease else "this side is a minority"),
                     extra=kv(agent=agent.name),
                 )
 
