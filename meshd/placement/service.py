@@ -91,7 +91,9 @@ class Placement:
     """Decides where agents of a kind run, and starts, moves and stops them.
 
     Owns: the kinds table (every host's advertised kinds), this host's runners, the quorum
-    view for ``keep_majority``, activations under way, drain and rebalance moves. Writes only
+    view and this host's lease for ``keep_majority``, when it last saw each host alive,
+    activations under way, drain and rebalance moves. Decides through the pure functions of
+    :mod:`meshd.placement.core`. Writes only
     this node's ``kinds`` map (through the registry). Starts an agent elsewhere and stops
     one here only through the :class:`~meshd.routing.ports.AgentHost` (routing); never sends
     a frame or touches a client itself."""
