@@ -69,9 +69,13 @@ class MembershipStub:
     def members(self) -> list[MemberStub]:
         return [MemberStub(n, s) for n, s in self.statuses.items() if s is not None]
 
+    acked: dict[str, float] | None = None  # when each answered a lease ping, if set
+
     def acked_at(self) -> dict[str, float]:
-        """Every member up answers the lease pings, always (a lease ends only where no
-        majority is up)."""
+        """Unless ``acked`` says otherwise, every member up answers the lease pings, always
+        (a lease ends only where no majority is up)."""
+        if self.acked is not None:
+            return self.acked
         return {n: math.inf for n, s in self.statuses.items() if s in UP}
 
     def renew_lease(self, _now: float, _every: float | None) -> None:
@@ -602,3 +606,30 @@ def test_a_fresh_daemon_joining_a_minority_does_not_claim_the_majority() -> None
     fresh.tick(20.0 + SA)
     assert not old.has_majority
     assert not fresh.has_majority  # the n1..n3 side does hold one
+
+
+async def test_a_host_serves_its_keep_majority_agents_only_under_its_lease(
+    autojump_clock: Any,
+) -> None:
+    """Routing asks placement before each delivery: while a majority answered pings sent
+    within the lease, it delivers; once the lease has run out, the first check latches the
+    lapse and refuses, even with fresh answers, until the lease has been held again for
+    stable_after."""
+    five = ["n1", "n2", "n3", "n4", "n5"]
+    table = [(h, {"k": KindInfo(100, 0, Strategy.KEEP_MAJORITY)}) for h in five]
+    placement = daemon("n1", dict.fromkeys(five, Status.ALIVE), table)
+    stub: MembershipStub = placement.membership  # type: ignore[assignment]
+    lease = placement.tuning.lease
+    start = trio.current_time()
+    stub.acked = dict.fromkeys(five[1:], start)
+    solo, free = entry("k/1", "n1", "k"), entry("plain", "n1", "")
+    assert placement.serving(solo) is None and placement.serving(free) is None
+    await trio.sleep(lease - 0.1)
+    assert placement.serving(solo) is None
+    await trio.sleep(0.2)  # nobody answered since: the lease ran out
+    stub.acked = dict.fromkeys(five[1:], trio.current_time())  # fresh answers came meanwhile
+    refused = placement.serving(solo)
+    assert isinstance(refused, errors.Unreachable) and "lease" in refused.message
+    assert placement.stats.lease_lapses == 1
+    assert placement.serving(free) is None  # no kind: not placement's to fence
+    assert placement.serving(solo) is not None  # held again, but not for stable_after yet
