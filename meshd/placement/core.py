@@ -17,8 +17,11 @@ The rules, each a function or a small state machine here (unit tests per rule in
 * **Takeover** (:class:`Sightings`, :func:`failover_wait`): the agents of a host proven
   stopped (refused, left) move at once; a keep_majority agent of a host gone silent moves only
   once this node has not seen that host alive for ``lease + margin``.
+  A message to such an agent before then is refused (:func:`takeover_refusal`).
+* **Restore** (:func:`restore_now`): what this host stopped runs again once it may.
 * **Stop** (:func:`to_stop`): local keep_majority agents stop when they may not run here.
-* **Rebalance** (:func:`to_move`): local agents whose owner is now another host move.
+* **Rebalance** (:func:`rebalance_due`, :func:`to_move`): when a host serving kinds comes up,
+  local agents whose owner is now another host move.
 
 Safety of the lease (the argument is in docs/lifecycle.md#the-lease): an ack to a ping sent at
 ``t`` proves the peer received something from this host at ``t`` or later. A host cut off
@@ -178,6 +181,44 @@ def failover_action(
     if owner is not None and not owner_alive:
         return "wait"
     return "leave"
+
+
+def takeover_refusal(
+    strategy: Strategy | None,
+    host: str | None,
+    node: str,
+    takeover_at: float | None,
+    now: float,
+) -> float | None:
+    """A message to an agent that last ran on ``host``: how long it must still wait before
+    it may start anywhere else (None: it may now). Only a keep_majority agent of another host
+    that went silent (``takeover_at`` known) waits, as its failover does."""
+    if strategy is not Strategy.KEEP_MAJORITY or host is None or host == node:
+        return None
+    if takeover_at is None or takeover_at <= now:
+        return None
+    return takeover_at - now
+
+
+def restore_now(
+    was_majority: bool, has_majority: bool, lease_blocked: bool, lease_may_start: bool
+) -> bool:
+    """Run again the agents this host stopped for lack of a majority or lease? When the
+    quorum comes back (start slow: it has held for stable_after), unless a lapse blocks it;
+    after a lapse, when the lease may start agents again (held for stable_after)."""
+    if not has_majority:
+        return False
+    if lease_blocked:
+        return lease_may_start
+    return not was_majority
+
+
+def rebalance_due(
+    serving_up: frozenset[str], before: frozenset[str], replan_at: float | None, now: float
+) -> bool:
+    """Look for local agents whose owner changed? When a host serving kinds came up (it may
+    own some now), or when a failed move asked to plan again at ``replan_at``."""
+    return bool(serving_up - before) or (replan_at is not None and now >= replan_at)
 
 
 # ---------------------------------------------------------------------------- stop and move

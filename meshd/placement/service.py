@@ -346,21 +346,18 @@ class Placement:
         """A message to a keep_majority agent whose host went silent must not start it here
         before that host's lease has run out (the same wait as the failover after a death):
         the host may be alive behind a partition, still running it."""
-        if self.table.strategy(kind) is not Strategy.KEEP_MAJORITY:
-            return
         gone = self.registry.last_known(name)
-        if gone is None or gone.node == self.node:
-            return
-        takeover_at = self._down_at.get(gone.node)
-        if takeover_at is None:
-            return  # not gone silent lately: stopped, left, or long forgotten
-        wait = takeover_at - self.clock()
-        if wait > 0:
+        host = gone.node if gone is not None else None
+        takeover_at = self._down_at.get(host) if host is not None else None
+        wait = core.takeover_refusal(
+            self.table.strategy(kind), host, self.node, takeover_at, self.clock()
+        )
+        if wait is not None:
             self.stats.refused_takeover += 1
             raise errors.Unreachable(
-                f"{name!r} ran on {gone.node}, which went silent; it may still run there "
+                f"{name!r} ran on {host}, which went silent; it may still run there "
                 f"behind a partition, so it starts elsewhere only in {wait:.1f} s",
-                detail={"kind": kind, "host": gone.node, "retry_after": round(wait, 1)},
+                detail={"kind": kind, "host": host, "retry_after": round(wait, 1)},
             )
 
     async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
@@ -616,13 +613,13 @@ class Placement:
                     "keep_majority: the members up here are no majority of the known ones",
                     extra=kv(up=len(up), known=len(known)),
                 )
-            elif not before and self.quorum.has_majority and not self._lease_blocked:
-                self._restore_stopped()  # (after a lapse too, once the lease may start)
             self.sightings.observe(now, up, known)
             self._observe_lease(now)
-            if self._lease_blocked and self.quorum.has_majority and self.lease.may_start(now):
-                # Held again for stable_after since the lapse: what it stopped runs again
-                # (at its owner), unless the majority has started it elsewhere meanwhile.
+            if core.restore_now(
+                before, self.quorum.has_majority, self._lease_blocked, self.lease.may_start(now)
+            ):
+                # What it stopped runs again (at its owner), unless the other side has
+                # started it meanwhile.
                 self._lease_blocked = False
                 self._restore_stopped()
         self._enforce_quorum(now)
@@ -637,9 +634,7 @@ class Placement:
         # the dead) changes owners just as a change of the kinds table does.
         serving = {host for host, _, _, _ in self.table.hosts_snapshot()}
         serving_up = frozenset(host for host in serving if host != self.node and host in up)
-        if serving_up - self._serving_up or (
-            self._replan_at is not None and now >= self._replan_at
-        ):
+        if core.rebalance_due(serving_up, self._serving_up, self._replan_at, now):
             self._replan_at = None
             self._plan_rebalance()
         self._serving_up = serving_up

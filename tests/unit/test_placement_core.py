@@ -138,6 +138,33 @@ def test_failover_action(owner: str | None, alive: bool, action: str) -> None:
     assert core.failover_action(owner, "me", alive) == action
 
 
+def test_a_message_waits_only_for_a_silent_other_hosts_keep_majority_agent() -> None:
+    assert core.takeover_refusal(KM, "b", "a", 13.5, 10.0) == 3.5
+    assert core.takeover_refusal(KM, "b", "a", 13.5, 13.5) is None  # the wait is over
+    assert core.takeover_refusal(KM, "b", "a", None, 10.0) is None  # not gone silent lately
+    assert core.takeover_refusal(KM, "a", "a", 13.5, 10.0) is None  # it ran here
+    assert core.takeover_refusal(KM, None, "a", 13.5, 10.0) is None  # never ran
+    assert core.takeover_refusal(AD, "b", "a", 13.5, 10.0) is None
+
+
+def test_stopped_agents_are_restored_when_the_majority_returns_or_the_lease_may_start() -> None:
+    # (was_majority, has_majority, lease_blocked, lease_may_start)
+    assert core.restore_now(False, True, False, True)  # the quorum came back
+    assert not core.restore_now(True, True, False, True)  # it never left
+    assert not core.restore_now(False, False, False, True)
+    assert not core.restore_now(False, True, True, False)  # a lapse: not yet
+    assert core.restore_now(True, True, True, True)  # held again for stable_after
+    assert not core.restore_now(True, False, True, True)
+
+
+def test_a_rebalance_is_due_when_a_serving_host_comes_up_or_a_replan_is_due() -> None:
+    ab, a = frozenset({"a", "b"}), frozenset({"a"})
+    assert core.rebalance_due(ab, a, None, 0.0)
+    assert not core.rebalance_due(a, ab, None, 0.0)  # one went away: its agents fail over
+    assert not core.rebalance_due(a, a, 5.0, 4.9)
+    assert core.rebalance_due(a, a, 5.0, 5.0)
+
+
 # ---------------------------------------------------------------------------- stop and move
 
 
