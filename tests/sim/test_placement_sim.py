@@ -363,6 +363,20 @@ def _at_most_one_active(h: Harness, names: list[str]) -> None:
         assert len(active) <= 1, (h.net.now, name, active)
 
 
+async def _settled(
+    seed: int, nursery: trio.Nursery
+) -> tuple[Harness, list[str], str, list[str], list[str]]:
+    """Five nodes running 60 keep_majority agents, settled; a victim that runs some: the
+    harness, the agents, the victim, its agents and the other nodes."""
+    net = await cluster(5, seed=seed)
+    names = [f"{KIND}/{i}" for i in range(60)]
+    h = Harness(net, names, nursery)
+    await h.run(SA + 1)
+    victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
+    others = [n for n in net.nodes if n != victim]
+    return h, names, victim, sorted(h.world.running[victim]), others
+
+
 async def test_an_isolated_host_stops_its_agents_by_its_lease_before_the_majority_takes_over(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -370,14 +384,9 @@ async def test_an_isolated_host_stops_its_agents_by_its_lease_before_the_majorit
     out, it stops its keep_majority agents, and the majority starts them elsewhere only after
     that; at no check does an agent take messages on two hosts."""
     for seed in (31, 32, 33):
-        net = await cluster(5, seed=seed)
-        names = [f"{KIND}/{i}" for i in range(60)]
         async with trio.open_nursery() as nursery:
-            h = Harness(net, names, nursery)
-            await h.run(SA + 1)
-            victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
-            lost = sorted(h.world.running[victim])
-            others = [n for n in net.nodes if n != victim]
+            h, names, victim, lost, others = await _settled(seed, nursery)
+            net = h.net
             net.partition([victim], others)
             await h.run(40.0, check=functools.partial(_at_most_one_active, h, names))
             assert h.placements[victim].stats.lease_lapses >= 1, seed
@@ -399,14 +408,9 @@ async def test_a_host_paused_past_its_lease_checks_it_before_it_serves_again(
     lease (a tick, or a delivery) finds it lapsed and stops the agents, whatever fresh acks
     arrived; it serves none of them in between."""
     for seed in (41, 42):
-        net = await cluster(5, seed=seed)
-        names = [f"{KIND}/{i}" for i in range(60)]
         async with trio.open_nursery() as nursery:
-            h = Harness(net, names, nursery)
-            await h.run(SA + 1)
-            victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
-            lost = sorted(h.world.running[victim])
-            others = [n for n in net.nodes if n != victim]
+            h, names, victim, lost, others = await _settled(seed, nursery)
+            net = h.net
             net.pause(victim)
             check = functools.partial(_at_most_one_active, h, names)
             await h.run(15.0, check=check)
