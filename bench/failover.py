@@ -722,9 +722,9 @@ def _parser() -> argparse.ArgumentParser:
         "--strategy",
         choices=["keep_majority", "allow_duplicates"],
         default="keep_majority",
-        help="the counter kind's placement strategy: keep_majority waits placement.stable_after "
-        "before taking over from a silent host (it may still run on the other side of a "
-        "partition); allow_duplicates does not",
+        help="the counter kind's placement strategy: keep_majority waits until the silent "
+        "host's lease has run out (placement.lease + lease_margin after it was last seen "
+        "alive: it may still run on the other side of a partition); allow_duplicates does not",
     )
     p.add_argument(
         "--skip-lifecycle", action="store_true", help="failover only (no activation/spawn)"

@@ -141,6 +141,16 @@ class PlacementTuning:
     # How long the members alive here must lack a majority before keep_majority agents stop:
     # rides out a member briefly suspected, far below ``stable_after``.
     stop_after: float = 3.0
+    # The keep_majority lease (docs/lifecycle.md#the-lease): a host runs and serves
+    # keep_majority agents only while a majority of the reference membership answered one of
+    # its pings sent within the last ``lease`` seconds; it pings every member up each
+    # ``lease_renew`` seconds while it serves such a kind. The majority takes over a silent
+    # host's agents once it has not seen the host alive for ``lease + lease_margin``.
+    lease: float = 2.0
+    lease_renew: float = 0.4
+    # Covers clock rate drift between hosts (monotonic clocks, never compared), the holder's
+    # check granularity and in-flight packets at the moment of a cut.
+    lease_margin: float = 0.5
     rebalance_batch: int = 8
     rebalance_interval: float = 1.0
     failover_parallelism: int = 16
@@ -149,6 +159,14 @@ class PlacementTuning:
         for name in ("stable_after", "stop_after", "rebalance_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{prefix}.{name}", "must be > 0")
+        if not 0 < self.lease_renew <= self.lease / 2:
+            raise ConfigError(
+                f"{prefix}.lease_renew", "must be > 0 and at most half of placement.lease"
+            )
+        if not self.lease < self.stable_after:
+            raise ConfigError(f"{prefix}.lease", "must be less than stable_after")
+        if not 0 <= self.lease_margin <= self.lease:
+            raise ConfigError(f"{prefix}.lease_margin", "must be between 0 and placement.lease")
         if self.stop_after >= self.stable_after:
             raise ConfigError(
                 f"{prefix}.stop_after",

@@ -237,6 +237,12 @@ class Membership:
         self.leaving = False
         self._started = False
         self._alone_since: float | None = now
+        # Lease renewal (keep_majority placement): while on, every member up is pinged every
+        # ``_lease_every`` seconds; ``_acked_at`` keeps, per member, the send time of the
+        # latest of our pings (lease or probe) it answered directly.
+        self._lease_every: float | None = None
+        self._lease_pings: dict[int, tuple[str, float]] = {}
+        self._acked_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public: lifecycle
 
@@ -386,6 +392,21 @@ class Membership:
         listened) rather than on silence? Then it is known not to be running elsewhere."""
         m = self._members.get(name)
         return m is not None and m.status is Status.DEAD and m.refused
+
+    def renew_lease(self, now: float, every: float | None) -> None:
+        """Ping every member up each ``every`` seconds (None: stop), so that
+        :meth:`acked_at` holds fresh evidence of who answered us. The placement lease needs
+        acks from a majority within its length; the round-robin probes alone reach each member
+        only once per ``n`` probe intervals."""
+        was = self._lease_every
+        self._lease_every = every
+        if every is not None and was is None:
+            self._at(now, self._lease_tick, None)
+
+    def acked_at(self) -> dict[str, float]:
+        """Per member, when we sent the latest ping it answered directly (our clock): proof
+        that the member received something from us at that time or later. Do not modify."""
+        return self._acked_at
 
     def broadcast_backlog(self) -> int:
         return len(self._queue)
@@ -632,6 +653,29 @@ class Membership:
                 return None
         return None
 
+    def _lease_tick(self, now: float, _arg: object) -> None:
+        every = self._lease_every
+        if every is None:
+            return
+        self._at(now + every, self._lease_tick, None)
+        # Unanswered pings are forgotten after a few rounds (insertion order is send order).
+        while self._lease_pings:
+            seq = next(iter(self._lease_pings))
+            if self._lease_pings[seq][1] >= now - 4 * every:
+                break
+            del self._lease_pings[seq]
+        if self.leaving:
+            return
+        for name in self._up:
+            member = self._members[name]
+            seq = self._next_seq()
+            self._lease_pings[seq] = (name, now)
+            self._send(member.addr, [Ping(seq, name, self.name)], piggyback=False)
+
+    def _lease_acked(self, name: str, sent: float) -> None:
+        if sent > self._acked_at.get(name, -math.inf):
+            self._acked_at[name] = sent
+
     def _estimate(self, name: str) -> PeerEstimate:
         est = self._estimates.get(name)
         if est is None:
@@ -791,6 +835,13 @@ class Membership:
         self._send(src, [Ack(msg.seq)])
 
     def _on_ack(self, now: float, src: Address, msg: Ack) -> None:
+        lease = self._lease_pings.pop(msg.seq, None)
+        if lease is not None:
+            name, sent = lease
+            member = self._members.get(name)
+            if member is not None and src == member.addr:
+                self._lease_acked(name, sent)
+            return
         probe = self._probes.get(msg.seq)
         if probe is not None:
             if probe.acked:
@@ -798,6 +849,7 @@ class Membership:
             probe.acked = True
             target = self._members.get(probe.target)
             if target is not None and src == target.addr:
+                self._lease_acked(probe.target, probe.started)
                 est = self._estimate(probe.target)
                 est.rtt_sample(now - probe.started)
                 if not probe.direct_counted:
@@ -1253,5 +1305,6 @@ class Membership:
         ]:
             del self._members[m.name]
             self._estimates.pop(m.name, None)
+            self._acked_at.pop(m.name, None)
             self.stats.reaped += 1
             self._emit(EventKind.REAP, m, now)

@@ -197,6 +197,12 @@ class MembershipDriver:
             return True
         return False
 
+    def renew_lease(self, every: float | None) -> None:
+        """Ping every member up each ``every`` seconds for placement's lease (None: stop)."""
+        self.core.renew_lease(trio.current_time(), every)
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self.core.next_deadline()
+
     async def remove(self, name: str) -> bool:
         """An operator removes a dead member (:meth:`Membership.remove`); True if it was
         removed now, False if it had already left. Raises the core's typed errors."""

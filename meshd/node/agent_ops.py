@@ -52,7 +52,9 @@ def register(node: Node) -> None:
             conflict.append(notice)
             notices.set()
 
-        agent = LocalAgent(entry, session, stream, notices=on_notice)
+        agent = LocalAgent(
+            entry, session, stream, notices=on_notice, gate=lambda: node.placement.serving(entry)
+        )
         router.attach(agent)
         try:
             stream.emit(

@@ -552,6 +552,7 @@ class Node:
             tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
             catch_up=self.replication_driver.catch_up,
+            renew_lease=self.membership_driver.renew_lease,
         )
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(self.replication_driver, lambda: list(self.router.local))

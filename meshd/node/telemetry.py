@@ -201,6 +201,11 @@ def register(node: Node) -> None:
             1 if node.placement.quorum.has_majority else 0,
             "1 if keep_majority agents may run on this side (it holds a majority).",
         )
+        yield _gauge(
+            "meshd_placement_lease",
+            1 if node.placement.lease.check(trio.current_time()) else 0,
+            "1 while this host holds its keep_majority lease (a majority answered lately).",
+        )
         yield _counter(
             "meshd_reminders_fired_total",
             node.reminders.fired,

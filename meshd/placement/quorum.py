@@ -21,11 +21,11 @@ Decisions are asymmetric:
   is immediate: the caller feeds the quorum only once the node has joined (its membership
   table then holds the whole cluster, dead members included).
 
-The majority side takes over agents of an unreachable host only once the host has been gone
-for ``stable_after`` (see :mod:`meshd.placement.service`). Both sides detect the partition
-with the same failure detector, so the minority has stopped by then — provided the two
-sides detect each other within ``stable_after`` of one another, which the default leaves a
-wide margin for (the limit every split-brain resolver without shared storage has).
+The majority side takes over agents of a silent host only once it has not seen the host
+alive for ``lease + lease_margin``; the silent host stops them sooner, by its lease, which
+does not depend on when its failure detector decides (:mod:`meshd.placement.core`,
+docs/lifecycle.md#the-lease). The quorum stays the rule for starting agents (start slow)
+and a second, slower reason to stop them.
 
 With no strict majority anywhere (an even split, or a cascade of failures) nobody runs
 ``keep_majority`` agents: the price of never running them twice.

@@ -12,9 +12,14 @@
   registry remembers them until reclaimed); the new owner of each re-activates it. Its state
   document is replicated, so it comes back with its state.
 * **Partition strategy.** ``keep_majority`` kinds run only on the side of a partition that
-  holds a strict majority of the last stable membership (:mod:`meshd.placement.quorum`): the
-  minority side deactivates them and answers ``unreachable``. ``allow_duplicates`` kinds run
-  on both sides; the registry's duplicate-name rule settles it after the heal.
+  holds a strict majority of the reference membership (:mod:`meshd.placement.quorum`) and
+  only while this host holds its lease (a majority answered its pings within
+  ``placement.lease``): otherwise it deactivates them and answers ``unreachable``. The
+  majority takes over a silent host's keep_majority agents once it has not seen the host
+  alive for ``lease + lease_margin``. ``allow_duplicates`` kinds run on both sides; the
+  registry's duplicate-name rule settles it after the heal.
+* **Decisions** are made by the pure functions of :mod:`meshd.placement.core`; this module
+  gathers their inputs and carries them out.
 * **Drain and rebalance.** A draining host stops accepting agents and moves its own, one at a
   time; when a host starts serving a kind, agents whose owner changed move in bounded batches.
   A move deactivates the agent (after its current message), then activates it on the new
@@ -35,7 +40,7 @@ from meshd.config.model import PlacementTuning
 from meshd.logs import kv
 from meshd.membership.core import Membership
 from meshd.membership.reference import reference_members
-from meshd.placement import rendezvous
+from meshd.placement import core, rendezvous
 from meshd.placement.kinds import ROOT, KindInfo, KindTable, Strategy, kind_of
 from meshd.placement.quorum import Quorum
 from meshd.registry.model import Entry
@@ -70,6 +75,8 @@ class PlacementStats:
     minority_stops: int = 0
     refused_minority: int = 0
     refused_takeover: int = 0  # a silent host's keep_majority agent asked for too early
+    lease_lapses: int = 0  # this host's keep_majority lease ran out
+    refused_lease: int = 0  # keep_majority deliveries/activations refused here: no lease
 
 
 @dataclass(slots=True)
@@ -84,7 +91,9 @@ class Placement:
     """Decides where agents of a kind run, and starts, moves and stops them.
 
     Owns: the kinds table (every host's advertised kinds), this host's runners, the quorum
-    view for ``keep_majority``, activations under way, drain and rebalance moves. Writes only
+    view and this host's lease for ``keep_majority``, when it last saw each host alive,
+    activations under way, drain and rebalance moves. Decides through the pure functions of
+    :mod:`meshd.placement.core`. Writes only
     this node's ``kinds`` map (through the registry). Starts an agent elsewhere and stops
     one here only through the :class:`~meshd.routing.ports.AgentHost` (routing); never sends
     a frame or touches a client itself."""
@@ -100,6 +109,8 @@ class Placement:
         tuning: PlacementTuning,
         log: logging.Logger,
         catch_up: Callable[[str, list[str], float], Awaitable[bool]] | None = None,
+        renew_lease: Callable[[float | None], None] | None = None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.node = node
         self.membership = membership
@@ -110,6 +121,15 @@ class Placement:
         self.log = log
         # Pull an agent's state from the peers ahead of this node before it starts here.
         self.catch_up = catch_up or _caught_up
+        # Membership's clock: the lease compares its ack times with this clock's ``now``.
+        self.clock = clock
+        # Turn the lease pings on (every so many seconds) or off (None): the membership
+        # driver's, which re-arms its timer; the core's own method in simulations.
+        self._renew = renew_lease or (lambda every: membership.renew_lease(self.clock(), every))
+        self._renewing: float | None = None
+        self.lease = core.Lease(restart_after=tuning.stable_after)
+        self._lease_blocked = False  # lapsed: stopped agents wait to be restored
+        self.sightings = core.Sightings()
         self.table = KindTable()
         self.runners: dict[str, list[Runner]] = {}
         self.quorum = Quorum(tuning.stable_after, tuning.stop_after)
@@ -124,7 +144,7 @@ class Placement:
         self._replan_at: float | None = None  # retry a rebalance that could not move
         self._minority_stopped: dict[str, str] = {}  # name -> kind, to restore with a majority
         self._stopping: set[str] = set()  # entry ids asked to stop for lack of a majority
-        self._down_at: dict[str, float] = {}  # hosts gone silent (not proven stopped): since
+        self._down_at: dict[str, float] = {}  # hosts gone silent (not proven): takeover at
         self._nursery: trio.Nursery | None = None
         self._failover_limit = trio.CapacityLimiter(tuning.failover_parallelism)
         registry.listeners.append(self._on_registry_event)
@@ -135,7 +155,7 @@ class Placement:
             task_status.started()
             while True:
                 await trio.sleep(0.1)
-                self._tick(trio.current_time())
+                self._tick(self.clock())
 
     # ------------------------------------------------------------------ the kinds table
 
@@ -192,25 +212,94 @@ class Placement:
         state = self.membership.peek(host)
         return state is not None and state[0] is Status.LEFT
 
+    def _alive(self, host: str) -> bool:
+        state = self.membership.peek(host)
+        return host == self.node or (state is not None and state[0] is Status.ALIVE)
+
     def _up(self, host: str) -> bool:
         state = self.membership.peek(host)
         return host == self.node or (state is not None and state[0].up)
 
     def candidates(self, kind: str, *, exclude: str | None = None) -> dict[str, float]:
-        return {
-            host: float(info.capacity)
-            for host, info in self.table.hosts(kind).items()
-            if info.accepts and host != exclude and self._up(host)
-        }
+        return core.candidates(self.table.hosts(kind), self._up, exclude)
 
     def owner(self, kind: str, name: str, *, exclude: str | None = None) -> str | None:
         return rendezvous.owner(name, self.candidates(kind, exclude=exclude))
 
     def may_run(self, kind: str) -> bool:
-        """Partition strategy: may this side run agents of ``kind`` now?"""
-        if self.table.strategy(kind) is Strategy.KEEP_MAJORITY:
-            return self.quorum.has_majority
-        return True
+        """Partition strategy: may this side start agents of ``kind`` now?"""
+        strategy = self.table.strategy(kind)
+        if strategy is not Strategy.KEEP_MAJORITY:
+            return True
+        now = self.clock()
+        self._observe_lease(now)
+        return core.may_run(strategy, self.quorum.has_majority, self.lease.may_start(now))
+
+    # ------------------------------------------------------------------ the lease
+
+    def _takeover_wait(self) -> float:
+        return self.tuning.lease + self.tuning.lease_margin
+
+    def _observe_lease(self, now: float) -> None:
+        """Check the lease on fresh acks; a lapse stops every local keep_majority agent
+        before this returns (so before anything else may act on the fresh acks)."""
+        if not getattr(self.membership, "joined", True):
+            return
+        self._lease_renewal()
+        if self._renewing is None:
+            # Not pinging: this host serves no keep_majority kind, so it runs none of their
+            # agents; no lease to keep (and no lapse to count, which would delay its first
+            # agents by stable_after once it starts serving one).
+            self.lease.release()
+            return
+        expiry = core.lease_expiry(
+            self.node,
+            reference_members(self.membership.members()),
+            self.membership.acked_at(),
+            self.tuning.lease,
+        )
+        lapses = self.lease.lapses
+        if self.lease.observe(now, expiry):
+            if self.lease.lapses != lapses:
+                self.stats.lease_lapses += 1
+                self._lease_blocked = True
+                self.log.warning(
+                    "keep_majority lease lapsed: no majority answered within the lease",
+                    extra=kv(lease=self.tuning.lease),
+                )
+            self._enforce_quorum(now)
+
+    def serving(self, entry: Entry) -> errors.MeshError | None:
+        """May a message reach the local agent ``entry`` now? Checked by routing before each
+        delivery: a keep_majority agent is served only while this host holds its lease."""
+        if not entry.kind or self.table.strategy(entry.kind) is not Strategy.KEEP_MAJORITY:
+            return None
+        now = self.clock()
+        if self.lease.check(now):
+            return None
+        self._observe_lease(now)
+        if self.lease.check(now) and not self._lease_blocked:
+            return None
+        self.stats.refused_lease += 1
+        return errors.Unreachable(
+            f"{entry.name!r} is a keep_majority agent and {self.node} holds no lease "
+            "(no majority answered it lately)",
+            detail={"kind": entry.kind, "host": self.node},
+        )
+
+    def _lease_renewal(self) -> None:
+        """Ping for the lease while this host serves a keep_majority kind."""
+        serves = any(
+            r.strategy is Strategy.KEEP_MAJORITY for rs in self.runners.values() for r in rs
+        ) or any(
+            info.strategy is Strategy.KEEP_MAJORITY
+            for kind in self.table.kinds()
+            if (info := self.table.info(self.node, kind)) is not None
+        )
+        every = self.tuning.lease_renew if serves else None
+        if every != self._renewing:
+            self._renewing = every
+            self._renew(every)
 
     # ------------------------------------------------------------------ activation
 
@@ -228,7 +317,8 @@ class Placement:
                 f"no live agent named {name!r}"
                 + (f" and no host serves kind {kind!r}" if kind else "")
             )
-        if not self.may_run(kind):
+        strategy = self.table.strategy(kind)
+        if not core.may_run(strategy, self.quorum.has_majority, lease_may_start=True):
             self.stats.refused_minority += 1
             raise errors.Unreachable(
                 f"{name!r} is a keep_majority agent and this side of the partition holds no "
@@ -242,28 +332,32 @@ class Placement:
                 f"no live host can take agents of kind {kind!r} now", detail={"kind": kind}
             )
         if owner == self.node:
+            if not self.may_run(kind):  # the owner's own lease (another owner checks its own)
+                self.stats.refused_lease += 1
+                raise errors.Unreachable(
+                    f"{name!r} is a keep_majority agent and {self.node} holds no lease (no "
+                    "majority answered it lately, or it lapsed less than stable_after ago)",
+                    detail={"kind": kind, "host": self.node},
+                )
             return await self.activate_local(name, kind, deadline)
         return await self.host.activate_remote(owner, name, kind, deadline)
 
     def _check_takeover(self, name: str, kind: str) -> None:
         """A message to a keep_majority agent whose host went silent must not start it here
-        before the host's side has had ``stable_after`` to stop it (the same wait as the
-        failover after a death): that host may be alive behind a partition, still running it."""
-        if self.table.strategy(kind) is not Strategy.KEEP_MAJORITY:
-            return
+        before that host's lease has run out (the same wait as the failover after a death):
+        the host may be alive behind a partition, still running it."""
         gone = self.registry.last_known(name)
-        if gone is None or gone.node == self.node:
-            return
-        down_at = self._down_at.get(gone.node)
-        if down_at is None:
-            return  # not gone silent lately: stopped, left, or long forgotten
-        wait = down_at + self.tuning.stable_after - trio.current_time()
-        if wait > 0:
+        host = gone.node if gone is not None else None
+        takeover_at = self._down_at.get(host) if host is not None else None
+        wait = core.takeover_refusal(
+            self.table.strategy(kind), host, self.node, takeover_at, self.clock()
+        )
+        if wait is not None:
             self.stats.refused_takeover += 1
             raise errors.Unreachable(
-                f"{name!r} ran on {gone.node}, which went silent; it may still run there "
+                f"{name!r} ran on {host}, which went silent; it may still run there "
                 f"behind a partition, so it starts elsewhere only in {wait:.1f} s",
-                detail={"kind": kind, "host": gone.node, "retry_after": round(wait, 1)},
+                detail={"kind": kind, "host": host, "retry_after": round(wait, 1)},
             )
 
     async def activate_local(self, name: str, kind: str, deadline: float) -> Entry:
@@ -337,6 +431,7 @@ class Placement:
     def attach_runner(self, runner: Runner) -> None:
         self.runners.setdefault(runner.kind, []).append(runner)
         self._dirty = True
+        self._lease_renewal()  # ping for the lease at once, before the first activation
 
     def detach_runner(self, runner: Runner) -> None:
         runners = self.runners.get(runner.kind, [])
@@ -356,17 +451,18 @@ class Placement:
         # its keep_majority agents wait until the minority there has stopped them.
         # A host that left gracefully stopped its agents before leaving: proven too.
         proven = self.membership.died_refused(host) or self._left(host)
+        now = self.clock()
+        takeover_at = self.sightings.takeover_at(now, host, self._takeover_wait())
         if proven:
             self._down_at.pop(host, None)
         else:
-            self._down_at[host] = trio.current_time()
+            self._down_at[host] = takeover_at
         for name in self.registry.names_on(host):
             entry = self.registry.last_known(name)
             if entry is None or not entry.kind or not self.table.hosts(entry.kind):
                 continue
-            wait = 0.0
-            if not proven and self.table.strategy(entry.kind) is Strategy.KEEP_MAJORITY:
-                wait = self.tuning.stable_after
+            strategy = self.table.strategy(entry.kind)
+            wait = core.failover_wait(strategy, proven, now, takeover_at)
             self._nursery.start_soon(self._failover, name, entry.kind, host, wait)
 
     async def _failover(self, name: str, kind: str, host: str, wait: float) -> None:
@@ -374,7 +470,20 @@ class Placement:
             await trio.sleep(wait)
             if self._up(host) or self.registry.lookup(name) is not None:
                 return  # it came back, or someone else took over meanwhile
-        if self.owner(kind, name) != self.node or not self.may_run(kind):
+        give_up = trio.current_time() + self.tuning.stable_after
+        while True:
+            owner = self.owner(kind, name)
+            action = core.failover_action(
+                owner, self.node, owner is not None and self._alive(owner)
+            )
+            if action == "activate":
+                break
+            if action == "leave" or trio.current_time() >= give_up:
+                return
+            await trio.sleep(self.tuning.lease_renew)
+            if self.registry.lookup(name) is not None:
+                return
+        if not self.may_run(kind):
             return
         async with self._failover_limit:
             try:
@@ -386,22 +495,23 @@ class Placement:
 
     # ------------------------------------------------------------------ partition strategy
 
-    def _enforce_quorum(self) -> None:
-        if self.quorum.has_majority:
-            return
-        for entry in self._local_agents():
-            if (
-                entry.kind
-                and entry.entry_id not in self._stopping
-                and self.table.strategy(entry.kind) is Strategy.KEEP_MAJORITY
-                and self.host.deactivate(entry.name, "minority")
-            ):
-                self._stopping.add(entry.entry_id)
-                self._minority_stopped[entry.name] = entry.kind
+    def _local(self) -> list[core.Local]:
+        return [core.Local(e.name, e.entry_id, e.kind) for e in self._local_agents()]
+
+    def _enforce_quorum(self, now: float) -> None:
+        lease = self.lease.check(now)
+        ok = self.quorum.has_majority and lease
+        # One reason for the client either way: a lapsed lease means no majority answered.
+        no_lease = self.quorum.has_majority
+        for agent in core.to_stop(self._local(), self.table.strategy, ok, self._stopping):
+            if self.host.deactivate(agent.name, "minority"):
+                self._stopping.add(agent.entry_id)
+                self._minority_stopped[agent.name] = agent.kind
                 self.stats.minority_stops += 1
                 self.log.warning(
-                    "stopping a keep_majority agent: this side is a minority",
-                    extra=kv(agent=entry.name),
+                    "stopping a keep_majority agent: "
+                    + ("no lease" if no_lease else "this side is a minority"),
+                    extra=kv(agent=agent.name),
                 )
 
     # ------------------------------------------------------------------ drain & rebalance
@@ -420,11 +530,7 @@ class Placement:
 
     def _plan_rebalance(self) -> None:
         """A host's kinds changed: queue local agents whose owner is now someone else."""
-        for entry in self._local_agents():
-            if entry.kind and entry.name not in self._moves:
-                owner = self.owner(entry.kind, entry.name)
-                if owner is not None and owner != self.node:
-                    self._moves.append(entry.name)
+        self._moves.extend(core.to_move(self._local(), self.owner, self.node, self._moves))
 
     async def _move(self, name: str) -> None:
         entry = self.registry.holds(name)
@@ -493,6 +599,7 @@ class Placement:
         # and a daemon alone behind a partition would think itself a majority.
         members = self.membership.members()
         up = frozenset(m.name for m in members if m.status is Status.ALIVE)
+        self._lease_renewal()
         if getattr(self.membership, "joined", True):
             # Only members known alive count: a suspect is not confirmed reachable. On a
             # small side, suspicions gather few confirmations and take long to become
@@ -506,11 +613,18 @@ class Placement:
                     "keep_majority: the members up here are no majority of the known ones",
                     extra=kv(up=len(up), known=len(known)),
                 )
-            elif not before and self.quorum.has_majority:
+            self.sightings.observe(now, up, known)
+            self._observe_lease(now)
+            if core.restore_now(
+                before, self.quorum.has_majority, self._lease_blocked, self.lease.may_start(now)
+            ):
+                # What it stopped runs again (at its owner), unless the other side has
+                # started it meanwhile.
+                self._lease_blocked = False
                 self._restore_stopped()
-        self._enforce_quorum()
-        for host, since in list(self._down_at.items()):
-            if now - since >= self.tuning.stable_after or self._up(host):
+        self._enforce_quorum(now)
+        for host, takeover_at in list(self._down_at.items()):
+            if now >= takeover_at or self._up(host):
                 del self._down_at[host]
         if self._dirty:
             self._dirty = False
@@ -520,9 +634,7 @@ class Placement:
         # the dead) changes owners just as a change of the kinds table does.
         serving = {host for host, _, _, _ in self.table.hosts_snapshot()}
         serving_up = frozenset(host for host in serving if host != self.node and host in up)
-        if serving_up - self._serving_up or (
-            self._replan_at is not None and now >= self._replan_at
-        ):
+        if core.rebalance_due(serving_up, self._serving_up, self._replan_at, now):
             self._replan_at = None
             self._plan_rebalance()
         self._serving_up = serving_up
@@ -536,7 +648,7 @@ class Placement:
         """A move failed (say the new owner of a keep_majority agent has not yet settled
         its own quorum after a partition healed): run the agent here again rather than
         nowhere, and plan the move anew once membership has had time to settle."""
-        self._replan_at = trio.current_time() + self.tuning.stable_after
+        self._replan_at = self.clock() + self.tuning.stable_after
         if self.registry.lookup(name) is not None or not self.may_run(kind):
             return
         if self.draining:

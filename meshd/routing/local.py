@@ -66,6 +66,8 @@ class LocalAgent:
     stream: EventSink
     pending: dict[str, _Delivery] = field(default_factory=dict)
     notices: Callable[[dict[str, Any]], None] | None = None
+    # Asked before each delivery: an error refuses it (placement's keep_majority lease).
+    gate: Callable[[], MeshError | None] | None = None
 
 
 def _copy(outcome: Outcome) -> Outcome:
@@ -144,6 +146,8 @@ class LocalAgents:
                 )
             if agent is None:
                 raise errors.Unreachable(f"{msg.to!r} is registered here but not served")
+            if agent.gate is not None and (refused := agent.gate()) is not None:
+                raise refused
             if len(agent.pending) >= MAX_PENDING_PER_AGENT:
                 raise errors.Overloaded(f"{msg.to!r} has too many messages waiting")
             if wait:

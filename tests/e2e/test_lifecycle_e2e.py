@@ -373,9 +373,10 @@ async def test_keep_majority_agents_stop_on_a_minority_allow_duplicates_go_on(
     its keep_majority agents at once — stop fast, no later than it learns of the deaths —
     answers Unreachable for every keep_majority agent and refuses new ones, while
     allow_duplicates agents keep working and fail over. What it cannot check: a true
-    partition, where the other side is alive and running (the majority's slow takeover
-    after stable_after, both sides at once): that needs the netns chaos harness; the
-    decision itself is covered by test_placement_agreement.py."""
+    partition, where the other side is alive and running (the majority's takeover once the
+    lease has run out, both sides at once): that needs the netns harness; the decisions
+    are covered by test_placement_agreement.py, test_placement_core.py and the placement
+    simulation (an isolated host, a paused one)."""
     daemons = await start(cluster, 5)
     solo, dup = Kind("solo"), Kind("dup", strategy="allow_duplicates")
     async with meshes(daemons) as ms:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,9 @@ class ReplicatorStub:
         return None
 
 
-def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placement:
+def make_placement(
+    sim: SimNode, world: World, hosts: Iterable[str], clock: Callable[[], float]
+) -> Placement:
     placement = Placement(
         node=sim.name,
         membership=sim.core,
@@ -119,6 +121,7 @@ def make_placement(sim: SimNode, world: World, hosts: Iterable[str]) -> Placemen
         host=RouterStub(sim.name, world),
         tuning=PlacementTuning(stable_after=SA),
         log=logging.getLogger("test.placement"),
+        clock=clock,  # the membership cores' clock (their ack times), not trio's
     )
     for host in hosts:
         placement.table.set_host(host, {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
@@ -149,18 +152,29 @@ class Harness:
         self.net = net
         self.world = World()
         self.placements = {
-            name: make_placement(net.nodes[name], self.world, net.nodes) for name in net.nodes
+            name: make_placement(net.nodes[name], self.world, net.nodes, lambda: net.now)
+            for name in net.nodes
         }
         for p in self.placements.values():
             p._nursery = nursery
             p.host.placements = self.placements  # type: ignore[attr-defined]
-        for name in names:  # place the agents where their owner is
-            owner = rendezvous.owner(name, dict.fromkeys(net.nodes, 100.0))
+        self._unplaced = list(names)
+        self.hold: set[str] = set()  # nodes whose placement does not tick for now
+        net.listeners.append(self._on_event)
+        nursery.start_soon(self._ticker)
+
+    def _place(self) -> None:
+        """Place the agents where their owner is, once every node holds its lease (as a
+        runner's activation would wait for: an agent starts only under a lease)."""
+        now = self.net.now
+        if not self._unplaced or not all(p.lease.check(now) for p in self.placements.values()):
+            return
+        for name in self._unplaced:
+            owner = rendezvous.owner(name, dict.fromkeys(self.net.nodes, 100.0))
             assert owner is not None
             self.world.running.setdefault(owner, set()).add(name)
             self.world.last_host[name] = owner
-        net.listeners.append(self._on_event)
-        nursery.start_soon(self._ticker)
+        self._unplaced = []
 
     def _on_event(self, node: SimNode, event: MemberEvent) -> None:
         if event.kind in (EventKind.DEAD, EventKind.LEAVE) and node.state == "up":
@@ -169,8 +183,9 @@ class Harness:
     async def _ticker(self) -> None:
         while True:
             for name, p in self.placements.items():
-                if self.net.nodes[name].state == "up":
-                    p._tick(trio.current_time())
+                if self.net.nodes[name].state == "up" and name not in self.hold:
+                    p._tick(self.net.now)
+            self._place()
             await trio.sleep(0.1)
 
     def runners_of(self, name: str, among: Iterable[str] | None = None) -> set[str]:
@@ -206,6 +221,7 @@ async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
         await h.run(SA + 1)  # every quorum settles
         victim = next(n for n in net.nodes if h.world.running.get(n))
         lost = sorted(h.world.running[victim])
+        crashed_at = net.now
         net.crash(victim)  # silent: a host gone, no refusal evidence
 
         def at_most_one() -> None:
@@ -219,9 +235,11 @@ async def test_a_crashed_owner_fails_over_to_exactly_one_survivor(
             [runner] = h.runners_of(name, survivors)
             owners = {h.placements[s].owner(KIND, name) for s in survivors}
             assert owners == {runner}  # the one every survivor computes
-        # Silence is not proof: nobody took over before stable_after had passed.
-        crash_detected = min(t for t, _, n in h.world.starts if n in lost)
-        assert crash_detected >= SA
+        # Silence is not proof: nobody took over before the victim's lease had run out and
+        # the margin passed (every survivor saw it alive until the crash, or later).
+        tuning = h.placements[victim].tuning
+        first_start = min(t for t, _, n in h.world.starts if n in lost)
+        assert first_start - crashed_at >= tuning.lease + tuning.lease_margin
         nursery.cancel_scope.cancel()
 
 
@@ -317,7 +335,7 @@ async def test_a_join_moves_only_agents_whose_owner_changed(
         assert await net.run_until(net.now + 30.0, stop=net.converged, check_every=0.5)
         for p in h.placements.values():
             p.table.set_host("n5", {KIND: KindInfo(100, 0, Strategy.KEEP_MAJORITY)})
-        newcomer = make_placement(net.nodes["n5"], h.world, net.nodes)
+        newcomer = make_placement(net.nodes["n5"], h.world, net.nodes, lambda: net.now)
         views = [*h.placements.values(), newcomer]
         after = {n: {p.owner(KIND, n) for p in views} for n in names}
         assert all(len(o) == 1 for o in after.values())  # everyone agrees, newcomer too
@@ -325,3 +343,92 @@ async def test_a_join_moves_only_agents_whose_owner_changed(
         assert all(next(iter(after[n])) == "n5" for n in moved)  # only to the newcomer
         assert 0.10 < len(moved) / len(names) < 0.24  # ≈ 1/6
         nursery.cancel_scope.cancel()
+
+
+def _active(h: Harness, name: str) -> set[str]:
+    """The nodes where ``name`` would take a message now: running there, on a node that is up
+    (not crashed nor paused), and passed by that node's delivery gate (the lease)."""
+    return {
+        n
+        for n, names in h.world.running.items()
+        if name in names
+        and h.net.nodes[n].state == "up"
+        and h.placements[n].serving(entry(name, n)) is None
+    }
+
+
+def _at_most_one_active(h: Harness, names: list[str]) -> None:
+    for name in names:
+        active = _active(h, name)
+        assert len(active) <= 1, (h.net.now, name, active)
+
+
+async def _settled(
+    seed: int, nursery: trio.Nursery
+) -> tuple[Harness, list[str], str, list[str], list[str]]:
+    """Five nodes running 60 keep_majority agents, settled; a victim that runs some: the
+    harness, the agents, the victim, its agents and the other nodes."""
+    net = await cluster(5, seed=seed)
+    names = [f"{KIND}/{i}" for i in range(60)]
+    h = Harness(net, names, nursery)
+    await h.run(SA + 1)
+    victim = next(n for n in sorted(net.nodes) if h.world.running.get(n))
+    others = [n for n in net.nodes if n != victim]
+    return h, names, victim, sorted(h.world.running[victim]), others
+
+
+async def test_an_isolated_host_stops_its_agents_by_its_lease_before_the_majority_takes_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every packet of one host dropped (silence, the host still running): its lease runs
+    out, it stops its keep_majority agents, and the majority starts them elsewhere only after
+    that; at no check does an agent take messages on two hosts."""
+    for seed in (31, 32, 33):
+        async with trio.open_nursery() as nursery:
+            h, names, victim, lost, others = await _settled(seed, nursery)
+            net = h.net
+            net.partition([victim], others)
+            await h.run(40.0, check=functools.partial(_at_most_one_active, h, names))
+            assert h.placements[victim].stats.lease_lapses >= 1, seed
+            assert not h.world.running.get(victim), seed  # it stopped them itself
+            for name in lost:
+                assert len(h.runners_of(name, others)) == 1, (seed, name)
+            net.heal()
+            await h.run(3 * SA, check=functools.partial(_at_most_one_active, h, names))
+            for name in names:
+                assert len(h.runners_of(name)) == 1, (seed, name, h.runners_of(name))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_host_paused_past_its_lease_checks_it_before_it_serves_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """SIGSTOP for longer than the lease: the majority takes the agents over meanwhile. On
+    waking the host reads the acks that came in and pings again, but the first check of its
+    lease (a tick, or a delivery) finds it lapsed and stops the agents, whatever fresh acks
+    arrived; it serves none of them in between."""
+    for seed in (41, 42):
+        async with trio.open_nursery() as nursery:
+            h, names, victim, lost, others = await _settled(seed, nursery)
+            net = h.net
+            net.pause(victim)
+            check = functools.partial(_at_most_one_active, h, names)
+            await h.run(15.0, check=check)
+            for name in lost:  # taken over while it slept; still listed on the sleeper
+                assert len(h.runners_of(name, others)) == 1, (seed, name)
+                assert victim in h.runners_of(name), (seed, name)
+            # The worst order on waking: the packets first (the acks that came meanwhile,
+            # then fresh acks for the pings sent on waking), placement's first tick after.
+            h.hold.add(victim)
+            woke = net.now
+            net.resume(victim)
+            await h.run(0.05)
+            fresh = h.placements[victim].membership.acked_at()
+            assert sum(t >= woke for t in fresh.values()) >= 2, seed  # a majority answered
+            h.hold.clear()
+            check()  # the first look at the lease (a delivery's) finds it lapsed
+            await h.run(3 * SA, check=check)
+            assert h.placements[victim].stats.lease_lapses >= 1, seed
+            for name in names:
+                assert len(h.runners_of(name)) == 1, (seed, name, h.runners_of(name))
+            nursery.cancel_scope.cancel()

@@ -233,6 +233,54 @@ def test_direct_ack_ends_the_probe() -> None:
     assert node.events(EventKind.SUSPECT) == []
 
 
+# ---------------------------------------------------------------------------- lease renewal
+
+
+def lease_pings(node: Node, at: float) -> dict[str, Ping]:
+    """The pings sent at ``at`` by target (a lease round pings every member up at once)."""
+    return {msg.target: msg for when, _, msg in node.find(Ping, at) if when == at}
+
+
+def test_lease_renewal_pings_every_member_up_each_interval_until_turned_off() -> None:
+    node = cluster()
+    node.core.renew_lease(0.05, 0.4)
+    node.run(0.05)
+    assert set(lease_pings(node, 0.05)) == set("bcde")
+    node.run(0.45)
+    assert set(lease_pings(node, 0.45)) == set("bcde")
+    node.core.renew_lease(0.5, None)
+    node.run(3.0)
+    rounds = {when for when, _, _ in node.find(Ping, 0.5)}
+    assert all(len(lease_pings(node, when)) <= 1 for when in rounds)  # probes only
+
+
+def test_acked_at_keeps_the_send_time_of_the_latest_directly_answered_ping() -> None:
+    node = cluster()
+    node.core.renew_lease(0.05, 0.4)
+    node.run(0.05)
+    pings = lease_pings(node, 0.05)
+    node.send(0.3, addr_for("b"), Ack(pings["b"].seq))
+    node.send(0.3, STRANGER, Ack(pings["c"].seq))  # not from c: proves nothing about c
+    assert node.core.acked_at() == {"b": 0.05}
+    node.run(0.45)
+    later = lease_pings(node, 0.45)
+    node.send(0.5, addr_for("b"), Ack(later["b"].seq))
+    node.send(0.6, addr_for("d"), Ack(pings["d"].seq))  # late answer to the older round
+    assert node.core.acked_at() == {"b": 0.45, "d": 0.05}
+
+
+def test_a_direct_probe_ack_counts_for_the_lease_an_indirect_one_does_not() -> None:
+    node = cluster()
+    t0, ping = node.run_until_ping()
+    node.send(t0 + 0.1, addr_for(ping.target), Ack(ping.seq))
+    assert node.core.acked_at() == {ping.target: t0}
+    t1, ping = node.run_until_ping(limit=t0 + 5.0)
+    node.run(t1 + LAN.probe_timeout)
+    _, relay, _ = node.find(PingReq, t1)[0]
+    node.send(t1 + 0.7, relay, Ack(ping.seq))  # through a relay: the target did not hear us
+    assert node.core.acked_at().get(ping.target) != t1
+
+
 def test_indirect_ack_prevents_suspicion() -> None:
     node = cluster()
     t0, ping = node.run_until_ping()

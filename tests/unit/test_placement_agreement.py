@@ -16,6 +16,7 @@ handle; they pass (and turn the suite red) once it does.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,18 @@ class MembershipStub:
 
     def members(self) -> list[MemberStub]:
         return [MemberStub(n, s) for n, s in self.statuses.items() if s is not None]
+
+    acked: dict[str, float] | None = None  # when each answered a lease ping, if set
+
+    def acked_at(self) -> dict[str, float]:
+        """Unless ``acked`` says otherwise, every member up answers the lease pings, always
+        (a lease ends only where no majority is up)."""
+        if self.acked is not None:
+            return self.acked
+        return {n: math.inf for n, s in self.statuses.items() if s in UP}
+
+    def renew_lease(self, _now: float, _every: float | None) -> None:
+        return None
 
 
 @dataclass
@@ -483,7 +496,8 @@ async def test_keep_majority_takeover_waits_and_a_minority_never_takes_over(
 ) -> None:
     """After a 3|2 partition (silence, not a proven crash): n4, in the minority, must never
     start the other side's keep_majority agents; n1, in the majority, takes over n4/n5's
-    agents only after stable_after, when the minority has stopped them."""
+    agents only once its leases have run out (lease + lease_margin), when the minority has
+    stopped them."""
     five = ["n1", "n2", "n3", "n4", "n5"]
     table = [(h, {"k": KindInfo(100, 0, Strategy.KEEP_MAJORITY)}) for h in five]
     ran = {h: [entry(f"k/{h}-{i}", h, "k") for i in range(20)] for h in five}
@@ -514,7 +528,9 @@ async def test_keep_majority_takeover_waits_and_a_minority_never_takes_over(
         if node == "n4":
             assert not any("n4" in by for by in claims.values())
         else:
-            assert trio.current_time() - start >= SA  # it waited for the minority to stop
+            # It waited for the minority's leases to run out.
+            wait = placement.tuning.lease + placement.tuning.lease_margin
+            assert trio.current_time() - start >= wait
     taken = sorted(name for name, by in claims.items() if by == ["n1"])
     assert taken and all(name.split("-")[0] in ("k/n4", "k/n5") for name in taken)
 
@@ -547,7 +563,7 @@ async def test_a_proven_crash_is_taken_over_at_once(autojump_clock: Any) -> None
 async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover_delay(
     autojump_clock: Any, proven: bool
 ) -> None:
-    """The failover after a silent death waits ``stable_after``; a message to one of that
+    """The failover after a silent death waits ``lease + lease_margin``; a message to one of that
     host's keep_majority agents must wait as long (answered ``unreachable``), or it would
     start the agent while the host may still run it behind a partition."""
     three = ["n1", "n2", "n3"]
@@ -569,9 +585,10 @@ async def test_a_message_does_not_start_a_silent_hosts_agent_before_the_takeover
         for name in names:
             with pytest.raises(errors.Unreachable, match="went silent") as info:
                 await placement.ensure_active(name, "k", start + 5)
-            assert info.value.detail["retry_after"] == SA
+            wait = placement.tuning.lease + placement.tuning.lease_margin
+            assert info.value.detail["retry_after"] == wait
         assert not claims
-        await trio.sleep(SA)
+        await trio.sleep(wait)
     for name in names:
         await placement.ensure_active(name, "k", trio.current_time() + 5)
     assert sorted(claims) == sorted(names)  # each started, here or at its owner
@@ -589,3 +606,30 @@ def test_a_fresh_daemon_joining_a_minority_does_not_claim_the_majority() -> None
     fresh.tick(20.0 + SA)
     assert not old.has_majority
     assert not fresh.has_majority  # the n1..n3 side does hold one
+
+
+async def test_a_host_serves_its_keep_majority_agents_only_under_its_lease(
+    autojump_clock: Any,
+) -> None:
+    """Routing asks placement before each delivery: while a majority answered pings sent
+    within the lease, it delivers; once the lease has run out, the first check latches the
+    lapse and refuses, even with fresh answers, until the lease has been held again for
+    stable_after."""
+    five = ["n1", "n2", "n3", "n4", "n5"]
+    table = [(h, {"k": KindInfo(100, 0, Strategy.KEEP_MAJORITY)}) for h in five]
+    placement = daemon("n1", dict.fromkeys(five, Status.ALIVE), table)
+    stub: MembershipStub = placement.membership  # type: ignore[assignment]
+    lease = placement.tuning.lease
+    start = trio.current_time()
+    stub.acked = dict.fromkeys(five[1:], start)
+    solo, free = entry("k/1", "n1", "k"), entry("plain", "n1", "")
+    assert placement.serving(solo) is None and placement.serving(free) is None
+    await trio.sleep(lease - 0.1)
+    assert placement.serving(solo) is None
+    await trio.sleep(0.2)  # nobody answered since: the lease ran out
+    stub.acked = dict.fromkeys(five[1:], trio.current_time())  # fresh answers came meanwhile
+    refused = placement.serving(solo)
+    assert isinstance(refused, errors.Unreachable) and "lease" in refused.message
+    assert placement.stats.lease_lapses == 1
+    assert placement.serving(free) is None  # no kind: not placement's to fence
+    assert placement.serving(solo) is not None  # held again, but not for stable_after yet

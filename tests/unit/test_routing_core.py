@@ -139,6 +139,20 @@ def test_a_leaving_daemon_delivers_nothing() -> None:
     assert sink.events == []
 
 
+def test_an_agent_whose_gate_refuses_gets_nothing_and_the_caller_gets_the_refusal() -> None:
+    """Placement's keep_majority lease: a host without it delivers nothing to the agent."""
+    r = rig()
+    sink = serve(r, "solo")
+    refusal: list[errors.MeshError] = [errors.Unreachable("no lease")]
+    r.core.local.agents["solo"].gate = lambda: refusal[0] if refusal else None
+    error = error_of(call(r, "solo"))
+    assert isinstance(error, errors.Unreachable) and error.message == "no lease"
+    assert sink.events == [] and r.core.local.agents["solo"].pending == {}
+    refusal.clear()
+    call(r, "solo", msg_id="m2")
+    assert [e["id"] for e in sink.events] == ["m2"]
+
+
 def test_too_many_waiting_deliveries_overload_an_agent() -> None:
     r = rig()
     sink = serve(r, "busy")
