@@ -1,0 +1,202 @@
+"""Tracing on real daemons: one request across two hosts is one trace.
+
+The daemons are real processes exporting over OTLP/HTTP to a receiver on loopback
+(tests/e2e/otlp_receiver.py); the client spans (caller and handler, in this process) go to
+the SDK's in-memory exporter. Every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from meshd.testing.localcluster import Daemon, LocalCluster
+from meshd.testing.poll import eventually, until
+from meshd_client import AgentContext, Mesh, Message, NotFound
+from meshd_client.protocol import tracecontext
+from tests.e2e.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def client_spans() -> Iterator[InMemorySpanExporter]:
+    """The client library's spans in this process (one global provider per process)."""
+    if not getattr(trace.get_tracer_provider(), "_meshd_test", False):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        provider._meshd_test = True  # type: ignore[attr-defined]
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with otlp_receiver() as r:
+        yield r
+
+
+def hexid(n: int, width: int) -> str:
+    return format(n, f"0{width}x")
+
+
+def client_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    found = [s for s in exporter.get_finished_spans() if s.name == name]
+    assert len(found) == 1, [s.name for s in exporter.get_finished_spans()]
+    return found[0]
+
+
+async def traced(cluster: LocalCluster, receiver: Receiver, count: int) -> list[Daemon]:
+    extra = [f"--set=tracing.endpoint={receiver.endpoint}"]
+    first = cluster.add("n1", extra=extra)
+    daemons = [first] + [
+        cluster.add(f"n{i}", seeds=[first.addr], extra=extra) for i in range(2, count + 1)
+    ]
+    await cluster.wait_ready()
+    await cluster.wait_converged()
+    return daemons
+
+
+async def resolves(mesh: Mesh, name: str) -> None:
+    async def check() -> bool | None:
+        try:
+            await mesh.lookup(name)
+        except NotFound:
+            return None
+        return True
+
+    await eventually(check, f"{name!r} to resolve on {mesh.node}")
+
+
+async def spans_named(receiver: Receiver, name: str, trace_id: str, count: int = 1) -> list[Any]:
+    async def check() -> list[ReceivedSpan] | None:
+        got = [s for s in receiver.named(name) if s.trace_id == trace_id]
+        return got if len(got) >= count else None
+
+    return await eventually(check, f"{count} exported {name!r} span(s) of trace {trace_id}")
+
+
+async def test_a_request_across_two_hosts_is_one_trace(
+    cluster: LocalCluster, receiver: Receiver, client_spans: InMemorySpanExporter
+) -> None:
+    n1, n2 = await traced(cluster, receiver, 2)
+    in_handler: list[str] = []
+
+    async def echo(_ctx: AgentContext, msg: Message) -> Any:
+        # The handler runs in the call's trace: what it starts is part of it.
+        in_handler.append(hexid(trace.get_current_span().get_span_context().trace_id, 32))
+        return {"echo": msg.body, "traceparent": msg.traceparent}
+
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n1.socket_path) as caller:
+        await host.serve("echo", echo, kind="echo")
+        await resolves(caller, "echo")
+        reply = await caller.request("echo", "hi")
+        assert reply["echo"] == "hi"
+
+    request = client_span(client_spans, "meshd request")
+    handle = client_span(client_spans, "meshd handle echo")
+    trace_id = hexid(request.context.trace_id, 32)
+    assert request.parent is None  # the caller had no trace: the client started one
+    assert request.kind is trace.SpanKind.CLIENT
+    assert in_handler == [trace_id]
+    assert reply["traceparent"].split("-")[1] == trace_id
+
+    (api,) = await spans_named(receiver, "meshd.api request", trace_id)
+    (forward,) = await spans_named(receiver, "meshd.forward", trace_id)
+    (deliver,) = await spans_named(receiver, "meshd.deliver", trace_id)
+    # caller -> n1 API receive -> n1 forward -> n2 remote deliver -> the handler on n2's client
+    assert api.parent_id == hexid(request.context.span_id, 16)
+    assert forward.parent_id == api.span_id
+    assert deliver.parent_id == forward.span_id
+    assert handle.parent is not None and hexid(handle.parent.span_id, 16) == deliver.span_id
+    assert hexid(handle.context.trace_id, 32) == trace_id
+    assert (api.kind, forward.kind, deliver.kind) == ("server", "client", "server")
+    assert (api.service, forward.service, deliver.service) == ("n1", "n1", "n2")
+    for span in (api, forward, deliver):
+        assert span.attributes["meshd.agent.name"] == "echo"
+        assert span.attributes["meshd.outcome"] == "ok"
+    assert api.attributes["meshd.host"] == "n1" and deliver.attributes["meshd.host"] == "n2"
+    assert forward.attributes["meshd.peer"] == "n2" and deliver.attributes["meshd.peer"] == "n1"
+    assert forward.attributes["meshd.agent.kind"] == "echo"
+    assert handle.attributes is not None and handle.attributes["meshd.outcome"] == "ok"
+
+
+async def test_the_callers_context_is_joined_and_a_send_is_traced_too(
+    cluster: LocalCluster, receiver: Receiver, client_spans: InMemorySpanExporter
+) -> None:
+    n1, n2 = await traced(cluster, receiver, 2)
+    got: list[Message] = []
+
+    async def sink(_ctx: AgentContext, msg: Message) -> None:
+        got.append(msg)
+
+    tracer = trace.get_tracer("test")
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n1.socket_path) as caller:
+        await host.serve("sink", sink)
+        await resolves(caller, "sink")
+        with tracer.start_as_current_span("checkout") as outer:
+            await caller.send("sink", 1)
+        await until(lambda: len(got) == 1, "the send to reach the agent")
+    trace_id = hexid(outer.get_span_context().trace_id, 32)
+    send = client_span(client_spans, "meshd send")
+    assert send.parent is not None and send.parent.span_id == outer.get_span_context().span_id
+    (api,) = await spans_named(receiver, "meshd.api send", trace_id)
+    (deliver,) = await spans_named(receiver, "meshd.deliver", trace_id)
+    assert api.parent_id == hexid(send.context.span_id, 16)
+    assert got[0].traceparent is not None and got[0].traceparent.split("-")[2] == deliver.span_id
+
+
+async def test_a_malformed_traceparent_is_ignored_and_counted(
+    cluster: LocalCluster, receiver: Receiver
+) -> None:
+    n1, _n2 = await traced(cluster, receiver, 2)
+    got: list[Message] = []
+
+    async def sink(_ctx: AgentContext, msg: Message) -> str:
+        got.append(msg)
+        return "ok"
+
+    async with Mesh.connect(n1.socket_path) as host:
+        await host.serve("sink", sink)
+        # Raw API calls, as a foreign client would make them.
+        for bad in ("garbage", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", 42):
+            args = {"to": "sink", "body": None, "traceparent": bad, "timeout": 5}
+            assert await n1.call("request", args) == "ok"
+        info = await n1.call("info")
+    # Each went on as a trace of its own, started by the daemon (none is the bad one).
+    traces = {tracecontext.parse(m.traceparent).trace_id for m in got}
+    assert len(traces) == 3 and "0" * 32 not in traces
+    assert info["tracing"] == {"enabled": True, "malformed_traceparent": 3}
+
+
+async def test_with_tracing_off_the_context_still_reaches_the_handler(
+    cluster: LocalCluster, client_spans: InMemorySpanExporter
+) -> None:
+    n1, n2 = cluster.start_many(2)
+    await cluster.wait_ready()
+    await cluster.wait_converged()
+
+    async def echo(_ctx: AgentContext, msg: Message) -> Any:
+        return msg.traceparent
+
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n1.socket_path) as caller:
+        await host.serve("echo", echo)
+        await resolves(caller, "echo")
+        carried = await caller.request("echo", None)
+        info = await n1.call("info")
+    request = client_span(client_spans, "meshd request")
+    handle = client_span(client_spans, "meshd handle echo")
+    # No daemon span in between: the handler is the caller's span's child.
+    assert carried[:52] == (
+        f"00-{hexid(request.context.trace_id, 32)}-{hexid(request.context.span_id, 16)}"
+    )
+    assert handle.parent is not None and handle.parent.span_id == request.context.span_id
+    assert info["tracing"]["enabled"] is False
