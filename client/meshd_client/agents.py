@@ -372,6 +372,8 @@ class Agent:
     async def _answer(self, msg: Message, ok: bool, payload: Any) -> None:
         args: dict[str, Any] = {"agent": self.name, "id": msg.id, "ok": ok}
         args["body" if ok else "error"] = payload
+        if msg.traceparent is not None:
+            args["traceparent"] = msg.traceparent  # for the daemon's log lines about it
         try:
             # One-way: the answer to this would be ignored anyway, so do not wait for it.
             await self.mesh.notify("agent.reply", args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -9,6 +10,7 @@ import trio
 from meshd.api import args as args_
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.session import Session
+from meshd.logs import RateLimitedLog
 from meshd.node.tracing import SERVER, Span
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.routing.local import LocalAgent
@@ -54,6 +56,22 @@ def api_span(node: Node, op: str, trace: TraceContext | None, **attributes: Any)
 def register(node: Node) -> None:
     api = node.api
     router = node.router
+    calls_log = RateLimitedLog(logging.getLogger("meshd.routing"))
+
+    def failed(call: dict[str, Any], kind: DeliveryKind, error: MeshError) -> None:
+        """A call that failed, at debug level (rate-limited per error kind), with its
+        message id and trace id: grep either to follow one message through the logs."""
+        trace = call["trace"]
+        calls_log.debug(
+            ("call_failed", error.kind),
+            "call failed",
+            op="request" if kind is DeliveryKind.REQUEST else "send",
+            to=call["to"],
+            kind=error.kind.value,
+            error=error.message,
+            msg_id=call["msg_id"] or "-",
+            trace_id=trace.trace_id if trace is not None else "-",
+        )
 
     async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
         """Register an agent and stream its deliveries until the client stops it."""
@@ -146,10 +164,7 @@ def register(node: Node) -> None:
 
     async def call(req: messages.Request, kind: DeliveryKind) -> Any:
         kwargs = call_args(req, kind)
-        if node.tracer is None:
-            return await router.call(**kwargs)
-        span = start_span(kwargs, kind)
-        assert span is not None
+        span = start_span(kwargs, kind) if node.tracer is not None else None
         outcome = "cancelled"
         try:
             result = await router.call(**kwargs)
@@ -157,22 +172,25 @@ def register(node: Node) -> None:
             return result
         except MeshError as exc:
             outcome = exc.kind.value
+            failed(kwargs, kind, exc)
             raise
         finally:
-            span.end(outcome)
+            if span is not None:
+                span.end(outcome)
 
     def begin(req: messages.Request, kind: DeliveryKind) -> Any:
         """Start the call in the session's read loop; the router answers it when the reply
         comes (no task waits for it). Calls that must wait to start run in a task."""
         deferred = Deferred()
+        kwargs = call_args(req, kind)
 
         def done(outcome: Outcome) -> None:
             if isinstance(outcome, Ok):
                 deferred.resolve(outcome.value)
             else:
+                failed(kwargs, kind, outcome.error)
                 deferred.fail(outcome.error)
 
-        kwargs = call_args(req, kind)
         if node.tracer is None:
             if not router.begin_call(**kwargs, done=done):
                 return BEGIN_IN_TASK

@@ -7,9 +7,14 @@ the SDK's in-memory exporter. Every wait is a poll with a deadline.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -23,6 +28,7 @@ from meshd_client.protocol import tracecontext
 from tests.e2e.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
 
 _EXPORTER = InMemorySpanExporter()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -54,8 +60,8 @@ def client_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
     return found[0]
 
 
-async def traced(cluster: LocalCluster, receiver: Receiver, count: int) -> list[Daemon]:
-    extra = [f"--set=tracing.endpoint={receiver.endpoint}"]
+async def traced(cluster: LocalCluster, receiver: Receiver, count: int, *more: str) -> list[Daemon]:
+    extra = [f"--set=tracing.endpoint={receiver.endpoint}", *more]
     first = cluster.add("n1", extra=extra)
     daemons = [first] + [
         cluster.add(f"n{i}", seeds=[first.addr], extra=extra) for i in range(2, count + 1)
@@ -200,3 +206,58 @@ async def test_with_tracing_off_the_context_still_reaches_the_handler(
     )
     assert handle.parent is not None and handle.parent.span_id == request.context.span_id
     assert info["tracing"]["enabled"] is False
+
+
+async def meshctl(daemon: Daemon, *args: str) -> tuple[int, str, str]:
+    with anyio.fail_after(30):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "meshd.cli.meshctl", "--socket", daemon.socket_path, *args],
+            check=False,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_meshctl_request_trace_prints_the_trace_id_the_logs_and_spans_carry(
+    cluster: LocalCluster, receiver: Receiver
+) -> None:
+    n1, n2 = await traced(cluster, receiver, 2, "--log-level=debug")
+    slow = anyio.Event()
+
+    async def echo(_ctx: AgentContext, msg: Message) -> Any:
+        if msg.body == "slow":
+            await slow.wait()  # never answers in time: the call fails with a timeout
+        return msg.body
+
+    async with Mesh.connect(n2.socket_path) as host, Mesh.connect(n1.socket_path) as caller:
+        await host.serve("echo", echo)
+        await resolves(caller, "echo")
+        code, out, err = await meshctl(n1, "request", "echo", '"hi"', "--trace")
+        assert code == 0 and json.loads(out) == "hi"
+        trace_id, msg_id = err.split()[2], err.split()[5]
+        assert err.startswith("trace id: ") and len(trace_id) == 32
+        code, out, _ = await meshctl(
+            n1, "--json", "--timeout", "1", "request", "echo", '"slow"', "--trace"
+        )
+        slow.set()
+    assert code != 0
+    (api,) = await spans_named(receiver, "meshd.api request", trace_id)
+    assert api.attributes["meshd.message.id"] == msg_id
+    await spans_named(receiver, "meshd.deliver", trace_id)
+
+    # The failed call's log line on n1 names its message id and trace id.
+    failed = await eventually(
+        lambda: _line(n1, "call failed"), "n1 to log the failed call", timeout=10
+    )
+    assert "kind=timeout" in failed and "msg_id=" in failed and "trace_id=" in failed
+    slow_trace = failed.split("trace_id=")[1].split()[0]
+    assert len(slow_trace) == 32 and slow_trace != trace_id
+    await spans_named(receiver, "meshd.forward", slow_trace)
+
+
+async def _line(daemon: Daemon, text: str) -> str | None:
+    for line in daemon.log_text().splitlines():
+        if text in line:
+            return line
+    return None
