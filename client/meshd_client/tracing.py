@@ -14,6 +14,7 @@ the caller passes a ``traceparent`` explicitly.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,26 +25,34 @@ from meshd_client.protocol import tracecontext
 if TYPE_CHECKING:
     from meshd_client.types import Message
 
-try:
-    from opentelemetry import trace as _trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # the optional extra is not installed: propagate nothing
-    _trace = None  # type: ignore[assignment]
-
-AVAILABLE = _trace is not None
-_tracer: Any = None
-_propagator: Any = None
-if _trace is not None:
-    _tracer = _trace.get_tracer("meshd_client", __version__)
-    _propagator = TraceContextTextMapPropagator()
+# Whether the optional extra is installed; it is imported on the first traced call only, so
+# importing the client (as the daemon does for the wire protocol) loads none of it.
+AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
+_api: Any = None  # (trace module, tracer, propagator) once loaded
 
 
-def _put(args: dict[str, Any], explicit: str | None) -> None:
+def _load() -> Any:
+    global _api
+    if _api is None:
+        try:
+            from opentelemetry import trace
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+        except ImportError:  # a namespace package without the API: propagate nothing
+            _api = ()
+        else:
+            tracer = trace.get_tracer("meshd_client", __version__)
+            _api = (trace, tracer, TraceContextTextMapPropagator())
+    return _api or None
+
+
+def _put(propagator: Any, args: dict[str, Any], explicit: str | None) -> None:
     if explicit is not None:
         tracecontext.parse(explicit).to_args(args)
         return
     carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
+    propagator.inject(carrier)
     if "traceparent" in carrier:
         args.update(carrier)
     else:
@@ -58,18 +67,20 @@ def outgoing(
 
     ``traceparent``: a context chosen by the caller (``meshctl request --trace``), used as it
     is (a malformed one raises ``ValueError`` before anything is sent)."""
-    if _tracer is None:
+    api = _load() if AVAILABLE else None
+    if api is None:
         if traceparent is not None:
             tracecontext.parse(traceparent).to_args(args)
         yield
         return
+    trace, tracer, propagator = api
     attributes = {"meshd.op": op}
     if to:
         attributes["meshd.agent.name"] = to
-    with _tracer.start_as_current_span(
-        f"meshd {op}", kind=_trace.SpanKind.CLIENT, attributes=attributes
+    with tracer.start_as_current_span(
+        f"meshd {op}", kind=trace.SpanKind.CLIENT, attributes=attributes
     ) as span:
-        _put(args, traceparent)
+        _put(propagator, args, traceparent)
         try:
             yield
         except Exception as exc:
@@ -83,17 +94,19 @@ def outgoing(
 def handling(agent: str, msg: Message) -> Iterator[Any]:
     """Run a handler in a SERVER span, child of the context ``msg`` carried; yields the span
     (None without ``opentelemetry-api`` or without a context)."""
-    if _tracer is None or msg.traceparent is None:
+    api = _load() if AVAILABLE and msg.traceparent is not None else None
+    if api is None or msg.traceparent is None:
         yield None
         return
+    trace, tracer, propagator = api
     carrier = {"traceparent": msg.traceparent}
     if msg.tracestate:
         carrier["tracestate"] = msg.tracestate
-    parent = _propagator.extract(carrier)
-    with _tracer.start_as_current_span(
+    parent = propagator.extract(carrier)
+    with tracer.start_as_current_span(
         f"meshd handle {agent}",
         context=parent,
-        kind=_trace.SpanKind.SERVER,
+        kind=trace.SpanKind.SERVER,
         attributes={
             "meshd.agent.name": agent,
             "meshd.message.id": msg.id,
