@@ -82,37 +82,48 @@ class Tracer:
 
     def __init__(self, node: str, provider: Any) -> None:
         from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry.trace.span import TraceState
 
         self.node = node
         self.provider = provider
         self._tracer = provider.get_tracer("meshd")
-        self._propagator = TraceContextTextMapPropagator()
         self._kinds = {
             SERVER: trace.SpanKind.SERVER,
             CLIENT: trace.SpanKind.CLIENT,
             INTERNAL: trace.SpanKind.INTERNAL,
         }
-        self._format = trace.format_trace_id, trace.format_span_id
+        self._api = trace, TraceState
+
+    def _parent(self, parent: TraceContext) -> Any:
+        """The OpenTelemetry context of a (validated) remote parent; built directly, without
+        parsing the header again as the propagator would."""
+        trace, trace_state = self._api
+        tp = parent.traceparent
+        context = trace.SpanContext(
+            trace_id=int(tp[3:35], 16),
+            span_id=int(tp[36:52], 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(tp[53:55], 16)),
+            trace_state=trace_state.from_header([parent.tracestate]) if parent.tracestate else None,
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(context))
 
     def start(
         self, name: str, parent: TraceContext | None, kind: str = INTERNAL, **attributes: Any
     ) -> Span:
         """A span, child of ``parent`` (a new trace if None)."""
-        carrier = {}
-        if parent is not None:
-            carrier["traceparent"] = parent.traceparent
-            if parent.tracestate:
-                carrier["tracestate"] = parent.tracestate
-        ctx = self._propagator.extract(carrier)
         attrs = {"meshd.host": self.node}
         for key, value in attributes.items():
             if value is not None:
                 attrs["meshd." + key] = value
-        span = self._tracer.start_span(name, context=ctx, kind=self._kinds[kind], attributes=attrs)
+        span = self._tracer.start_span(
+            name,
+            context=self._parent(parent) if parent is not None else None,
+            kind=self._kinds[kind],
+            attributes=attrs,
+        )
         sc = span.get_span_context()
-        trace_id, span_id = self._format
-        header = f"00-{trace_id(sc.trace_id)}-{span_id(sc.span_id)}-{int(sc.trace_flags):02x}"
+        header = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
         state = sc.trace_state.to_header() if sc.trace_state else ""
         return Span(span, TraceContext(header, state))
 
