@@ -42,6 +42,10 @@ def trace_of(node: Node, fields: dict[str, Any]) -> TraceContext | None:
     except tracecontext.Malformed:
         rejected = node.tracing_rejected
         rejected["malformed_traceparent"] = rejected.get("malformed_traceparent", 0) + 1
+        # Taken out, so a call begun again in a task (or a published event's subscribers)
+        # never sees, nor counts, it twice.
+        fields.pop("traceparent", None)
+        fields.pop("tracestate", None)
         return None
 
 
@@ -230,10 +234,7 @@ def register(node: Node) -> None:
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
         topic = args_.text(req.args, "topic")
-        trace = trace_of(node, event)
-        if trace is None and "traceparent" in event:
-            # Malformed (counted): not passed on to subscribers as if it were a context.
-            event = {k: v for k, v in event.items() if k not in ("traceparent", "tracestate")}
+        trace = trace_of(node, event)  # a malformed one is counted and taken out
         span = api_span(node, "publish", trace, topic=topic)
         if span is not None:
             event = {**event}

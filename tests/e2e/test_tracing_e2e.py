@@ -176,11 +176,21 @@ async def test_a_malformed_traceparent_is_ignored_and_counted(
         for bad in ("garbage", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", 42):
             args = {"to": "sink", "body": None, "traceparent": bad, "timeout": 5}
             assert await n1.call("request", args) == "ok"
+        # A name active nowhere goes to placement first (the call starts over in a task):
+        # counted once all the same.
+        with pytest.raises(NotFound):
+            await n1.call("request", {"to": "nobody", "traceparent": "x", "timeout": 5})
+        async with host.subscribe("t.*") as signals:
+            event = {"id": "e1", "source": "test", "type": "t", "traceparent": "x"}
+            await n1.call("publish", {"topic": "t.a", "event": event})
+            with anyio.fail_after(10):
+                signal = await signals.__anext__()
         info = await n1.call("info")
     # Each went on as a trace of its own, started by the daemon (none is the bad one).
     traces = {tracecontext.parse(m.traceparent).trace_id for m in got}
     assert len(traces) == 3 and "0" * 32 not in traces
-    assert info["tracing"] == {"enabled": True, "malformed_traceparent": 3}
+    assert tracecontext.parse(signal.extensions["traceparent"]).trace_id not in traces
+    assert info["tracing"] == {"enabled": True, "malformed_traceparent": 5}
 
 
 async def test_with_tracing_off_the_context_still_reaches_the_handler(
