@@ -271,3 +271,48 @@ async def _line(daemon: Daemon, text: str) -> str | None:
         if text in line:
             return line
     return None
+
+
+async def test_activation_and_a_majority_write_from_the_handler_join_the_trace(
+    cluster: LocalCluster, receiver: Receiver, client_spans: InMemorySpanExporter
+) -> None:
+    n1, n2 = await traced(cluster, receiver, 2)
+
+    async def counter(ctx: AgentContext, _msg: Message) -> Any:
+        await ctx.state.update([{"op": "incr", "path": ["n"], "by": 1}], durability="majority")
+        return ctx.mesh.node
+
+    async def kind_served() -> bool | None:
+        kinds = await n1.call("kinds")
+        return True if "n2" in kinds.get("counter", {}) else None
+
+    async with Mesh.connect(n2.socket_path) as runner, Mesh.connect(n1.socket_path) as caller:
+        await runner.serve_kind("counter", lambda _name: counter, idle_timeout=None)
+        await eventually(kind_served, "n1 to see n2 serving the kind")
+        # The first message to a name active nowhere activates it (on n2, the only runner).
+        assert await caller.request("counter/a", None) == "n2"
+
+    request = client_span(client_spans, "meshd request")
+    trace_id = hexid(request.context.trace_id, 32)
+    (api,) = await spans_named(receiver, "meshd.api request", trace_id)
+    (activate,) = await spans_named(receiver, "meshd.activate", trace_id)
+    (forward,) = await spans_named(receiver, "meshd.forward", trace_id)
+    (deliver,) = await spans_named(receiver, "meshd.deliver", trace_id)
+    assert activate.parent_id == api.span_id and forward.parent_id == api.span_id
+    assert activate.attributes["meshd.agent.name"] == "counter/a"
+    assert activate.attributes["meshd.agent.kind"] == "counter"
+    assert activate.attributes["meshd.agent.host"] == "n2"
+    assert activate.attributes["meshd.outcome"] == "ok"
+    assert deliver.parent_id == forward.span_id
+
+    # The handler's state write: client span -> n2's API span -> its majority wait.
+    handle = client_span(client_spans, "meshd handle counter/a")
+    write = client_span(client_spans, "meshd state.update")
+    assert handle.parent is not None and hexid(handle.parent.span_id, 16) == deliver.span_id
+    assert write.parent is not None and write.parent.span_id == handle.context.span_id
+    (api_write,) = await spans_named(receiver, "meshd.api state.update", trace_id)
+    (wait,) = await spans_named(receiver, "meshd.majority_wait", trace_id)
+    assert api_write.parent_id == hexid(write.context.span_id, 16)
+    assert wait.parent_id == api_write.span_id
+    assert api_write.service == "n2" and api_write.attributes["meshd.durability"] == "majority"
+    assert wait.attributes["meshd.outcome"] == "ok"
