@@ -569,6 +569,8 @@ class Node:
             log=logging.getLogger("meshd.placement"),
             catch_up=self.replication_driver.catch_up,
         )
+        if self.tracer is not None:
+            self.placement.failover_span = self.tracer.failover_span
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(self.replication_driver, lambda: list(self.router.local))
         self.reminder_driver = ReminderDriver(

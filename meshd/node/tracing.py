@@ -16,6 +16,8 @@ Spans (names and where they start; every one has ``meshd.host`` and ``meshd.outc
 * ``meshd.deliver`` (server): a DELIVER from another host, until the agent's answer; the
   agent's handler span (client library) is its child.
 * ``meshd.majority_wait`` (internal): a ``majority`` state write waiting for its copies.
+* ``meshd.failover`` (internal): placement restarting an agent here after its host died (a
+  trace of its own).
 
 The routing core never sees a span: it carries :class:`TraceContext` values and reports
 remote deliveries through its :class:`~meshd.routing.ports.DeliveryObserver` port.
@@ -24,11 +26,13 @@ remote deliveries through its :class:`~meshd.routing.ports.DeliveryObserver` por
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
 from meshd.routing.outcome import Ok, Outcome
+from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.tracecontext import TraceContext
 
 if TYPE_CHECKING:
@@ -141,6 +145,23 @@ class Tracer:
             span.end(outcome_name(outcome))
 
         return replace(msg, trace=span.context), finished
+
+    @contextmanager
+    def failover_span(self, name: str, kind: str, host: str) -> Iterator[None]:
+        """``meshd.failover``: placement restarting ``name`` here after ``host`` died (a
+        trace of its own: no caller's context reaches a failover)."""
+        span = self.start(
+            "meshd.failover", None, **{"agent.name": name, "agent.kind": kind, "from_host": host}
+        )
+        outcome = "cancelled"
+        try:
+            yield
+            outcome = "ok"
+        except MeshError as exc:
+            outcome = exc.kind.value
+            raise
+        finally:
+            span.end(outcome)
 
     def shutdown(self) -> None:
         """Export what is queued (bounded by the exporter's timeout) and stop."""

@@ -316,3 +316,49 @@ async def test_activation_and_a_majority_write_from_the_handler_join_the_trace(
     assert wait.parent_id == api_write.span_id
     assert api_write.service == "n2" and api_write.attributes["meshd.durability"] == "majority"
     assert wait.attributes["meshd.outcome"] == "ok"
+
+
+async def test_a_failover_is_a_span_on_the_host_that_takes_over(
+    cluster: LocalCluster, receiver: Receiver
+) -> None:
+    n1, n2 = await traced(cluster, receiver, 2)
+
+    async def worker(ctx: AgentContext, _msg: Message) -> Any:
+        return ctx.mesh.node
+
+    async def both_serve() -> bool | None:
+        kinds = await n1.call("kinds")
+        return True if set(kinds.get("w", {})) == {"n1", "n2"} else None
+
+    async with Mesh.connect(n1.socket_path) as m1, Mesh.connect(n2.socket_path) as m2:
+        for mesh in (m1, m2):
+            await mesh.serve_kind(
+                "w", lambda _name: worker, strategy="allow_duplicates", idle_timeout=None
+            )
+        await eventually(both_serve, "both hosts to serve kind w")
+        for i in range(64):  # a name n2 owns
+            name = f"w/{i}"
+            placed = await n1.call("placement", {"kind": "w", "name": name})
+            if placed["owner"] == "n2":
+                break
+        assert await m1.request(name, None) == "n2"
+
+        async def registered_on_n2() -> bool | None:
+            entry = await n1.call("lookup", {"name": name})
+            return True if entry["node"] == "n2" else None
+
+        # n1 fails over what its registry holds of n2: wait for the entry to replicate.
+        await eventually(registered_on_n2, f"n1's registry to place {name} on n2")
+        n2.kill()
+
+        async def failed_over() -> ReceivedSpan | None:
+            spans = [s for s in receiver.named("meshd.failover") if s.service == "n1"]
+            return spans[0] if spans else None
+
+        span = await eventually(failed_over, "n1 to export a meshd.failover span", 60)
+        assert await m1.request(name, None) == "n1"
+    assert span.parent_id == ""  # no caller's context reaches a failover: a trace of its own
+    assert span.attributes["meshd.agent.name"] == name
+    assert span.attributes["meshd.agent.kind"] == "w"
+    assert span.attributes["meshd.from_host"] == "n2"
+    assert span.attributes["meshd.outcome"] == "ok"
