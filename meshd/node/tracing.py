@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
+from meshd.config.model import ConfigError
 from meshd.routing.outcome import Ok, Outcome
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.tracecontext import TraceContext
@@ -173,7 +174,7 @@ class Tracer:
 
 def start(config: TracingConfig, node: str, exporter: Any = None) -> Tracer | None:
     """The daemon's tracer, or None when ``config.endpoint`` is empty (and no ``exporter``
-    is given: tests pass an in-memory one). Raises ``RuntimeError`` naming the extra if the
+    is given: tests pass an in-memory one). Raises ``ConfigError`` naming the extra if the
     OpenTelemetry packages are missing."""
     if not config.endpoint and exporter is None:
         return None
@@ -183,9 +184,10 @@ def start(config: TracingConfig, node: str, exporter: Any = None) -> Tracer | No
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError as exc:
-        raise RuntimeError(
-            f"[tracing] endpoint is set but OpenTelemetry is not installed ({exc.name}): "
-            "install meshd[tracing]"
+        raise ConfigError(
+            "tracing.endpoint",
+            f"is set but OpenTelemetry is not installed (no {exc.name}): install "
+            "meshd[tracing], or leave the endpoint empty",
         ) from None
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

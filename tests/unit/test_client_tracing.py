@@ -126,3 +126,27 @@ def test_with_the_sdk_the_call_is_a_child_of_the_callers_span() -> None:
         """
     )
     assert out.strip() == "ok"
+
+
+def test_a_daemon_with_an_endpoint_but_without_opentelemetry_says_what_to_install(
+    tmp_path: Path,
+) -> None:
+    code = f"""
+        from meshd.cli.daemon import main
+        sys.exit(main([
+            "run", "--insecure", "--name", "t1", "--bind", "127.0.0.1:0", "--profile", "local",
+            "--socket", "{tmp_path}/t1.sock", "--data-dir", "{tmp_path}/data",
+            "--set", "tracing.endpoint=http://127.0.0.1:4318/v1/traces",
+        ]))
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", _BLOCK + textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "tracing.endpoint" in done.stderr and "meshd[tracing]" in done.stderr
+    assert "Traceback" not in done.stderr
