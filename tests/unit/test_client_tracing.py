@@ -29,8 +29,9 @@ importlib.util.find_spec = lambda name, *a: (
 """
 
 
-def run(code: str, *, blocked: bool = False) -> str:
-    done = subprocess.run(
+def python(code: str, *, blocked: bool = False) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (with OpenTelemetry unimportable if ``blocked``)."""
+    return subprocess.run(
         [sys.executable, "-c", (_BLOCK if blocked else "") + textwrap.dedent(code)],
         cwd=ROOT,
         capture_output=True,
@@ -38,6 +39,10 @@ def run(code: str, *, blocked: bool = False) -> str:
         check=False,
         timeout=120,
     )
+
+
+def run(code: str, *, blocked: bool = False) -> str:
+    done = python(code, blocked=blocked)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -139,14 +144,7 @@ def test_a_daemon_with_an_endpoint_but_without_opentelemetry_says_what_to_instal
             "--set", "tracing.endpoint=http://127.0.0.1:4318/v1/traces",
         ]))
         """
-    done = subprocess.run(
-        [sys.executable, "-c", _BLOCK + textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    done = python(code, blocked=True)
     assert done.returncode == 2, done.stderr
     assert "tracing.endpoint" in done.stderr and "meshd[tracing]" in done.stderr
     assert "Traceback" not in done.stderr
