@@ -104,6 +104,8 @@ lock:
 	$(UV) pip compile --quiet --generate-hashes --no-header --no-emit-index-url --no-emit-find-links \
 	  --python-version 3.11 requirements/runtime.in -o requirements/runtime.lock
 	$(UV) pip compile --quiet --generate-hashes --no-header --no-emit-index-url --no-emit-find-links \
+	  --python-version 3.11 requirements/runtime.in requirements/tracing.in -o requirements/tracing.lock
+	$(UV) pip compile --quiet --generate-hashes --no-header --no-emit-index-url --no-emit-find-links \
 	  --python-version 3.11 requirements/dev.in -o requirements/dev.lock
 	@! grep -l '://' requirements/*.lock
 

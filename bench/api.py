@@ -1,6 +1,7 @@
 """The local API and messaging paths of meshd, measured end to end on real processes.
 
     python -m bench.api [--json] [--profile lan] [--backend auto|trio|asyncio]
+                        [--tracing off|on|compare]
 
 Every daemon is a real ``python -m meshd run`` process started by
 :class:`~meshd.testing.localcluster.LocalCluster` (``lan`` profile unless ``--profile``,
@@ -51,6 +52,16 @@ measurements, each on a fresh cluster so one's background work does not disturb 
    minus scheduled send, over every (signal, subscriber) receipt; also the time until the last
    subscriber of each signal got it.
 
+**Tracing cost** (``--tracing``). ``on`` runs phase 3 with both daemons' ``[tracing] endpoint``
+set to an OTLP/HTTP receiver in a process of its own (it decodes and counts what it gets, as a
+collector would): every request then records four daemon spans (api, forward on daemon a;
+deliver on daemon b; plus the export). ``compare`` runs phase 3 ``--tracing-rounds`` times
+each way, off and on alternating (the order flipped every other round), in the one session, and
+reports the medians of p50, p99 and each daemon's CPU per call, and their differences
+(``tracing_compare.cost``). The clients are the same in both: with the OpenTelemetry API
+installed (the dev lock) they put a ``traceparent`` on every request either way, so the
+difference is the daemons' span recording and export.
+
 Every measurement window also records, per process, CPU use, CPU time per call and the share
 of the window spent runnable but waiting for a CPU (``runq_wait_pct``, from
 ``/proc/PID/schedstat``), plus the 1-minute load average: on a shared machine that tells a slow
@@ -81,10 +92,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final
@@ -423,6 +436,45 @@ async def role_echo_agent(args: argparse.Namespace) -> None:
         )
         print("ready", flush=True)
         await agent.wait()
+
+
+def role_otlp_sink(_args: argparse.Namespace) -> None:
+    """An OTLP/HTTP trace receiver for ``--tracing on``: decodes and counts what the daemons
+    export (as a collector would, in a process of its own), prints its port, then its counts
+    as one JSON line for every line read on stdin."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    counts = {"exports": 0, "spans": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            spans = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            with lock:
+                counts["exports"] += 1
+                counts["spans"] += spans
+                counts["bytes"] += len(body)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(server.server_address[1], flush=True)
+    for _line in sys.stdin:
+        with lock:
+            print(json.dumps(counts), flush=True)
 
 
 async def role_subscribers(args: argparse.Namespace) -> None:
@@ -871,12 +923,20 @@ async def xhost_client(
 
 
 def phase_xhost(
-    args: argparse.Namespace, root: Path, profiler: Profiler, backend: str
+    args: argparse.Namespace,
+    root: Path,
+    profiler: Profiler,
+    backend: str,
+    *,
+    tracing: str | None = None,
+    run: str = "xhost",
 ) -> dict[str, Any]:
-    """Phase 3 on a two-daemon cluster."""
-    with LocalCluster(root / "xhost", profile=args.profile) as cluster, Children(root) as kids:
-        a = cluster.add("a")
-        b = cluster.add("b", seeds=[a.addr])
+    """Phase 3 on a two-daemon cluster (exporting spans to ``tracing``, an OTLP endpoint,
+    if given)."""
+    extra = [f"--set=tracing.endpoint={tracing}"] if tracing else []
+    with LocalCluster(root / run, profile=args.profile) as cluster, Children(root) as kids:
+        a = cluster.add("a", extra=extra)
+        b = cluster.add("b", seeds=[a.addr], extra=extra)
         anyio.run(_converge, cluster, backend="trio")
         agent = kids.role(
             "echo-agent",
@@ -910,6 +970,82 @@ def phase_xhost(
 async def _converge(cluster: LocalCluster) -> None:
     await cluster.wait_ready(timeout=60)
     await cluster.wait_converged(timeout=60)
+
+
+def _xhost_summary(res: dict[str, Any]) -> dict[str, Any]:
+    usage = res["xhost_usage"]
+    return {
+        "p50_ms": res["xhost_request_p50_ms"],
+        "p99_ms": res["xhost_request_p99_ms"],
+        "achieved_per_s": res["xhost_achieved_per_s"],
+        "errors": res["xhost_errors"],
+        "daemon_a_cpu_us_per_call": usage["daemon_a"]["cpu_us_per_call"],
+        "daemon_b_cpu_us_per_call": usage["daemon_b"]["cpu_us_per_call"],
+        "loadavg_1m": usage["loadavg_1m"],
+    }
+
+
+def phase_xhost_tracing(
+    args: argparse.Namespace, root: Path, profiler: Profiler, backend: str, kids: Children
+) -> dict[str, Any]:
+    """Phase 3 with tracing on (``--tracing on``: the daemons export every span over OTLP to a
+    receiver process), or alternating off/on rounds in this one session (``compare``)."""
+    sink = kids.role("otlp-sink", "otlp-sink")
+    port = int(anyio.run(read_line, sink, 30.0, "OTLP sink", backend="trio"))
+    endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    if args.tracing == "on":
+        result = phase_xhost(args, root, profiler, backend, tracing=endpoint)
+        result["tracing"] = {"endpoint": "OTLP/HTTP receiver on loopback", **_sink(sink)}
+        return result
+    rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for k in range(args.tracing_rounds):
+        # Alternating, and in the other order every other round, so drift in the machine's
+        # load falls on both sides.
+        order = ("off", "on") if k % 2 == 0 else ("on", "off")
+        for mode in order:
+            res = phase_xhost(
+                args,
+                root,
+                profiler,
+                backend,
+                tracing=endpoint if mode == "on" else None,
+                run=f"xhost-{mode}-{k}",
+            )
+            rounds[mode].append(_xhost_summary(res))
+    medians = {
+        mode: {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("p50_ms", "p99_ms", "daemon_a_cpu_us_per_call", "daemon_b_cpu_us_per_call")
+        }
+        for mode, runs in rounds.items()
+    }
+    off, on = medians["off"], medians["on"]
+    return {
+        "tracing_compare": {
+            "rounds": rounds,
+            "median": medians,
+            "cost": {
+                "p50_ms": round(on["p50_ms"] - off["p50_ms"], 3),
+                "p99_ms": round(on["p99_ms"] - off["p99_ms"], 3),
+                "daemon_a_cpu_us_per_call": round(
+                    on["daemon_a_cpu_us_per_call"] - off["daemon_a_cpu_us_per_call"], 1
+                ),
+                "daemon_b_cpu_us_per_call": round(
+                    on["daemon_b_cpu_us_per_call"] - off["daemon_b_cpu_us_per_call"], 1
+                ),
+            },
+            "exported": _sink(sink),
+        }
+    }
+
+
+def _sink(sink: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """What the OTLP receiver got so far."""
+    assert sink.stdin is not None
+    sink.stdin.write(b"report\n")
+    sink.stdin.flush()
+    counts: dict[str, Any] = json.loads(anyio.run(read_line, sink, 10.0, "OTLP sink"))
+    return counts
 
 
 # ---------------------------------------------------------------------------- phase 4: fan-out
@@ -1039,8 +1175,10 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             result |= phase_local(args, root, profiler)
             backend = result["client_backend"]
         result["client_backend"] = backend
-        if "xhost" in phases:
+        if "xhost" in phases and args.tracing == "off":
             result |= phase_xhost(args, root, profiler, backend)
+        elif "xhost" in phases:
+            result |= phase_xhost_tracing(args, root, profiler, backend, kids)
         if "fanout" in phases:
             result |= phase_fanout(args, root, profiler, backend)
         if profiler.enabled:
@@ -1071,6 +1209,8 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "Mesh.request from a client of daemon a to an echo agent (Mesh.serve, concurrency "
         f"{args.agent_concurrency}) served by a client process of daemon b; latency from the "
         "scheduled send time",
+        "tracing": f"--tracing {args.tracing}"
+        + (f", {args.tracing_rounds} alternating rounds each" if args.tracing == "compare" else ""),
         "fanout": f"{args.subscribers} Mesh.subscribe subscribers over 4 daemons (one client "
         f"process each), {args.signals} signals published open loop every "
         f"{args.signal_interval} s from a client of a fifth daemon; latency from the "
@@ -1106,10 +1246,13 @@ def print_summary(result: dict[str, Any]) -> None:
         ("cross-host request p99 (ms)", "xhost_request_p99_ms"),
         ("cross-host achieved/s", "xhost_achieved_per_s"),
         ("cross-host errors", "xhost_errors"),
+        ("tracing cost (on - off, medians)", "tracing_cost"),
         ("signal fan-out p50 (ms)", "signal_fanout_p50_ms"),
         ("signal fan-out p99 (ms)", "signal_fanout_p99_ms"),
         ("signal receipts missing", "signal_fanout_missing"),
     )
+    if "tracing_compare" in result:
+        result = {**result, "tracing_cost": result["tracing_compare"]["cost"]}
     for label, key in rows:
         if key not in result:
             continue
@@ -1148,6 +1291,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--low-rate", type=float, default=50.0, help="unloaded reference rate (0: off)")
     p.add_argument("--low-duration", type=float, default=4.0)
     p.add_argument("--agent-concurrency", type=int, default=1)
+    p.add_argument(
+        "--tracing",
+        default="off",
+        choices=("off", "on", "compare"),
+        help="cross-host phase with the daemons' tracing off, on (spans exported over OTLP "
+        "to a receiver process), or compare: alternating off/on rounds (off)",
+    )
+    p.add_argument("--tracing-rounds", type=int, default=3, help="rounds of each, compare")
     p.add_argument("--subscribers", type=int, default=100)
     p.add_argument("--signals", type=int, default=200)
     p.add_argument("--signal-interval", type=float, default=0.05)
@@ -1157,7 +1308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     # Helper processes (this module runs itself in these roles).
-    p.add_argument("--role", choices=("echo-server", "echo-agent", "subscribers"))
+    p.add_argument("--role", choices=("echo-server", "echo-agent", "subscribers", "otlp-sink"))
     p.add_argument("--socket")
     p.add_argument("--reply", default="a0")
     p.add_argument("--count", type=int, default=25)
@@ -1171,6 +1322,8 @@ def _run_role(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         if args.role == "echo-server":
             role_echo_server(args)
+        elif args.role == "otlp-sink":
+            role_otlp_sink(args)
         elif args.role == "echo-agent":
             anyio.run(role_echo_agent, args, backend=backend)
         else:

@@ -18,7 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TextIO
+from typing import Any, Final, Literal, TextIO
+
+from meshd_client.protocol import tracecontext
 
 LOGGER_NAME: Final = "meshd"
 LogFormat = Literal["logfmt", "json"]
@@ -37,6 +39,21 @@ _RESERVED: Final = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
 def kv(**fields: object) -> dict[str, object]:
     """``extra=`` for a log call carrying structured fields: ``log.info("x", extra=kv(n=1))``."""
     return {"fields": fields}
+
+
+def message_fields(fields: Mapping[str, Any]) -> dict[str, object]:
+    """``msg_id`` and ``trace_id`` of a message (API request args, a delivery event), for
+    every log line about it: ``-`` where it has none (or a malformed one)."""
+    msg_id = fields.get("id")
+    parent = fields.get("traceparent")
+    trace_id = "-"
+    if parent is not None:
+        try:
+            trace_id = tracecontext.parse_traceparent(parent)[3:35]
+        except tracecontext.Malformed:
+            pass
+    valid_id = isinstance(msg_id, str) and 0 < len(msg_id) <= 128
+    return {"msg_id": msg_id if valid_id else "-", "trace_id": trace_id}
 
 
 def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) -> None:

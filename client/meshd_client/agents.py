@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from meshd_client import tracing
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
 from meshd_client.state import StateDoc
@@ -285,13 +286,20 @@ class Agent:
                 sender=str(item.get("from", "")),
                 is_request=kind == "request",
                 at_least_once=bool(item.get("at_least_once")),
+                traceparent=item.get("traceparent"),
+                tracestate=item.get("tracestate"),
             )
             self.last_activity = anyio.current_time()
             try:
                 self._send.send_nowait(msg)
             except anyio.WouldBlock:
                 # Queue full: this delivery is dropped; the daemon times it out for the sender.
-                log.warning("agent %s: queue full, dropped message %s", self.name, msg.id)
+                log.warning(
+                    "agent %s: queue full, dropped message %s (trace %s)",
+                    self.name,
+                    msg.id,
+                    _trace_id(msg),
+                )
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass  # deactivating: the daemon fails it for the sender when the stream ends
         return False
@@ -329,18 +337,28 @@ class Agent:
         self._running.add(msg.id)
         remember = msg.at_least_once
         try:
-            try:
-                result = await self._handle(self.ctx, msg)
-                outcome: tuple[bool, Any] = (True, result)
-            except MeshError as exc:
-                outcome = (False, exc.to_wire())
-                # "Not now" (its daemon went away mid-handler, a majority timed out) is no
-                # outcome: the sender retries on it, and must find the handler run again
-                # rather than be told the same until it gives up.
-                remember = remember and not isinstance(exc, errors.RETRYABLE)
-            except Exception as exc:
-                log.exception("agent %s: handler failed on message %s", self.name, msg.id)
-                outcome = (False, errors.Internal(f"{type(exc).__name__}: {exc}").to_wire())
+            with tracing.handling(self.name, msg) as span:
+                try:
+                    result = await self._handle(self.ctx, msg)
+                    outcome: tuple[bool, Any] = (True, result)
+                except MeshError as exc:
+                    outcome = (False, exc.to_wire())
+                    # "Not now" (its daemon went away mid-handler, a majority timed out) is
+                    # no outcome: the sender retries on it, and must find the handler run
+                    # again rather than be told the same until it gives up.
+                    remember = remember and not isinstance(exc, errors.RETRYABLE)
+                except Exception as exc:
+                    log.exception(
+                        "agent %s: handler failed on message %s (trace %s)",
+                        self.name,
+                        msg.id,
+                        _trace_id(msg),
+                    )
+                    outcome = (False, errors.Internal(f"{type(exc).__name__}: {exc}").to_wire())
+                if span is not None:
+                    span.set_attribute(
+                        "meshd.outcome", "ok" if outcome[0] else str(outcome[1].get("kind"))
+                    )
             self.handled += 1
             if remember:
                 self._done[msg.id] = outcome
@@ -354,6 +372,8 @@ class Agent:
     async def _answer(self, msg: Message, ok: bool, payload: Any) -> None:
         args: dict[str, Any] = {"agent": self.name, "id": msg.id, "ok": ok}
         args["body" if ok else "error"] = payload
+        if msg.traceparent is not None:
+            args["traceparent"] = msg.traceparent  # for the daemon's log lines about it
         try:
             # One-way: the answer to this would be ignored anyway, so do not wait for it.
             await self.mesh.notify("agent.reply", args)
@@ -374,3 +394,9 @@ class Agent:
                 await hook(self.ctx, self.stop_reason or "stopped")
             except Exception:
                 log.exception("agent %s: on_stop failed", self.name)
+
+
+def _trace_id(msg: Message) -> str:
+    """The trace id a message carried, for log lines ("-" if none)."""
+    tp = msg.traceparent
+    return tp[3:35] if tp is not None and len(tp) >= 55 else "-"

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from meshd_client import tracing
 from meshd_client._version import __version__
 from meshd_client.agents import Agent, Handler
 from meshd_client.connection import Connection, socket_path
@@ -200,10 +201,13 @@ class Mesh:
         timeout: float = 10.0,
         id: str | None = None,
         sender: str = "",
+        traceparent: str | None = None,
     ) -> None:
         """Send a message to the agent named ``to``. Returns once it was handed over (at
-        most once), or once the agent handled it (``at_least_once``)."""
-        await self._message("send", to, body, at_least_once, timeout, id, sender)
+        most once), or once the agent handled it (``at_least_once``). The message carries
+        the caller's OpenTelemetry trace context, or ``traceparent`` if given (see
+        docs/client.md#tracing)."""
+        await self._message("send", to, body, at_least_once, timeout, id, sender, traceparent)
 
     async def request(
         self,
@@ -214,9 +218,13 @@ class Mesh:
         at_least_once: bool = False,
         id: str | None = None,
         sender: str = "",
+        traceparent: str | None = None,
     ) -> Any:
-        """Ask the agent named ``to`` and return its reply (or raise its error)."""
-        return await self._message("request", to, body, at_least_once, timeout, id, sender)
+        """Ask the agent named ``to`` and return its reply (or raise its error). Traced like
+        :meth:`send`."""
+        return await self._message(
+            "request", to, body, at_least_once, timeout, id, sender, traceparent
+        )
 
     async def _message(
         self,
@@ -227,6 +235,7 @@ class Mesh:
         timeout: float,
         msg_id: str | None,
         sender: str,
+        traceparent: str | None,
     ) -> Any:
         msg_id = msg_id or uuid.uuid4().hex
         args = {
@@ -236,6 +245,20 @@ class Mesh:
             "from": sender,
             "at_least_once": at_least_once,
         }
+        if not tracing.AVAILABLE and traceparent is None:
+            return await self._deliver(op, to, args, at_least_once, timeout, msg_id)
+        with tracing.outgoing(op, args, to=to, traceparent=traceparent):
+            return await self._deliver(op, to, args, at_least_once, timeout, msg_id)
+
+    async def _deliver(
+        self,
+        op: str,
+        to: str,
+        args: dict[str, Any],
+        at_least_once: bool,
+        timeout: float,
+        msg_id: str,
+    ) -> Any:
         if not at_least_once:
             return await self.call(op, {**args, "timeout": timeout}, timeout=timeout + 1)
         started = time.monotonic()
@@ -293,7 +316,12 @@ class Mesh:
             event["data"] = data
         if subject is not None:
             event["subject"] = subject
-        result = await self.call("publish", {"topic": topic, "event": event})
+        if not tracing.AVAILABLE or "traceparent" in event:
+            result = await self.call("publish", {"topic": topic, "event": event})
+        else:
+            # The CloudEvents distributed-tracing extension: traceparent/tracestate attributes.
+            with tracing.outgoing("publish", event):
+                result = await self.call("publish", {"topic": topic, "event": event})
         return int(result.get("hosts", 0))
 
     @asynccontextmanager

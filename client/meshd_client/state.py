@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
+from meshd_client import tracing
+
 Durability = Literal["local", "majority"]
 PathLike = str | int | list[str | int] | tuple[str | int, ...]
 Caller = Callable[..., Awaitable[Any]]
@@ -68,7 +70,11 @@ class StateDoc:
         args: dict[str, Any] = {"doc": self.name, "ops": ops, "durability": durability}
         if once is not None:
             args["once"] = once
-        result: dict[str, Any] = await self._call("state.update", args)
+        if not tracing.AVAILABLE:
+            result: dict[str, Any] = await self._call("state.update", args)
+            return result
+        with tracing.outgoing("state.update", args):
+            result = await self._call("state.update", args)
         return result
 
     async def set(self, path: PathLike, value: Any, durability: Durability = "local") -> None:

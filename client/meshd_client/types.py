@@ -63,6 +63,9 @@ class Message:
     sender: str = ""
     is_request: bool = False
     at_least_once: bool = False
+    # W3C Trace Context of the call (None if the sender had none): the handler runs in it
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from meshd import __version__
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.outbox import Outbox, close_socket
 from meshd.api.peercred import PeerCredentials
-from meshd.logs import kv
+from meshd.logs import kv, message_fields
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import HEADER, FrameDecoder, FrameError, encode_frame
@@ -480,6 +480,7 @@ class Session:
                 op=req.op,
                 kind=error.kind.value,
                 error=error.message,
+                **message_fields(req.args),
             )
         finally:
             if not op.inline:
@@ -534,7 +535,9 @@ class Session:
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
         if not isinstance(error, MeshError):
-            self.server.log.exception("API op failed", extra=kv(op=req.op))
+            self.server.log.exception(
+                "API op failed", extra=kv(op=req.op, **message_fields(req.args))
+            )
             error = errors.Internal(f"{req.op} failed")
         self.server.stats.error(error.kind.value)
         return error

@@ -16,7 +16,7 @@ from rich.console import Console
 from meshd.cli import completion, render
 from meshd.cli.filters import FilterError, MemberFilter
 from meshd_client.connection import Connection
-from meshd_client.protocol import errors
+from meshd_client.protocol import errors, tracecontext
 from meshd_client.protocol.errors import MeshError
 
 # Exit statuses (docs/operations.md#exit-status): scripts can tell "the daemon is not there"
@@ -127,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
             "--at-least-once",
             action="store_true",
             help="retry until acknowledged (the handler still runs once)",
+        )
+        p.add_argument(
+            "--trace",
+            action="store_true",
+            help="start a trace (W3C traceparent) for it and print its trace id and message id",
         )
     publish = sub.add_parser("publish", help="publish a signal (CloudEvents data as JSON)")
     publish.add_argument("topic")
@@ -301,10 +306,24 @@ async def _message(conn: Connection, ns: argparse.Namespace, out: Out) -> int:
         "timeout": ns.timeout,
         "at_least_once": ns.at_least_once,
     }
-    if ns.at_least_once:
+    if ns.at_least_once or ns.trace:
         args["id"] = uuid.uuid4().hex
+    trace = tracecontext.new_root() if ns.trace else None
+    if trace is not None:
+        trace.to_args(args)
+        if not _json(ns):
+            # On stderr, before the call: stdout stays the reply, and a failed call's trace
+            # id is known too.
+            print(f"trace id: {trace.trace_id}  message id: {args['id']}", file=sys.stderr)
     result = await conn.call(ns.command, args, timeout=ns.timeout + 1)
-    if ns.command == "request":
+    if trace is not None and _json(ns):
+        out_json: dict[str, Any] = {"trace_id": trace.trace_id, "msg_id": args["id"]}
+        if ns.command == "request":
+            out_json["reply"] = result
+        else:
+            out_json.update(sent=ns.agent, at_least_once=ns.at_least_once)
+        print(json.dumps(out_json, default=_bytes))
+    elif ns.command == "request":
         print(json.dumps(result, indent=None if _json(ns) else 2, default=_bytes))
     elif _json(ns):
         _print_json({"sent": ns.agent, "at_least_once": ns.at_least_once})

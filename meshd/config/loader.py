@@ -44,6 +44,7 @@ from meshd.config.model import (
     SecurityConfig,
     Seed,
     StorageTuning,
+    TracingConfig,
     TransportTuning,
 )
 from meshd.config.profiles import PROFILES, profile_tuning
@@ -158,6 +159,22 @@ def _parse_int(value: object) -> int:
     if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
         return int(value.strip())
     raise _expected("an integer", value)
+
+
+def _parse_ratio(value: object) -> float:
+    """A fraction 0..1 (a number, or a string holding one)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _expected("a number between 0 and 1", value) from None
+    else:
+        raise _expected("a number between 0 and 1", value)
+    if not 0.0 <= number <= 1.0:
+        raise _Invalid(f"{number} is not between 0 and 1")
+    return number
 
 
 def _parse_id(value: object) -> int:
@@ -531,6 +548,11 @@ def _settings() -> Mapping[str, _Parser]:
             "api.max_buffered": _parse_int,
             "metrics.enabled": _parse_bool,
             "metrics.bind": _address_parser(ip_only=False, allow_zero_port=True, default_port=None),
+            "tracing.endpoint": _parse_str,
+            "tracing.service_name": _parse_str,
+            "tracing.sample_ratio": _parse_ratio,
+            "tracing.max_queue": _parse_int,
+            "tracing.export_timeout": _parse_duration,
             "log.level": _choice(LOG_LEVELS),
             "log.format": _choice(LOG_FORMATS),
         }
@@ -707,6 +729,8 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
     _check_security(security)
     api = ApiConfig(**_section(values, "api"))
     api.validate()
+    tracing = TracingConfig(**_section(values, "tracing"))
+    tracing.validate()
     return Config(
         node=NodeConfig(**node),
         profile=profile,
@@ -718,6 +742,7 @@ def _assemble(values: Mapping[str, Any], source: str | None) -> Config:
         security=security,
         api=api,
         metrics=MetricsConfig(**_section(values, "metrics")),
+        tracing=tracing,
         log=LogConfig(**_section(values, "log")),
         source=source,
     )

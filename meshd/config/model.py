@@ -322,6 +322,35 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry spans, exported over OTLP/HTTP (protobuf) when ``endpoint`` is set.
+    Without an endpoint nothing is imported or recorded (trace context still passes through
+    to agents and other daemons)."""
+
+    endpoint: str = ""  # e.g. http://collector:4318/v1/traces; "" = off
+    service_name: str = "meshd"
+    # Fraction of new traces recorded (a call that brings a sampled context is recorded).
+    sample_ratio: float = 1.0
+    # Spans held for export; more are dropped (and counted by the SDK) while the endpoint lags.
+    max_queue: int = 2048
+    export_timeout: float = 10.0
+
+    def validate(self, prefix: str = "tracing") -> None:
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}.endpoint", "must be an http:// or https:// address")
+        if len(self.endpoint) > 1024:
+            raise ConfigError(f"{prefix}.endpoint", "must be at most 1024 characters")
+        if not 0 < len(self.service_name) <= 128:
+            raise ConfigError(f"{prefix}.service_name", "must be 1..128 characters")
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.sample_ratio", "must be between 0 and 1")
+        if not 1 <= self.max_queue <= 1 << 20:
+            raise ConfigError(f"{prefix}.max_queue", "must be between 1 and 1048576")
+        if not 0 < self.export_timeout <= 300:
+            raise ConfigError(f"{prefix}.export_timeout", "must be between 0 and 300 seconds")
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -339,6 +368,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None  # path of the TOML file it came from, for SIGHUP reloads
     # Settings a higher layer (environment, flags) overrode, with where each value came from.

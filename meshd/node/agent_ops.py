@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -9,12 +10,16 @@ import trio
 from meshd.api import args as args_
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.session import Session
+from meshd.logs import RateLimitedLog
+from meshd.node.tracing import SERVER, Span
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.routing.local import LocalAgent
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.outcome import Err, Ok, Outcome
 from meshd.state.service import agent_state
-from meshd_client.protocol import errors, messages
+from meshd_client.protocol import errors, messages, tracecontext
+from meshd_client.protocol.errors import MeshError
+from meshd_client.protocol.tracecontext import TraceContext
 
 if TYPE_CHECKING:
     from meshd.node.node import Node
@@ -27,9 +32,50 @@ def _msg_id(args: dict[str, Any]) -> str | None:
     return args_.opt_text(args, "id", max_len=MAX_MSG_ID) or None
 
 
+def trace_of(node: Node, fields: dict[str, Any]) -> TraceContext | None:
+    """The trace context a request (or CloudEvent) carries; a malformed one is ignored and
+    counted (``meshd_rejected_total{layer="tracing"}``), never an error."""
+    if "traceparent" not in fields:
+        return None
+    try:
+        return tracecontext.from_fields(fields)
+    except tracecontext.Malformed:
+        rejected = node.tracing_rejected
+        rejected["malformed_traceparent"] = rejected.get("malformed_traceparent", 0) + 1
+        # Taken out, so a call begun again in a task (or a published event's subscribers)
+        # never sees, nor counts, it twice.
+        fields.pop("traceparent", None)
+        fields.pop("tracestate", None)
+        return None
+
+
+def api_span(node: Node, op: str, trace: TraceContext | None, **attributes: Any) -> Span | None:
+    """A ``meshd.api <op>`` span when tracing is on (None otherwise)."""
+    tracer = node.tracer
+    if tracer is None:
+        return None
+    return tracer.start(f"meshd.api {op}", trace, SERVER, **attributes)
+
+
 def register(node: Node) -> None:
     api = node.api
     router = node.router
+    calls_log = RateLimitedLog(logging.getLogger("meshd.routing"))
+
+    def failed(call: dict[str, Any], kind: DeliveryKind, error: MeshError) -> None:
+        """A call that failed, at debug level (rate-limited per error kind), with its
+        message id and trace id: grep either to follow one message through the logs."""
+        trace = call["trace"]
+        calls_log.debug(
+            ("call_failed", error.kind),
+            "call failed",
+            op="request" if kind is DeliveryKind.REQUEST else "send",
+            to=call["to"],
+            kind=error.kind.value,
+            error=error.message,
+            msg_id=call["msg_id"] or "-",
+            trace_id=trace.trace_id if trace is not None else "-",
+        )
 
     async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
         """Register an agent and stream its deliveries until the client stops it."""
@@ -107,23 +153,65 @@ def register(node: Node) -> None:
             "at_least_once": args_.flag(args, "at_least_once", False),
             "timeout": args_.seconds(args, "timeout", 10.0, MAX_TIMEOUT),
             "msg_id": _msg_id(args),
+            "trace": trace_of(node, args),
         }
 
+    def start_span(call: dict[str, Any], kind: DeliveryKind) -> Span | None:
+        """The call's API span (tracing on); its context replaces the client's in ``call``."""
+        span = api_span(
+            node,
+            "request" if kind is DeliveryKind.REQUEST else "send",
+            call["trace"],
+            **{"agent.name": call["to"], "message.id": call["msg_id"]},
+        )
+        if span is not None:
+            call["trace"] = span.context
+        return span
+
     async def call(req: messages.Request, kind: DeliveryKind) -> Any:
-        return await router.call(**call_args(req, kind))
+        kwargs = call_args(req, kind)
+        span = start_span(kwargs, kind) if node.tracer is not None else None
+        outcome = "cancelled"
+        try:
+            result = await router.call(**kwargs)
+            outcome = "ok"
+            return result
+        except MeshError as exc:
+            outcome = exc.kind.value
+            failed(kwargs, kind, exc)
+            raise
+        finally:
+            if span is not None:
+                span.end(outcome)
 
     def begin(req: messages.Request, kind: DeliveryKind) -> Any:
         """Start the call in the session's read loop; the router answers it when the reply
         comes (no task waits for it). Calls that must wait to start run in a task."""
         deferred = Deferred()
+        kwargs = call_args(req, kind)
 
         def done(outcome: Outcome) -> None:
             if isinstance(outcome, Ok):
                 deferred.resolve(outcome.value)
             else:
+                failed(kwargs, kind, outcome.error)
                 deferred.fail(outcome.error)
 
-        if not router.begin_call(**call_args(req, kind), done=done):
+        if node.tracer is None:
+            if not router.begin_call(**kwargs, done=done):
+                return BEGIN_IN_TASK
+            return deferred
+        if router.registry.lookup(kwargs["to"]) is None:
+            return BEGIN_IN_TASK  # activation first: traced by call() in a task
+        span = start_span(kwargs, kind)
+        assert span is not None
+        try:
+            started = router.begin_call(**kwargs, done=span.ending(done))
+        except MeshError as exc:
+            span.end(exc.kind.value)
+            raise
+        if not started:
+            span.end("not_started")
             return BEGIN_IN_TASK
         return deferred
 
@@ -147,7 +235,16 @@ def register(node: Node) -> None:
         for key in ("id", "source", "type"):
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
-        hosts = router.publish(args_.text(req.args, "topic"), event)
+        topic = args_.text(req.args, "topic")
+        trace = trace_of(node, event)  # a malformed one is counted and taken out
+        span = api_span(node, "publish", trace, topic=topic)
+        if span is not None:
+            event = {**event}
+            span.context.to_args(event)  # subscribers' work joins this trace
+        hosts = router.publish(topic, event)
+        if span is not None:
+            span.set("meshd.hosts", hosts)
+            span.end("ok")
         return {"hosts": hosts}
 
     async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:

@@ -87,6 +87,12 @@ def register(node: Node) -> None:
             },
             "store": store_summary(node),
             "socket": node.config.api.socket,
+            "tracing": {
+                "enabled": node.tracer is not None,
+                # malformed trace context: from API requests, and in DELIVERs from peers
+                "malformed_traceparent": node.tracing_rejected.get("malformed_traceparent", 0)
+                + node.router.stats.bad_trace_context,
+            },
             "stats": {
                 "probes": stats.probes,
                 "probe_failures": stats.probe_failures,

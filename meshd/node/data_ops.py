@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -10,11 +11,14 @@ from meshd.api import args as args_
 from meshd.api.fanout import Fanout
 from meshd.api.handles import Stream
 from meshd.api.session import Session
+from meshd.node.agent_ops import trace_of
+from meshd.node.tracing import SERVER
 from meshd.registry.model import MAX_CAPABILITIES
 from meshd.registry.registry import RegistryEvent
 from meshd.replication.core import Durability
 from meshd.state.service import check_name, outcome
 from meshd_client.protocol import errors, messages
+from meshd_client.protocol.errors import MeshError
 
 if TYPE_CHECKING:
     from meshd.node.node import Node
@@ -117,12 +121,31 @@ def register(node: Node) -> None:
         return node.state.get(check_name(req.args.get("doc")), path)
 
     async def state_update(_session: Session, req: messages.Request) -> Any:
-        return await node.state.update(
-            check_name(req.args.get("doc")),
-            args_.listing(req.args, "ops"),
-            durability_of(req.args),
-            once=args_.opt_text(req.args, "once", max_len=128),
-        )
+        args = req.args
+        doc = check_name(args.get("doc"))
+        ops = args_.listing(args, "ops")
+        durability = durability_of(args)
+        once = args_.opt_text(args, "once", max_len=128)
+        trace = trace_of(node, args)
+        tracer = node.tracer
+        if tracer is None:
+            return await node.state.update(doc, ops, durability, once=once)
+        span = tracer.start("meshd.api state.update", trace, SERVER, doc=doc, durability=durability)
+
+        def majority_wait() -> Callable[[str], None]:
+            assert tracer is not None
+            return tracer.start("meshd.majority_wait", span.context, doc=doc).end
+
+        outcome_ = "cancelled"
+        try:
+            result = await node.state.update(doc, ops, durability, once=once, on_wait=majority_wait)
+            outcome_ = "ok"
+            return result
+        except MeshError as exc:
+            outcome_ = exc.kind.value
+            raise
+        finally:
+            span.end(outcome_)
 
     async def state_list(_session: Session, _req: messages.Request) -> Any:
         return node.state.names()

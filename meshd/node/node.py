@@ -36,11 +36,20 @@ from meshd.membership.snapshot import (
 )
 from meshd.metrics.registry import MetricsRegistry
 from meshd.metrics.server import serve_metrics
-from meshd.node import agent_ops, control, data_ops, lifecycle_ops, storage_ops, telemetry
+from meshd.node import (
+    agent_ops,
+    control,
+    data_ops,
+    lifecycle_ops,
+    storage_ops,
+    telemetry,
+    tracing,
+)
 from meshd.node.discovery import SeedLookup
 from meshd.node.keys import KeyService
 from meshd.node.liveness import EPOCH_TAG, MembershipLiveness
 from meshd.node.policy import ClusterPolicy
+from meshd.node.tracing import Tracer
 from meshd.placement.reminder_driver import ReminderDriver
 from meshd.placement.reminders import Reminders
 from meshd.placement.service import Placement
@@ -220,6 +229,10 @@ class Node:
         self.envelope = Envelope(self.keyring, config.security.label)
         self._stop = trio.Event()
         self.left_cleanly = False
+        # Spans and OTLP export, only with [tracing] endpoint (None: off, nothing imported).
+        self.tracer: Tracer | None = tracing.start(config.tracing, config.node.name)
+        # API requests whose trace context was malformed (ignored), by reason.
+        self.tracing_rejected: dict[str, int] = {}
         # Set in run():
         self.membership_core: Membership
         self.membership_driver: MembershipDriver
@@ -418,6 +431,8 @@ class Node:
             sockets.udp.close()
             if self.storage is not None:
                 self.storage.store.close()
+            if self.tracer is not None:
+                self.tracer.shutdown()  # exports what is queued, within tracing.export_timeout
         return 0
 
     async def _snapshot_before_exit(self, storage: StorageDriver) -> None:
@@ -530,6 +545,7 @@ class Node:
             log=logging.getLogger("meshd.routing"),
             activator=_Activations(self),
         )
+        self.router.set_tracer(self.tracer)
         self.routing_links = PeerLinks(
             Channel.ROUTING,
             name,
@@ -554,6 +570,8 @@ class Node:
             catch_up=self.replication_driver.catch_up,
             renew_lease=self.membership_driver.renew_lease,
         )
+        if self.tracer is not None:
+            self.placement.failover_span = self.tracer.failover_span
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(self.replication_driver, lambda: list(self.router.local))
         self.reminder_driver = ReminderDriver(

@@ -100,6 +100,8 @@ def register(node: Node) -> None:
                 (("op", op),),
             )
         yield from _rejected("api", stats.rejected)
+        # Malformed trace context in API requests (ignored: the request went on untraced).
+        yield from _rejected("tracing", node.tracing_rejected)
 
     def process() -> Iterator[Sample]:
         yield _gauge(

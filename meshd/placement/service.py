@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -135,6 +136,8 @@ class Placement:
         self.quorum = Quorum(tuning.stable_after, tuning.stop_after)
         self.draining = False
         self.stats = PlacementStats()
+        # Wraps each failover activation (tracing's ``meshd.failover`` span; a no-op when off).
+        self.failover_span: Callable[[str, str, str], AbstractContextManager[None]] = _untraced
         self._activating: dict[str, _Activation] = {}
         self._advertised: dict[str, KindInfo] = {}
         self._dirty = False
@@ -487,7 +490,8 @@ class Placement:
             return
         async with self._failover_limit:
             try:
-                await self.activate_local(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
+                with self.failover_span(name, kind, host):
+                    await self.activate_local(name, kind, trio.current_time() + ACTIVATION_TIMEOUT)
                 self.stats.failovers += 1
                 self.log.info("failed over", extra=kv(agent=name, kind=kind))
             except errors.MeshError as exc:
@@ -676,3 +680,7 @@ async def _caught_up(_doc: str, _peers: list[str], _timeout: float) -> bool:
 def state_doc(agent: str) -> str:
     """The replicated document holding an agent's own state."""
     return f"state/agent:{agent}"
+
+
+def _untraced(_name: str, _kind: str, _host: str) -> AbstractContextManager[None]:
+    return nullcontext()

@@ -35,7 +35,7 @@ from meshd.routing.forward import Remote
 from meshd.routing.local import LocalAgents
 from meshd.routing.messages import Activate, Control, Deliver, DeliveryKind, Result, Signal
 from meshd.routing.outcome import SENT, Done, Ok, Outcome, complete, to_result
-from meshd.routing.ports import Directory, Members, Wire
+from meshd.routing.ports import DeliveryObserver, Directory, Members, Wire
 from meshd.routing.signals import Signals
 from meshd.routing.stats import RouterStats
 from meshd.timers import TimerHeap
@@ -43,6 +43,7 @@ from meshd.wire.membership import Status
 from meshd.wire.validate import WireError
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
+from meshd_client.protocol.tracecontext import TraceContext
 
 
 def _ttl_ms(timeout: float) -> int:
@@ -94,6 +95,8 @@ class RoutingCore:
             stats=self.stats,
             wake=wake_advertiser if wake_advertiser is not None else lambda: None,
         )
+        # Tracing's view of deliveries from other hosts (None: tracing is off).
+        self.observer: DeliveryObserver | None = None
 
     # ------------------------------------------------------------------ time
 
@@ -131,12 +134,13 @@ class RoutingCore:
         timeout: float,
         deadline: float,
         done: Done,
+        trace: TraceContext | None = None,
     ) -> None:
         """Deliver a message or request to ``to``, which ``entry`` says runs on
         ``entry.node``. ``done`` gets ``Ok(reply)`` (``Ok(None)`` for a send) or
         ``Err(error)``, once, possibly before this returns. A call refused before anything
-        was sent raises instead."""
-        msg = Deliver(msg_id, to, sender, kind, at_least_once, _ttl_ms(timeout), body)
+        was sent raises instead. ``trace`` travels with the message to the agent."""
+        msg = Deliver(msg_id, to, sender, kind, at_least_once, _ttl_ms(timeout), body, trace)
         if kind is not DeliveryKind.REQUEST:
             done = _drop_reply(done)
         wait = kind is DeliveryKind.REQUEST or at_least_once
@@ -191,18 +195,25 @@ class RoutingCore:
         if isinstance(msg, Activate | Control):
             return msg
         self.stats.received += 1
+        if msg.bad_trace:
+            self.stats.bad_trace_context += 1
         deadline = now + msg.ttl_ms / 1000
+        observed: Done | None = None
+        if self.observer is not None:
+            msg, observed = self.observer.remote_delivery(peer, msg)
         if msg.kind is DeliveryKind.REQUEST or msg.at_least_once:
             # Handed to the agent here, in the order the link delivered it; the RESULT goes
             # back from wherever the agent's answer (or the deadline) is noticed.
             msg_id = msg.msg_id
 
             def answer(outcome: Outcome) -> None:
+                if observed is not None:
+                    observed(outcome)
                 self.answer(peer, msg_id, outcome)
 
             self.local.deliver(now, msg, deadline, wait=True, done=answer)
         else:
-            self.local.deliver(now, msg, deadline, wait=False, done=_ignore)
+            self.local.deliver(now, msg, deadline, wait=False, done=observed or _ignore)
         return None
 
     def answer(self, peer: str, msg_id: str, outcome: Outcome) -> None:

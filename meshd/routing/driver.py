@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from pycrdt import Map
@@ -38,6 +38,10 @@ from meshd.routing.stats import RouterStats
 from meshd.transport.links import PeerLinks
 from meshd_client.protocol import errors
 from meshd_client.protocol.errors import MeshError
+from meshd_client.protocol.tracecontext import TraceContext
+
+if TYPE_CHECKING:
+    from meshd.node.tracing import Tracer
 
 SUBSCRIPTIONS: Final = "subscriptions"
 _ADVERTISE_EVERY: Final = 0.02  # seconds between writes of this node's subscription patterns
@@ -116,6 +120,35 @@ class RoutingDriver:
         self.control_handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
+        self.tracer: Tracer | None = None
+
+    def set_tracer(self, tracer: Tracer | None) -> None:
+        """Record spans for forwards, remote deliveries and activations (None: off)."""
+        self.tracer = tracer
+        self.core.observer = tracer
+
+    def _forwarding(
+        self, entry: Entry, to: str, msg_id: str, trace: TraceContext | None, done: Done
+    ) -> tuple[TraceContext | None, Done]:
+        """With tracing on, a call to another host runs in a ``meshd.forward`` span: its
+        context goes on the wire, and ``done`` ends it."""
+        tracer = self.tracer
+        if tracer is None or entry.node == self.node:
+            return trace, done
+        from meshd.node.tracing import CLIENT
+
+        span = tracer.start(
+            "meshd.forward",
+            trace,
+            CLIENT,
+            **{
+                "agent.name": to,
+                "agent.kind": entry.kind or None,
+                "peer": entry.node,
+                "message.id": msg_id,
+            },
+        )
+        return span.context, span.ending(done)
 
     @property
     def stats(self) -> RouterStats:
@@ -218,6 +251,7 @@ class RoutingDriver:
         at_least_once: bool = False,
         timeout: float = 10.0,
         msg_id: str | None = None,
+        trace: TraceContext | None = None,
     ) -> Any:
         """Deliver a message or request; returns the reply body (None for sends). An agent
         active nowhere is activated first (by placement), within the same timeout."""
@@ -226,19 +260,19 @@ class RoutingDriver:
         deadline = now + timeout
         entry = self.registry.lookup(to)
         if entry is None and self.activator is not None:
-            try:
-                # A virtual agent (or one whose host died): activate it where it belongs.
-                entry = await self.activator.ensure_active(to, None, deadline)
-            except errors.NotFound:
-                entry = None
+            entry = await self._activate(to, deadline, trace)
             now = trio.current_time()
         if entry is None:
             raise self.core.missing(to)
         waiter = _Awaited()
+        msg_id = msg_id or uuid.uuid4().hex
+        done: Done = waiter
+        if self.tracer is not None:
+            trace, done = self._forwarding(entry, to, msg_id, trace, done)
         self.core.call(
             now,
             entry=entry,
-            msg_id=msg_id or uuid.uuid4().hex,
+            msg_id=msg_id,
             to=to,
             body=body,
             sender=sender,
@@ -246,7 +280,8 @@ class RoutingDriver:
             at_least_once=at_least_once,
             timeout=timeout,
             deadline=deadline,
-            done=waiter,
+            done=done,
+            trace=trace,
         )
         self._rearm()
         return unwrap(await self._wait(waiter, deadline))
@@ -262,6 +297,7 @@ class RoutingDriver:
         timeout: float = 10.0,
         msg_id: str | None = None,
         done: Done,
+        trace: TraceContext | None = None,
     ) -> bool:
         """:meth:`call` without waiting: ``done`` gets the outcome once (``Ok(reply)``,
         ``Ok(None)`` for a send, or ``Err``), possibly before this returns. Calls refused at
@@ -277,10 +313,13 @@ class RoutingDriver:
                 return False
             raise self.core.missing(to)
         now = trio.current_time()
+        msg_id = msg_id or uuid.uuid4().hex
+        if self.tracer is not None:
+            trace, done = self._forwarding(entry, to, msg_id, trace, done)
         self.core.call(
             now,
             entry=entry,
-            msg_id=msg_id or uuid.uuid4().hex,
+            msg_id=msg_id,
             to=to,
             body=body,
             sender=sender,
@@ -289,9 +328,35 @@ class RoutingDriver:
             timeout=timeout,
             deadline=now + timeout,
             done=done,
+            trace=trace,
         )
         self._rearm()
         return True
+
+    async def _activate(self, to: str, deadline: float, trace: TraceContext | None) -> Entry | None:
+        """A virtual agent (or one whose host died): activate it where it belongs (in a
+        ``meshd.activate`` span with tracing on). None if nobody serves its kind."""
+        assert self.activator is not None
+        span = None
+        if self.tracer is not None:
+            span = self.tracer.start("meshd.activate", trace, **{"agent.name": to})
+        outcome = "cancelled"
+        try:
+            entry = await self.activator.ensure_active(to, None, deadline)
+            outcome = "ok"
+            if span is not None:
+                span.set("meshd.agent.kind", entry.kind)
+                span.set("meshd.agent.host", entry.node)
+            return entry
+        except errors.NotFound:
+            outcome = "not_found"
+            return None
+        except MeshError as exc:
+            outcome = exc.kind.value
+            raise
+        finally:
+            if span is not None:
+                span.end(outcome)
 
     async def activate_remote(self, host: str, name: str, kind: str, deadline: float) -> Entry:
         """Ask ``host`` (the agent's owner) to activate ``name``; returns its entry."""

@@ -153,15 +153,16 @@ class LocalAgents:
             if wait:
                 delivery = _Delivery(msg, agent, done)
                 agent.pending[msg.msg_id] = delivery
-            agent.stream.emit(
-                {
-                    "type": "request" if msg.kind is DeliveryKind.REQUEST else "message",
-                    "id": msg.msg_id,
-                    "from": msg.sender,
-                    "body": msg.body,
-                    "at_least_once": msg.at_least_once,
-                }
-            )
+            event = {
+                "type": "request" if msg.kind is DeliveryKind.REQUEST else "message",
+                "id": msg.msg_id,
+                "from": msg.sender,
+                "body": msg.body,
+                "at_least_once": msg.at_least_once,
+            }
+            if msg.trace is not None:
+                msg.trace.to_args(event)  # the handler runs in the call's trace
+            agent.stream.emit(event)
         except MeshError as exc:
             if agent is not None:
                 agent.pending.pop(msg.msg_id, None)

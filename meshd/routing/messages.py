@@ -1,6 +1,8 @@
 """Messages on the ROUTING channel between daemons (CBOR arrays, type code first).
 
-DELIVER  [1, msg_id, to, sender, kind, at_least_once, ttl_ms, body]
+DELIVER  [1, msg_id, to, sender, kind, at_least_once, ttl_ms, body, trace?]
+                                          trace (optional): [traceparent] or
+                                          [traceparent, tracestate] (W3C Trace Context)
 RESULT   [2, msg_id, ok, payload]          payload: the reply body, or an error map
 SIGNAL   [3, topic, event]                 a CloudEvents-shaped map
 ACTIVATE [4, msg_id, name, kind, ttl_ms]  start agent ``name`` of ``kind`` on the receiver
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meshd.wire.validate import WireError, expect_bool, expect_list, expect_str, expect_uint
-from meshd_client.protocol import cbor
+from meshd_client.protocol import cbor, tracecontext
+from meshd_client.protocol.tracecontext import TraceContext
 
 MAX_ID: Final = 128
 MAX_NAME: Final = 256
@@ -45,9 +48,14 @@ class Deliver:
     at_least_once: bool
     ttl_ms: int
     body: Any
+    # The call's W3C trace context (None: untraced). Sent only when present, so an untraced
+    # DELIVER is what daemons before it sent and expect.
+    trace: TraceContext | None = None
+    # The sender put a trace field that is not valid trace context: ignored, counted.
+    bad_trace: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [
+        wire = [
             Kind.DELIVER,
             self.msg_id,
             self.to,
@@ -57,6 +65,9 @@ class Deliver:
             self.ttl_ms,
             self.body,
         ]
+        if self.trace is not None:
+            wire.append(self.trace.to_wire())
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +126,15 @@ def decode(data: bytes) -> Message:
         raise WireError("routing message: expected an array starting with a type code")
     kind = value[0]
     if kind == Kind.DELIVER:
-        v = expect_list(value, 8, 8, "deliver")
+        v = expect_list(value, 8, 9, "deliver")
         delivery = expect_uint(v[4], "kind", 1)
+        trace: TraceContext | None = None
+        bad_trace = False
+        if len(v) == 9:
+            try:
+                trace = tracecontext.from_wire(v[8])
+            except tracecontext.Malformed:
+                bad_trace = True  # the message itself is fine: deliver it untraced
         return Deliver(
             expect_str(v[1], "msg_id", MAX_ID),
             expect_str(v[2], "to", MAX_NAME),
@@ -125,6 +143,8 @@ def decode(data: bytes) -> Message:
             expect_bool(v[5], "at_least_once"),
             expect_uint(v[6], "ttl_ms", MAX_TTL_MS),
             v[7],
+            trace,
+            bad_trace,
         )
     if kind == Kind.RESULT:
         v = expect_list(value, 4, 4, "result")

@@ -8,10 +8,15 @@ that serves an agent is an opaque owner compared by identity.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshd.registry.model import Entry
 from meshd.wire.membership import Status
+
+if TYPE_CHECKING:
+    from meshd.routing.messages import Deliver
+    from meshd.routing.outcome import Outcome
 
 
 class EventSink(Protocol):
@@ -74,3 +79,12 @@ class Members(Protocol):
 
     def peek(self, name: str) -> tuple[Status, dict[str, str], float] | None:
         """``name``'s status, tags and the time of its last status change."""
+
+
+class DeliveryObserver(Protocol):
+    """Who watches deliveries from other hosts (the daemon's tracing: a span per remote
+    delivery). Set only when tracing is on; the core then calls it once per DELIVER."""
+
+    def remote_delivery(self, peer: str, msg: Deliver) -> tuple[Deliver, Callable[[Outcome], None]]:
+        """``msg`` as it should reach the agent (its trace context now the observer's
+        span's), and what to call with the delivery's outcome."""

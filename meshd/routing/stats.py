@@ -17,3 +17,5 @@ class RouterStats:
     signals_published: int = 0
     signals_delivered: int = 0
     signal_hosts: int = 0
+    # DELIVERs whose trace field was not valid W3C trace context (delivered untraced)
+    bad_trace_context: int = 0

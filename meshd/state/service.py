@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+import trio
 from pycrdt import Map
 
 from meshd.replication.core import DocEvent, Durability
@@ -97,10 +98,18 @@ class StateService:
         return replica.epoch if replica is not None else 0
 
     async def update(
-        self, name: str, ops: Any, durability: Durability = "local", once: str | None = None
+        self,
+        name: str,
+        ops: Any,
+        durability: Durability = "local",
+        once: str | None = None,
+        *,
+        on_wait: Callable[[], Callable[[str], None]] | None = None,
     ) -> dict[str, Any]:
         """Apply ``ops`` atomically. With ``once`` (an idempotency key such as a message id),
-        a repeat of the same key changes nothing and reports ``duplicate``."""
+        a repeat of the same key changes nothing and reports ``duplicate``. ``on_wait`` is
+        called when a ``majority`` write starts waiting for its copies; what it returns is
+        called with the wait's outcome (tracing's ``meshd.majority_wait`` span)."""
         name = check_name(name)
         parsed = values.parse_ops(ops)
         if once is not None and (not isinstance(once, str) or not 0 < len(once) <= 128):
@@ -122,9 +131,21 @@ class StateService:
                 values.record_once(d, once, int(time.time() * 1000))
 
         check_writable(self.driver)
-        result = await self.driver.update(
-            doc, apply, epoch=self._replica_epoch(doc), durability=durability
+        if on_wait is None or durability != "majority":
+            result = await self.driver.update(
+                doc, apply, epoch=self._replica_epoch(doc), durability=durability
+            )
+            return outcome(result)
+        token = self.driver.write(
+            trio.current_time(), doc, apply, epoch=self._replica_epoch(doc), durability=durability
         )
+        finished = on_wait()
+        ended = "cancelled"
+        try:
+            result = await self.driver.wait(token)
+            ended = "ok" if result.ok else (result.reason or "failed")
+        finally:
+            finished(ended)
         return outcome(result)
 
     def get(self, name: str, path: list[str | int] | None = None) -> Any:

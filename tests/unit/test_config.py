@@ -32,6 +32,7 @@ from meshd.config.model import (
     ReplicationLimits,
     SecurityConfig,
     StorageTuning,
+    TracingConfig,
     TransportTuning,
 )
 from meshd.config.profiles import PROFILES
@@ -191,6 +192,7 @@ def test_every_model_field_is_a_setting() -> None:
         "security": SecurityConfig,
         "api": ApiConfig,
         "metrics": MetricsConfig,
+        "tracing": TracingConfig,
         "log": LogConfig,
     }
     expected = {"profile"} | {
@@ -783,3 +785,28 @@ def test_the_local_profile_keeps_each_daemon_store_under_the_run_directory(
         None, {}, {**INSECURE, "profile": "local", "node.data_dir": str(tmp_path / "x")}
     )
     assert given.node.data_dir == str(tmp_path / "x")
+
+
+def test_tracing_settings_are_parsed_and_checked(tmp_path: Path) -> None:
+    insecure = {"security.insecure": True}
+    assert build_config(None, {}, insecure).tracing.endpoint == ""  # off by default
+    path = tmp_path / "meshd.toml"
+    path.write_text(
+        '[tracing]\nendpoint = "http://127.0.0.1:4318/v1/traces"\nsample_ratio = 0.25\n'
+        'max_queue = 100\nexport_timeout = "2s"\nservice_name = "mesh-a"\n'
+    )
+    tracing = build_config(str(path), {}, insecure).tracing
+    assert tracing.endpoint == "http://127.0.0.1:4318/v1/traces"
+    assert (tracing.sample_ratio, tracing.max_queue, tracing.export_timeout) == (0.25, 100, 2.0)
+    assert tracing.service_name == "mesh-a"
+    for key, value in [
+        ("tracing.endpoint", "collector:4318"),
+        ("tracing.sample_ratio", "1.5"),
+        ("tracing.sample_ratio", "lots"),
+        ("tracing.max_queue", "0"),
+        ("tracing.export_timeout", "0s"),
+        ("tracing.service_name", ""),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            build_config(None, {}, {**insecure, key: value})
+        assert key in str(info.value)

@@ -552,7 +552,20 @@ def deliver(**changes: Any) -> bytes:
         cbor2.dumps([2, "m", True, None]) + b"\x00",  # trailing bytes
         deliver()[:-1],  # truncated
         cbor2.dumps([1, "m", "to", "", 0, False, 1]),  # too short
-        cbor2.dumps([1, "m", "to", "", 0, False, 1, None, "extra"]),  # too long
+        cbor2.dumps(
+            [
+                1,
+                "m",
+                "to",
+                "",
+                0,
+                False,
+                1,
+                None,
+                ["00-" + "1" * 32 + "-" + "2" * 16 + "-01"],
+                "extra",
+            ]
+        ),  # too long
         deliver(msg_id=""),
         deliver(msg_id="i" * (messages.MAX_ID + 1)),
         deliver(msg_id=5),
