@@ -70,7 +70,6 @@ class Replica:
 
     __slots__ = (
         "_captured",
-        "_capturing",
         "_doc",
         "_encoded",
         "_normal",
@@ -100,8 +99,8 @@ class Replica:
         self._encoded: bytes | None = EMPTY_UPDATE
         self._normal = len(EMPTY_UPDATE)
         self._subscription: Subscription | None = None
-        self._captured: list[bytes] = []
-        self._capturing = False
+        # The deltas of the write under way (None outside a write).
+        self._captured: list[bytes] | None = None
         self._parked: list[bytes] | None = None
         self.sv = b""
         self.hash = 0
@@ -138,7 +137,7 @@ class Replica:
     def evict(self) -> bool:
         """Back to the encoding (False if pinned, cold already, or in a write)."""
         doc = self._doc
-        if doc is None or self.pinned or self._capturing:
+        if doc is None or self.pinned or self._captured is not None:
             return False
         self._encoded = bytes(doc.get_update())
         self._normal = len(self._encoded)
@@ -164,7 +163,7 @@ class Replica:
         return vectors.decode(self.sv)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
-        if self._capturing:
+        if self._captured is not None:
             self._captured.append(event.update)
         if self.journal is not None:
             self.journal(self, event.update)
@@ -196,12 +195,12 @@ class Replica:
         """Run ``mutate`` in one transaction; returns the delta it produced (None if none)."""
         doc = self.doc
         before = vectors.decode(doc.get_state())
-        self._captured = []
-        self._capturing = True
+        captured: list[bytes] = []
+        self._captured = captured
         try:
             with doc.transaction(origin="local"):
                 mutate(doc)
-            if self._captured and vectors.decode(doc.get_state()) == before:
+            if captured and vectors.decode(doc.get_state()) == before:
                 # Only deletions: they live in the delete set, which the state vector does not
                 # reflect. One small write moves the vector, so anti-entropy, forwarding and
                 # majority acks (which all compare vectors) see the change; the delta carries
@@ -209,8 +208,7 @@ class Replica:
                 with doc.transaction(origin="local"):
                     doc.get(DELETE_MARK, type=Map)["at"] = True
         finally:
-            self._capturing = False
-        captured, self._captured = self._captured, []
+            self._captured = None
         self.refresh()
         if not captured:
             return None
