@@ -292,6 +292,8 @@ class Replicator:
         self._round_seq = rng.getrandbits(31)
         self._last_requested = -math.inf
         self._repairs: deque[DocUpdate] = deque()
+        # One bound method for every replica's journal (not one object per document).
+        self._journal_hook: Callable[[Replica, bytes], None] = self._journal
         self._at(now + tuning.anti_entropy_interval * self.rng.random(), self._anti_entropy, None)
 
     # ------------------------------------------------------------------ plumbing
@@ -383,7 +385,7 @@ class Replicator:
         self._outputs.append(
             Persist(name, epoch, replica.full_update() if doc is not None else b"")
         )
-        replica.journal = self._journal
+        replica.journal = self._journal_hook
         return replica
 
     def _journal(self, replica: Replica, update: bytes) -> None:
@@ -414,7 +416,7 @@ class Replicator:
                 self.stats.reject("bad_stored_update")
                 replica.close()
                 return None
-        replica.journal = self._journal
+        replica.journal = self._journal_hook
         self.store.add(replica)
         self._outputs.append(DocEvent("opened", name))
         return replica

@@ -263,11 +263,14 @@ class Compactor:
         # document (those read back from the store at start).
         self._dirty: set[str] = set()
         self._seeded = False
+        # Only the coordinator examines documents, so only it tracks their changes (as it
+        # learns at each check); one that becomes coordinator seeds with every document.
+        self._coordinating = True
         self._check: _Check | None = None
         self._next_check = 0.0
 
     def on_doc_event(self, event: DocEvent, now: float) -> None:
-        if event.name.startswith(self.prefix):
+        if self._coordinating and event.name.startswith(self.prefix):
             if event.kind == "dropped":
                 self._forget(event.name)
             else:
@@ -316,7 +319,15 @@ class Compactor:
             return
         self._next_check = now + self.tuning.check_interval
         if not self.is_coordinator():
+            if self._coordinating:
+                # Another node examines documents now: forget them, and seed again with
+                # every document if this node becomes coordinator once more.
+                self._coordinating = False
+                self._seeded = False
+                self._dirty.clear()
+                self.last_change.clear()
             return
+        self._coordinating = True
         found = self.candidates(now)
         if not found:
             return
