@@ -179,7 +179,7 @@ class StorageTuning:
     # Documents kept hot in memory as live pycrdt Docs (besides the registry's, always
     # hot); the others are kept encoded, about 1 KB each instead of 5-7 KB, and become hot
     # when read or written locally, the least recently used going back to their encoding.
-    hot_documents: int = 4096
+    hot_documents: int = 1024
 
     def validate(self, prefix: str = "storage") -> None:
         if not 0 <= self.sync_interval <= 10:

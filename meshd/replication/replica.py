@@ -42,7 +42,7 @@ EMPTY_UPDATE: Final = b"\x00\x00"
 NORMALIZE_SLACK: Final = 1024
 # The fewest hot documents a store keeps (a write or read may touch a few at once).
 MIN_HOT: Final = 16
-DEFAULT_HOT: Final = 4096
+DEFAULT_HOT: Final = 1024
 
 
 class UpdateRejected(ValueError):
