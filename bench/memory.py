@@ -17,6 +17,12 @@ document's name and update are new objects, as in a daemon.
 - ``all_hot``: ``hot_documents`` ≥ N and every document read (every one a live ``Doc``: what
   the previous version held).
 
+``candidates``: µs per document of each way a cold document could be served or changed
+(materializing a ``Doc`` from the encoding, with and without its change subscription;
+applying an update through a transient ``Doc``; merging it into the encoding with
+``merge_updates`` and reading the new state vector; what a peer lacks, and the state vector,
+read from the encoding), measured on 2,000 of the documents.
+
 ``rss_bytes_per_doc`` is the growth of ``VmRSS`` over the documents' arrival (and reads),
 after ``gc.collect()``, divided by N; ``apply_us_per_doc`` the wall time of the arrivals.
 """
@@ -34,7 +40,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, TransactionEvent, get_state, get_update, merge_updates
 
 from meshd.replication import messages
 from meshd.replication.core import ReplicationTuning, Replicator
@@ -102,6 +108,53 @@ def child(mode: str, n: int) -> dict[str, Any]:
     }
 
 
+def candidates(count: int = 2000) -> dict[str, float]:
+    encoded = documents(count)
+    extra: Doc[Any] = Doc()
+    extra.get(values.ROOT, type=Map)["g"] = FIELD
+    update = bytes(extra.get_update())
+
+    def materialize(enc: bytes) -> None:
+        Doc().apply_update(enc)
+
+    def subscribed(enc: bytes) -> None:
+        doc: Doc[Any] = Doc()
+        doc.apply_update(enc)
+        doc.unobserve(doc.observe(lambda _event: None))
+
+    def transient(enc: bytes) -> None:
+        doc: Doc[Any] = Doc()
+        doc.apply_update(enc)
+        seen: list[bytes] = []
+
+        def capture(event: TransactionEvent) -> None:
+            seen.append(event.update)
+
+        subscription = doc.observe(capture)
+        doc.apply_update(update)
+        doc.unobserve(subscription)
+        get_state(doc.get_update())
+
+    def merged(enc: bytes) -> None:
+        get_state(merge_updates(enc, update))
+
+    ways = {
+        "materialize_doc": materialize,
+        "materialize_doc_subscribed": subscribed,
+        "apply_via_transient_doc": transient,
+        "apply_via_merge_updates": merged,
+        "missing_for_peer_from_encoding": lambda enc: get_update(enc, b"\x00"),
+        "state_vector_from_encoding": get_state,
+    }
+    out = {}
+    for name, way in ways.items():
+        started = time.perf_counter()
+        for enc in encoded:
+            way(enc)
+        out[name] = round((time.perf_counter() - started) / count * 1e6, 1)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -120,12 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             text=True,
         )
         runs.append(json.loads(done.stdout))
-    result = {"runs": runs, "method": {"loadavg_1m": round(os.getloadavg()[0], 2)}}
+    result = {
+        "runs": runs,
+        "candidates_us": candidates(),
+        "method": {"loadavg_1m": round(os.getloadavg()[0], 2)},
+    }
     if args.json:
         print(json.dumps(result))
     else:
         for run in runs:
             print(run)
+        print(result["candidates_us"])
     return 0
 
 
