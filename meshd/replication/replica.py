@@ -34,8 +34,9 @@ from meshd.replication.tree import DigestTree, Key, NodeId, leaf_of
 DELETE_MARK: Final = "replica:deletes"
 # Remote updates kept because part of them waits for an update they build on (see apply).
 MAX_PARKED: Final = 256
-# The encoding of an empty document (no structs, empty delete set).
+# The encoding of an empty document (no structs, empty delete set), and its state vector.
 EMPTY_UPDATE: Final = b"\x00\x00"
+EMPTY_STATE: Final = b"\x00"
 # A cold replica's encoding is re-encoded through a scratch ``Doc`` once merged updates have
 # grown it past twice its last normalized size plus this (merging keeps the content of
 # items a later update deleted; a ``Doc`` garbage-collects it).
@@ -106,7 +107,8 @@ class Replica:
         self.hash = 0
         if doc is not None:
             self._attach(doc)
-        self.refresh()
+        # An empty document's vector is known: no need to ask pycrdt for it.
+        self.refresh(None if doc is not None else EMPTY_STATE)
 
     # ------------------------------------------------------------------ hot and cold
 
