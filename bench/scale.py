@@ -22,6 +22,9 @@ daemons on loopback (``lan`` profile, default storage, metrics on):
    ``join_repair_updates``: repair updates it received (N means it was filled once).
 6. **False suspicions.** Nobody is killed: every suspicion and death verdict counted by the
    daemons (``info`` stats) during the writes and the join is a false one.
+7. **Memory after serving a join.** ``served_rss_growth_pct``: ``--settle`` seconds (60)
+   after the joiner held everything, the largest growth of an established daemon's VmRSS
+   over its VmRSS just before the joiner was spawned, in % (target: within 5 %).
 
 The machine's load average at start and end is in ``method``: other work skews every number.
 Every process is started here and ended by its pid.
@@ -55,7 +58,12 @@ from meshd_client.protocol.errors import MeshError
 err = Console(stderr=True, soft_wrap=True)
 SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$")
 FIELD = "x" * 40
-TARGETS = {"join_s@100000": 5.0, "rss_kb_per_doc": 1.5, "idle_cpu_pct@1000000": 2.0}
+TARGETS = {
+    "join_s@100000": 5.0,
+    "rss_kb_per_doc": 1.5,
+    "idle_cpu_pct@1000000": 2.0,
+    "served_rss_growth_pct": 5.0,
+}
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -177,6 +185,7 @@ async def one_size(args: argparse.Namespace, root: Path, n: int) -> dict[str, An
 
         # 5-6. join
         suspected = await suspicions(daemons)
+        served_before = {d.name: proc_status(d.pid, "VmRSS") for d in daemons}
         t0 = time.monotonic()
         fresh = add(f"n{args.nodes + 1}", [first.addr])
         await cluster.wait_answering(fresh, timeout=60)
@@ -207,6 +216,14 @@ async def one_size(args: argparse.Namespace, root: Path, n: int) -> dict[str, An
         out["join_replication"] = detail
         await anyio.sleep(2.0)
         out["join_suspicions"] = await suspicions([*daemons, fresh]) - suspected
+
+        # 7. memory after serving the join
+        if args.settle > 0:
+            await anyio.sleep(args.settle)
+            growth = [
+                (proc_status(d.pid, "VmRSS") / served_before[d.name] - 1) * 100 for d in daemons
+            ]
+            out["served_rss_growth_pct"] = round(max(growth), 1)
         out["crashed"] = [d.name for d in cluster.daemons.values() if not d.running()]
     return out
 
@@ -259,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--idle", type=float, default=10.0, help="idle window (s)")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument(
+        "--settle", type=float, default=60.0, help="wait after the join before step 7 (s)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     return p
 

@@ -484,6 +484,7 @@ class Node:
                 page_docs=self.config.replication.page_docs,
                 page_bytes=self.config.replication.page_bytes,
                 max_docs_per_message=self.config.replication.max_docs_per_message,
+                hot_documents=self.config.storage.hot_documents,
             ),
             rng=random.Random(),
             now=trio.current_time(),

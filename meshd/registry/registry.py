@@ -155,6 +155,7 @@ class Registry:
         node = replica.name[len(DOC_PREFIX) :]
         self._clear_node(node)
         self._doc_epoch[node] = replica.epoch
+        replica.pin()  # the index follows its content: it stays a live Doc
         agents: Map[Any] = replica.doc.get(ROOT, type=Map)
         subscription = agents.observe(lambda event: self._on_change(node, event))
         self._subscriptions[replica.name] = (agents, subscription)

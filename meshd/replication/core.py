@@ -64,7 +64,13 @@ from meshd.replication.messages import (
     Updates,
     Vectors,
 )
-from meshd.replication.replica import DocStore, Replica, UpdateRejected, check_update
+from meshd.replication.replica import (
+    DEFAULT_HOT,
+    DocStore,
+    Replica,
+    UpdateRejected,
+    check_update,
+)
 from meshd.replication.tree import LEAF_LEVEL, NodeId, children
 from meshd.timers import TimerHeap
 
@@ -108,6 +114,9 @@ class ReplicationTuning:
     listing_hold: float = 2.0
     majority_timeout: float = 5.0
     majority_repairs: int = 3
+    # Documents kept hot (a live pycrdt Doc) besides the pinned ones; the rest are kept
+    # encoded (docs/replication.md#memory-model). ``[storage] hot_documents``.
+    hot_documents: int = DEFAULT_HOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +261,7 @@ class Replicator:
         self.node = node
         self.tuning = tuning
         self.rng = rng
-        self.store = DocStore()
+        self.store = DocStore(tuning.hot_documents)
         self.stats = ReplicationStats()
         self.accept: AcceptPolicy = accept or (lambda _name, _epoch: True)
         # Called with every new replica (or new epoch) before anything is applied to it, so
@@ -283,6 +292,8 @@ class Replicator:
         self._round_seq = rng.getrandbits(31)
         self._last_requested = -math.inf
         self._repairs: deque[DocUpdate] = deque()
+        # One bound method for every replica's journal (not one object per document).
+        self._journal_hook: Callable[[Replica, bytes], None] = self._journal
         self._at(now + tuning.anti_entropy_interval * self.rng.random(), self._anti_entropy, None)
 
     # ------------------------------------------------------------------ plumbing
@@ -374,7 +385,7 @@ class Replicator:
         self._outputs.append(
             Persist(name, epoch, replica.full_update() if doc is not None else b"")
         )
-        replica.journal = self._journal
+        replica.journal = self._journal_hook
         return replica
 
     def _journal(self, replica: Replica, update: bytes) -> None:
@@ -405,7 +416,7 @@ class Replicator:
                 self.stats.reject("bad_stored_update")
                 replica.close()
                 return None
-        replica.journal = self._journal
+        replica.journal = self._journal_hook
         self.store.add(replica)
         self._outputs.append(DocEvent("opened", name))
         return replica
@@ -631,7 +642,7 @@ class Replicator:
             changed = replica.apply(update, checked=created is not None)
         except UpdateRejected:
             self.stats.reject("bad_update")
-            if created is not None and replica.doc.get_state() == EMPTY_SV:
+            if created is not None and replica.sv == EMPTY_SV:
                 self.drop(name)
             return None, False
         self.store.rehash(replica)

@@ -59,12 +59,14 @@ class DigestTree:
         self._hashes = [array("Q", bytes(8 * FANOUT**lv)) for lv in range(LEAF_LEVEL)]
         self._counts = [array("I", bytes(4 * FANOUT**lv)) for lv in range(LEAF_LEVEL)]
         self._leaf_hash: dict[int, int] = {}
-        self._names: dict[int, set[str]] = {}  # leaf -> names (only non-empty leaves)
+        # leaf -> its names (only non-empty leaves): one name as a str, more as a set (most
+        # leaves hold one or two documents up to ~100k: a set each would cost ~200 bytes).
+        self._names: dict[int, str | set[str]] = {}
 
     def node(self, level: int, index: int) -> tuple[int, int]:
         """(hash, count) of a node."""
         if level == LEAF_LEVEL:
-            return self._leaf_hash.get(index, 0), len(self._names.get(index, ()))
+            return self._leaf_hash.get(index, 0), len(self._leaf_names(index))
         return self._hashes[level][index], self._counts[level][index]
 
     def _toggle(self, leaf: int, value: int, delta: int) -> None:
@@ -78,17 +80,36 @@ class DigestTree:
         else:
             self._leaf_hash.pop(leaf, None)
 
+    def _leaf_names(self, leaf: int) -> set[str] | tuple[str, ...]:
+        names = self._names.get(leaf)
+        if names is None:
+            return ()
+        return (names,) if isinstance(names, str) else names
+
     def insert(self, leaf: int, name: str, value: int) -> None:
-        self._names.setdefault(leaf, set()).add(name)
+        names = self._names.get(leaf)
+        if names is None:
+            self._names[leaf] = name
+        elif isinstance(names, str):
+            if names == name:
+                return
+            self._names[leaf] = {names, name}
+        elif name in names:
+            return
+        else:
+            names.add(name)
         self._toggle(leaf, value, 1)
 
     def delete(self, leaf: int, name: str, value: int) -> None:
         names = self._names.get(leaf)
-        if names is None or name not in names:
+        if names is None or name not in self._leaf_names(leaf):
             return
-        names.discard(name)
-        if not names:
+        if isinstance(names, str):
             del self._names[leaf]
+        else:
+            names.discard(name)
+            if len(names) == 1:
+                self._names[leaf] = names.pop()
         self._toggle(leaf, value, -1)
 
     def rehash(self, leaf: int, old: int, new: int) -> None:
@@ -108,7 +129,7 @@ class DigestTree:
             first = lo if after is None else max(lo, after[0])
             end = hi if until is None else min(hi, until[0] + 1)
             for leaf in range(first, end):
-                names = self._names.get(leaf)
+                names = self._leaf_names(leaf)
                 if not names:
                     continue
                 for name in sorted(names):

@@ -255,20 +255,24 @@ class Compactor:
         self.is_coordinator = is_coordinator
         self.prefix = prefix
         self.stats = CompactionStats()
+        # When each document waiting in _dirty last changed (forgotten with it: memory follows
+        # the documents changed lately, not every document).
         self.last_change: dict[str, float] = {}
         # Documents changed since they were last examined: a check looks at these only, so
         # its cost follows the changes, not the number of documents. Seeded once with every
         # document (those read back from the store at start).
         self._dirty: set[str] = set()
         self._seeded = False
+        # Only the coordinator examines documents, so only it tracks their changes (as it
+        # learns at each check); one that becomes coordinator seeds with every document.
+        self._coordinating = True
         self._check: _Check | None = None
         self._next_check = 0.0
 
     def on_doc_event(self, event: DocEvent, now: float) -> None:
-        if event.name.startswith(self.prefix):
+        if self._coordinating and event.name.startswith(self.prefix):
             if event.kind == "dropped":
-                self.last_change.pop(event.name, None)
-                self._dirty.discard(event.name)
+                self._forget(event.name)
             else:
                 self.last_change[event.name] = now
                 self._dirty.add(event.name)
@@ -290,7 +294,7 @@ class Compactor:
         for name in sorted(self._dirty):
             replica = self.docs.store.get(name)
             if replica is None:
-                self._dirty.discard(name)
+                self._forget(name)
                 continue
             if now - self.last_change.get(name, 0.0) < t.quiet:
                 continue
@@ -298,8 +302,12 @@ class Compactor:
             if size >= t.min_bytes and size >= t.ratio * len(fresh_copy(replica).get_update()):
                 out.append(replica)
             else:
-                self._dirty.discard(name)
+                self._forget(name)
         return out
+
+    def _forget(self, name: str) -> None:
+        self._dirty.discard(name)
+        self.last_change.pop(name, None)
 
     def tick(self, now: float) -> None:
         check = self._check
@@ -311,7 +319,15 @@ class Compactor:
             return
         self._next_check = now + self.tuning.check_interval
         if not self.is_coordinator():
+            if self._coordinating:
+                # Another node examines documents now: forget them, and seed again with
+                # every document if this node becomes coordinator once more.
+                self._coordinating = False
+                self._seeded = False
+                self._dirty.clear()
+                self.last_change.clear()
             return
+        self._coordinating = True
         found = self.candidates(now)
         if not found:
             return

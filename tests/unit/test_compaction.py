@@ -152,6 +152,22 @@ def test_ratio_threshold() -> None:
     assert cluster["a"].candidates(100.0) == []
 
 
+def test_only_the_coordinator_tracks_changes_and_a_new_coordinator_seeds_with_all() -> None:
+    cluster = Cluster("a", "b")
+    churn(cluster.net["a"])
+    cluster.settle()
+    compactor = cluster["b"]  # "a" coordinates
+    assert compactor.pending == 1
+    cluster.tick("b")
+    assert compactor.pending == 0 and compactor.last_change == {}
+    compactor.on_doc_event(DocEvent("updated", DOC), cluster.net.now)
+    assert compactor.pending == 0 and compactor.last_change == {}
+    # "a" is gone: "b" coordinates, and examines every document it holds.
+    compactor.is_coordinator = lambda: True
+    cluster.net.run(100.0)
+    assert [r.name for r in compactor.candidates(cluster.net.now)] == [DOC]
+
+
 def test_only_documents_under_the_prefix() -> None:
     cluster = Cluster("a")
     churn(cluster.net["a"], name="other/doc")

@@ -11,7 +11,7 @@ from replication_helpers import content, edit, vector
 
 from meshd.replication import vectors
 from meshd.replication.replica import DocStore, Replica, UpdateRejected
-from meshd.replication.tree import FANOUT, LEAF_LEVEL, LEAVES, leaf_of, span
+from meshd.replication.tree import FANOUT, LEAF_LEVEL, LEAVES, DigestTree, leaf_of, span
 
 
 def root(doc: Doc[Any]) -> Map[Any]:
@@ -469,3 +469,21 @@ def test_state_vector_encoding_does_not_depend_on_arrival_order() -> None:
     assert a.vector == b.vector
     assert a.sv == b.sv
     assert a.hash == b.hash
+
+
+def test_a_leaf_going_from_one_name_to_several_and_back_lists_and_counts_right() -> None:
+    tree = DigestTree()
+    tree.insert(7, "b", 1)
+    tree.insert(7, "b", 1)  # a name already there changes nothing
+    assert tree.node(LEAF_LEVEL, 7) == (1, 1)
+    tree.insert(7, "a", 2)
+    tree.insert(7, "c", 4)
+    assert tree.node(LEAF_LEVEL, 7) == (7, 3)
+    assert list(tree.keys([(LEAF_LEVEL, 7)])) == [(7, "a"), (7, "b"), (7, "c")]
+    tree.delete(7, "a", 2)
+    tree.delete(7, "c", 4)
+    tree.delete(7, "c", 4)  # gone already: nothing to undo
+    assert tree.node(LEAF_LEVEL, 7) == (1, 1)
+    assert list(tree.keys([(LEAF_LEVEL, 7)])) == [(7, "b")]
+    tree.delete(7, "b", 1)
+    assert tree.node(LEAF_LEVEL, 7) == (0, 0) and list(tree.keys([(0, 0)])) == []
