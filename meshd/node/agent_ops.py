@@ -59,7 +59,7 @@ def api_span(node: Node, op: str, trace: TraceContext | None, **attributes: Any)
 
 def register(node: Node) -> None:
     api = node.api
-    router = node.router
+    routing = node.routing_driver
     calls_log = RateLimitedLog(logging.getLogger("meshd.routing"))
 
     def failed(call: dict[str, Any], kind: DeliveryKind, error: MeshError) -> None:
@@ -101,7 +101,7 @@ def register(node: Node) -> None:
         agent = LocalAgent(
             entry, session, stream, notices=on_notice, gate=lambda: node.placement.serving(entry)
         )
-        router.attach(agent)
+        routing.attach(agent)
         try:
             stream.emit(
                 {"type": "registered", "entry": entry.to_dict(), "state": agent_state(entry.name)}
@@ -119,7 +119,7 @@ def register(node: Node) -> None:
                 detail=conflict[0],
             )
         finally:
-            router.detach(entry.name, session)
+            routing.detach(entry.name, session)
             if node.registry.holds(entry.name) == entry:
                 node.registry.unregister(trio.current_time(), entry.name)
 
@@ -139,7 +139,7 @@ def register(node: Node) -> None:
                 if isinstance(error, dict)
                 else errors.Internal("the agent failed")
             )
-        if not router.client_reply(agent, msg_id, outcome):
+        if not routing.client_reply(agent, msg_id, outcome):
             raise errors.NotFound("no delivery with that id is waiting for an answer")
         return None
 
@@ -173,7 +173,7 @@ def register(node: Node) -> None:
         span = start_span(kwargs, kind) if node.tracer is not None else None
         outcome = "cancelled"
         try:
-            result = await router.call(**kwargs)
+            result = await routing.call(**kwargs)
             outcome = "ok"
             return result
         except MeshError as exc:
@@ -185,7 +185,7 @@ def register(node: Node) -> None:
                 span.end(outcome)
 
     def begin(req: messages.Request, kind: DeliveryKind) -> Any:
-        """Start the call in the session's read loop; the router answers it when the reply
+        """Start the call in the session's read loop; routing answers it when the reply
         comes (no task waits for it). Calls that must wait to start run in a task."""
         deferred = Deferred()
         kwargs = call_args(req, kind)
@@ -198,15 +198,15 @@ def register(node: Node) -> None:
                 deferred.fail(outcome.error)
 
         if node.tracer is None:
-            if not router.begin_call(**kwargs, done=done):
+            if not routing.begin_call(**kwargs, done=done):
                 return BEGIN_IN_TASK
             return deferred
-        if router.registry.lookup(kwargs["to"]) is None:
+        if routing.registry.lookup(kwargs["to"]) is None:
             return BEGIN_IN_TASK  # activation first: traced by call() in a task
         span = start_span(kwargs, kind)
         assert span is not None
         try:
-            started = router.begin_call(**kwargs, done=span.ending(done))
+            started = routing.begin_call(**kwargs, done=span.ending(done))
         except MeshError as exc:
             span.end(exc.kind.value)
             raise
@@ -241,21 +241,21 @@ def register(node: Node) -> None:
         if span is not None:
             event = {**event}
             span.context.to_args(event)  # subscribers' work joins this trace
-        hosts = router.publish(topic, event)
+        hosts = routing.publish(topic, event)
         if span is not None:
             span.set("meshd.hosts", hosts)
             span.end("ok")
         return {"hosts": hosts}
 
     async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
-        cancel = router.subscribe(args_.text(req.args, "pattern"), stream)
+        cancel = routing.subscribe(args_.text(req.args, "pattern"), stream)
         try:
             await stream.until_failed()
         finally:
             cancel()
 
     async def health(_session: Session, req: messages.Request) -> Any:
-        return router.health(args_.text(req.args, "name"))
+        return routing.health(args_.text(req.args, "name"))
 
     api.add_stream_op("agent.serve", serve, "register an agent and receive its messages")
     api.add_op(

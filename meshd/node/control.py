@@ -91,7 +91,7 @@ def register(node: Node) -> None:
                 "enabled": node.tracer is not None,
                 # malformed trace context: from API requests, and in DELIVERs from peers
                 "malformed_traceparent": node.tracing_rejected.get("malformed_traceparent", 0)
-                + node.router.stats.bad_trace_context,
+                + node.routing_driver.stats.bad_trace_context,
             },
             "stats": {
                 "probes": stats.probes,

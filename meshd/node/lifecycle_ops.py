@@ -54,7 +54,7 @@ def register(node: Node) -> None:
         if target != node.node_name:
             if node.membership_core.member(target) is None:
                 raise errors.NotFound(f"no member named {target!r}", detail={"node": target})
-            return await node.router.control(target, "drain", {})
+            return await node.routing_driver.control(target, "drain", {})
         moving = placement.start_drain()
         return {"node": target, "draining": True, "moving": moving}
 
@@ -119,7 +119,7 @@ def register(node: Node) -> None:
     async def drain_here(_args: dict[str, Any]) -> Any:
         return {"node": node.node_name, "draining": True, "moving": placement.start_drain()}
 
-    node.router.control_handlers["drain"] = drain_here
+    node.routing_driver.control_handlers["drain"] = drain_here
     api.add_stream_op("kind.serve", serve_kind, "serve a kind: receive activation requests")
     api.add_op("spawn", spawn, "place and activate an agent of a kind")
     api.add_op("drain", drain, "move every agent off a host (this one by default)")

@@ -245,7 +245,7 @@ class Node:
         self.registry: Registry
         self.state: StateService
         self.compactor: Compactor
-        self.router: RoutingDriver
+        self.routing_driver: RoutingDriver
         self.routing_links: PeerLinks
         self.placement: Placement
         self.reminders: Reminders
@@ -391,7 +391,7 @@ class Node:
                 await nursery.start(self.replication_links.run)
                 await nursery.start(self.replication_driver.run)
                 await nursery.start(self.routing_links.run)
-                await nursery.start(self.router.run)
+                await nursery.start(self.routing_driver.run)
                 await nursery.start(self.placement.run)
                 await nursery.start(self.reminder_driver.run)
                 self.registry.open_own()
@@ -538,7 +538,7 @@ class Node:
             lambda report: self.compactor.on_report(report, trio.current_time())
         )
         self._rebases: dict[str, Rebase] = {}
-        self.router = RoutingDriver(
+        self.routing_driver = RoutingDriver(
             node=name,
             registry=self.registry,
             docs=self.replication_driver,
@@ -546,26 +546,26 @@ class Node:
             log=logging.getLogger("meshd.routing"),
             activator=_Activations(self),
         )
-        self.router.set_tracer(self.tracer)
+        self.routing_driver.set_tracer(self.tracer)
         self.routing_links = PeerLinks(
             Channel.ROUTING,
             name,
             self.envelope,
             self.transport_stats,
             self._peer_address,
-            self.router.receive,
+            self.routing_driver.receive,
             logging.getLogger("meshd.links"),
         )
-        self.routing_links.on_connect = self.router.link_status
-        self.routing_links.on_disconnect = self.router.link_lost
-        self.router.attach_links(self.routing_links)
-        self.replication_driver.doc_listeners.append(self.router.on_doc_event)
+        self.routing_links.on_connect = self.routing_driver.link_status
+        self.routing_links.on_disconnect = self.routing_driver.link_lost
+        self.routing_driver.attach_links(self.routing_links)
+        self.replication_driver.doc_listeners.append(self.routing_driver.on_doc_event)
         self.placement = Placement(
             node=name,
             membership=self.membership_core,
             registry=self.registry,
             docs=self.replication_driver,
-            host=self.router,
+            host=self.routing_driver,
             tuning=self.config.placement,
             log=logging.getLogger("meshd.placement"),
             catch_up=self.replication_driver.catch_up,
@@ -574,16 +574,16 @@ class Node:
         if self.tracer is not None:
             self.placement.failover_span = self.tracer.failover_span
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
-        self.reminders = Reminders(self.replication_driver, lambda: list(self.router.local))
+        self.reminders = Reminders(self.replication_driver, lambda: list(self.routing_driver.local))
         self.reminder_driver = ReminderDriver(
-            self.reminders, self.router.call, logging.getLogger("meshd.reminders")
+            self.reminders, self.routing_driver.call, logging.getLogger("meshd.reminders")
         )
         self.policy = ClusterPolicy(
             node_name=name,
             membership=self.membership_core,
             replication=self.replication_driver,
             links=(self.replication_links, self.routing_links),
-            routing=self.router,
+            routing=self.routing_driver,
             registry=self.registry,
             placement=self.placement,
             clock=trio.current_time,
@@ -678,7 +678,7 @@ class Node:
         log.info("leaving the cluster")
         # Peers re-activate this host's agents as soon as they hear of the leave, without
         # waiting out a partition's stable_after: so from now on none of them runs here.
-        self.router.leaving = True
+        self.routing_driver.leaving = True
         spread = await self.membership_driver.leave()
         self.left_cleanly = True
         log.info("left", extra=kv(confirmed_spread=spread))

@@ -177,7 +177,7 @@ def register(node: Node) -> None:
 
     def agents() -> Iterator[Sample]:
         for prefix, stats, what in (
-            ("meshd_routing", node.router.stats, "Routing"),
+            ("meshd_routing", node.routing_driver.stats, "Routing"),
             ("meshd_placement", node.placement.stats, "Placement"),
         ):
             for f in fields(stats):
@@ -189,7 +189,7 @@ def register(node: Node) -> None:
                         f"{what} counter: {f.name.replace('_', ' ')}.",
                     )
         states = dict.fromkeys(BreakerState, 0)
-        for breaker in node.router.breakers.values():
+        for breaker in node.routing_driver.breakers.values():
             states[breaker.state] += 1
         for state, n in states.items():
             yield _gauge(
