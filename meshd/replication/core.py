@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,6 +68,7 @@ from meshd.replication.replica import (
     DEFAULT_HOT,
     DocStore,
     Replica,
+    Undo,
     UpdateRejected,
     check_update,
 )
@@ -199,6 +200,8 @@ class ReplicationStats(Rejections):
     stale_epochs: int = 0
     majority_ok: int = 0
     majority_failed: int = 0
+    withdrawn: int = 0  # undoable majority writes taken back after they failed
+    withdraw_failed: int = 0  # ... that could not be (the document was replaced meanwhile)
 
 
 @dataclass(slots=True)
@@ -284,6 +287,8 @@ class Replicator:
         self._flush_at: float | None = None
         self._token = 0
         self._majority: dict[int, _Majority] = {}
+        # Undoable majority writes whose outcome is not settled yet (token -> replica, undo).
+        self._undos: dict[int, tuple[Replica, Undo]] = {}
         self._rounds: dict[int, _Round] = {}
         self._backoff: dict[str, tuple[int, float]] = {}  # peer → (failures, until)
         # The fill under way: (peer, last progress, whether this node started the round).
@@ -456,19 +461,57 @@ class Replicator:
         *,
         epoch: int = 0,
         durability: Durability = "local",
+        undo_roots: Collection[str] | None = None,
     ) -> int | None:
         """Apply a local change. Returns a token for ``majority`` writes (a WriteDone output
-        follows), else None."""
+        follows), else None. With ``undo_roots`` (the root types ``mutate`` changes), a
+        ``majority`` write can be withdrawn: :meth:`settle` it once its outcome is known."""
         replica = self.open(name, epoch)
-        delta = replica.write(mutate)
-        self.store.rehash(replica)
-        if delta is not None:
-            self._outputs.append(DocEvent("updated", name, local=True))
+        undo: Undo | None = None
+        if undo_roots is not None and durability == "majority":
+            delta, undo = replica.write_undoable(mutate, undo_roots)
+        else:
+            delta = replica.write(mutate)
+        self._changed_locally(now, replica, delta, push=durability == "local")
         if durability == "local":
-            if delta is not None:
-                self._queue_push(replica, delta, now)
             return None
-        return self._start_majority(now, replica, delta)
+        token = self._start_majority(now, replica, delta)
+        if undo is not None:
+            self._undos[token] = (replica, undo)
+        return token
+
+    def settle(self, now: float, token: int, *, keep: bool) -> bool:
+        """The outcome of an undoable ``majority`` write is known: keep it, or withdraw it (its
+        undo is a new local change, logged and pushed like any write, so it follows the
+        write wherever that went). True if something was withdrawn."""
+        entry = self._undos.pop(token, None)
+        if entry is None:
+            return False
+        replica, undo = entry
+        if keep:
+            replica.settle(undo)
+            return False
+        if self.store.get(replica.name) is not replica:
+            # Replaced by a newer epoch (a compaction carried the write over): it stays.
+            replica.settle(undo)
+            self.stats.withdraw_failed += 1
+            return False
+        delta = replica.withdraw(undo)
+        if delta is None:
+            return False
+        self.stats.withdrawn += 1
+        self._changed_locally(now, replica, delta, push=True)
+        return True
+
+    def _changed_locally(
+        self, now: float, replica: Replica, delta: bytes | None, *, push: bool
+    ) -> None:
+        self.store.rehash(replica)
+        if delta is None:
+            return
+        self._outputs.append(DocEvent("updated", replica.name, local=True))
+        if push:
+            self._queue_push(replica, delta, now)
 
     def _queue_push(self, replica: Replica, delta: bytes, now: float | None = None) -> None:
         epoch, deltas = self._pending_push.get(replica.name, (replica.epoch, []))

@@ -11,10 +11,11 @@ is fsynced here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,8 @@ class WriteResult:
     # Why it failed: "majority" (too few members hold it), "not_joined" (no cluster to count),
     # "storage" (not on this node's disk in time).
     reason: str = ""
+    # An undoable write that failed was taken back (see ReplicationDriver.write).
+    withdrawn: bool = False
 
 
 class ReplicationDriver:
@@ -134,13 +137,18 @@ class ReplicationDriver:
         *,
         epoch: int | None = None,
         durability: Durability = "local",
+        undo_roots: Collection[str] | None = None,
     ) -> int | None:
         """Change ``name`` (at its current epoch unless one is given), persist and push the
-        change. Returns a token to :meth:`wait` on for ``majority`` writes."""
+        change. Returns a token to :meth:`wait` on for ``majority`` writes. With
+        ``undo_roots`` a ``majority`` write is all or nothing: if :meth:`wait` does not see
+        it succeed (it failed, or the wait was cancelled) it is withdrawn."""
         if epoch is None:
             replica = self.core.store.get(name)
             epoch = replica.epoch if replica is not None else 0
-        token = self.core.write(now, name, mutate, epoch=epoch, durability=durability)
+        token = self.core.write(
+            now, name, mutate, epoch=epoch, durability=durability, undo_roots=undo_roots
+        )
         self.flush()
         return token
 
@@ -370,9 +378,17 @@ class ReplicationDriver:
         *,
         epoch: int | None = None,
         durability: Durability = "local",
+        undo_roots: Collection[str] | None = None,
     ) -> WriteResult:
         """Write and wait for the durability asked for."""
-        token = self.write(trio.current_time(), name, mutate, epoch=epoch, durability=durability)
+        token = self.write(
+            trio.current_time(),
+            name,
+            mutate,
+            epoch=epoch,
+            durability=durability,
+            undo_roots=undo_roots,
+        )
         return await self.wait(token)
 
     async def wait(self, token: int | None) -> WriteResult:
@@ -381,6 +397,21 @@ class ReplicationDriver:
         if token is None:
             self.flush()
             return WriteResult(True, (self.core.node,), 1, 1)
+        result: WriteResult | None = None
+        try:
+            result = await self._wait_majority(token)
+        finally:
+            # An undoable write stays only if it succeeded (a cancelled wait withdraws it).
+            withdrawn = self.core.settle(
+                trio.current_time(), token, keep=result is not None and result.ok
+            )
+            self.flush()
+        assert result is not None  # the wait returned (else its exception is on its way)
+        if withdrawn:
+            result = dataclasses.replace(result, withdrawn=True)
+        return result
+
+    async def _wait_majority(self, token: int) -> WriteResult:
         lsn = self.storage.appended if self.storage is not None else 0
         deadline = trio.current_time() + self.core.tuning.majority_timeout
         if self.storage is not None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Final
 
-from pycrdt import Doc, Map, Subscription, TransactionEvent, merge_updates
+from pycrdt import Doc, Map, Subscription, TransactionEvent, UndoManager, merge_updates
 from pycrdt import get_state as state_of_update
 from pycrdt import get_update as diff_update
 
@@ -65,6 +65,19 @@ def _normalized(encoded: bytes) -> bytes:
     return bytes(doc.get_update())
 
 
+class Undo:
+    """What it takes to withdraw one local write (:meth:`Replica.write_undoable`): an undo
+    manager that captured that write's transaction alone (a private origin), over the root
+    types the caller named. While one is outstanding its replica stays hot, since the
+    manager belongs to that ``Doc``."""
+
+    __slots__ = ("doc", "manager")
+
+    def __init__(self, doc: Doc[Any], manager: UndoManager) -> None:
+        self.doc = doc
+        self.manager = manager
+
+
 class Replica:
     """One document. Local writes go through :meth:`write`, which captures the exact delta
     (``Doc.get_update(sv)`` would also carry the whole delete set every time)."""
@@ -84,6 +97,7 @@ class Replica:
         "name",
         "pinned",
         "sv",
+        "undos",
     )
 
     def __init__(self, name: str, epoch: int, doc: Doc[Any] | None = None) -> None:
@@ -94,6 +108,8 @@ class Replica:
         # store's log (set by the Replicator once the replica's initial content is in).
         self.journal: Callable[[Replica, bytes], None] | None = None
         self.pinned = False
+        # Writes that may still be withdrawn (each holds an undo manager on the live Doc).
+        self.undos = 0
         # The hot set of the store holding this replica (None while it is in none).
         self.hot_set: HotSet | None = None
         self._doc: Doc[Any] | None = None
@@ -139,7 +155,7 @@ class Replica:
     def evict(self) -> bool:
         """Back to the encoding (False if pinned, cold already, or in a write)."""
         doc = self._doc
-        if doc is None or self.pinned or self._captured is not None:
+        if doc is None or self.pinned or self._captured is not None or self.undos:
             return False
         self._encoded = bytes(doc.get_update())
         self._normal = len(self._encoded)
@@ -196,12 +212,64 @@ class Replica:
     def write(self, mutate: Callable[[Doc[Any]], None]) -> bytes | None:
         """Run ``mutate`` in one transaction; returns the delta it produced (None if none)."""
         doc = self.doc
+
+        def run() -> None:
+            with doc.transaction(origin="local"):
+                mutate(doc)
+
+        return self._capture(run)
+
+    def write_undoable(
+        self, mutate: Callable[[Doc[Any]], None], roots: Collection[str]
+    ) -> tuple[bytes | None, Undo]:
+        """:meth:`write`, keeping what :meth:`withdraw` needs to take it back later: every
+        change ``mutate`` makes must fall under the root types named in ``roots`` (an undo
+        manager only sees the types it was given before the transaction). Pair it with
+        :meth:`withdraw` or :meth:`settle`."""
+        doc = self.doc
+        scopes = []
+        for root in roots:
+            try:
+                scopes.append(doc.get(root, type=Map))
+            except (TypeError, ValueError):
+                continue  # a root of another type (from a peer): nothing ours to undo there
+        manager = UndoManager(scopes=scopes, capture_timeout_millis=0)
+        origin = object()
+        manager.include_origin(origin)
+        self.undos += 1
+
+        def run() -> None:
+            with doc.transaction(origin=origin):
+                mutate(doc)
+
+        try:
+            delta = self._capture(run)
+        except BaseException:
+            self.undos -= 1
+            raise
+        return delta, Undo(doc, manager)
+
+    def withdraw(self, undo: Undo) -> bytes | None:
+        """Take back the write ``undo`` captured, as a new local change (Yjs undo: it removes
+        what that write inserted and restores what it overwrote, and leaves everyone
+        else's changes alone); returns its delta. None if there is nothing to take back."""
+        self.undos -= 1
+        if undo.doc is not self._doc or not undo.manager.can_undo():
+            return None
+        return self._capture(undo.manager.undo)
+
+    def settle(self, undo: Undo) -> None:
+        """The write ``undo`` captured stays: forget how to take it back."""
+        self.undos -= 1
+        undo.manager.clear()
+
+    def _capture(self, run: Callable[[], object]) -> bytes | None:
+        doc = self.doc
         before = vectors.decode(doc.get_state())
         captured: list[bytes] = []
         self._captured = captured
         try:
-            with doc.transaction(origin="local"):
-                mutate(doc)
+            run()
             if captured and vectors.decode(doc.get_state()) == before:
                 # Only deletions: they live in the delete set, which the state vector does not
                 # reflect. One small write moves the vector, so anti-entropy, forwarding and
@@ -338,7 +406,7 @@ class HotSet:
             if oldest.evict():
                 self.evictions += 1
             elif not oldest.pinned and oldest.hot:
-                # In a write: it stays hot and goes to the back of the queue.
+                # In a write (or one that may be withdrawn): it stays hot, back of the queue.
                 self._lru[id(oldest)] = oldest
                 break
 

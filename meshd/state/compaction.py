@@ -141,9 +141,12 @@ def _carried(slots: Map[Any], vector: dict[int, int]) -> dict[str, float]:
 
 
 def _union(source: Doc[Any], target: Doc[Any], name: str) -> None:
-    """Add the entries of root map ``name`` that ``target`` lacks (call in a transaction)."""
+    """Add the entries of root map ``name`` that ``target`` lacks (call in a transaction).
+    Idempotency keys recorded per writer become plain keys: the new epoch's writers are
+    others, and nothing recorded before it can be withdrawn any more."""
     have: Map[Any] = target.get(name, type=Map)
-    for key, value in source.get(name, type=Map).items():
+    for entry, value in source.get(name, type=Map).items():
+        key = values.once_key(entry) if name == values.ONCE else entry
         if key not in have and not isinstance(value, Map | Array | Text):
             have[key] = value
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import trio
-from pycrdt import Map
+from pycrdt import Doc, Map
 
 from meshd.replication.core import DocEvent, Durability
 from meshd.replication.driver import ReplicationDriver, WriteResult
@@ -44,26 +44,31 @@ def check_name(name: Any) -> str:
 
 def outcome(result: WriteResult) -> dict[str, Any]:
     """A write's summary for the client, or the typed error of a write that did not reach
-    the durability asked for (it is applied here all the same and spreads as usual)."""
+    the durability asked for (it is applied here all the same and spreads as usual, unless
+    it was withdrawn: see :meth:`StateService.update`)."""
     summary = {"acked": list(result.acked), "needed": result.needed, "total": result.total}
     if result.ok:
         return summary
+    fate = "applied here and will spread"
+    if result.withdrawn:
+        summary["withdrawn"] = True
+        fate = "withdrawn (a once-keyed majority write is all or nothing)"
     if result.reason == "not_joined":
         raise errors.Unreachable(
             "no majority can be counted: this node has not joined its cluster yet (the "
-            "change is applied here and will spread)",
+            f"change is {fate})",
             detail=summary,
         )
     if result.reason == "storage":
         raise errors.Overloaded(
             "the change is not on this node's disk: its storage is failing (see meshctl "
-            "storage); it is applied here and will spread",
+            f"storage); it is {fate}",
             detail={**summary, "storage": "failing"},
         )
     raise errors.Timeout(
         f"majority not reached: {len(result.acked)} of {result.total} members hold the "
         f"change, {result.needed} needed (a majority of the cluster: dead members count until "
-        "they are reaped or removed; the change is applied here and will spread)",
+        f"they are reaped or removed; the change is {fate})",
         detail=summary,
     )
 
@@ -91,6 +96,9 @@ class StateService:
         self.driver = driver
         self.watchers: dict[str, dict[int, Watcher]] = {}  # doc -> {key: watcher}
         self._watch_keys = itertools.count()
+        # Once-keyed majority writes still waiting for their outcome: a repeat of the key
+        # here waits too, since the first may yet be withdrawn.
+        self._undecided: dict[tuple[str, str], trio.Event] = {}
         driver.doc_listeners.append(self._on_doc_event)
 
     def _replica_epoch(self, doc: str) -> int:
@@ -112,9 +120,14 @@ class StateService:
         called with the wait's outcome (tracing's ``meshd.majority_wait`` span)."""
         name = check_name(name)
         parsed = values.parse_ops(ops)
-        if once is not None and (not isinstance(once, str) or not 0 < len(once) <= 128):
-            raise errors.Invalid("once must be a string of 1..128 characters")
+        if once is not None and (
+            not isinstance(once, str) or not 0 < len(once) <= 128 or not once.isprintable()
+        ):
+            raise errors.Invalid("once must be a string of 1..128 printable characters")
         doc = doc_name(name)
+        if once is not None:
+            while (undecided := self._undecided.get((doc, once))) is not None:
+                await undecided.wait()
         replica = self.driver.store.get(doc)
         if once is not None and replica is not None and values.applied_once(replica.doc, once):
             return {"duplicate": True, "acked": [], "needed": 0, "total": 0}
@@ -125,19 +138,53 @@ class StateService:
         )
         values.dry_run(current, parsed)
 
+        # A once-keyed ``majority`` write is all or nothing: if its majority is not reached it
+        # is withdrawn, so a retry (maybe on another host, after a failover) takes effect
+        # once. Any other write that misses its durability stays applied and spreads.
+        undo_roots: list[str] | None = None
+        names = values.fresh_name
+        if once is not None and durability == "majority":
+            undo_roots, names = values.undo_plan(
+                replica.doc if replica is not None else Doc(), parsed
+            )
+
         def apply(d: Any) -> None:
-            values.apply_ops(d, parsed)
+            values.apply_ops(d, parsed, names)
             if once is not None:
-                values.record_once(d, once, int(time.time() * 1000))
+                wall_ms = int(time.time() * 1000)
+                values.record_once(d, once, wall_ms, per_writer=undo_roots is not None)
 
         check_writable(self.driver)
+        if undo_roots is None or once is None:
+            return await self._write(doc, apply, durability, undo_roots, on_wait)
+        decided = self._undecided[(doc, once)] = trio.Event()
+        try:
+            return await self._write(doc, apply, durability, undo_roots, on_wait)
+        finally:
+            del self._undecided[(doc, once)]
+            decided.set()
+
+    async def _write(
+        self,
+        doc: str,
+        apply: Callable[[Any], None],
+        durability: Durability,
+        undo_roots: list[str] | None,
+        on_wait: Callable[[], Callable[[str], None]] | None,
+    ) -> dict[str, Any]:
+        epoch = self._replica_epoch(doc)
         if on_wait is None or durability != "majority":
             result = await self.driver.update(
-                doc, apply, epoch=self._replica_epoch(doc), durability=durability
+                doc, apply, epoch=epoch, durability=durability, undo_roots=undo_roots
             )
             return outcome(result)
         token = self.driver.write(
-            trio.current_time(), doc, apply, epoch=self._replica_epoch(doc), durability=durability
+            trio.current_time(),
+            doc,
+            apply,
+            epoch=epoch,
+            durability=durability,
+            undo_roots=undo_roots,
         )
         finished = on_wait()
         ended = "cancelled"

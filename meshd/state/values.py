@@ -25,10 +25,12 @@ import copy
 import json
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 from pycrdt import Array, Doc, Map, Text
 
+from meshd.replication import vectors
 from meshd_client.protocol import errors
 
 ROOT: Final = "root"
@@ -199,17 +201,25 @@ def check_plain(value: Any, depth: int = 0) -> None:
     _scalar(value)
 
 
-def to_crdt(value: Any, doc: Doc[Any]) -> Any:
+Names = Callable[[], str]
+"""Where a new counter's slot map gets its name when the path cannot name it."""
+
+
+def fresh_name() -> str:
+    return f"{SLOTS_PREFIX}{uuid.uuid4().hex}"
+
+
+def to_crdt(value: Any, doc: Doc[Any], names: Names = fresh_name) -> Any:
     """A checked plain value as a pycrdt prelim value (counters' slots go to ``doc``; call
     inside the transaction that inserts the value)."""
     if isinstance(value, dict):
         if set(value) == {TEXT}:
             return Text(value[TEXT])
         if set(value) == {COUNTER}:
-            return _new_counter(doc, f"{SLOTS_PREFIX}{uuid.uuid4().hex}", value[COUNTER])
-        return Map({key: to_crdt(item, doc) for key, item in value.items()})
+            return _new_counter(doc, names(), value[COUNTER])
+        return Map({key: to_crdt(item, doc, names) for key, item in value.items()})
     if isinstance(value, list):
-        return Array([to_crdt(item, doc) for item in value])
+        return Array([to_crdt(item, doc, names) for item in value])
     return value
 
 
@@ -370,8 +380,9 @@ def _assign(parent: Any, key: str | int, value: Any) -> None:
         raise errors.Invalid(f"cannot set {key!r} in {type(parent).__name__}")
 
 
-def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
-    """Apply already dry-run ops inside the caller's transaction."""
+def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]], names: Names = fresh_name) -> None:
+    """Apply already dry-run ops inside the caller's transaction (new counters that their
+    path cannot name are named by ``names``)."""
     root: Map[Any] = doc.get(ROOT, type=Map)
     for op in ops:
         kind, path = op["op"], op["path"]
@@ -381,20 +392,20 @@ def apply_ops(doc: Doc[Any], ops: list[dict[str, Any]]) -> None:
             if kind == "set":
                 if _holds(parent, key):
                     retire(doc, parent[key])
-                parent[key] = to_crdt(op["value"], doc)
+                parent[key] = to_crdt(op["value"], doc, names)
             elif kind == "delete":
                 retire(doc, parent[key])
                 del parent[key]
             else:
-                _increment(doc, parent, path, op.get("by", 1))
+                _increment(doc, parent, path, op.get("by", 1), names)
             continue
         target = _resolve(root, path)
         if kind == "append":
             for value in op["values"]:
-                target.append(to_crdt(value, doc))
+                target.append(to_crdt(value, doc, names))
         elif kind == "insert":
             for offset, value in enumerate(op["values"]):
-                target.insert(op["index"] + offset, to_crdt(value, doc))
+                target.insert(op["index"] + offset, to_crdt(value, doc, names))
         elif kind == "text_insert":
             target.insert(_text_offset(target, op["index"]), op["text"])
         else:
@@ -422,14 +433,14 @@ def _holds(parent: Any, key: str | int) -> bool:
     return isinstance(key, int) and -len(parent) <= key < len(parent)
 
 
-def _increment(doc: Doc[Any], parent: Any, path: Path, by: int) -> None:
+def _increment(doc: Doc[Any], parent: Any, path: Path, by: int, names: Names) -> None:
     key = path[-1]
     if isinstance(parent, Map) and isinstance(key, str) and key not in parent:
         # Named after its path only when every step is a map key: list indexes shift.
         if all(isinstance(part, str) for part in path):
             name = _path_counter_name(doc, path)
         else:
-            name = f"{SLOTS_PREFIX}{uuid.uuid4().hex}"
+            name = names()
         parent[key] = _new_counter(doc, name, by)
         return
     slots = _slots(parent[key])
@@ -437,25 +448,73 @@ def _increment(doc: Doc[Any], parent: Any, path: Path, by: int) -> None:
     slots[slot] = slots.get(slot, 0) + by
 
 
+def _fresh_counters(value: Any) -> int:
+    """How many new counters a plain value creates."""
+    if isinstance(value, dict):
+        if set(value) == {COUNTER}:
+            return 1
+        return sum(_fresh_counters(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_fresh_counters(item) for item in value)
+    return 0
+
+
+def undo_plan(doc: Doc[Any], ops: list[dict[str, Any]]) -> tuple[list[str], Names]:
+    """For a batch that may have to be taken back: every root type applying ``ops`` can
+    change (an undo manager only sees types it was given beforehand), and the names for the
+    counters it creates, drawn now so they can be among them."""
+    drawn = [fresh_name() for _ in range(sum(_fresh_counters(op.get("value")) for op in ops))]
+    drawn += [fresh_name() for op in ops if op["op"] == "incr"]
+    roots = {ROOT, ONCE, RETIRED, *drawn}
+    root: Map[Any] = doc.get(ROOT, type=Map)
+    for op in ops:
+        path = op["path"]
+        top = path[0] if path else None
+        if isinstance(top, str) and top in root:
+            roots |= counter_names(root[top])  # counters it may increment or retire
+        if op["op"] == "incr" and all(isinstance(part, str) for part in path):
+            # Path-named: the generation moves on if the batch retires the path's counter.
+            base = _path_counter_name(doc, path)
+            stem, _, generation = base.rpartition("#")
+            roots |= {f"{stem}#{g}" for g in range(int(generation), int(generation) + len(ops))}
+    supply = iter(drawn)
+    return sorted(roots), lambda: next(supply)
+
+
 ONCE: Final = "once"
 MAX_ONCE: Final = 10_000
+# Between an idempotency key and the writer that recorded it (see record_once); keys are
+# printable, so it never occurs in one.
+WRITER_SEP: Final = "\x1f"
 
 
 def applied_once(doc: Doc[Any], key: str) -> bool:
     """Was an update with this idempotency key applied already (on any replica)?"""
     once: Map[Any] = doc.get(ONCE, type=Map)
-    return key in once
+    if key in once:
+        return True
+    return any(f"{key}{WRITER_SEP}{client}" in once for client in vectors.decode(doc.get_state()))
 
 
-def record_once(doc: Doc[Any], key: str, wall_ms: int) -> None:
+def record_once(doc: Doc[Any], key: str, wall_ms: int, *, per_writer: bool = False) -> None:
     """Remember ``key`` in the same transaction as the update it guards; forget the oldest
-    keys beyond ``MAX_ONCE`` (pruned in batches to keep writes cheap)."""
+    keys beyond ``MAX_ONCE`` (pruned in batches to keep writes cheap).
+
+    ``per_writer``: record it under this writer's own entry, for a write that may be
+    withdrawn. Two writers recording one key under the same entry would conflict, and the
+    loser of a map conflict is deleted: withdrawing the winner would then leave the key
+    recorded nowhere, though the other write stays."""
     once: Map[Any] = doc.get(ONCE, type=Map)
-    once[key] = wall_ms
+    once[f"{key}{WRITER_SEP}{doc.client_id}" if per_writer else key] = wall_ms
     if len(once) > MAX_ONCE * 1.2:
         by_age = sorted(once.items(), key=lambda kv: kv[1])
         for old, _ in by_age[: len(once) - MAX_ONCE]:
             del once[old]
+
+
+def once_key(entry: str) -> str:
+    """The idempotency key an entry of the ``once`` map records."""
+    return entry.partition(WRITER_SEP)[0]
 
 
 def read(doc: Doc[Any], path: Path | None = None) -> Any:

@@ -442,6 +442,54 @@ async def test_majority_write_fails_when_most_members_do_not_answer(
     await state_everywhere(daemons, "ledger", DOC_VALUE, timeout=15)
 
 
+async def test_a_once_keyed_majority_write_that_fails_is_withdrawn_everywhere_it_went(
+    cluster: LocalCluster,
+) -> None:
+    """What makes at-least-once handlers exactly-once across a failover: the handler's
+    ``once`` write that reached no majority is taken back on every daemon that got it, so a
+    retry takes effect once."""
+    daemons = await started(cluster, 5)
+    n1 = daemons[0]
+
+    def handled(msg_id: str) -> list[dict[str, Any]]:
+        return [
+            {"op": "append", "path": ["handled"], "values": [msg_id]},
+            {"op": "incr", "path": ["count"], "by": 1},
+        ]
+
+    async def once_write(msg_id: str, **extra: Any) -> dict[str, Any]:
+        args = {"doc": "c1", "ops": handled(msg_id), "durability": "majority", "once": msg_id}
+        result: dict[str, Any] = await n1.call("state.update", args, **extra)
+        return result
+
+    seed = [
+        {"op": "set", "path": ["handled"], "value": []},
+        {"op": "set", "path": ["count"], "value": {"$counter": 0}},
+    ]
+    await n1.call("state.update", {"doc": "c1", "ops": seed, "durability": "majority"})
+    hung = daemons[2:]
+    for daemon in hung:
+        daemon.signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(MeshError) as caught:
+            await once_write("r1", timeout=15)
+        # n1 and n2 held it; both give it back.
+        await state_everywhere(daemons[:2], "c1", {"handled": [], "count": 0}, timeout=15)
+    finally:
+        for daemon in hung:
+            daemon.signal(signal.SIGCONT)
+    error = caught.value
+    assert error.kind is ErrorKind.TIMEOUT
+    assert error.detail["withdrawn"] is True and "withdrawn" in error.message
+    # The next write is acknowledged by a majority that holds everything before it.
+    assert (await once_write("r2", timeout=15))["needed"] == 3
+    await state_everywhere(daemons, "c1", {"handled": ["r2"], "count": 1}, timeout=15)
+    # The withdrawn key is not "applied": its retry takes effect, once.
+    assert "duplicate" not in await once_write("r1", timeout=15)
+    assert (await once_write("r1", timeout=15))["duplicate"] is True
+    await state_everywhere(daemons, "c1", {"handled": ["r2", "r1"], "count": 2}, timeout=15)
+
+
 async def test_majority_counts_dead_members_until_they_are_reaped(cluster: LocalCluster) -> None:
     """``majority`` means a majority of the cluster, not of the members that look alive:
     once three of five are declared dead, the two survivors are still a minority, so a write
