@@ -480,28 +480,28 @@ class Replicator:
             self._undos[token] = (replica, undo)
         return token
 
-    def settle(self, now: float, token: int, *, keep: bool) -> bool:
+    def settle(self, now: float, token: int, *, keep: bool) -> str | None:
         """The outcome of an undoable ``majority`` write is known: keep it, or withdraw it (its
         undo is a new local change, logged and pushed like any write, so it follows the
-        write wherever that went). True if something was withdrawn."""
+        write wherever that went). Returns the document's name if something was withdrawn."""
         entry = self._undos.pop(token, None)
         if entry is None:
-            return False
+            return None
         replica, undo = entry
         if keep:
             replica.settle(undo)
-            return False
+            return None
         if self.store.get(replica.name) is not replica:
             # Replaced by a newer epoch (a compaction carried the write over): it stays.
             replica.settle(undo)
             self.stats.withdraw_failed += 1
-            return False
+            return None
         delta = replica.withdraw(undo)
         if delta is None:
-            return False
+            return None
         self.stats.withdrawn += 1
         self._changed_locally(now, replica, delta, push=True)
-        return True
+        return replica.name
 
     def _changed_locally(
         self, now: float, replica: Replica, delta: bytes | None, *, push: bool

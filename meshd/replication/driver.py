@@ -407,7 +407,11 @@ class ReplicationDriver:
             )
             self.flush()
         assert result is not None  # the wait returned (else its exception is on its way)
-        if withdrawn:
+        if withdrawn is not None:
+            self.log.info(
+                "a once-keyed majority write failed and was withdrawn",
+                extra=kv(doc=withdrawn, reason=result.reason, acked=len(result.acked)),
+            )
             result = dataclasses.replace(result, withdrawn=True)
         return result
 

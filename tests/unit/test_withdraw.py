@@ -95,7 +95,7 @@ def test_a_failed_once_write_is_withdrawn_everywhere_it_went() -> None:
     assert state(net, "b")["handled"] == ["r1"]  # b holds it: two of five
     net.run(5.1)
     assert net.done("a") == [WriteDone(token, False, ("a", "b"), 3, 5)]
-    assert net["a"].settle(net.now, token, keep=False) is True
+    assert net["a"].settle(net.now, token, keep=False) == DOC
     net.run(0.1)
     for node in ("a", "b"):
         assert state(net, node) == {"handled": [], "count": 0, "once": []}
@@ -143,10 +143,10 @@ def test_a_write_that_reached_its_majority_is_kept() -> None:
     token = once_write(net["a"], net.now, handle("r1"), "r1")
     net.deliver()
     assert [d.ok for d in net.done("a")] == [True]
-    assert net["a"].settle(net.now, token, keep=True) is False
+    assert net["a"].settle(net.now, token, keep=True) is None
     replica = net["a"].store.get(DOC)
     assert replica is not None and replica.undos == 0
-    assert net["a"].settle(net.now, token, keep=False) is False  # settled once only
+    assert net["a"].settle(net.now, token, keep=False) is None  # settled once only
     for node in "abc":
         assert state(net, node) == {"handled": ["r1"], "count": 1, "once": ["r1"]}
 
@@ -178,7 +178,7 @@ def test_withdrawal_restores_what_it_overwrote_and_keeps_everyone_elses_changes(
     assert after_write["x"] == {"v": 2, "n": 14} and after_write["hits"] == 3
     assert after_write["list"] == [7, "s"] and after_write["y"] == 7
     net.run(5.1)
-    assert net["a"].settle(net.now, token, keep=False) is True
+    assert net["a"].settle(net.now, token, keep=False) == DOC
     net.run(0.1)
     for node in ("a", "b"):
         assert state(net, node) == {**before, "y": 7}
@@ -202,7 +202,7 @@ def test_a_batch_that_retires_a_counter_and_recreates_it_is_withdrawn_whole() ->
     token = once_write(net["a"], net.now, raw, "r2")
     assert state(net, "a")["hits"] == 5
     net.run(5.1)
-    assert net["a"].settle(net.now, token, keep=False) is True
+    assert net["a"].settle(net.now, token, keep=False) == DOC
     assert state(net, "a") == {"handled": [], "count": 0, "hits": 2, "once": []}
 
 
@@ -243,7 +243,7 @@ def test_a_write_whose_document_was_replaced_meanwhile_stays() -> None:
     compacted.apply_update(replica.full_update())
     net["a"].replace(DOC, replica.epoch + 1, compacted)
     net.run(5.1)
-    assert net["a"].settle(net.now, token, keep=False) is False
+    assert net["a"].settle(net.now, token, keep=False) is None
     assert net["a"].stats.withdraw_failed == 1
     assert state(net, "a")["handled"] == ["r1"]
 
