@@ -14,6 +14,7 @@ CONTROL  [5, msg_id, op, args]            an operator command for the receiving 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -117,54 +118,81 @@ def encode(msg: Message) -> bytes:
     return cbor.dumps(msg.to_wire())
 
 
+def _trace(v: list[Any]) -> tuple[TraceContext | None, bool]:
+    """A DELIVER's optional trace field: (its context, whether it was malformed). A malformed
+    one is ignored, not the message: that is delivered untraced (and counted)."""
+    if len(v) < 9:
+        return None, False
+    try:
+        return tracecontext.from_wire(v[8]), False
+    except tracecontext.Malformed:
+        return None, True
+
+
+def _deliver(v: list[Any]) -> Message:
+    expect_list(v, 8, 9, "deliver")
+    delivery = expect_uint(v[4], "kind", 1)
+    trace, bad_trace = _trace(v)
+    return Deliver(
+        expect_str(v[1], "msg_id", MAX_ID),
+        expect_str(v[2], "to", MAX_NAME),
+        expect_str(v[3], "sender", MAX_NAME, allow_empty=True),
+        DeliveryKind(delivery),
+        expect_bool(v[5], "at_least_once"),
+        expect_uint(v[6], "ttl_ms", MAX_TTL_MS),
+        v[7],
+        trace,
+        bad_trace,
+    )
+
+
+def _result(v: list[Any]) -> Message:
+    expect_list(v, 4, 4, "result")
+    return Result(expect_str(v[1], "msg_id", MAX_ID), expect_bool(v[2], "ok"), v[3])
+
+
+def _signal(v: list[Any]) -> Message:
+    expect_list(v, 3, 3, "signal")
+    if not isinstance(v[2], dict):
+        raise WireError("signal: event must be a map")
+    return Signal(expect_str(v[1], "topic", 256), v[2])
+
+
+def _activate(v: list[Any]) -> Message:
+    expect_list(v, 5, 5, "activate")
+    return Activate(
+        expect_str(v[1], "msg_id", MAX_ID),
+        expect_str(v[2], "name", MAX_NAME),
+        expect_str(v[3], "kind", 128),
+        expect_uint(v[4], "ttl_ms", MAX_TTL_MS),
+    )
+
+
+def _control(v: list[Any]) -> Message:
+    expect_list(v, 4, 4, "control")
+    if not isinstance(v[3], dict):
+        raise WireError("control: args must be a map")
+    return Control(expect_str(v[1], "msg_id", MAX_ID), expect_str(v[2], "op", 64), v[3])
+
+
+_DECODERS: Final[dict[int, Callable[[list[Any]], Message]]] = {
+    Kind.DELIVER: _deliver,
+    Kind.RESULT: _result,
+    Kind.SIGNAL: _signal,
+    Kind.ACTIVATE: _activate,
+    Kind.CONTROL: _control,
+}
+
+
 def decode(data: bytes) -> Message:
+    """Decode one message; raises WireError on anything that does not match its schema."""
     try:
         value = cbor.loads(data)
     except cbor.CodecError as exc:
         raise WireError(str(exc)) from None
     if type(value) is not list or not value or type(value[0]) is not int:
         raise WireError("routing message: expected an array starting with a type code")
-    kind = value[0]
-    if kind == Kind.DELIVER:
-        v = expect_list(value, 8, 9, "deliver")
-        delivery = expect_uint(v[4], "kind", 1)
-        trace: TraceContext | None = None
-        bad_trace = False
-        if len(v) == 9:
-            try:
-                trace = tracecontext.from_wire(v[8])
-            except tracecontext.Malformed:
-                bad_trace = True  # the message itself is fine: deliver it untraced
-        return Deliver(
-            expect_str(v[1], "msg_id", MAX_ID),
-            expect_str(v[2], "to", MAX_NAME),
-            expect_str(v[3], "sender", MAX_NAME, allow_empty=True),
-            DeliveryKind(delivery),
-            expect_bool(v[5], "at_least_once"),
-            expect_uint(v[6], "ttl_ms", MAX_TTL_MS),
-            v[7],
-            trace,
-            bad_trace,
-        )
-    if kind == Kind.RESULT:
-        v = expect_list(value, 4, 4, "result")
-        return Result(expect_str(v[1], "msg_id", MAX_ID), expect_bool(v[2], "ok"), v[3])
-    if kind == Kind.SIGNAL:
-        v = expect_list(value, 3, 3, "signal")
-        if not isinstance(v[2], dict):
-            raise WireError("signal: event must be a map")
-        return Signal(expect_str(v[1], "topic", 256), v[2])
-    if kind == Kind.ACTIVATE:
-        v = expect_list(value, 5, 5, "activate")
-        return Activate(
-            expect_str(v[1], "msg_id", MAX_ID),
-            expect_str(v[2], "name", MAX_NAME),
-            expect_str(v[3], "kind", 128),
-            expect_uint(v[4], "ttl_ms", MAX_TTL_MS),
-        )
-    if kind == Kind.CONTROL:
-        v = expect_list(value, 4, 4, "control")
-        if not isinstance(v[3], dict):
-            raise WireError("control: args must be a map")
-        return Control(expect_str(v[1], "msg_id", MAX_ID), expect_str(v[2], "op", 64), v[3])
-    raise WireError(f"routing message: unknown type {kind}")
+    decoder = _DECODERS.get(value[0])
+    if decoder is None:
+        raise WireError(f"routing message: unknown type {value[0]}")
+    return decoder(value)

@@ -15,9 +15,18 @@ from hypothesis_budget import examples
 from meshd.routing import messages, topics
 from meshd.routing.breaker import Breaker, BreakerState
 from meshd.routing.dedup import DedupWindow, InProgress, Outcome
-from meshd.routing.messages import Deliver, DeliveryKind, Result, Signal
+from meshd.routing.messages import (
+    Activate,
+    Control,
+    Deliver,
+    DeliveryKind,
+    Kind,
+    Result,
+    Signal,
+)
 from meshd.wire.validate import WireError
 from meshd_client.protocol import cbor, errors
+from meshd_client.protocol.tracecontext import TraceContext
 
 # ---------------------------------------------------------------------------- topics
 
@@ -492,6 +501,8 @@ def test_evicting_or_forgetting_entries_gives_their_bytes_back() -> None:
 
 # ---------------------------------------------------------------------------- wire messages
 
+TP = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"  # a valid W3C traceparent
+
 ROUND_TRIP = [
     Deliver("m-1", "echo", "caller", DeliveryKind.REQUEST, False, 10_000, {"x": [1, b"\x00"]}),
     Deliver("m-2", "echo", "", DeliveryKind.SEND, True, 1, None),
@@ -502,7 +513,19 @@ ROUND_TRIP = [
     Result("m-2", False, errors.Unreachable("gone").to_wire()),
     Signal("orders.eu.created", {"id": "1", "source": "s", "type": "t", "data": [1, 2]}),
     Signal("a", {}),
+    Deliver("m-4", "echo", "c", DeliveryKind.REQUEST, False, 5, [1], TraceContext(TP)),
+    Deliver("m-5", "echo", "", DeliveryKind.SEND, True, 5, None, TraceContext(TP, "k=v,x=y")),
+    Activate("a-1", "svc", "kind", 1000),
+    Activate("i" * messages.MAX_ID, "n" * messages.MAX_NAME, "k" * 128, messages.MAX_TTL_MS),
+    Activate("a-2", "svc", "kind", 0),
+    Control("c-1", "drain", {}),
+    Control("c-2", "o" * 64, {"timeout": 2.5, "nodes": ["a", "b"]}),
 ]
+
+
+def test_every_message_type_has_a_round_trip_example() -> None:
+    codes = {cbor.loads(messages.encode(msg))[0] for msg in ROUND_TRIP}
+    assert codes == {int(kind) for kind in Kind}
 
 
 @pytest.mark.parametrize("msg", ROUND_TRIP, ids=lambda m: type(m).__name__)
@@ -520,6 +543,10 @@ def test_wire_layout_is_a_plain_array_with_the_type_first() -> None:
     assert cbor.loads(messages.encode(msg)) == [1, "m", "to", "from", 1, True, 5, "b"]
     assert cbor.loads(messages.encode(Result("m", False, {}))) == [2, "m", False, {}]
     assert cbor.loads(messages.encode(Signal("t", {"a": 1}))) == [3, "t", {"a": 1}]
+    assert cbor.loads(messages.encode(Activate("m", "n", "k", 7))) == [4, "m", "n", "k", 7]
+    assert cbor.loads(messages.encode(Control("m", "op", {"a": 1}))) == [5, "m", "op", {"a": 1}]
+    traced = Deliver("m", "to", "", DeliveryKind.SEND, False, 5, None, TraceContext(TP, "k=v"))
+    assert cbor.loads(messages.encode(traced)) == [1, "m", "to", "", 0, False, 5, None, [TP, "k=v"]]
 
 
 def deliver(**changes: Any) -> bytes:
@@ -594,6 +621,26 @@ def deliver(**changes: Any) -> bytes:
         cbor2.dumps([3, "", {}]),
         cbor2.dumps([3, "t" * 257, {}]),
         cbor2.dumps([3, "topic", {}, "extra"]),
+        cbor2.dumps([4, "m", "name", "kind"]),
+        cbor2.dumps([4, "m", "name", "kind", 1, "extra"]),
+        cbor2.dumps([4, "", "name", "kind", 1]),
+        cbor2.dumps([4, "i" * (messages.MAX_ID + 1), "name", "kind", 1]),
+        cbor2.dumps([4, "m", "", "kind", 1]),
+        cbor2.dumps([4, "m", "n" * (messages.MAX_NAME + 1), "kind", 1]),
+        cbor2.dumps([4, "m", "name", "", 1]),
+        cbor2.dumps([4, "m", "name", "k" * 129, 1]),
+        cbor2.dumps([4, "m", "name", b"kind", 1]),
+        cbor2.dumps([4, "m", "name", "kind", -1]),
+        cbor2.dumps([4, "m", "name", "kind", messages.MAX_TTL_MS + 1]),
+        cbor2.dumps([4, "m", "name", "kind", True]),
+        cbor2.dumps([5, "m", "drain"]),
+        cbor2.dumps([5, "m", "drain", {}, "extra"]),
+        cbor2.dumps([5, "", "drain", {}]),
+        cbor2.dumps([5, "m", "", {}]),
+        cbor2.dumps([5, "m", "o" * 65, {}]),
+        cbor2.dumps([5, "m", 1, {}]),
+        cbor2.dumps([5, "m", "drain", None]),
+        cbor2.dumps([5, "m", "drain", ["a"]]),
         b"\xc1\x00",  # a tag
         b"\x9f\x01\xff",  # indefinite-length array
     ],
@@ -601,6 +648,42 @@ def deliver(**changes: Any) -> bytes:
 def test_malformed_routing_messages_raise_wire_error(data: bytes) -> None:
     with pytest.raises(WireError):
         messages.decode(data)
+
+
+@pytest.mark.parametrize("code", [0, 6, 9, 255, 2**64 - 1, -1, -100])
+def test_an_unknown_type_code_is_refused(code: int) -> None:
+    with pytest.raises(WireError, match=f"^routing message: unknown type {code}$"):
+        messages.decode(cbor2.dumps([code, "m", "to", "", 0, False, 1000, None]))
+
+
+# Each type's name in its errors and the array lengths it accepts (type code included).
+LENGTHS = {
+    Kind.DELIVER: ("deliver", 8, 9),
+    Kind.RESULT: ("result", 4, 4),
+    Kind.SIGNAL: ("signal", 3, 3),
+    Kind.ACTIVATE: ("activate", 5, 5),
+    Kind.CONTROL: ("control", 4, 4),
+}
+
+
+def longest_example(kind: Kind) -> list[Any]:
+    """The wire array of a valid message of ``kind`` with all its optional fields."""
+    arrays = [cbor.loads(messages.encode(msg)) for msg in ROUND_TRIP]
+    return max((a for a in arrays if a[0] == kind), key=len)
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.name)
+def test_every_type_refuses_an_array_of_the_wrong_length(kind: Kind) -> None:
+    what, shortest, longest = LENGTHS[kind]
+    valid = longest_example(kind)
+    assert len(valid) == longest
+    message = f"^{what}: expected an array of {shortest}..{longest} items$"
+    for size in range(1, shortest):
+        with pytest.raises(WireError, match=message):
+            messages.decode(cbor2.dumps(valid[:size]))
+    for extra in (["x"], [None, None]):
+        with pytest.raises(WireError, match=message):
+            messages.decode(cbor2.dumps(valid + extra))
 
 
 @settings(max_examples=examples(500), deadline=None)
@@ -624,7 +707,7 @@ scalars = (
 
 @settings(max_examples=examples(500), deadline=None)
 @given(
-    code=st.integers(min_value=0, max_value=4),
+    code=st.integers(min_value=0, max_value=len(Kind) + 1),
     rest=st.lists(scalars | st.dictionaries(st.text(max_size=3), scalars), max_size=9),
 )
 def test_fuzz_arrays_with_a_type_code_decode_or_raise_wire_error(
