@@ -109,6 +109,41 @@ async def suspicions(daemons: Sequence[Daemon]) -> int:
     return total
 
 
+@contextlib.asynccontextmanager
+async def spying(out_dir: str | None, n: int, daemons: Sequence[Daemon]) -> Any:
+    """With ``--spy DIR``: sample every daemon with py-spy (on PATH) while the block runs,
+    one collapsed-stack file per daemon (``DIR/join-<N>-<name>.txt``)."""
+    if not out_dir:
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spies = [
+        await anyio.open_process(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(d.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(Path(out_dir) / f"join-{n}-{d.name}.txt"),
+            ]
+        )
+        for d in daemons
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
+        with anyio.move_on_after(30):
+            for spy in spies:
+                await spy.wait()
+
+
 async def one_size(args: argparse.Namespace, root: Path, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     with LocalCluster(root / f"n{n}", profile=args.profile) as cluster:
@@ -188,10 +223,11 @@ async def one_size(args: argparse.Namespace, root: Path, n: int) -> dict[str, An
         served_before = {d.name: proc_status(d.pid, "VmRSS") for d in daemons}
         t0 = time.monotonic()
         fresh = add(f"n{args.nodes + 1}", [first.addr])
-        await cluster.wait_answering(fresh, timeout=60)
-        with anyio.fail_after(args.timeout):
-            while await state_docs(ports[fresh.name]) < n:
-                await anyio.sleep(0.1)
+        async with spying(args.spy, n, [*daemons, fresh]):
+            await cluster.wait_answering(fresh, timeout=60)
+            with anyio.fail_after(args.timeout):
+                while await state_docs(ports[fresh.name]) < n:
+                    await anyio.sleep(0.1)
         out["join_s"] = round(time.monotonic() - t0, 2)
         out["join_peak_rss_mb"] = round(proc_status(fresh.pid, "VmHWM"), 1)
         page = await scrape(ports[fresh.name])
@@ -280,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
         "--settle", type=float, default=60.0, help="wait after the join before step 7 (s)"
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    p.add_argument(
+        "--spy", metavar="DIR", help="profile every daemon during the join with py-spy (on PATH)"
+    )
     return p
 
 

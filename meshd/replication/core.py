@@ -382,14 +382,15 @@ class Replicator:
             elif len(pending.acked) + len(pending.possible - pending.acked) < pending.needed:
                 self._finish_majority(token, pending, ok=False)
 
-    def _new_replica(self, name: str, epoch: int, doc: Doc[Any] | None = None) -> Replica:
+    def _new_replica(
+        self, name: str, epoch: int, doc: Doc[Any] | None = None, *, encoded: bytes | None = None
+    ) -> Replica:
         """A replica the store's log follows from its first change on. Its epoch (and any
-        content ``doc`` brings) is persisted first."""
-        replica = Replica(name, epoch, doc)
+        content ``doc`` or ``encoded`` brings) is persisted first."""
+        replica = Replica(name, epoch, doc, encoded=encoded)
         self.on_open(replica)
-        self._outputs.append(
-            Persist(name, epoch, replica.full_update() if doc is not None else b"")
-        )
+        content = replica.full_update() if doc is not None else (encoded or b"")
+        self._outputs.append(Persist(name, epoch, content))
         replica.journal = self._journal_hook
         return replica
 
@@ -656,7 +657,9 @@ class Replicator:
             if not check_update(update):  # before anything is created
                 self.stats.reject("bad_update")
                 return None, None, None
-            replica = self._new_replica(name, epoch)
+            # Created holding the update (one vector, one hash, one log record): the
+            # common case of a join, where every document arrives this way.
+            replica = self._new_replica(name, epoch, encoded=update)
             self.store.add(replica)
             return replica, "opened", None
         if epoch < replica.epoch:
@@ -681,8 +684,9 @@ class Replicator:
         if replica is None:
             return None, False
         try:
-            # _target validated the update already when it created or replaced a document.
-            changed = replica.apply(update, checked=created is not None)
+            # _target validated the update already when it created or replaced a document;
+            # a created one holds it already.
+            changed = created == "opened" or replica.apply(update, checked=created is not None)
         except UpdateRejected:
             self.stats.reject("bad_update")
             if created is not None and replica.sv == EMPTY_SV:

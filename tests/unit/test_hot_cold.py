@@ -276,3 +276,41 @@ def test_hot_documents_is_validated() -> None:
     StorageTuning(hot_documents=MIN_HOT).validate()
     with pytest.raises(ConfigError):
         StorageTuning(hot_documents=MIN_HOT - 1).validate()
+
+
+# ---------------------------------------------------------------------- cheap checks
+
+
+def test_checking_an_update_agrees_with_a_scratch_pycrdt_doc() -> None:
+    from meshd.replication import replica as replica_module
+
+    # With the pinned pycrdt the binding's document is used (about half the cost).
+    assert replica_module._SCRATCH_APPLY is not replica_module._scratch_apply_public
+    source, deltas = source_with(3)
+    whole = source.full_update()
+    rng = random.Random(7)
+    cases = [whole, *deltas, b"\x00\x00", b"", b"\x01", whole[:-3], whole[: len(whole) // 2]]
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(300)]
+    cases += [
+        bytes([b ^ (1 << rng.randrange(8)) if i == j else b for i, b in enumerate(whole)])
+        for j in rng.sample(range(len(whole)), 20)
+    ]
+    for update in cases:
+        try:
+            replica_module._scratch_apply_public(update)
+            expected = True
+        except (ValueError, RuntimeError):
+            expected = False
+        assert replica_module.check_update(update) is expected, update
+
+
+def test_a_one_writer_vector_is_canonical_as_pycrdt_writes_it() -> None:
+    from meshd.replication import vectors
+
+    source, _ = source_with(200, client=2**40 + 5)  # clock and client need several bytes
+    raw = bytes(source.doc.get_state())
+    assert raw[0] == 1
+    assert source.sv == raw == vectors.encode(vectors.decode(raw))
+    created = Replica("state/s", 0, encoded=source.full_update())
+    assert (created.sv, created.hash) == (source.sv, source.hash)
+    assert not created.hot
