@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.resolver
 import trio
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import dns.name
 
 from meshd.config.model import Address, DnsSeed, Seed
 from meshd.logs import kv
@@ -87,6 +86,10 @@ class SeedLookup:
             log.info("seed resolves again", extra=kv(seed=label, addresses=len(found)))
 
     def _dns(self) -> dns.asyncresolver.Resolver:
+        # dnspython is imported on the first dns: lookup (about 0.15 s a daemon without
+        # dns: seeds does not spend at start).
+        import dns.asyncresolver
+
         if self._resolver is None:
             if self.resolver_addr is None:
                 self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
@@ -99,6 +102,9 @@ class SeedLookup:
 
     async def _lookup(self, seed: DnsSeed) -> tuple[list[Address], str]:
         """Every address of a dns: seed, or none and why."""
+        import dns.exception
+        import dns.rdatatype
+
         try:
             resolver = self._dns()
             srv = await resolver.resolve(
@@ -125,6 +131,8 @@ class SeedLookup:
     async def _addresses(
         resolver: dns.asyncresolver.Resolver, name: str | dns.name.Name
     ) -> list[str]:
+        import dns.resolver
+
         out: list[str] = []
         for rdtype in ("A", "AAAA"):
             try:

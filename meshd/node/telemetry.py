@@ -124,7 +124,7 @@ def register(node: Node) -> None:
 
     def replication() -> Iterator[Sample]:
         core = node.replication_core
-        registry_docs = sum(1 for r in core.store if r.name.startswith("reg/"))
+        registry_docs = core.store.kinds.get("reg", 0)
         yield _gauge("meshd_documents", registry_docs, "Replicated documents.", kind="registry")
         yield _gauge(
             "meshd_documents",

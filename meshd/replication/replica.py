@@ -462,6 +462,9 @@ class DocStore:
     def __init__(self, hot_documents: int = DEFAULT_HOT) -> None:
         self._replicas: dict[str, Replica] = {}
         self._hashes: dict[str, int] = {}
+        # How many documents per kind (the name up to its first "/"), kept as they come and
+        # go, so a metrics scrape costs nothing per document.
+        self.kinds: dict[str, int] = {}
         self.tree = DigestTree()
         self.hot = HotSet(hot_documents)
 
@@ -480,6 +483,8 @@ class DocStore:
         if old is not None:
             self.remove(old.name)
         self._replicas[replica.name] = replica
+        kind = replica.name.partition("/")[0]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self._hashes[replica.name] = replica.hash
         self.tree.insert(replica.leaf, replica.name, replica.hash)
         replica.hot_set = self.hot
@@ -491,6 +496,12 @@ class DocStore:
         replica = self._replicas.pop(name, None)
         if replica is None:
             return None
+        kind = name.partition("/")[0]
+        left = self.kinds[kind] - 1
+        if left:
+            self.kinds[kind] = left
+        else:
+            del self.kinds[kind]
         self.tree.delete(replica.leaf, name, self._hashes.pop(name, 0))
         replica.close()
         replica.hot_set = None

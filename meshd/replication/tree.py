@@ -120,6 +120,19 @@ class DigestTree:
         """Every hash of one level above the leaves, big-endian (level 1: 128 bytes)."""
         return b"".join(h.to_bytes(8, "big") for h in self._hashes[level])
 
+    def _occupied(self, first: int, end: int) -> Iterator[int]:
+        """The leaves in ``[first, end)`` that may hold documents, in order: the parents'
+        counts skip empty stretches (a sparse store, or a joiner's, is not scanned leaf by
+        leaf)."""
+        parents = self._counts[LEAF_LEVEL - 1]
+        leaf = first
+        while leaf < end:
+            parent = leaf >> FANOUT_BITS
+            stop = min(end, (parent + 1) << FANOUT_BITS)
+            if parents[parent]:
+                yield from range(leaf, stop)
+            leaf = stop
+
     def keys(
         self, nodes: Iterable[NodeId], after: Key | None = None, until: Key | None = None
     ) -> Iterator[Key]:
@@ -128,7 +141,7 @@ class DigestTree:
         for lo, hi in spans:
             first = lo if after is None else max(lo, after[0])
             end = hi if until is None else min(hi, until[0] + 1)
-            for leaf in range(first, end):
+            for leaf in self._occupied(first, end):
                 names = self._leaf_names(leaf)
                 if not names:
                     continue

@@ -443,6 +443,25 @@ def test_listing_is_in_key_order_within_the_ranges_and_resumes_after_a_key() -> 
         assert [(r.leaf, r.name) for r in store.listing(ranges, None, after)] == listed[: cut + 1]
 
 
+def test_listing_a_sparse_store_skips_empty_stretches_and_misses_nothing() -> None:
+    store = DocStore()
+    names = [f"state/s{i}" for i in range(40)] + ["reg/a", "reg/b"]
+    for name in names:
+        store.add(Replica(name, 0))
+    store.remove("state/s3")
+    store.add(Replica("state/s3", 0))  # a leaf emptied and filled again
+    store.remove("state/s7")  # and one emptied for good
+    everything = [(0, 0)]
+    keys = [(r.leaf, r.name) for r in store.listing(everything)]
+    assert keys == sorted((leaf_of(n), n) for n in names if n != "state/s7")
+    for cut in range(0, len(keys), 7):
+        assert [(r.leaf, r.name) for r in store.listing(everything, keys[cut])] == keys[cut + 1 :]
+    assert store.kinds == {"state": 39, "reg": 2}
+    for name in names:
+        store.remove(name)
+    assert list(store.listing(everything)) == [] and store.kinds == {}
+
+
 def test_counts_follow_adds_and_removes_and_leaves_are_spread() -> None:
     store = DocStore()
     for i in range(500):
