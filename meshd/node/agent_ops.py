@@ -32,15 +32,14 @@ def _msg_id(args: dict[str, Any]) -> str | None:
     return args_.opt_text(args, "id", max_len=MAX_MSG_ID) or None
 
 
-def trace_of(node: Node, fields: dict[str, Any]) -> TraceContext | None:
+def trace_of(rejected: dict[str, int], fields: dict[str, Any]) -> TraceContext | None:
     """The trace context a request (or CloudEvent) carries; a malformed one is ignored and
-    counted (``meshd_rejected_total{layer="tracing"}``), never an error."""
+    counted in ``rejected`` (``meshd_rejected_total{layer="tracing"}``), never an error."""
     if "traceparent" not in fields:
         return None
     try:
         return tracecontext.from_fields(fields)
     except tracecontext.Malformed:
-        rejected = node.tracing_rejected
         rejected["malformed_traceparent"] = rejected.get("malformed_traceparent", 0) + 1
         # Taken out, so a call begun again in a task (or a published event's subscribers)
         # never sees, nor counts, it twice.
@@ -153,7 +152,7 @@ def register(node: Node) -> None:
             "at_least_once": args_.flag(args, "at_least_once", False),
             "timeout": args_.seconds(args, "timeout", 10.0, MAX_TIMEOUT),
             "msg_id": _msg_id(args),
-            "trace": trace_of(node, args),
+            "trace": trace_of(node.tracing_rejected, args),
         }
 
     def start_span(call: dict[str, Any], kind: DeliveryKind) -> Span | None:
@@ -236,7 +235,7 @@ def register(node: Node) -> None:
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
         topic = args_.text(req.args, "topic")
-        trace = trace_of(node, event)  # a malformed one is counted and taken out
+        trace = trace_of(node.tracing_rejected, event)  # a malformed one is counted and taken out
         span = api_span(node, "publish", trace, topic=topic)
         if span is not None:
             event = {**event}

@@ -358,7 +358,10 @@ class Node:
             max_buffered=config.api.max_buffered,
         )
         control.register(self)
-        data_ops.register(self)
+        data_ops.RegistryOps(self.registry, self.replication_driver.wait).register(self.api)
+        data_ops.StateOps(
+            self.state, self.replication_driver.store, self.tracer, self.tracing_rejected
+        ).register(self.api)
         agent_ops.register(self)
         lifecycle_ops.register(self)
         storage_ops.register(self)
