@@ -1,4 +1,5 @@
-"""API ops for the agent lifecycle: runners of kinds, spawn, drain, placement, reminders."""
+"""API ops for the agent lifecycle: runners of kinds, spawn, drain, placement (``register``),
+and reminders (:class:`ReminderOps`, given only the reminders it keeps)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import trio
 
 from meshd.api import args as args_
 from meshd.api.handles import Stream
+from meshd.api.server import ApiServer
 from meshd.api.session import Session
 from meshd.placement.kinds import Strategy, check_kind
+from meshd.placement.reminders import Reminders
 from meshd.placement.service import Runner
 from meshd_client.protocol import errors, messages
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     from meshd.node.node import Node
 
 MAX_CAPACITY = 1_000_000
+MAX_REMINDER_MS = 365 * 86400_000  # a reminder's period or delay: at most a year
 
 
 def register(node: Node) -> None:
@@ -93,29 +97,6 @@ def register(node: Node) -> None:
             for kind in sorted(placement.table.kinds())
         }
 
-    async def remind(_session: Session, req: messages.Request) -> Any:
-        args = req.args
-        agent = args_.text(args, "agent")
-        name = args_.text(args, "name")
-        every = args_.integer(args, "every_ms", 0, 0, 365 * 86400_000)
-        if "at_ms" in args:
-            due = args_.integer(args, "at_ms", 0, 0, 2**62)
-        else:
-            due = int(time.time() * 1000) + args_.integer(args, "after_ms", 0, 0, 365 * 86400_000)
-        node.reminders.set(trio.current_time(), agent, name, due, every, args.get("data"))
-        return {"agent": agent, "name": name, "due_ms": due, "every_ms": every}
-
-    async def forget(_session: Session, req: messages.Request) -> Any:
-        removed = node.reminders.forget(
-            trio.current_time(), args_.text(req.args, "agent"), args_.text(req.args, "name")
-        )
-        if not removed:
-            raise errors.NotFound("no such reminder")
-        return {"removed": True}
-
-    async def reminders(_session: Session, req: messages.Request) -> Any:
-        return node.reminders.listing(args_.text(req.args, "agent"))
-
     async def drain_here(_args: dict[str, Any]) -> Any:
         return {"node": node.node_name, "draining": True, "moving": placement.start_drain()}
 
@@ -125,6 +106,41 @@ def register(node: Node) -> None:
     api.add_op("drain", drain, "move every agent off a host (this one by default)")
     api.add_op("placement", where, "where an agent of a kind belongs, and why", inline=True)
     api.add_op("kinds", kinds, "every kind and the hosts serving it", inline=True)
-    api.add_op("agent.remind", remind, "schedule a durable reminder for an agent", inline=True)
-    api.add_op("agent.forget", forget, "cancel a reminder", inline=True)
-    api.add_op("agent.reminders", reminders, "an agent's reminders", inline=True)
+
+
+class ReminderOps:
+    """``agent.remind``, ``agent.forget``, ``agent.reminders``: durable reminders, kept in
+    the replicated reminders documents (given: :class:`Reminders`)."""
+
+    def __init__(self, reminders: Reminders) -> None:
+        self.reminders = reminders
+
+    def register(self, api: ApiServer) -> None:
+        api.add_op(
+            "agent.remind", self.remind, "schedule a durable reminder for an agent", inline=True
+        )
+        api.add_op("agent.forget", self.forget, "cancel a reminder", inline=True)
+        api.add_op("agent.reminders", self.listing, "an agent's reminders", inline=True)
+
+    async def remind(self, _session: Session, req: messages.Request) -> Any:
+        args = req.args
+        agent = args_.text(args, "agent")
+        name = args_.text(args, "name")
+        every = args_.integer(args, "every_ms", 0, 0, MAX_REMINDER_MS)
+        if "at_ms" in args:
+            due = args_.integer(args, "at_ms", 0, 0, 2**62)
+        else:
+            due = int(time.time() * 1000) + args_.integer(args, "after_ms", 0, 0, MAX_REMINDER_MS)
+        self.reminders.set(trio.current_time(), agent, name, due, every, args.get("data"))
+        return {"agent": agent, "name": name, "due_ms": due, "every_ms": every}
+
+    async def forget(self, _session: Session, req: messages.Request) -> Any:
+        removed = self.reminders.forget(
+            trio.current_time(), args_.text(req.args, "agent"), args_.text(req.args, "name")
+        )
+        if not removed:
+            raise errors.NotFound("no such reminder")
+        return {"removed": True}
+
+    async def listing(self, _session: Session, req: messages.Request) -> Any:
+        return self.reminders.listing(args_.text(req.args, "agent"))

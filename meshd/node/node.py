@@ -364,7 +364,13 @@ class Node:
         ).register(self.api)
         agent_ops.register(self)
         lifecycle_ops.register(self)
-        storage_ops.register(self)
+        lifecycle_ops.ReminderOps(self.reminders).register(self.api)
+        storage_ops.StorageOps(
+            self.storage,
+            self.replication_driver.store,
+            lambda: self.replication_driver.acks_held,
+            config.storage.sync_interval,
+        ).register(self.api)
         telemetry.register(self)
         log.info(
             "meshd starting",

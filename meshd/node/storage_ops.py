@@ -1,15 +1,19 @@
-"""API ops for this node's store: its status, and a snapshot on demand."""
+"""API ops for this node's store: its status, and a snapshot on demand.
+
+:class:`StorageOps` is given what it reads (the storage driver, if storage is enabled, the
+replicas' store for the document count, the ACKs held for the disk, ``sync_interval``)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from meshd.api.server import ApiServer
 from meshd.api.session import Session
+from meshd.replication.replica import DocStore
+from meshd.storage.driver import StorageDriver
 from meshd_client.protocol import errors, messages
-
-if TYPE_CHECKING:
-    from meshd.node.node import Node
 
 
 def _disk_bytes(directory: str) -> int:
@@ -23,58 +27,70 @@ def _disk_bytes(directory: str) -> int:
     return total
 
 
-def status(node: Node) -> dict[str, Any]:
-    """What ``meshctl storage`` shows."""
-    docs = len(node.replication_core.store)
-    storage = node.storage
-    if storage is None:
-        return {"enabled": False, "documents": docs}
-    store = storage.store
-    fsync = storage.fsync
-    return {
-        "enabled": True,
-        "directory": store.directory,
-        "healthy": store.healthy,
-        "failure": store.failure,
-        "failure_detail": store.failure_detail,
-        "last_error": storage.last_error,
-        "documents": docs,
-        "generation": store.generation,
-        "disk_bytes": _disk_bytes(store.directory),
-        "snapshot_bytes": store.snapshot_bytes,
-        "log_bytes": store.log_bytes,
-        "pending_bytes": store.pending_bytes,
-        "appended": store.appended,
-        "durable": store.durable,
-        "last_sync": round(storage.last_sync_wall, 3),
-        "last_snapshot": round(storage.last_snapshot_wall, 3),
-        "commits": store.stats.commits,
-        "snapshots": store.stats.snapshots,
-        "fsync_mean_ms": round(1000 * fsync.total / fsync.n, 3) if fsync.n else None,
-        "failures": dict(store.stats.failures),
-        "dropped_records": store.stats.dropped_records,
-        "acks_held": node.replication_driver.acks_held,
-        "sync_interval": node.config.storage.sync_interval,
-    }
+class StorageOps:
+    """``storage`` (what ``meshctl storage`` shows) and ``storage.snapshot``."""
 
+    def __init__(
+        self,
+        storage: StorageDriver | None,
+        docs: DocStore,
+        acks_held: Callable[[], int],
+        sync_interval: float,
+    ) -> None:
+        self.storage = storage
+        self.docs = docs
+        self.acks_held = acks_held
+        self.sync_interval = sync_interval
 
-def register(node: Node) -> None:
-    api = node.api
+    def register(self, api: ApiServer) -> None:
+        api.add_op(
+            "storage", self.status_op, "this node's store: size, health, last fsync", inline=True
+        )
+        api.add_op("storage.snapshot", self.snapshot, "write a snapshot of every document now")
 
-    async def storage_status(_session: Session, _req: messages.Request) -> Any:
-        return status(node)
+    def status(self) -> dict[str, Any]:
+        docs = len(self.docs)
+        storage = self.storage
+        if storage is None:
+            return {"enabled": False, "documents": docs}
+        store = storage.store
+        fsync = storage.fsync
+        return {
+            "enabled": True,
+            "directory": store.directory,
+            "healthy": store.healthy,
+            "failure": store.failure,
+            "failure_detail": store.failure_detail,
+            "last_error": storage.last_error,
+            "documents": docs,
+            "generation": store.generation,
+            "disk_bytes": _disk_bytes(store.directory),
+            "snapshot_bytes": store.snapshot_bytes,
+            "log_bytes": store.log_bytes,
+            "pending_bytes": store.pending_bytes,
+            "appended": store.appended,
+            "durable": store.durable,
+            "last_sync": round(storage.last_sync_wall, 3),
+            "last_snapshot": round(storage.last_snapshot_wall, 3),
+            "commits": store.stats.commits,
+            "snapshots": store.stats.snapshots,
+            "fsync_mean_ms": round(1000 * fsync.total / fsync.n, 3) if fsync.n else None,
+            "failures": dict(store.stats.failures),
+            "dropped_records": store.stats.dropped_records,
+            "acks_held": self.acks_held(),
+            "sync_interval": self.sync_interval,
+        }
 
-    async def snapshot(_session: Session, _req: messages.Request) -> Any:
-        if node.storage is None:
+    async def status_op(self, _session: Session, _req: messages.Request) -> Any:
+        return self.status()
+
+    async def snapshot(self, _session: Session, _req: messages.Request) -> Any:
+        storage = self.storage
+        if storage is None:
             raise errors.Invalid("storage is disabled on this node (storage.enabled = false)")
-        if not await node.storage.snapshot():
+        if not await storage.snapshot():
             raise errors.Overloaded(
-                f"snapshot failed: {node.storage.last_error}",
-                detail={"storage": node.storage.store.failure or "io_error"},
+                f"snapshot failed: {storage.last_error}",
+                detail={"storage": storage.store.failure or "io_error"},
             )
-        return status(node)
-
-    api.add_op(
-        "storage", storage_status, "this node's store: size, health, last fsync", inline=True
-    )
-    api.add_op("storage.snapshot", snapshot, "write a snapshot of every document now")
+        return self.status()
