@@ -386,10 +386,18 @@ class Replicator:
         self, name: str, epoch: int, doc: Doc[Any] | None = None, *, encoded: bytes | None = None
     ) -> Replica:
         """A replica the store's log follows from its first change on. Its epoch (and any
-        content ``doc`` or ``encoded`` brings) is persisted first."""
-        replica = Replica(name, epoch, doc, encoded=encoded)
+        content ``doc`` or ``encoded`` brings) is persisted first. ``on_open`` sees it before
+        ``encoded`` is in: whoever follows a document (the registry) hears of that content
+        as a change, as of any later one."""
+        replica = Replica(name, epoch, doc)
         self.on_open(replica)
-        content = replica.full_update() if doc is not None else (encoded or b"")
+        content = replica.full_update() if doc is not None else b""
+        if encoded is not None:
+            if replica.hot:
+                replica.apply(encoded, checked=True)  # followed: its observers see it
+            else:
+                replica.install(encoded)
+            content = encoded
         self._outputs.append(Persist(name, epoch, content))
         replica.journal = self._journal_hook
         return replica

@@ -129,11 +129,7 @@ class Replica:
         "undos",
     )
 
-    def __init__(
-        self, name: str, epoch: int, doc: Doc[Any] | None = None, *, encoded: bytes | None = None
-    ) -> None:
-        """Empty, or holding ``doc`` (hot), or ``encoded`` (cold: an update checked already
-        with :func:`check_update`, as a repair that creates a document brings it)."""
+    def __init__(self, name: str, epoch: int, doc: Doc[Any] | None = None) -> None:
         self.name = name
         self.epoch = epoch
         self.leaf = leaf_of(name)
@@ -157,12 +153,19 @@ class Replica:
         if doc is not None:
             self._attach(doc)
             self.refresh()
-        elif encoded is not None and encoded != EMPTY_UPDATE:
-            self._encoded = encoded
-            self._normal = len(encoded)
-            self.refresh(bytes(state_of_update(encoded)))
         else:
             self.refresh(EMPTY_STATE)  # an empty document's vector is known
+
+    def install(self, encoded: bytes) -> None:
+        """Give a new, empty, cold replica its first content: an update checked already with
+        :func:`check_update` (as a repair that creates a document brings it) — the encoding
+        as it is, one vector and one hash, instead of a merge into the empty encoding."""
+        assert self._doc is None and self._encoded == EMPTY_UPDATE
+        if encoded == EMPTY_UPDATE:
+            return
+        self._encoded = encoded
+        self._normal = len(encoded)
+        self.refresh(bytes(state_of_update(encoded)))
 
     # ------------------------------------------------------------------ hot and cold
 

@@ -311,6 +311,7 @@ def test_a_one_writer_vector_is_canonical_as_pycrdt_writes_it() -> None:
     raw = bytes(source.doc.get_state())
     assert raw[0] == 1
     assert source.sv == raw == vectors.encode(vectors.decode(raw))
-    created = Replica("state/s", 0, encoded=source.full_update())
+    created = Replica("state/s", 0)
+    created.install(source.full_update())
     assert (created.sv, created.hash) == (source.sv, source.hash)
     assert not created.hot

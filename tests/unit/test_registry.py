@@ -154,6 +154,19 @@ def test_registration_is_visible_everywhere() -> None:
     assert w["b"].holds("alpha") is None
 
 
+def test_a_node_that_joins_later_indexes_what_a_repair_brings() -> None:
+    """The registry document of another node reaches a newcomer by anti-entropy, which
+    creates it there holding its content: the index must hear of that content too."""
+    w = World("a", "b")
+    e = w.register("a", "alpha", kind="worker")
+    w.settle()
+    w.add("c")
+    w.net.connect()
+    w.net.sync("c", "a")  # a fresh node fills itself from one peer
+    assert w["c"].lookup("alpha") == e
+    assert w.events["c"] == [RegistryEvent("registered", "alpha", e)]
+
+
 def test_index_filters() -> None:
     w = World("a", "b")
     w.register("a", "w1", kind="worker", capabilities=["gpu"])
