@@ -13,7 +13,6 @@ from meshd.sim.disk import SimDisk
 from meshd.storage import records
 from meshd.storage.files import OsFiles, StoreLocked
 from meshd.storage.store import DocHistory, Store, StoreCorrupt, log_name, replay, snapshot_name
-from meshd_client.protocol import cbor
 
 DIR = "/data/store"
 
@@ -436,28 +435,3 @@ def test_many_small_changes_make_a_snapshot_due_before_the_bytes_do() -> None:
     again = fresh(disk)
     again.recover()
     assert again.log_records == 1
-
-
-@pytest.mark.parametrize(
-    ("doc", "epoch", "size"),
-    [
-        ("state/a", 0, 0),
-        ("s", 23, 23),
-        ("s" * 23, 24, 24),
-        ("é" * 200, 255, 255),
-        ("reg/n1", 256, 65535),
-        ("x" * 70000, 65536, 65536),
-        ("state/b", 2**32 - 1, 3),
-        ("state/c", 2**32, 5),
-        ("state/d", 2**64 - 1, 1),
-    ],
-)
-def test_an_update_record_is_written_as_cbor_would_write_it(
-    doc: str, epoch: int, size: int
-) -> None:
-    update = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    expected = records.frame(cbor.dumps(["u", doc, epoch, update]))
-    assert records.encode_update(doc, epoch, update) == expected
-    assert records.decode_payload(expected[records.HEADER.size :]) == records.Update(
-        doc, epoch, update
-    )
