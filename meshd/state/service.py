@@ -178,17 +178,18 @@ class StateService:
                 doc, apply, epoch=epoch, durability=durability, undo_roots=undo_roots
             )
             return outcome(result)
-        token = self.driver.write(
-            trio.current_time(),
-            doc,
-            apply,
-            epoch=epoch,
-            durability=durability,
-            undo_roots=undo_roots,
-        )
         finished = on_wait()
         ended = "cancelled"
         try:
+            # Nothing between the write and its wait: an undoable write is settled there.
+            token = self.driver.write(
+                trio.current_time(),
+                doc,
+                apply,
+                epoch=epoch,
+                durability=durability,
+                undo_roots=undo_roots,
+            )
             result = await self.driver.wait(token)
             ended = "ok" if result.ok else (result.reason or "failed")
         finally:

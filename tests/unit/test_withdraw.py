@@ -15,7 +15,7 @@ import trio.testing
 from pycrdt import Doc, Map
 from replication_helpers import Net, content, marked, ops_for, tuning
 
-from meshd.replication.core import Replicator, WriteDone
+from meshd.replication.core import Persist, Replicator, WriteDone
 from meshd.replication.driver import ReplicationDriver
 from meshd.replication.replica import Replica
 from meshd.state import compaction, values
@@ -103,6 +103,24 @@ def test_a_failed_once_write_is_withdrawn_everywhere_it_went() -> None:
     heal(net)
     for node in "abcde":
         assert state(net, node) == {"handled": [], "count": 0, "once": []}
+
+
+def test_a_withdrawal_is_logged_like_any_write_so_a_restart_keeps_it_withdrawn() -> None:
+    net = seeded("a", "b", "c", "d", "e")
+    net.drop = lambda _s, dst, _m: dst in ("c", "d", "e")
+    token = once_write(net["a"], net.now, handle("r1"), "r1")
+    net.run(5.1)
+    assert net["a"].settle(net.now, token, keep=False) == DOC
+    net.run(0.1)
+    for node in ("a", "b"):
+        # What the store's log holds for the document, replayed as a restart reads it back.
+        records = [o for o in net.outputs[node] if isinstance(o, Persist) and o.doc == DOC]
+        replayed = Replica(DOC, 0)
+        for record in records:
+            if record.update:
+                replayed.apply(record.update)
+        assert values.read(replayed.doc) == {"handled": [], "count": 0}
+        assert not values.applied_once(replayed.doc, "r1")
 
 
 def run_partition(*, withdraw: bool) -> Net:
