@@ -151,6 +151,9 @@ class _Relay:
     source_addr: Address
     seq: int
     nack: bool
+    target: str = ""
+    target_addr: Address | None = None
+    sent: float = 0.0
 
 
 class StreamPurpose(enum.Enum):
@@ -684,14 +687,18 @@ class Membership:
 
     def _timeout_for(self, name: str) -> float:
         """The direct probe timeout for ``name`` (before awareness scaling): adaptive to its
-        measured round trip, between ``probe_timeout_min`` and ``probe_timeout``."""
+        measured round trip, between ``probe_timeout_min`` and ``probe_timeout``. A member
+        not measured yet (just joined, or not probed yet in a young cluster) gets the longest
+        timeout of the members that are: on one network its round trip is like theirs, and the
+        slowest of them keeps a far newcomer from being judged by its near neighbours. With
+        nobody measured, the full ``probe_timeout``."""
         t = self.tuning
+        lo, hi = t.probe_timeout_min, t.probe_timeout
         est = self._estimates.get(name)
-        return (
-            t.probe_timeout
-            if est is None
-            else est.probe_timeout(t.probe_timeout_min, t.probe_timeout)
-        )
+        if est is not None and est.srtt is not None:
+            return est.probe_timeout(lo, hi)
+        measured = [e.probe_timeout(lo, hi) for e in self._estimates.values() if e.srtt is not None]
+        return max(measured) if measured else hi
 
     def _stall_sample(self, now: float, name: str, seconds: float) -> None:
         self._estimate(name).stall_sample(now, seconds, self.tuning.stall_memory)
@@ -841,6 +848,7 @@ class Membership:
             member = self._members.get(name)
             if member is not None and src == member.addr:
                 self._lease_acked(name, sent)
+                self._estimate(name).rtt_sample(now - sent)
             return
         probe = self._probes.get(msg.seq)
         if probe is not None:
@@ -872,6 +880,9 @@ class Membership:
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             self._send(relay.source_addr, [Ack(relay.seq)], piggyback=False)
+            if src == relay.target_addr and relay.target in self._members:
+                # Our own round trip to the target, measured on someone else's behalf.
+                self._estimate(relay.target).rtt_sample(now - relay.sent)
 
     def _on_nack(self, now: float, msg: Nack) -> None:
         probe = self._probes.get(msg.seq)
@@ -889,7 +900,7 @@ class Membership:
             self.stats.reject("relay_table_full")
             return
         seq = self._next_seq()
-        self._relays[seq] = _Relay(src, msg.seq, msg.nack)
+        self._relays[seq] = _Relay(src, msg.seq, msg.nack, msg.target, msg.target_addr, now)
         self._send(msg.target_addr, [Ping(seq, msg.target, self.name)])
         # At most most of the prober's indirect phase, so that our nack reaches it before its
         # probe ends: a nack that comes too late reads as our silence (Lifeguard).

@@ -182,6 +182,53 @@ def test_an_unmeasured_peer_gets_the_full_probe_timeout() -> None:
     assert len(node.find(PingReq)) == LAN.indirect_checks
 
 
+def first_indirect_at(node: Node, target: str) -> float:
+    """How long after its next probe of ``target`` (not answering) the relays are asked."""
+    node.answering.discard(target)
+    t0, ping = next_probe_of(node, target)
+    node.run(t0 + LAN.probe_interval)
+    return min(at for at, _, req in node.find(PingReq, since=t0) if req.seq == ping.seq) - t0
+
+
+def test_an_unmeasured_member_gets_the_longest_timeout_of_the_measured_ones() -> None:
+    """A newcomer (or a member not probed yet in a young cluster) is timed like its measured
+    neighbours, not with the full timeout; the slowest of them sets it."""
+    node, _ = measured()
+    node.answering.discard("c")
+    t0, ping = next_probe_of(node, "c")
+    node.send(t0 + 0.25, addr_for("c"), Ack(ping.seq))  # c answers, slowly
+    node.answering.add("c")
+    node.learn(node.now, ["f"])
+    newcomer = first_indirect_at(node, "f")
+    assert LAN.probe_timeout_min < newcomer < LAN.probe_timeout
+    assert first_indirect_at(node, "c") == pytest.approx(newcomer)  # the slowest sets it
+
+
+@pytest.mark.parametrize(
+    ("acker", "timeout"), [("b", LAN.probe_timeout_min), ("c", LAN.probe_timeout)]
+)
+def test_a_relays_ack_from_the_target_measures_the_relays_own_round_trip(
+    acker: str, timeout: float
+) -> None:
+    """Nobody measured: the full timeout for everyone, until this node relays a ping to b and
+    b itself answers (an ack from anyone else proves nothing about b)."""
+    node = cluster(FIVE)
+    node.send(1.0, addr_for("s"), PingReq(500, "b", addr_for("b"), "s", True))
+    [(_, _, relayed)] = node.find(Ping, since=1.0)
+    node.send(1.02, addr_for(acker), Ack(relayed.seq))
+    assert first_indirect_at(node, "b") == pytest.approx(timeout)
+
+
+def test_a_lease_pings_ack_measures_the_round_trip() -> None:
+    node = cluster(FIVE)
+    node.core.renew_lease(0.05, 0.4)
+    node.run(0.05)
+    [ping] = [m for at, _, m in node.find(Ping, 0.05) if at == 0.05 and m.target == "b"]
+    node.send(0.06, addr_for("b"), Ack(ping.seq))
+    node.core.renew_lease(0.1, None)
+    assert first_indirect_at(node, "b") == pytest.approx(LAN.probe_timeout_min)
+
+
 def test_no_adaptation_when_the_floor_equals_the_timeout() -> None:
     node, _ = measured(probe_timeout_min=LAN.probe_timeout)
     node.answering.discard("b")
@@ -259,10 +306,12 @@ def test_a_lossy_direct_path_gets_more_relays() -> None:
     counts = []
     for _ in range(8):
         t0, ping = next_probe_of(node, "b")
-        node.run(t0 + LAN.probe_timeout)
-        reqs = [r for r in node.find(PingReq, since=t0) if r[2].seq == ping.seq]
+        reqs = []
+        while not reqs:
+            node.step()
+            reqs = [r for r in node.find(PingReq, since=t0) if r[2].seq == ping.seq]
         counts.append(len(reqs))
-        node.send(t0 + LAN.probe_timeout, reqs[0][1], Ack(ping.seq))  # a relay reached it
+        node.send(node.now, reqs[0][1], Ack(ping.seq))  # a relay reached it
         node.run(t0 + LAN.probe_interval)
     assert node.events(EventKind.SUSPECT) == []
     # The first failure counts already: 1/8 loss, one relay more.
