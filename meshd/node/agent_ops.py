@@ -1,18 +1,22 @@
-"""API ops for agents and messaging: serve an agent, send, request, publish, subscribe."""
+"""API ops for agents and messaging: serve an agent, send, request, publish, subscribe
+(:class:`AgentOps`, given the routing driver, the registry and placement's gate)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from meshd.api import args as args_
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
+from meshd.api.server import ApiServer
 from meshd.api.session import Session
 from meshd.logs import RateLimitedLog
-from meshd.node.tracing import SERVER, Span
-from meshd.registry.model import MAX_CAPABILITIES
+from meshd.node.tracing import SERVER, Span, Tracer
+from meshd.registry.model import MAX_CAPABILITIES, Entry
+from meshd.registry.registry import Registry
+from meshd.routing.driver import RoutingDriver
 from meshd.routing.local import LocalAgent
 from meshd.routing.messages import DeliveryKind
 from meshd.routing.outcome import Err, Ok, Outcome
@@ -20,9 +24,6 @@ from meshd.state.service import agent_state
 from meshd_client.protocol import errors, messages, tracecontext
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.tracecontext import TraceContext
-
-if TYPE_CHECKING:
-    from meshd.node.node import Node
 
 MAX_TIMEOUT = 3600.0
 MAX_MSG_ID = 128
@@ -48,24 +49,49 @@ def trace_of(rejected: dict[str, int], fields: dict[str, Any]) -> TraceContext |
         return None
 
 
-def api_span(node: Node, op: str, trace: TraceContext | None, **attributes: Any) -> Span | None:
+def api_span(
+    tracer: Tracer | None, op: str, trace: TraceContext | None, **attributes: Any
+) -> Span | None:
     """A ``meshd.api <op>`` span when tracing is on (None otherwise)."""
-    tracer = node.tracer
     if tracer is None:
         return None
     return tracer.start(f"meshd.api {op}", trace, SERVER, **attributes)
 
 
-def register(node: Node) -> None:
-    api = node.api
-    routing = node.routing_driver
-    calls_log = RateLimitedLog(logging.getLogger("meshd.routing"))
+class AgentGate(Protocol):
+    """What serving an agent asks of placement."""
 
-    def failed(call: dict[str, Any], kind: DeliveryKind, error: MeshError) -> None:
+    async def state_ready(self, name: str) -> None: ...
+
+    def serving(self, entry: Entry) -> MeshError | None: ...
+
+
+class AgentOps:
+    """Serving agents and messaging them: ``agent.serve``, ``agent.reply``, ``send``,
+    ``request``, ``publish``, ``subscribe`` and ``health``, over the routing driver, the
+    registry and placement's gate. Owns only its rate-limited log of failed calls; a malformed
+    trace context is counted in ``rejected``."""
+
+    def __init__(
+        self,
+        routing: RoutingDriver,
+        registry: Registry,
+        gate: AgentGate,
+        tracer: Tracer | None,
+        rejected: dict[str, int],
+    ) -> None:
+        self.routing = routing
+        self.registry = registry
+        self.gate = gate
+        self.tracer = tracer
+        self.rejected = rejected
+        self.calls_log = RateLimitedLog(logging.getLogger("meshd.routing"))
+
+    def failed(self, call: dict[str, Any], kind: DeliveryKind, error: MeshError) -> None:
         """A call that failed, at debug level (rate-limited per error kind), with its
         message id and trace id: grep either to follow one message through the logs."""
         trace = call["trace"]
-        calls_log.debug(
+        self.calls_log.debug(
             ("call_failed", error.kind),
             "call failed",
             op="request" if kind is DeliveryKind.REQUEST else "send",
@@ -76,14 +102,14 @@ def register(node: Node) -> None:
             trace_id=trace.trace_id if trace is not None else "-",
         )
 
-    async def serve(session: Session, req: messages.Request, stream: Stream) -> None:
+    async def serve(self, session: Session, req: messages.Request, stream: Stream) -> None:
         """Register an agent and stream its deliveries until the client stops it."""
         args = req.args
         name = args_.text(args, "name")
         # An activation by placement pulls the agent's state while the runner starts it:
         # register (and so take messages, and read state) only once that state is here.
-        await node.placement.state_ready(name)
-        entry, _ = node.registry.register(
+        await self.gate.state_ready(name)
+        entry, _ = self.registry.register(
             trio.current_time(),
             name,
             kind=args_.opt_text(args, "kind", "") or "",
@@ -98,9 +124,9 @@ def register(node: Node) -> None:
             notices.set()
 
         agent = LocalAgent(
-            entry, session, stream, notices=on_notice, gate=lambda: node.placement.serving(entry)
+            entry, session, stream, notices=on_notice, gate=lambda: self.gate.serving(entry)
         )
-        routing.attach(agent)
+        self.routing.attach(agent)
         try:
             stream.emit(
                 {"type": "registered", "entry": entry.to_dict(), "state": agent_state(entry.name)}
@@ -118,11 +144,11 @@ def register(node: Node) -> None:
                 detail=conflict[0],
             )
         finally:
-            routing.detach(entry.name, session)
-            if node.registry.holds(entry.name) == entry:
-                node.registry.unregister(trio.current_time(), entry.name)
+            self.routing.detach(entry.name, session)
+            if self.registry.holds(entry.name) == entry:
+                self.registry.unregister(trio.current_time(), entry.name)
 
-    async def reply(_session: Session, req: messages.Request) -> Any:
+    async def reply(self, _session: Session, req: messages.Request) -> Any:
         args = req.args
         agent = args_.text(args, "agent")
         msg_id = _msg_id(args)
@@ -138,11 +164,11 @@ def register(node: Node) -> None:
                 if isinstance(error, dict)
                 else errors.Internal("the agent failed")
             )
-        if not routing.client_reply(agent, msg_id, outcome):
+        if not self.routing.client_reply(agent, msg_id, outcome):
             raise errors.NotFound("no delivery with that id is waiting for an answer")
         return None
 
-    def call_args(req: messages.Request, kind: DeliveryKind) -> dict[str, Any]:
+    def call_args(self, req: messages.Request, kind: DeliveryKind) -> dict[str, Any]:
         args = req.args
         return {
             "to": args_.text(args, "to"),
@@ -152,13 +178,13 @@ def register(node: Node) -> None:
             "at_least_once": args_.flag(args, "at_least_once", False),
             "timeout": args_.seconds(args, "timeout", 10.0, MAX_TIMEOUT),
             "msg_id": _msg_id(args),
-            "trace": trace_of(node.tracing_rejected, args),
+            "trace": trace_of(self.rejected, args),
         }
 
-    def start_span(call: dict[str, Any], kind: DeliveryKind) -> Span | None:
+    def start_span(self, call: dict[str, Any], kind: DeliveryKind) -> Span | None:
         """The call's API span (tracing on); its context replaces the client's in ``call``."""
         span = api_span(
-            node,
+            self.tracer,
             "request" if kind is DeliveryKind.REQUEST else "send",
             call["trace"],
             **{"agent.name": call["to"], "message.id": call["msg_id"]},
@@ -167,45 +193,45 @@ def register(node: Node) -> None:
             call["trace"] = span.context
         return span
 
-    async def call(req: messages.Request, kind: DeliveryKind) -> Any:
-        kwargs = call_args(req, kind)
-        span = start_span(kwargs, kind) if node.tracer is not None else None
+    async def call(self, req: messages.Request, kind: DeliveryKind) -> Any:
+        kwargs = self.call_args(req, kind)
+        span = self.start_span(kwargs, kind) if self.tracer is not None else None
         outcome = "cancelled"
         try:
-            result = await routing.call(**kwargs)
+            result = await self.routing.call(**kwargs)
             outcome = "ok"
             return result
         except MeshError as exc:
             outcome = exc.kind.value
-            failed(kwargs, kind, exc)
+            self.failed(kwargs, kind, exc)
             raise
         finally:
             if span is not None:
                 span.end(outcome)
 
-    def begin(req: messages.Request, kind: DeliveryKind) -> Any:
+    def begin(self, req: messages.Request, kind: DeliveryKind) -> Any:
         """Start the call in the session's read loop; routing answers it when the reply
         comes (no task waits for it). Calls that must wait to start run in a task."""
         deferred = Deferred()
-        kwargs = call_args(req, kind)
+        kwargs = self.call_args(req, kind)
 
         def done(outcome: Outcome) -> None:
             if isinstance(outcome, Ok):
                 deferred.resolve(outcome.value)
             else:
-                failed(kwargs, kind, outcome.error)
+                self.failed(kwargs, kind, outcome.error)
                 deferred.fail(outcome.error)
 
-        if node.tracer is None:
-            if not routing.begin_call(**kwargs, done=done):
+        if self.tracer is None:
+            if not self.routing.begin_call(**kwargs, done=done):
                 return BEGIN_IN_TASK
             return deferred
-        if routing.registry.lookup(kwargs["to"]) is None:
+        if self.routing.registry.lookup(kwargs["to"]) is None:
             return BEGIN_IN_TASK  # activation first: traced by call() in a task
-        span = start_span(kwargs, kind)
+        span = self.start_span(kwargs, kind)
         assert span is not None
         try:
-            started = routing.begin_call(**kwargs, done=span.ending(done))
+            started = self.routing.begin_call(**kwargs, done=span.ending(done))
         except MeshError as exc:
             span.end(exc.kind.value)
             raise
@@ -214,20 +240,20 @@ def register(node: Node) -> None:
             return BEGIN_IN_TASK
         return deferred
 
-    async def send(_session: Session, req: messages.Request) -> Any:
-        await call(req, DeliveryKind.SEND)
+    async def send(self, _session: Session, req: messages.Request) -> Any:
+        await self.call(req, DeliveryKind.SEND)
         return None
 
-    def begin_send(_session: Session, req: messages.Request) -> Any:
-        return begin(req, DeliveryKind.SEND)
+    def begin_send(self, _session: Session, req: messages.Request) -> Any:
+        return self.begin(req, DeliveryKind.SEND)
 
-    async def request(_session: Session, req: messages.Request) -> Any:
-        return await call(req, DeliveryKind.REQUEST)
+    async def request(self, _session: Session, req: messages.Request) -> Any:
+        return await self.call(req, DeliveryKind.REQUEST)
 
-    def begin_request(_session: Session, req: messages.Request) -> Any:
-        return begin(req, DeliveryKind.REQUEST)
+    def begin_request(self, _session: Session, req: messages.Request) -> Any:
+        return self.begin(req, DeliveryKind.REQUEST)
 
-    async def publish(_session: Session, req: messages.Request) -> Any:
+    async def publish(self, _session: Session, req: messages.Request) -> Any:
         event = req.args.get("event")
         if not isinstance(event, dict):
             raise errors.Invalid("event must be a map (a CloudEvents envelope)")
@@ -235,41 +261,47 @@ def register(node: Node) -> None:
             if not isinstance(event.get(key), str) or not event[key]:
                 raise errors.Invalid(f"event.{key} is required (CloudEvents)")
         topic = args_.text(req.args, "topic")
-        trace = trace_of(node.tracing_rejected, event)  # a malformed one is counted and taken out
-        span = api_span(node, "publish", trace, topic=topic)
+        trace = trace_of(self.rejected, event)  # a malformed one is counted and taken out
+        span = api_span(self.tracer, "publish", trace, topic=topic)
         if span is not None:
             event = {**event}
             span.context.to_args(event)  # subscribers' work joins this trace
-        hosts = routing.publish(topic, event)
+        hosts = self.routing.publish(topic, event)
         if span is not None:
             span.set("meshd.hosts", hosts)
             span.end("ok")
         return {"hosts": hosts}
 
-    async def subscribe(_session: Session, req: messages.Request, stream: Stream) -> None:
-        cancel = routing.subscribe(args_.text(req.args, "pattern"), stream)
+    async def subscribe(self, _session: Session, req: messages.Request, stream: Stream) -> None:
+        cancel = self.routing.subscribe(args_.text(req.args, "pattern"), stream)
         try:
             await stream.until_failed()
         finally:
             cancel()
 
-    async def health(_session: Session, req: messages.Request) -> Any:
-        return routing.health(args_.text(req.args, "name"))
+    async def health(self, _session: Session, req: messages.Request) -> Any:
+        return self.routing.health(args_.text(req.args, "name"))
 
-    api.add_stream_op("agent.serve", serve, "register an agent and receive its messages")
-    api.add_op(
-        "agent.reply",
-        reply,
-        "answer (or acknowledge) a delivery to a served agent",
-        inline=True,
-    )
-    api.add_op("send", send, "send a message to an agent by name", begin=begin_send)
-    api.add_op("request", request, "send a request and wait for the reply", begin=begin_request)
-    api.add_op("publish", publish, "publish a signal to a topic", inline=True)
-    api.add_stream_op("subscribe", subscribe, "signals matching a topic pattern")
-    api.add_op(
-        "health",
-        health,
-        "an agent's health: healthy, degraded, unreachable, not_found",
-        inline=True,
-    )
+    def register(self, api: ApiServer) -> None:
+        api.add_stream_op("agent.serve", self.serve, "register an agent and receive its messages")
+        api.add_op(
+            "agent.reply",
+            self.reply,
+            "answer (or acknowledge) a delivery to a served agent",
+            inline=True,
+        )
+        api.add_op("send", self.send, "send a message to an agent by name", begin=self.begin_send)
+        api.add_op(
+            "request",
+            self.request,
+            "send a request and wait for the reply",
+            begin=self.begin_request,
+        )
+        api.add_op("publish", self.publish, "publish a signal to a topic", inline=True)
+        api.add_stream_op("subscribe", self.subscribe, "signals matching a topic pattern")
+        api.add_op(
+            "health",
+            self.health,
+            "an agent's health: healthy, degraded, unreachable, not_found",
+            inline=True,
+        )

@@ -1,10 +1,11 @@
-"""API ops for the agent lifecycle: runners of kinds, spawn, drain, placement (``register``),
-and reminders (:class:`ReminderOps`, given only the reminders it keeps)."""
+"""API ops for the agent lifecycle: runners of kinds, spawn, drain and placement
+(:class:`PlacementOps`), and reminders (:class:`ReminderOps`, given only the reminders it
+keeps)."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -12,23 +13,38 @@ from meshd.api import args as args_
 from meshd.api.handles import Stream
 from meshd.api.server import ApiServer
 from meshd.api.session import Session
+from meshd.membership.events import MemberView
 from meshd.placement.kinds import Strategy, check_kind
 from meshd.placement.reminders import Reminders
-from meshd.placement.service import Runner
+from meshd.placement.service import Placement, Runner
+from meshd.routing.driver import RoutingDriver
 from meshd_client.protocol import errors, messages
 
-if TYPE_CHECKING:
-    from meshd.node.node import Node
+
+class Members(Protocol):
+    """The membership table, to tell whether a host exists."""
+
+    def member(self, name: str) -> MemberView | None: ...
+
 
 MAX_CAPACITY = 1_000_000
 MAX_REMINDER_MS = 365 * 86400_000  # a reminder's period or delay: at most a year
 
 
-def register(node: Node) -> None:
-    api = node.api
-    placement = node.placement
+class PlacementOps:
+    """Runners of kinds and placement: ``kind.serve``, ``spawn``, ``drain`` (here or, by a
+    control message, on another host), ``placement`` and ``kinds``, over placement, the
+    routing driver (for control messages) and the membership table (to name a host)."""
 
-    async def serve_kind(session: Session, req: messages.Request, stream: Stream) -> None:
+    def __init__(
+        self, node_name: str, placement: Placement, routing: RoutingDriver, members: Members
+    ) -> None:
+        self.node_name = node_name
+        self.placement = placement
+        self.routing = routing
+        self.members = members
+
+    async def serve_kind(self, session: Session, req: messages.Request, stream: Stream) -> None:
         """A client can create agents of a kind: the daemon streams it activation requests."""
         args = req.args
         kind = check_kind(args.get("kind"))
@@ -39,32 +55,35 @@ def register(node: Node) -> None:
         runner = Runner(
             kind, args_.integer(args, "capacity", 1000, 1, MAX_CAPACITY), strategy, session, stream
         )
-        placement.attach_runner(runner)
+        self.placement.attach_runner(runner)
         try:
-            stream.emit({"type": "serving", "kind": kind, "node": node.node_name})
+            stream.emit({"type": "serving", "kind": kind, "node": self.node_name})
             await stream.until_failed()
         finally:
-            placement.detach_runner(runner)
+            self.placement.detach_runner(runner)
 
-    async def spawn(_session: Session, req: messages.Request) -> Any:
+    async def spawn(self, _session: Session, req: messages.Request) -> Any:
         kind = check_kind(req.args.get("kind"))
         name = args_.text(req.args, "name")
         timeout = float(args_.integer(req.args, "timeout", 10, 1, 600))
-        entry = await placement.ensure_active(name, kind, trio.current_time() + timeout)
+        entry = await self.placement.ensure_active(name, kind, trio.current_time() + timeout)
         return entry.to_dict()
 
-    async def drain(_session: Session, req: messages.Request) -> Any:
-        target = args_.opt_text(req.args, "node") or node.node_name
-        if target != node.node_name:
-            if node.membership_core.member(target) is None:
+    async def drain(self, _session: Session, req: messages.Request) -> Any:
+        target = args_.opt_text(req.args, "node") or self.node_name
+        if target != self.node_name:
+            if self.members.member(target) is None:
                 raise errors.NotFound(f"no member named {target!r}", detail={"node": target})
-            return await node.routing_driver.control(target, "drain", {})
-        moving = placement.start_drain()
-        return {"node": target, "draining": True, "moving": moving}
+            return await self.routing.control(target, "drain", {})
+        return await self.drain_here({})
 
-    async def where(_session: Session, req: messages.Request) -> Any:
+    async def drain_here(self, _args: dict[str, Any]) -> Any:
+        return {"node": self.node_name, "draining": True, "moving": self.placement.start_drain()}
+
+    async def where(self, _session: Session, req: messages.Request) -> Any:
         kind = check_kind(req.args.get("kind"))
         name = args_.text(req.args, "name")
+        placement = self.placement
         return {
             "kind": kind,
             "name": name,
@@ -83,7 +102,8 @@ def register(node: Node) -> None:
             "strategy": (s.value if (s := placement.table.strategy(kind)) else None),
         }
 
-    async def kinds(_session: Session, _req: messages.Request) -> Any:
+    async def kinds(self, _session: Session, _req: messages.Request) -> Any:
+        table = self.placement.table
         return {
             kind: {
                 h: {
@@ -92,20 +112,22 @@ def register(node: Node) -> None:
                     "draining": i.draining,
                     "strategy": i.strategy.value,
                 }
-                for h, i in placement.table.hosts(kind).items()
+                for h, i in table.hosts(kind).items()
             }
-            for kind in sorted(placement.table.kinds())
+            for kind in sorted(table.kinds())
         }
 
-    async def drain_here(_args: dict[str, Any]) -> Any:
-        return {"node": node.node_name, "draining": True, "moving": placement.start_drain()}
-
-    node.routing_driver.control_handlers["drain"] = drain_here
-    api.add_stream_op("kind.serve", serve_kind, "serve a kind: receive activation requests")
-    api.add_op("spawn", spawn, "place and activate an agent of a kind")
-    api.add_op("drain", drain, "move every agent off a host (this one by default)")
-    api.add_op("placement", where, "where an agent of a kind belongs, and why", inline=True)
-    api.add_op("kinds", kinds, "every kind and the hosts serving it", inline=True)
+    def register(self, api: ApiServer) -> None:
+        self.routing.control_handlers["drain"] = self.drain_here
+        api.add_stream_op(
+            "kind.serve", self.serve_kind, "serve a kind: receive activation requests"
+        )
+        api.add_op("spawn", self.spawn, "place and activate an agent of a kind")
+        api.add_op("drain", self.drain, "move every agent off a host (this one by default)")
+        api.add_op(
+            "placement", self.where, "where an agent of a kind belongs, and why", inline=True
+        )
+        api.add_op("kinds", self.kinds, "every kind and the hosts serving it", inline=True)
 
 
 class ReminderOps:

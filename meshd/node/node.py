@@ -362,8 +362,12 @@ class Node:
         data_ops.StateOps(
             self.state, self.replication_driver.store, self.tracer, self.tracing_rejected
         ).register(self.api)
-        agent_ops.register(self)
-        lifecycle_ops.register(self)
+        agent_ops.AgentOps(
+            self.routing_driver, self.registry, self.placement, self.tracer, self.tracing_rejected
+        ).register(self.api)
+        lifecycle_ops.PlacementOps(
+            config.node.name, self.placement, self.routing_driver, self.membership_core
+        ).register(self.api)
         lifecycle_ops.ReminderOps(self.reminders).register(self.api)
         storage_ops.StorageOps(
             self.storage,
