@@ -1,83 +1,194 @@
-"""API ops for the daemon itself: info, members (a watch stream, remove), leave, keys."""
+"""API ops for the daemon itself: the membership table (:class:`MemberOps`), gossip keys
+(:class:`KeyOps`), and this daemon's identity, op listing and leave (:class:`DaemonOps`)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from meshd import __version__
 from meshd.api.fanout import Fanout
 from meshd.api.handles import Stream
+from meshd.api.server import ApiServer
 from meshd.api.session import Session
+from meshd.config.model import Config
+from meshd.membership.core import Membership
+from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
+from meshd.node.keys import KeyService
 from meshd.replication.messages import PROTOCOL_VERSION as REPLICATION_VERSION
+from meshd.routing.stats import RouterStats
+from meshd.security.keyring import Keyring
 from meshd.storage import records
+from meshd.storage.driver import StorageDriver
+from meshd.transport.stats import TransportStats
 from meshd.transport.streams import STREAM_VERSION
 from meshd.wire.membership import Status
 from meshd.wire.packet import PROTOCOL_VERSION
 from meshd_client.protocol import errors, messages
 
-if TYPE_CHECKING:
-    from meshd.node.node import Node
+WallTime = Callable[[float], float]  # a core timestamp (trio clock) as Unix time
 
 
-def member_dict(node: Node, m: MemberView) -> dict[str, Any]:
+def member_dict(wall_time: WallTime, m: MemberView) -> dict[str, Any]:
     return {
         "name": m.name,
         "addr": f"{m.addr[0]}:{m.addr[1]}",
         "status": m.status.name.lower(),
         "incarnation": m.incarnation,
         "tags": m.tags,
-        "since": round(node.wall_time(m.status_since), 3),
+        "since": round(wall_time(m.status_since), 3),
     }
 
 
-def store_summary(node: Node) -> dict[str, Any]:
+def store_summary(storage: StorageDriver | None, documents: int) -> dict[str, Any]:
     """The store in a few fields (``meshctl storage`` has the rest); reads no files."""
-    docs = len(node.replication_core.store)
-    if node.storage is None:
-        return {"enabled": False, "documents": docs}
-    store = node.storage.store
+    if storage is None:
+        return {"enabled": False, "documents": documents}
+    store = storage.store
     return {
         "enabled": True,
         "directory": store.directory,
         "healthy": store.healthy,
         "failure": store.failure,
-        "documents": docs,
+        "documents": documents,
         "format": records.VERSION,
     }
 
 
-def register(node: Node) -> None:
-    api = node.api
-    member_watchers: Fanout[MemberEvent] = Fanout()
-    node.membership_driver.listeners.append(member_watchers)
+class MemberOps:
+    """``members``, ``members.watch`` and ``members.remove`` over the membership driver (its
+    core's table, its event listeners, its remove)."""
 
-    async def info(session: Session, _req: messages.Request) -> Any:
-        core = node.membership_core
+    def __init__(self, membership: MembershipDriver, wall_time: WallTime) -> None:
+        self.membership = membership
+        self.wall_time = wall_time
+        self.watchers: Fanout[MemberEvent] = Fanout()
+        membership.listeners.append(self.watchers)
+
+    async def members(self, _session: Session, req: messages.Request) -> Any:
+        status = req.args.get("status")
+        views = self.membership.core.members()
+        if status is not None:
+            if not isinstance(status, str) or status.upper() not in Status.__members__:
+                raise errors.Invalid("status must be alive, suspect, dead or left")
+            views = [m for m in views if m.status is Status[status.upper()]]
+        return [member_dict(self.wall_time, m) for m in sorted(views, key=lambda m: m.name)]
+
+    async def watch(self, _session: Session, _req: messages.Request, stream: Stream) -> None:
+        def on_event(event: MemberEvent) -> None:
+            stream.offer(
+                {"kind": event.kind.value, "member": member_dict(self.wall_time, event.member)}
+            )
+
+        remove = self.watchers.add(on_event)
+        try:
+            await stream.until_failed()
+        finally:
+            remove()
+
+    async def remove(self, _session: Session, req: messages.Request) -> Any:
+        name = req.args.get("node")
+        if not isinstance(name, str) or not name:
+            raise errors.Invalid("node must be the name of a member")
+        removed = await self.membership.remove(name)
+        return {"node": name, "status": "left", "removed": removed}
+
+    def register(self, api: ApiServer) -> None:
+        api.add_op(
+            "members",
+            self.members,
+            "the membership table (optionally filtered by status)",
+            inline=True,
+        )
+        api.add_stream_op("members.watch", self.watch, "membership events as they happen")
+        api.add_op(
+            "members.remove",
+            self.remove,
+            "take a dead member out of the cluster and every majority (marked left everywhere)",
+        )
+
+
+class KeyOps:
+    """``keys``: list, install, use or remove a gossip key on every member."""
+
+    def __init__(self, keys: KeyService) -> None:
+        self.keys = keys
+
+    async def keys_op(self, _session: Session, req: messages.Request) -> Any:
+        op = req.args.get("op", "list")
+        if op not in KEY_OPS:
+            raise errors.Invalid(f"keys op must be one of {', '.join(KEY_OPS)}")
+        raw = req.args.get("key")
+        key: bytes | None = None
+        if op != "list":
+            if not isinstance(raw, str):
+                raise errors.Invalid(f"keys {op} needs a base64 key")
+            try:
+                key = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise errors.Invalid("key is not valid base64") from None
+        return await self.keys.cluster_op(op, key)
+
+    def register(self, api: ApiServer) -> None:
+        api.add_op("keys", self.keys_op, "list/install/use/remove gossip keys on every member")
+
+
+@dataclass(slots=True)
+class DaemonView:
+    """What ``info`` reports, from whoever owns it (each read when asked)."""
+
+    config: Config
+    membership: Membership
+    keyring: Keyring | None
+    transport: TransportStats
+    routing: RouterStats
+    documents: Callable[[], int]
+    storage: StorageDriver | None
+    tracing: bool
+    tracing_rejected: dict[str, int]
+    started: float  # trio clock
+    wall_time: WallTime
+
+
+class DaemonOps:
+    """``info`` (this daemon: identity, membership counts, counters), ``ops`` (the API's own
+    listing) and ``leave`` (``request_leave``: the node leaves gracefully and stops)."""
+
+    def __init__(self, view: DaemonView, api: ApiServer, request_leave: Callable[[], None]) -> None:
+        self.view = view
+        self.api = api
+        self.request_leave = request_leave
+
+    async def info(self, session: Session, _req: messages.Request) -> Any:
+        v = self.view
+        api = self.api
+        core = v.membership
         counts = {s.name.lower(): 0 for s in Status}
         for m in core.members():
             counts[m.status.name.lower()] += 1
         stats = core.stats
-        transport = node.transport_stats
+        transport = v.transport
         return {
-            "node": node.node_name,
+            "node": v.config.node.name,
             "version": __version__,
             "addr": f"{core.addr[0]}:{core.addr[1]}",
             "incarnation": core.incarnation,
-            "profile": node.config.profile,
+            "profile": v.config.profile,
             "joined": core.joined,
             "members": counts,
             "awareness": core.awareness.score,
-            "encrypted": node.keyring is not None,
-            "keys": len(node.keyring.keys) if node.keyring else 0,
-            "label": node.config.security.label,
-            "uptime_s": round(trio.current_time() - node.started_monotonic, 3),
-            "started": round(node.wall_time(node.started_monotonic), 3),
+            "encrypted": v.keyring is not None,
+            "keys": len(v.keyring.keys) if v.keyring else 0,
+            "label": v.config.security.label,
+            "uptime_s": round(trio.current_time() - v.started, 3),
+            "started": round(v.wall_time(v.started), 3),
             "protocols": {
                 "gossip": PROTOCOL_VERSION,
                 "streams": STREAM_VERSION,
@@ -85,13 +196,13 @@ def register(node: Node) -> None:
                 "api": list(messages.SUPPORTED_VERSIONS),
                 "api_session": session.version,
             },
-            "store": store_summary(node),
-            "socket": node.config.api.socket,
+            "store": store_summary(v.storage, v.documents()),
+            "socket": v.config.api.socket,
             "tracing": {
-                "enabled": node.tracer is not None,
+                "enabled": v.tracing,
                 # malformed trace context: from API requests, and in DELIVERs from peers
-                "malformed_traceparent": node.tracing_rejected.get("malformed_traceparent", 0)
-                + node.routing_driver.stats.bad_trace_context,
+                "malformed_traceparent": v.tracing_rejected.get("malformed_traceparent", 0)
+                + v.routing.bad_trace_context,
             },
             "stats": {
                 "probes": stats.probes,
@@ -105,7 +216,7 @@ def register(node: Node) -> None:
                 "removed": stats.removed,
                 "packets_in": stats.packets_in,
                 "packets_out": stats.packets_out,
-                "rejected": {**stats.rejected, **node.transport_stats.rejected},
+                "rejected": {**stats.rejected, **transport.rejected},
             },
             "transport": {
                 "accepted": transport.tcp_accepted,
@@ -120,67 +231,17 @@ def register(node: Node) -> None:
             },
         }
 
-    async def members(_session: Session, req: messages.Request) -> Any:
-        status = req.args.get("status")
-        views = node.membership_core.members()
-        if status is not None:
-            if not isinstance(status, str) or status.upper() not in Status.__members__:
-                raise errors.Invalid("status must be alive, suspect, dead or left")
-            views = [m for m in views if m.status is Status[status.upper()]]
-        return [member_dict(node, m) for m in sorted(views, key=lambda m: m.name)]
+    async def ops(self, _session: Session, _req: messages.Request) -> Any:
+        return self.api.describe()
 
-    async def watch(_session: Session, _req: messages.Request, stream: Stream) -> None:
-        def on_event(event: MemberEvent) -> None:
-            stream.offer({"kind": event.kind.value, "member": member_dict(node, event.member)})
-
-        remove = member_watchers.add(on_event)
-        try:
-            await stream.until_failed()
-        finally:
-            remove()
-
-    async def remove(_session: Session, req: messages.Request) -> Any:
-        name = req.args.get("node")
-        if not isinstance(name, str) or not name:
-            raise errors.Invalid("node must be the name of a member")
-        removed = await node.membership_driver.remove(name)
-        return {"node": name, "status": "left", "removed": removed}
-
-    async def leave(_session: Session, _req: messages.Request) -> Any:
-        node.request_leave()
+    async def leave(self, _session: Session, _req: messages.Request) -> Any:
+        self.request_leave()
         return {"leaving": True}
 
-    async def keys(_session: Session, req: messages.Request) -> Any:
-        op = req.args.get("op", "list")
-        if op not in KEY_OPS:
-            raise errors.Invalid(f"keys op must be one of {', '.join(KEY_OPS)}")
-        raw = req.args.get("key")
-        key: bytes | None = None
-        if op != "list":
-            if not isinstance(raw, str):
-                raise errors.Invalid(f"keys {op} needs a base64 key")
-            try:
-                key = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError):
-                raise errors.Invalid("key is not valid base64") from None
-        return await node.keys.cluster_op(op, key)
-
-    async def ops(_session: Session, _req: messages.Request) -> Any:
-        return api.describe()
-
-    api.add_op("ops", ops, "every API op: name, stream or not, description", inline=True)
-    api.add_op("info", info, "this daemon: identity, membership counts, counters", inline=True)
-    api.add_op(
-        "members",
-        members,
-        "the membership table (optionally filtered by status)",
-        inline=True,
-    )
-    api.add_stream_op("members.watch", watch, "membership events as they happen")
-    api.add_op(
-        "members.remove",
-        remove,
-        "take a dead member out of the cluster and every majority (marked left everywhere)",
-    )
-    api.add_op("leave", leave, "leave the cluster gracefully and stop the daemon")
-    api.add_op("keys", keys, "list/install/use/remove gossip keys on every member")
+    def register(self) -> None:
+        api = self.api
+        api.add_op("ops", self.ops, "every API op: name, stream or not, description", inline=True)
+        api.add_op(
+            "info", self.info, "this daemon: identity, membership counts, counters", inline=True
+        )
+        api.add_op("leave", self.leave, "leave the cluster gracefully and stop the daemon")

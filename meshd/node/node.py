@@ -357,7 +357,25 @@ class Node:
             partial_frame_timeout=config.api.partial_frame_timeout,
             max_buffered=config.api.max_buffered,
         )
-        control.register(self)
+        control.DaemonOps(
+            control.DaemonView(
+                config=config,
+                membership=self.membership_core,
+                keyring=self.keyring,
+                transport=self.transport_stats,
+                routing=self.routing_driver.stats,
+                documents=lambda: len(self.replication_core.store),
+                storage=self.storage,
+                tracing=self.tracer is not None,
+                tracing_rejected=self.tracing_rejected,
+                started=self.started_monotonic,
+                wall_time=self.wall_time,
+            ),
+            self.api,
+            self.request_leave,
+        ).register()
+        control.MemberOps(self.membership_driver, self.wall_time).register(self.api)
+        control.KeyOps(self.keys).register(self.api)
         data_ops.RegistryOps(self.registry, self.replication_driver.wait).register(self.api)
         data_ops.StateOps(
             self.state, self.replication_driver.store, self.tracer, self.tracing_rejected
@@ -375,7 +393,27 @@ class Node:
             lambda: self.replication_driver.acks_held,
             config.storage.sync_interval,
         ).register(self.api)
-        telemetry.register(self)
+        telemetry.register(
+            self.metrics,
+            telemetry.Sources(
+                node_name=config.node.name,
+                started=self.started_monotonic,
+                membership_core=self.membership_core,
+                transport_stats=self.transport_stats,
+                api=self.api,
+                tracing_rejected=self.tracing_rejected,
+                replication_core=self.replication_core,
+                replication_driver=self.replication_driver,
+                replication_links=self.replication_links,
+                registry=self.registry,
+                compactor=self.compactor,
+                routing_driver=self.routing_driver,
+                routing_links=self.routing_links,
+                placement=self.placement,
+                reminders=self.reminders,
+                storage=self.storage,
+            ),
+        )
         log.info(
             "meshd starting",
             extra=kv(

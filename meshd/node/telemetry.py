@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
 
 import trio
 
+from meshd.api.server import ApiServer
+from meshd.membership.core import Membership
 from meshd.metrics.naming import stat_metric
-from meshd.metrics.registry import Sample
+from meshd.metrics.registry import MetricsRegistry, Sample
+from meshd.placement.reminders import Reminders
+from meshd.placement.service import Placement
+from meshd.registry.registry import Registry
+from meshd.replication.core import Replicator
+from meshd.replication.driver import ReplicationDriver
 from meshd.routing.breaker import BreakerState
+from meshd.routing.driver import RoutingDriver
+from meshd.state.compaction import Compactor
+from meshd.storage.driver import StorageDriver
+from meshd.transport.links import PeerLinks
+from meshd.transport.stats import TransportStats
 from meshd.wire.membership import Status
 from meshd_client.protocol.errors import ErrorKind
-
-if TYPE_CHECKING:
-    from meshd.node.node import Node
 
 
 def _counter(name: str, value: float, help_text: str, **labels: str) -> Sample:
@@ -38,7 +46,29 @@ def _rejected(layer: str, rejected: dict[str, int]) -> Iterator[Sample]:
         )
 
 
-def register(node: Node) -> None:
+@dataclass(slots=True)
+class Sources:
+    """Every component whose counters become samples (each read at scrape time)."""
+
+    node_name: str
+    started: float  # trio clock
+    membership_core: Membership
+    transport_stats: TransportStats
+    api: ApiServer
+    tracing_rejected: dict[str, int]
+    replication_core: Replicator
+    replication_driver: ReplicationDriver
+    replication_links: PeerLinks
+    registry: Registry
+    compactor: Compactor
+    routing_driver: RoutingDriver
+    routing_links: PeerLinks
+    placement: Placement
+    reminders: Reminders
+    storage: StorageDriver | None
+
+
+def register(metrics: MetricsRegistry, node: Sources) -> None:
     def membership() -> Iterator[Sample]:
         core = node.membership_core
         counts = dict.fromkeys(Status, 0)
@@ -106,7 +136,7 @@ def register(node: Node) -> None:
     def process() -> Iterator[Sample]:
         yield _gauge(
             "meshd_uptime_seconds",
-            trio.current_time() - node.started_monotonic,
+            trio.current_time() - node.started,
             "Seconds since the daemon started.",
         )
         try:
@@ -266,4 +296,4 @@ def register(node: Node) -> None:
         yield Sample("meshd_storage_fsync_seconds_count", fsync.n, (), "histogram")
 
     for collector in (membership, transport, api, process, replication, agents, storage):
-        node.metrics.register(collector)
+        metrics.register(collector)
