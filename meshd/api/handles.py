@@ -5,15 +5,20 @@ knowing the server."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
 from meshd_client.protocol import messages
 from meshd_client.protocol.errors import MeshError
 
-if TYPE_CHECKING:
-    from meshd.api.session import Session
+
+class SessionPort(Protocol):
+    """What a handle needs of its session (:class:`~meshd.api.session.Session`)."""
+
+    def send_nowait(self, frame: dict[str, Any]) -> None: ...
+
+    def deferred_done(self, deferred: Deferred) -> None: ...
 
 
 class Stream:
@@ -23,7 +28,7 @@ class Stream:
     first emits, or waits in :meth:`until_failed` — so that, say, a subscription exists by
     the time ``subscribe()`` returns. An op that fails before that answers with the error."""
 
-    def __init__(self, session: Session, request_id: int) -> None:
+    def __init__(self, session: SessionPort, request_id: int) -> None:
         self._session = session
         self.request_id = request_id
         self.opened = False
@@ -72,7 +77,7 @@ class Deferred:
     __slots__ = ("_op", "_outcome", "_request_id", "_session", "_started", "cancelled")
 
     def __init__(self) -> None:
-        self._session: Session | None = None
+        self._session: SessionPort | None = None
         self._request_id = 0
         self._op = ""  # for the session's latency histogram: the op, and when it arrived
         self._started = 0.0
@@ -94,13 +99,13 @@ class Deferred:
             return
         self._outcome = outcome
         if self._session is not None:
-            self._session._deferred_done(self)
+            self._session.deferred_done(self)
 
-    def _attach(self, session: Session, request_id: int) -> None:
+    def _attach(self, session: SessionPort, request_id: int) -> None:
         self._session = session
         self._request_id = request_id
         if self._outcome is not None:  # answered before it was attached
-            session._deferred_done(self)
+            session.deferred_done(self)
 
 
 BEGIN_IN_TASK: Final = object()  # a ``begin`` that cannot answer without waiting returns this

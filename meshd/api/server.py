@@ -14,9 +14,7 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
-from time import perf_counter
 from typing import Any, Final
 
 import trio
@@ -24,9 +22,8 @@ import trio
 from meshd.api.outbox import close_socket
 from meshd.api.peercred import PeerCredentials, groups_of, peer_credentials
 from meshd.api.session import BeginHandler, OpEntry, RequestHandler, Session, StreamHandler
+from meshd.api.stats import ApiStats
 from meshd.logs import RateLimitedLog
-from meshd.metrics.histogram import Histogram
-from meshd.rejections import Rejections
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.framing import (
     DEFAULT_MAX_FRAME,
@@ -48,28 +45,6 @@ _ACCEPT_IGNORED = frozenset(
     )
     if hasattr(errno, name)
 )  # fmt: skip
-
-
-@dataclass(slots=True)
-class ApiStats(Rejections):
-    connections: int = 0
-    active_sessions: int = 0
-    requests: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    # Seconds from a request's arrival to its answer, by op (registered ops only; streams
-    # are not timed: they last as long as their client wants).
-    latency: dict[str, Histogram] = field(default_factory=dict)
-
-    def error(self, kind: str) -> None:
-        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-
-    def answered(self, op: str, started: float) -> None:
-        """``started``: ``time.perf_counter()`` when the request arrived (cheaper than
-        trio's clock, which this runs twice per request)."""
-        histogram = self.latency.get(op)
-        if histogram is None:
-            histogram = self.latency[op] = Histogram()
-        histogram.observe(perf_counter() - started)
 
 
 _REFUSAL_LINGER: Final = 1.0

@@ -13,11 +13,12 @@ every receive; on the lookup path that was a large share of the daemon's time.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -25,13 +26,11 @@ from meshd import __version__
 from meshd.api.handles import BEGIN_IN_TASK, Deferred, Stream
 from meshd.api.outbox import Outbox, close_socket
 from meshd.api.peercred import PeerCredentials
-from meshd.logs import kv, message_fields
+from meshd.api.stats import ApiStats
+from meshd.logs import RateLimitedLog, kv, message_fields
 from meshd_client.protocol import errors, messages
 from meshd_client.protocol.errors import MeshError
 from meshd_client.protocol.framing import HEADER, FrameDecoder, FrameError, encode_frame
-
-if TYPE_CHECKING:
-    from meshd.api.server import ApiServer
 
 MAX_IN_FLIGHT = 128  # plain requests awaiting their answer, per session
 _HELLO_TIMEOUT = 10.0
@@ -60,12 +59,30 @@ class OpEntry:
     description: str = ""
 
 
+class SessionHost(Protocol):
+    """What a session shares with its server (:class:`~meshd.api.server.ApiServer`): the op
+    table, the counters, the log, and the bounds and budgets kept across all sessions."""
+
+    node_name: str
+    log: logging.Logger
+    ratelog: RateLimitedLog
+    ops: dict[str, OpEntry]
+    stats: ApiStats
+    max_frame: int
+    max_streams: int  # per session
+    max_streams_total: int
+    open_streams: int  # in every session
+    partial_frame_timeout: float
+    max_buffered: int
+    buffered: int  # bytes reserved by partial frames, in every session
+
+
 class Session:
     """One client connection."""
 
     def __init__(
         self,
-        server: ApiServer,
+        server: SessionHost,
         sock: socket.socket,
         creds: PeerCredentials,
         session_id: int,
@@ -84,7 +101,7 @@ class Session:
         self._open_streams = 0
         self._woken = 0  # tasks started or cancelled since the read loop last yielded
         # A frame that has not arrived whole: when it must have, and the bytes it holds
-        # against the server's budget (``ApiServer.buffered``).
+        # against the server's budget (``SessionHost.buffered``).
         self._partial_deadline: float | None = None
         self._reserved = 0
         self._notes = 0  # notes (one-way requests) running in tasks
@@ -408,7 +425,7 @@ class Session:
             self._push_reply(messages.ok(req.id, result))
         return True
 
-    def _deferred_done(self, deferred: Deferred) -> None:
+    def deferred_done(self, deferred: Deferred) -> None:
         """A deferred answer is known: send it (unless its request is gone)."""
         request_id = deferred._request_id
         if self._deferred.get(request_id) is deferred:
