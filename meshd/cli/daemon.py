@@ -165,9 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _return_large_buffers()
     from meshd.node.node import Node
 
+    async def serve() -> int:
+        node = await Node.open(config, reload=lambda: _load(ns))
+        return await node.run()
+
     try:
-        node = Node(config, reload=lambda: _load(ns))
-        return trio.run(node.run)
+        return trio.run(serve)
     except BaseExceptionGroup as group:
         # Raised inside the daemon's nursery: report what went wrong, one line each.
         leaves = _leaves(group)

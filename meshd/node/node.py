@@ -187,6 +187,42 @@ def remembered_peers(path: str, me: str) -> list[Peer]:
     return [p for p in peers or () if p.name != me]
 
 
+@dataclass(slots=True)
+class Prepared:
+    """What the machine gives a daemon before any component is built: its data directory,
+    its bound sockets, its seeds (resolved, and remembered from the last run) and the address
+    it advertises."""
+
+    sockets: Sockets
+    addr: Address
+    seeds: list[Address]  # resolved now, then the remembered ones
+    unresolved: list[str]  # configured seeds that gave no address yet
+    seed_lookup: SeedLookup
+    remembered: list[Peer]
+    rejoin: list[Address]  # remembered addresses, tried after the seeds
+    peers_file: str
+
+
+async def prepare(config: Config) -> Prepared:
+    """Create the data directory, read the peers snapshot, bind UDP and TCP, resolve the
+    seeds and choose the advertised address."""
+    make_data_dir(config.node.data_dir)
+    peers_file = os.path.join(config.node.data_dir, PEERS_FILE)
+    remembered = remembered_peers(peers_file, config.node.name) if config.node.rejoin else []
+    rejoin = rejoin_seeds(remembered, random.Random())
+    sockets = await bind_sockets(*config.node.bind)
+    try:
+        lookup = SeedLookup(config.node.seeds, config.node.dns_resolver)
+        seeds, unresolved = await lookup.resolve()
+        seeds += rejoin
+        addr = advertise_address(config, sockets.port, seeds)
+    except BaseException:
+        sockets.udp.close()
+        sockets.tcp.close()
+        raise
+    return Prepared(sockets, addr, seeds, unresolved, lookup, remembered, rejoin, peers_file)
+
+
 class _Activations:
     """Routing's view of placement (:class:`~meshd.routing.ports.Activator`). The router is
     built before placement, which needs it; this hands routing's questions to the node's
@@ -211,21 +247,25 @@ class Node:
     def __init__(
         self,
         config: Config,
+        prepared: Prepared,
+        keyring: Keyring | None,
         *,
         reload: Callable[[], Config] | None = None,
         env: Mapping[str, str] | None = None,
         handle_signals: bool = True,
     ) -> None:
+        """Build every component, in dependency order; nothing runs until :meth:`run`. Use
+        :meth:`open` (it prepares the machine first)."""
         self.config = config
         self._reload = reload
         self.env = dict(os.environ if env is None else env)
         self.handle_signals = handle_signals
         self.notifier = Notifier.from_env(self.env, logger=log)
         self.started_wall = time.time()
-        self.started_monotonic = 0.0
+        self.started_monotonic = trio.current_time()
         self.transport_stats = TransportStats()
         self.metrics = MetricsRegistry(logger=logging.getLogger("meshd.metrics"))
-        self.keyring = load_keyring(config)
+        self.keyring = keyring
         self.envelope = Envelope(self.keyring, config.security.label)
         self._stop = trio.Event()
         self.left_cleanly = False
@@ -233,61 +273,14 @@ class Node:
         self.tracer: Tracer | None = tracing.start(config.tracing, config.node.name)
         # API requests whose trace context was malformed (ignored), by reason.
         self.tracing_rejected: dict[str, int] = {}
-        # Set in run():
-        self.membership_core: Membership
-        self.membership_driver: MembershipDriver
-        self.keys: KeyService
-        self.api: ApiServer
-        self.replication_core: Replicator
-        self.replication_driver: ReplicationDriver
-        self.storage: StorageDriver | None = None
-        self.replication_links: PeerLinks
-        self.registry: Registry
-        self.state: StateService
-        self.compactor: Compactor
-        self.routing_driver: RoutingDriver
-        self.routing_links: PeerLinks
-        self.placement: Placement
-        self.reminders: Reminders
-        self.reminder_driver: ReminderDriver
-        self.peers: PeersSnapshot
-        self.rejoin: list[Address] = []  # remembered addresses, tried after the seeds
-        self.port = 0
         # The boot epoch: a restarted daemon's registry document supersedes its old one.
         self.epoch = int(time.time() * 1000)
-
-    @property
-    def node_name(self) -> str:
-        """This daemon's member name (``node.name``)."""
-        return self.config.node.name
-
-    def wall_time(self, monotonic: float) -> float:
-        """Convert a core timestamp (trio clock) to Unix time, for display."""
-        return time.time() - (trio.current_time() - monotonic)
-
-    def request_leave(self) -> None:
-        self._stop.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> int:
-        config = self.config
-        self.started_monotonic = trio.current_time()
-        if config.security.insecure:
-            log.warning(
-                "RUNNING WITHOUT ENCRYPTION: gossip is neither encrypted nor authenticated "
-                "(--insecure); anyone who can reach this port can join and inject state"
-            )
-        make_data_dir(config.node.data_dir)
-        peers_file = os.path.join(config.node.data_dir, PEERS_FILE)
-        remembered = remembered_peers(peers_file, config.node.name) if config.node.rejoin else []
-        self.rejoin = rejoin_seeds(remembered, random.Random())
-        sockets = await bind_sockets(*config.node.bind)
-        self.port = sockets.port
-        self.seed_lookup = SeedLookup(config.node.seeds, config.node.dns_resolver)
-        seeds, unresolved = await self.seed_lookup.resolve()
-        seeds += self.rejoin
-        addr = advertise_address(config, sockets.port, seeds)
+        self.prepared = prepared
+        self.rejoin = prepared.rejoin  # remembered addresses, tried after the seeds
+        self.seed_lookup = prepared.seed_lookup
+        self.port = prepared.sockets.port
         packets = PacketEndpoint(
-            sockets.udp,
+            prepared.sockets.udp,
             self.envelope,
             self.transport_stats,
             config.membership.udp_packet_size,
@@ -295,7 +288,7 @@ class Node:
         )
         self.membership_core = Membership(
             name=config.node.name,
-            addr=addr,
+            addr=prepared.addr,
             tuning=config.membership,
             rng=random.Random(),
             now=trio.current_time(),
@@ -310,11 +303,11 @@ class Node:
             logging.getLogger("meshd.membership"),
         )
         self.peers = PeersSnapshot(
-            peers_file,
+            prepared.peers_file,
             self.membership_core.members,
             config.node.name,
             logging.getLogger("meshd.membership"),
-            remembered=remembered,
+            remembered=prepared.remembered,
             forget_after=config.membership.reconnect_timeout,
         )
         self.membership_driver.listeners.append(self.peers.on_member_event)
@@ -327,10 +320,10 @@ class Node:
             config.node.name,
             logging.getLogger("meshd.keys"),
         )
+        self.storage: StorageDriver | None = None  # storage.enabled: built with the data layer
         self._build_data_layer()
-        await self._recover()
         transport = config.transport
-        streams = StreamServer(
+        self.streams = StreamServer(
             self.envelope,
             self.transport_stats,
             logging.getLogger("meshd.transport"),
@@ -340,10 +333,10 @@ class Node:
             max_unauthenticated=transport.max_unauthenticated,
             max_preauth_bytes=transport.max_preauth_bytes,
         )
-        streams.register(Channel.MEMBERSHIP, self.membership_driver.serve_stream)
-        streams.register(Channel.KEYRING, self.keys.serve_stream)
-        streams.register(Channel.REPLICATION, self.replication_links.serve, persistent=True)
-        streams.register(Channel.ROUTING, self.routing_links.serve, persistent=True)
+        self.streams.register(Channel.MEMBERSHIP, self.membership_driver.serve_stream)
+        self.streams.register(Channel.KEYRING, self.keys.serve_stream)
+        self.streams.register(Channel.REPLICATION, self.replication_links.serve, persistent=True)
+        self.streams.register(Channel.ROUTING, self.routing_links.serve, persistent=True)
         self.api = ApiServer(
             config.api.socket,
             config.node.name,
@@ -414,6 +407,52 @@ class Node:
                 storage=self.storage,
             ),
         )
+
+    @classmethod
+    async def open(
+        cls,
+        config: Config,
+        *,
+        reload: Callable[[], Config] | None = None,
+        env: Mapping[str, str] | None = None,
+        handle_signals: bool = True,
+    ) -> Node:
+        """Check the keys, prepare the machine (:func:`prepare`), and build the daemon."""
+        if config.security.insecure:
+            log.warning(
+                "RUNNING WITHOUT ENCRYPTION: gossip is neither encrypted nor authenticated "
+                "(--insecure); anyone who can reach this port can join and inject state"
+            )
+        keyring = load_keyring(config)  # a bad key fails before anything is bound
+        prepared = await prepare(config)
+        try:
+            return cls(
+                config, prepared, keyring, reload=reload, env=env, handle_signals=handle_signals
+            )
+        except BaseException:
+            prepared.sockets.udp.close()
+            prepared.sockets.tcp.close()
+            raise
+
+    @property
+    def node_name(self) -> str:
+        """This daemon's member name (``node.name``)."""
+        return self.config.node.name
+
+    def wall_time(self, monotonic: float) -> float:
+        """Convert a core timestamp (trio clock) to Unix time, for display."""
+        return time.time() - (trio.current_time() - monotonic)
+
+    def request_leave(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> int:
+        config = self.config
+        sockets = self.prepared.sockets
+        seeds, unresolved = self.prepared.seeds, self.prepared.unresolved
+        addr = self.prepared.addr
+        peers_file, remembered = self.prepared.peers_file, self.prepared.remembered
+        await self._recover()
         log.info(
             "meshd starting",
             extra=kv(
@@ -433,7 +472,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    trio.serve_listeners, streams.handle, [trio.SocketListener(sockets.tcp)]
+                    trio.serve_listeners, self.streams.handle, [trio.SocketListener(sockets.tcp)]
                 )
                 await nursery.start(self.membership_driver.run)
                 await nursery.start(self.peers.run)
