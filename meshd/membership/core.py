@@ -177,7 +177,10 @@ A = TypeVar("A")
 
 
 @dataclass(slots=True)
-class _Stream:
+class _StreamAsked:
+    """A TCP stream this core asked its driver for, awaiting the driver's result: why it
+    was asked (so the reply goes back to the right step), and for which probe or peer."""
+
     purpose: StreamPurpose
     seq: int = 0
     addr: Address = ("", 0)
@@ -223,7 +226,7 @@ class Membership:
         self._token = 0
         self._probes: dict[int, _Probe] = {}
         self._relays: dict[int, _Relay] = {}
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, _StreamAsked] = {}
         self._probe_order: list[str] = []
         self._estimates: dict[str, PeerEstimate] = {}
         self._ended: dict[int, tuple[str, float]] = {}  # failed probe seq -> (target, started)
@@ -533,7 +536,7 @@ class Membership:
         self.stats.bytes_out += len(data)
         self._outputs.append(SendPacket(addr, data))
 
-    def _stream(self, addr: Address, msg: Message, ctx: _Stream, timeout: float) -> int:
+    def _stream(self, addr: Address, msg: Message, ctx: _StreamAsked, timeout: float) -> int:
         self._token += 1
         self._streams[self._token] = ctx
         self._outputs.append(StreamRequest(self._token, addr, wire.encode(msg), timeout))
@@ -752,7 +755,7 @@ class Membership:
             probe.tcp_token = self._stream(
                 target.addr,
                 Ping(seq, target.name, self.name),
-                _Stream(StreamPurpose.PROBE, seq=seq),
+                _StreamAsked(StreamPurpose.PROBE, seq=seq),
                 remaining,
             )
         verdict_at = probe.started + _VERDICT_TIMEOUTS * probe.timeout
@@ -1176,7 +1179,7 @@ class Membership:
             self._stream(
                 peer.addr,
                 self._local_state(join=False),
-                _Stream(StreamPurpose.PUSH_PULL),
+                _StreamAsked(StreamPurpose.PUSH_PULL),
                 self.tuning.tcp_timeout,
             )
 
@@ -1216,7 +1219,7 @@ class Membership:
             token = self._stream(
                 seed,
                 self._local_state(join=True),
-                _Stream(StreamPurpose.JOIN, addr=seed),
+                _StreamAsked(StreamPurpose.JOIN, addr=seed),
                 self.tuning.tcp_timeout,
             )
             self._join_pending.add(token)
@@ -1265,7 +1268,7 @@ class Membership:
             self._stream(
                 target.addr,
                 self._local_state(join=True),
-                _Stream(StreamPurpose.RECONNECT),
+                _StreamAsked(StreamPurpose.RECONNECT),
                 t.tcp_timeout,
             )
         if self.joined and self.resolves_seeds:
@@ -1297,7 +1300,7 @@ class Membership:
             self._stream(
                 seed,
                 self._local_state(join=True),
-                _Stream(StreamPurpose.RECONNECT),
+                _StreamAsked(StreamPurpose.RECONNECT),
                 self.tuning.tcp_timeout,
             )
 
