@@ -1288,11 +1288,7 @@ class Membership:
             self._reconnect_seeds()
 
     def _reconnect_seeds(self, *, unknown_only: bool = False) -> None:
-        known = (
-            {m.addr for m in self._members.values() if m.status in (Status.ALIVE, Status.SUSPECT)}
-            if unknown_only
-            else set()
-        )
+        known = {m.addr for m in self._members.values() if m.status.up} if unknown_only else set()
         for seed in self._seeds:
             if seed in known:
                 continue
