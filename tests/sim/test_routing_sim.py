@@ -250,6 +250,11 @@ async def test_signals_reach_each_matching_host_once_in_order_and_skip_a_dead_on
     ]
     assert one.signals == sent  # once each, in the order published, despite the loss
     assert two[0].signals == two[1].signals == sent  # one frame to n2, both subscribers
-    assert doomed.signals == sent[:20] and other.signals == []
+    # n3 crashed at the 21st: it got, in order and once each, what reached it before that.
+    # A frame lost on the way costs a 1 s retransmission (and holds up the frames behind
+    # it), so the last second's signals may die with it; everything older arrived.
+    got = len(doomed.signals)
+    assert doomed.signals == sent[:got] and 20 - 4 <= got <= 20
+    assert other.signals == []
     assert hosts[:20] == [3] * 20
     assert hosts[-1] == 2  # once n0 saw n3 dead, it sends it nothing more
