@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from meshd.placement.reminders import RETRY_MAX
 from meshd.testing.localcluster import Daemon, LocalCluster
 from meshd.testing.poll import eventually
 from meshd_client import AgentContext, Mesh, Message, Timeout
@@ -302,8 +303,12 @@ async def test_reminders_fire_after_every_daemon_restarted(cluster: LocalCluster
             return None if waiting else True
 
         await eventually(all_fired, "every reminder to fire after the restart", 60)
+    # A reminder goes once its delivery is acknowledged. An attempt that reached the agent
+    # but whose acknowledgement failed (agents were still activating after the restart) is
+    # tried again after its back-off, which doubles up to RETRY_MAX: the agent has seen it
+    # (fired) before the reminder is removed.
     await eventually(
-        lambda: all_forgot_reminders(daemons, names), "every handled reminder removed", 10
+        lambda: all_forgot_reminders(daemons, names), "every handled reminder removed", RETRY_MAX
     )
 
 
