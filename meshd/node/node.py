@@ -579,6 +579,7 @@ class Node:
             rng=random.Random(),
             now=trio.current_time(),
             accept=self._accept_doc,
+            on_replaced=self._on_replaced,
         )
         tuning = self.config.storage
         if tuning.enabled:
@@ -622,7 +623,6 @@ class Node:
         self.compactor = Compactor(
             self.replication_driver, CompactionTuning(), self._coordinates, STATE_PREFIX
         )
-        self.replication_core.on_replaced = self._on_replaced
         self.replication_driver.doc_listeners.append(self._on_doc_event)
         self.replication_driver.report_listeners.append(
             lambda report: self.compactor.on_report(report, trio.current_time())
@@ -635,8 +635,8 @@ class Node:
             membership=self.membership_core,
             log=logging.getLogger("meshd.routing"),
             activator=_Activations(self),
+            tracer=self.tracer,
         )
-        self.routing_driver.set_tracer(self.tracer)
         self.routing_links = PeerLinks(
             Channel.ROUTING,
             name,
@@ -645,9 +645,9 @@ class Node:
             self._peer_address,
             self.routing_driver.receive,
             logging.getLogger("meshd.links"),
+            on_connect=self.routing_driver.link_status,
+            on_disconnect=self.routing_driver.link_lost,
         )
-        self.routing_links.on_connect = self.routing_driver.link_status
-        self.routing_links.on_disconnect = self.routing_driver.link_lost
         self.routing_driver.attach_links(self.routing_links)
         self.replication_driver.doc_listeners.append(self.routing_driver.on_doc_event)
         self.placement = Placement(
@@ -660,9 +660,8 @@ class Node:
             log=logging.getLogger("meshd.placement"),
             catch_up=self.replication_driver.catch_up,
             renew_lease=self.membership_driver.renew_lease,
+            failover_span=self.tracer.failover_span if self.tracer is not None else None,
         )
-        if self.tracer is not None:
-            self.placement.failover_span = self.tracer.failover_span
         self.replication_driver.doc_listeners.append(self.placement.on_doc_event)
         self.reminders = Reminders(self.replication_driver, lambda: list(self.routing_driver.local))
         self.reminder_driver = ReminderDriver(

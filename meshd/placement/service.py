@@ -112,6 +112,7 @@ class Placement:
         catch_up: Callable[[str, list[str], float], Awaitable[bool]] | None = None,
         renew_lease: Callable[[float | None], None] | None = None,
         clock: Callable[[], float] = trio.current_time,
+        failover_span: Callable[[str, str, str], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.node = node
         self.membership = membership
@@ -137,7 +138,9 @@ class Placement:
         self.draining = False
         self.stats = PlacementStats()
         # Wraps each failover activation (tracing's ``meshd.failover`` span; a no-op when off).
-        self.failover_span: Callable[[str, str, str], AbstractContextManager[None]] = _untraced
+        self.failover_span: Callable[[str, str, str], AbstractContextManager[None]] = (
+            failover_span or _untraced
+        )
         self._activating: dict[str, _Activation] = {}
         self._advertised: dict[str, KindInfo] = {}
         self._dirty = False

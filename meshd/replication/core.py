@@ -260,6 +260,7 @@ class Replicator:
         accept: AcceptPolicy | None = None,
         on_open: Callable[[Replica], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        on_replaced: Callable[[Replica, Replica], None] | None = None,
     ) -> None:
         self.node = node
         self.tuning = tuning
@@ -273,7 +274,9 @@ class Replicator:
         self.on_drop: Callable[[str], None] = on_drop or (lambda _name: None)
         # Called after a remote update installed a new epoch of a document we held, with the
         # replica it replaced (state documents rebase writes that raced a compaction).
-        self.on_replaced: Callable[[Replica, Replica], None] = lambda _old, _new: None
+        self.on_replaced: Callable[[Replica, Replica], None] = on_replaced or (
+            lambda _old, _new: None
+        )
         self._query_seq = 0
         self._peers: list[str] = []
         # The reference membership majority writes count (this node included); None while

@@ -98,6 +98,7 @@ class RoutingDriver:
         log: logging.Logger,
         activator: Activator | None = None,
         dedup: DedupWindow | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.node = node
         self.registry = registry
@@ -120,10 +121,7 @@ class RoutingDriver:
         self.control_handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
-        self.tracer: Tracer | None = None
-
-    def set_tracer(self, tracer: Tracer | None) -> None:
-        """Record spans for forwards, remote deliveries and activations (None: off)."""
+        # Spans for forwards, remote deliveries and activations (None: tracing off).
         self.tracer = tracer
         self.core.observer = tracer
 

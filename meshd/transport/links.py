@@ -80,6 +80,8 @@ class PeerLinks:
         queue_frames: int = 4096,
         connect_timeout: float = 5.0,
         idle_timeout: float = 300.0,
+        on_connect: Callable[[str, bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
     ) -> None:
         self.channel = channel
         self.self_name = self_name
@@ -94,9 +96,9 @@ class PeerLinks:
         self.idle_timeout = idle_timeout
         self.stats = LinkStats()
         # Told whether each connection attempt to a peer worked (circuit breakers listen).
-        self.on_connect: Callable[[str, bool], None] = lambda _peer, _ok: None
+        self.on_connect: Callable[[str, bool], None] = on_connect or (lambda _peer, _ok: None)
         # Told when an established connection to a peer broke (a restarted peer, say).
-        self.on_disconnect: Callable[[str], None] = lambda _peer: None
+        self.on_disconnect: Callable[[str], None] = on_disconnect or (lambda _peer: None)
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
 
