@@ -136,7 +136,7 @@ class Signals:
         remote = self.hosts_for(topic)
         if remote:
             frame = messages.encode(Signal(topic, event))
-            for host in remote:
+            for host in sorted(remote):  # one order whatever the hash seed (simulations)
                 state = self.members.peek(host)
                 if state is None or not state[0].up:
                     continue

@@ -4,7 +4,10 @@ in virtual time (``meshd.sim.routing``)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import trio
@@ -258,3 +261,51 @@ async def test_signals_reach_each_matching_host_once_in_order_and_skip_a_dead_on
     assert other.signals == []
     assert hosts[:20] == [3] * 20
     assert hosts[-1] == 2  # once n0 saw n3 dead, it sends it nothing more
+
+
+# The scenario of the signals test, traced: when each subscriber got which signal.
+_TRACE = """
+import trio, trio.testing
+from meshd.config.profiles import profile_tuning
+from meshd.sim import SimNetwork
+from meshd.sim.routing import SimRouting
+
+async def main():
+    lan = profile_tuning("lan")
+    net = SimNetwork(seed=9, loss=0.02)
+    net.add_node("n0", lan)
+    for i in range(1, 5):
+        net.add_node(f"n{i}", lan, seeds=["n0"])
+    await net.run_until(60.0, stop=net.converged, check_every=0.5)
+    routing = SimRouting(net)
+    subs = {n: routing.subscribe(n, "orders.**") for n in ("n1", "n2", "n3", "n4")}
+    trace = []
+    for n, sub in subs.items():
+        sub.offer = lambda p, n=n: trace.append((round(net.now, 6), n, p["event"]["id"]))
+    publisher = routing.routers["n0"].core.signals
+    for i in range(40):
+        routing.start("n0", lambda _core, i=i: publisher.publish("orders.eu", {"id": str(i)}))
+        await net.run_for(0.25)
+    await net.run_for(3.0)
+    print(trace)
+
+trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+"""
+
+
+def test_a_run_is_the_same_whatever_the_hash_seed() -> None:
+    """One seed, one run: nothing the simulation draws may depend on the order Python's
+    hash seed gives to sets (a signal's fan-out once did)."""
+    traces = {
+        subprocess.run(
+            [sys.executable, "-c", _TRACE],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        for seed in (1, 3, 4)
+    }
+    assert len(traces) == 1
+    assert traces.pop().count("'n3'") >= 30
