@@ -22,10 +22,10 @@ from meshd.membership.driver import MembershipDriver
 from meshd.membership.events import MemberEvent, MemberView
 from meshd.node.keys import OPS as KEY_OPS
 from meshd.node.keys import KeyService
+from meshd.node.storage_ops import store_summary
 from meshd.replication.messages import PROTOCOL_VERSION as REPLICATION_VERSION
 from meshd.routing.stats import RouterStats
 from meshd.security.keyring import Keyring
-from meshd.storage import records
 from meshd.storage.driver import StorageDriver
 from meshd.transport.stats import TransportStats
 from meshd.transport.streams import STREAM_VERSION
@@ -44,21 +44,6 @@ def member_dict(wall_time: WallTime, m: MemberView) -> dict[str, Any]:
         "incarnation": m.incarnation,
         "tags": m.tags,
         "since": round(wall_time(m.status_since), 3),
-    }
-
-
-def store_summary(storage: StorageDriver | None, documents: int) -> dict[str, Any]:
-    """The store in a few fields (``meshctl storage`` has the rest); reads no files."""
-    if storage is None:
-        return {"enabled": False, "documents": documents}
-    store = storage.store
-    return {
-        "enabled": True,
-        "directory": store.directory,
-        "healthy": store.healthy,
-        "failure": store.failure,
-        "documents": documents,
-        "format": records.VERSION,
     }
 
 

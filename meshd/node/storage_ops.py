@@ -12,8 +12,24 @@ from typing import Any
 from meshd.api.server import ApiServer
 from meshd.api.session import Session
 from meshd.replication.replica import DocStore
+from meshd.storage import records
 from meshd.storage.driver import StorageDriver
 from meshd_client.protocol import errors, messages
+
+
+def store_summary(storage: StorageDriver | None, documents: int) -> dict[str, Any]:
+    """The store in a few fields (``meshctl storage`` has the rest); reads no files."""
+    if storage is None:
+        return {"enabled": False, "documents": documents}
+    store = storage.store
+    return {
+        "enabled": True,
+        "directory": store.directory,
+        "healthy": store.healthy,
+        "failure": store.failure,
+        "documents": documents,
+        "format": records.VERSION,
+    }
 
 
 def _disk_bytes(directory: str) -> int:
@@ -49,20 +65,16 @@ class StorageOps:
         api.add_op("storage.snapshot", self.snapshot, "write a snapshot of every document now")
 
     def status(self) -> dict[str, Any]:
-        docs = len(self.docs)
+        summary = store_summary(self.storage, len(self.docs))
         storage = self.storage
         if storage is None:
-            return {"enabled": False, "documents": docs}
+            return summary
         store = storage.store
         fsync = storage.fsync
         return {
-            "enabled": True,
-            "directory": store.directory,
-            "healthy": store.healthy,
-            "failure": store.failure,
+            **summary,
             "failure_detail": store.failure_detail,
             "last_error": storage.last_error,
-            "documents": docs,
             "generation": store.generation,
             "disk_bytes": _disk_bytes(store.directory),
             "snapshot_bytes": store.snapshot_bytes,
