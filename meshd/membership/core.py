@@ -229,6 +229,8 @@ class Membership:
         self._streams: dict[int, _StreamAsked] = {}
         self._probe_order: list[str] = []
         self._estimates: dict[str, PeerEstimate] = {}
+        # (when, value) of the longest measured probe timeout (see _slowest_timeout)
+        self._slowest: tuple[float, float] = (-math.inf, 0.0)
         self._ended: dict[int, tuple[str, float]] = {}  # failed probe seq -> (target, started)
         self._probe_index = 0
         self._confirmation_probes = 0
@@ -688,7 +690,7 @@ class Membership:
             est = self._estimates[name] = PeerEstimate()
         return est
 
-    def _timeout_for(self, name: str) -> float:
+    def _timeout_for(self, now: float, name: str) -> float:
         """The direct probe timeout for ``name`` (before awareness scaling): adaptive to its
         measured round trip, between ``probe_timeout_min`` and ``probe_timeout``. A member
         not measured yet (just joined, or not probed yet in a young cluster) gets the longest
@@ -696,19 +698,30 @@ class Membership:
         slowest of them keeps a far newcomer from being judged by its near neighbours. With
         nobody measured, the full ``probe_timeout``."""
         t = self.tuning
-        lo, hi = t.probe_timeout_min, t.probe_timeout
         est = self._estimates.get(name)
         if est is not None and est.srtt is not None:
-            return est.probe_timeout(lo, hi)
+            return est.probe_timeout(t.probe_timeout_min, t.probe_timeout)
+        return self._slowest_timeout(now)
+
+    def _slowest_timeout(self, now: float) -> float:
+        """The longest probe timeout among measured members, recomputed at most once a probe
+        interval (a scan of every estimate; probes and ping-reqs come many times a second)."""
+        at, value = self._slowest
+        if now - at < self.tuning.probe_interval:
+            return value
+        t = self.tuning
+        lo, hi = t.probe_timeout_min, t.probe_timeout
         measured = [e.probe_timeout(lo, hi) for e in self._estimates.values() if e.srtt is not None]
-        return max(measured) if measured else hi
+        value = max(measured) if measured else hi
+        self._slowest = (now, value)
+        return value
 
     def _stall_sample(self, now: float, name: str, seconds: float) -> None:
         self._estimate(name).stall_sample(now, seconds, self.tuning.stall_memory)
 
     def _start_probe(self, now: float, target: _Member, *, confirmation: bool = False) -> None:
         seq = self._next_seq()
-        timeout = self.awareness.scale(self._timeout_for(target.name))
+        timeout = self.awareness.scale(self._timeout_for(now, target.name))
         probe = _Probe(seq, target.name, now, timeout=timeout, confirmation=confirmation)
         self._probes[seq] = probe
         self.stats.probes += 1
@@ -909,7 +922,7 @@ class Membership:
         # probe ends: a nack that comes too late reads as our silence (Lifeguard).
         t = self.tuning
         wait = min(
-            self._timeout_for(msg.target), _RELAY_SHARE * (t.probe_interval - t.probe_timeout)
+            self._timeout_for(now, msg.target), _RELAY_SHARE * (t.probe_interval - t.probe_timeout)
         )
         self._at(now + wait, self._relay_timeout, seq)
 
